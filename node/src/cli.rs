@@ -1,0 +1,2 @@
+//! Command line (in progress).
+pub fn main() {}

@@ -1,0 +1,14 @@
+//! Outpost: a durable edge node. One binary; its role decides what the box is.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod ids;
+pub mod model;
+pub mod net;
+pub mod node;
+pub mod replication;
+pub mod store;
+pub mod wire;

@@ -1,0 +1,3 @@
+fn main() {
+    outpost::cli::main()
+}

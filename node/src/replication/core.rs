@@ -1,0 +1,414 @@
+//! The datacenter's replication rules, sans I/O: ingest (process once, log, record), apply
+//! (merge without processing, count the sender, relay by appending to the local log), acks and
+//! the receive cursor. Everything runs inside one write transaction given as [`Tables`]; the
+//! caller commits and only then acknowledges or sends. The caller passes `now_ms` in.
+//!
+//! Relay needs no code of its own: a first copy is appended to the local log, and every peer's
+//! sender streams the local log to that peer, leaving out records whose origin is that peer.
+
+use serde_json::Value;
+
+use super::tables::{Entry, MsgRecord, StoreError, Tables};
+use crate::ids::{MsgId, NodeId};
+use crate::model::events::{self, ElementError, ELEMENT_BYTES_MAX};
+use crate::model::{to_canonical, ElementRecord, Event, EventError, EventType, Hlc, Version};
+use crate::wire::{Elements, Hello, Role, PROTOCOL_VERSION};
+
+/// Why an event was not ingested.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Event(#[from] EventError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The node must first recover its own log from its peers (after a restore).
+    #[error("not accepting events yet: {0}")]
+    NotReady(String),
+}
+
+/// Why a frame of elements from a peer was refused. The connection that carried it is closed;
+/// nothing of the frame is stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("invalid element from peer: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ElementError> for ApplyError {
+    fn from(e: ElementError) -> Self {
+        ApplyError::Invalid(e.to_string())
+    }
+}
+
+/// The answer to an ingested event.
+#[derive(Clone, Debug)]
+pub struct Ingested {
+    pub msg_id: MsgId,
+    pub version: Version,
+    pub element: Value,
+    pub lseq: u64,
+}
+
+/// What applying one remote record did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// First copy: merged, logged (so relayed), counted.
+    First,
+    /// A later copy from a peer not counted before: the count rose by one.
+    Counted,
+    /// A copy from a peer already counted, or of our own message: nothing changed.
+    Duplicate,
+    /// Older than what we keep records of (trimmed), already reflected in the state: ignored.
+    Stale,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Received {
+    /// Acknowledge the sender's log up to here.
+    pub ack: u64,
+    pub first: u32,
+    pub counted: u32,
+    pub duplicate: u32,
+    /// The frame did not follow what we hold (a gap); nothing applied.
+    pub gap: bool,
+}
+
+/// One datacenter's replication state machine. Holds only a cache of the clock; everything
+/// else is read from and written to [`Tables`].
+#[derive(Clone, Debug)]
+pub struct Core {
+    node_id: NodeId,
+    name: String,
+    hlc: Hlc,
+}
+
+impl Core {
+    pub fn open(node_id: NodeId, name: &str, t: &impl Tables) -> Result<Core, StoreError> {
+        Ok(Core {
+            node_id,
+            name: name.to_string(),
+            hlc: Hlc::new(node_id, t.hlc()?),
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// Reloads cached state after a failed commit, so nothing uncommitted is believed.
+    pub fn reload(&mut self, t: &impl Tables) -> Result<(), StoreError> {
+        let (ms, l) = t.hlc()?;
+        // The clock may stay ahead: versions it issued were never committed, so never reused.
+        let cur = self.hlc.state();
+        self.hlc = Hlc::new(self.node_id, cur.max((ms, l)));
+        Ok(())
+    }
+
+    /// Processes an event here, once: the element is computed, stored, logged (so every peer
+    /// will be sent it) and recorded under its message id with a count of 0.
+    pub fn ingest(
+        &mut self,
+        t: &mut impl Tables,
+        now_ms: u64,
+        ev: &Event,
+    ) -> Result<Ingested, IngestError> {
+        let current = t.entry(&ev.account, ev.etype)?;
+        let floor = current.as_ref().map_or(Version::ZERO, |e| e.version);
+        let cur_el = current
+            .as_ref()
+            .map(|e| parse_stored(&e.element))
+            .transpose()?;
+        // Compute and check before writing anything, so a refused event leaves no trace.
+        let mut hlc = self.hlc.clone();
+        let version = hlc.issue(now_ms, floor);
+        let element = events::process(ev, cur_el.as_ref(), version, now_ms);
+        let bytes = to_canonical(&element);
+        if bytes.len() > ELEMENT_BYTES_MAX {
+            return Err(EventError::new(
+                "data",
+                format!(
+                    "the account's {} element would be {} bytes, at most {ELEMENT_BYTES_MAX} allowed",
+                    ev.etype,
+                    bytes.len()
+                ),
+            )
+            .into());
+        }
+        let mut own = t.mark(self.node_id)?;
+        let oseq = own.highest() + 1;
+        let rec = ElementRecord {
+            origin: self.node_id,
+            oseq,
+            account: ev.account.clone(),
+            etype: ev.etype,
+            version,
+            msg_id: MsgId::default(),
+            element: bytes,
+        };
+        let rec = ElementRecord {
+            msg_id: rec.expected_id(),
+            ..rec
+        };
+        let entry = Entry {
+            version,
+            origin: self.node_id,
+            msg_id: rec.msg_id,
+            element: rec.element.clone(),
+        };
+        t.put_entry(&ev.account, ev.etype, &entry)?;
+        let lseq = t.log_tail()? + 1;
+        t.append_log(lseq, &rec)?;
+        t.put_message(
+            &rec.msg_id,
+            &MsgRecord {
+                origin: self.node_id,
+                oseq,
+                first_seen_ms: now_ms,
+                senders: Vec::new(),
+            },
+        )?;
+        own.insert(oseq);
+        t.put_mark(self.node_id, &own)?;
+        t.set_hlc(hlc.state())?;
+        self.hlc = hlc;
+        Ok(Ingested {
+            msg_id: rec.msg_id,
+            version,
+            element,
+            lseq,
+        })
+    }
+
+    /// Checks a remote record without touching storage: the id matches the contents, and the
+    /// account and element are well formed.
+    pub fn check_record(rec: &ElementRecord) -> Result<Value, ApplyError> {
+        if rec.oseq == 0 {
+            return Err(ApplyError::Invalid("origin sequence 0".into()));
+        }
+        events::validate_account(&rec.account).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+        if rec.element.len() > ELEMENT_BYTES_MAX {
+            return Err(ApplyError::Invalid(format!(
+                "element of {} bytes, at most {ELEMENT_BYTES_MAX}",
+                rec.element.len()
+            )));
+        }
+        if rec.msg_id != rec.expected_id() {
+            return Err(ApplyError::Invalid(format!(
+                "message id {} does not match its contents",
+                rec.msg_id
+            )));
+        }
+        let el: Value = serde_json::from_slice(&rec.element)
+            .map_err(|e| ApplyError::Invalid(format!("element is not JSON: {e}")))?;
+        if to_canonical(&el) != rec.element {
+            return Err(ApplyError::Invalid("element is not canonical JSON".into()));
+        }
+        events::check_element(rec.etype, &el)?;
+        Ok(el)
+    }
+
+    /// Applies one remote record that came from peer `from` and passed [`Core::check_record`].
+    /// Never runs a processor.
+    pub fn apply(
+        &mut self,
+        t: &mut impl Tables,
+        now_ms: u64,
+        from: NodeId,
+        rec: &ElementRecord,
+        el: &Value,
+    ) -> Result<Applied, StoreError> {
+        if let Some(mut m) = t.message(&rec.msg_id)? {
+            // At the origin the count stays 0; elsewhere each distinct sender counts once.
+            if rec.origin == self.node_id || from == self.node_id || m.senders.contains(&from) {
+                return Ok(Applied::Duplicate);
+            }
+            m.senders.push(from);
+            t.put_message(&rec.msg_id, &m)?;
+            return Ok(Applied::Counted);
+        }
+        let mut mark = t.mark(rec.origin)?;
+        if mark.contains(rec.oseq) {
+            return Ok(Applied::Stale);
+        }
+        self.hlc.observe(now_ms, rec.version);
+        let current = t.entry(&rec.account, rec.etype)?;
+        let entry = match current {
+            None => Entry {
+                version: rec.version,
+                origin: rec.origin,
+                msg_id: rec.msg_id,
+                element: rec.element.clone(),
+            },
+            Some(cur) => {
+                let cur_el = parse_stored(&cur.element)?;
+                let merged =
+                    events::merge(rec.etype, Some((&cur_el, cur.version)), el, rec.version);
+                let newer = rec.version > cur.version;
+                Entry {
+                    version: cur.version.max(rec.version),
+                    origin: if newer { rec.origin } else { cur.origin },
+                    msg_id: if newer { rec.msg_id } else { cur.msg_id },
+                    element: to_canonical(&merged),
+                }
+            }
+        };
+        t.put_entry(&rec.account, rec.etype, &entry)?;
+        let lseq = t.log_tail()? + 1;
+        t.append_log(lseq, rec)?;
+        let senders = if rec.origin == self.node_id {
+            Vec::new()
+        } else {
+            vec![from]
+        };
+        t.put_message(
+            &rec.msg_id,
+            &MsgRecord {
+                origin: rec.origin,
+                oseq: rec.oseq,
+                first_seen_ms: now_ms,
+                senders,
+            },
+        )?;
+        mark.insert(rec.oseq);
+        t.put_mark(rec.origin, &mark)?;
+        t.set_hlc(self.hlc.state())?;
+        Ok(Applied::First)
+    }
+
+    /// Checks every record of a frame from `from` before anything is stored.
+    pub fn check_elements(frame: &Elements) -> Result<Vec<Value>, ApplyError> {
+        if frame.upto < frame.after {
+            return Err(ApplyError::Invalid(format!(
+                "range ({}, {}] runs backwards",
+                frame.after, frame.upto
+            )));
+        }
+        let mut prev = frame.after;
+        let mut els = Vec::with_capacity(frame.items.len());
+        for (lseq, rec) in &frame.items {
+            if *lseq <= prev || *lseq > frame.upto {
+                return Err(ApplyError::Invalid(format!(
+                    "log sequence {lseq} out of order in ({}, {}]",
+                    frame.after, frame.upto
+                )));
+            }
+            prev = *lseq;
+            els.push(Self::check_record(rec)?);
+        }
+        Ok(els)
+    }
+
+    /// Applies a frame of the peer's log that passed [`Core::check_elements`], advancing the
+    /// durable receive cursor. A frame that does not start within what we hold is a gap (an
+    /// earlier frame was lost): nothing is applied and the answer repeats our cursor.
+    pub fn receive(
+        &mut self,
+        t: &mut impl Tables,
+        now_ms: u64,
+        from: NodeId,
+        frame: &Elements,
+        els: &[Value],
+    ) -> Result<Received, StoreError> {
+        let mut p = t.peer(from)?;
+        if p.recv_epoch != frame.epoch {
+            p.recv_epoch = frame.epoch;
+            p.received = 0;
+        }
+        let mut out = Received {
+            ack: p.received,
+            ..Default::default()
+        };
+        if frame.after > p.received {
+            out.gap = true;
+            return Ok(out);
+        }
+        for ((lseq, rec), el) in frame.items.iter().zip(els) {
+            if *lseq <= p.received {
+                continue;
+            }
+            match self.apply(t, now_ms, from, rec, el)? {
+                Applied::First => out.first += 1,
+                Applied::Counted => out.counted += 1,
+                Applied::Duplicate | Applied::Stale => out.duplicate += 1,
+            }
+        }
+        if frame.upto > p.received {
+            p.received = frame.upto;
+            t.put_peer(from, &p)?;
+        }
+        out.ack = p.received;
+        Ok(out)
+    }
+
+    /// The peer has durably applied our log up to `upto`.
+    pub fn acked(
+        &mut self,
+        t: &mut impl Tables,
+        from: NodeId,
+        epoch: u64,
+        upto: u64,
+    ) -> Result<(), StoreError> {
+        if epoch != t.log_epoch()? {
+            return Ok(());
+        }
+        let mut p = t.peer(from)?;
+        if upto > p.acked {
+            p.acked = upto.min(t.log_tail()?);
+            t.put_peer(from, &p)?;
+        }
+        Ok(())
+    }
+
+    /// Our Hello to `peer`: marks, and where we are in the peer's log.
+    pub fn hello(&self, t: &impl Tables, peer: Option<NodeId>) -> Result<Hello, StoreError> {
+        let resume = match peer {
+            Some(p) => {
+                let pp = t.peer(p)?;
+                (pp.recv_epoch != 0).then_some((pp.recv_epoch, pp.received))
+            }
+            None => None,
+        };
+        Ok(Hello {
+            protocol: PROTOCOL_VERSION,
+            node_id: self.node_id,
+            role: Role::Datacenter,
+            name: self.name.clone(),
+            log_epoch: t.log_epoch()?,
+            resume,
+            marks: t.marks()?.iter().map(|(o, m)| m.to_wire(*o)).collect(),
+        })
+    }
+}
+
+/// Where a sender resumes with a peer: the later of what it stored as acked and what the peer
+/// says it durably received (in our epoch).
+pub fn resume_point(stored_acked: u64, epoch: u64, hello: &Hello, tail: u64) -> u64 {
+    let said = hello
+        .resume
+        .filter(|(e, _)| *e == epoch)
+        .map_or(0, |(_, l)| l);
+    stored_acked.max(said).min(tail)
+}
+
+fn parse_stored(bytes: &[u8]) -> Result<Value, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("stored element is not JSON: {e}")))
+}
+
+/// blake3 over the state table in key order: what every datacenter compares.
+pub fn digest<'a>(entries: impl Iterator<Item = (&'a str, EventType, &'a Entry)>) -> (String, u64) {
+    let mut h = blake3::Hasher::new();
+    let mut n = 0u64;
+    for (account, etype, e) in entries {
+        n += 1;
+        h.update(&(account.len() as u64).to_be_bytes());
+        h.update(account.as_bytes());
+        h.update(&[etype.code()]);
+        h.update(e.version.to_string().as_bytes());
+        h.update(&(e.element.len() as u64).to_be_bytes());
+        h.update(&e.element);
+    }
+    (h.finalize().to_hex().to_string(), n)
+}

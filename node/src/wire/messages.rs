@@ -1,0 +1,121 @@
+//! Every message that crosses a QUIC stream between nodes. Postcard-encoded, externally tagged:
+//! new variants and new messages are only ever added at the end, so older decoders keep working.
+//! `fixtures/wire/` holds golden bytes of each; a test checks them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::NodeId;
+use crate::model::ElementRecord;
+
+/// The version of this protocol. A peer speaking another one gets a clear error, not a hang.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Datacenter,
+    Controller,
+    Worker,
+}
+
+/// What a node knows of one origin's log: every sequence up to `contiguous`, and a bounded set
+/// of sequences above it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginMark {
+    pub origin: NodeId,
+    pub contiguous: u64,
+    pub above: Vec<u64>,
+}
+
+/// First frame on every connection, from both sides.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u16,
+    pub node_id: NodeId,
+    pub role: Role,
+    pub name: String,
+    /// Identifies this incarnation of the sender's local log (new on a fresh or restored
+    /// database), so a receiver's cursor into an older incarnation is not reused.
+    pub log_epoch: u64,
+    /// How far the sender has durably received the *receiver's* log, if it knows that log's
+    /// epoch: `(epoch, lseq)`. The receiver resumes sending from there.
+    pub resume: Option<(u64, u64)>,
+    /// Per-origin high-water marks of the sender.
+    pub marks: Vec<OriginMark>,
+}
+
+/// A slice `(after, upto]` of the sender's local log. Records whose origin is the receiver are
+/// left out, so `items` may be shorter than the range; `upto` still covers them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Elements {
+    pub epoch: u64,
+    pub after: u64,
+    pub upto: u64,
+    pub items: Vec<(u64, ElementRecord)>,
+}
+
+/// Ask for an origin's log above `after_oseq` from the receiver's copy of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatchUpRequest {
+    pub origin: NodeId,
+    pub after_oseq: u64,
+    pub max: u32,
+}
+
+/// Records of one origin's log in sequence order. `done` when nothing more is held above them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatchUpBatch {
+    pub origin: NodeId,
+    pub items: Vec<ElementRecord>,
+    pub done: bool,
+}
+
+/// One state entry of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    pub account: String,
+    pub etype: crate::model::EventType,
+    pub version: crate::model::Version,
+    pub origin: NodeId,
+    pub msg_id: crate::ids::MsgId,
+    pub element: Vec<u8>,
+}
+
+/// Part of a snapshot of the sender's state table, sent when the receiver is behind the
+/// sender's log retention. The last chunk carries the marks the snapshot reflects and the log
+/// position from which the sender continues.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    pub epoch: u64,
+    pub entries: Vec<SnapshotEntry>,
+    /// Present on the last chunk only.
+    pub end: Option<SnapshotEnd>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEnd {
+    pub marks: Vec<OriginMark>,
+    /// The receiver's cursor into the sender's log becomes this.
+    pub resume_after: u64,
+}
+
+/// Why a connection is being closed, in words for the other side's log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goodbye {
+    pub code: u32,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    Hello(Hello),
+    Elements(Elements),
+    /// Everything of the receiver's log up to `upto` (in `epoch`) is durably applied here.
+    Ack {
+        epoch: u64,
+        upto: u64,
+    },
+    CatchUpRequest(CatchUpRequest),
+    CatchUpBatch(CatchUpBatch),
+    Snapshot(SnapshotChunk),
+    Goodbye(Goodbye),
+}
