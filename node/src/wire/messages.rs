@@ -10,11 +10,44 @@ use crate::model::ElementRecord;
 /// The version of this protocol. A peer speaking another one gets a clear error, not a hang.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// What a node is. Postcard encodes the variant index, so the serde names (used by TOML and
+/// JSON) are free to be lowercase words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     Datacenter,
     Controller,
     Worker,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Datacenter => "datacenter",
+            Role::Controller => "controller",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "datacenter" => Ok(Role::Datacenter),
+            "controller" => Ok(Role::Controller),
+            "worker" => Ok(Role::Worker),
+            _ => Err(format!(
+                "unknown role {s:?} (expected datacenter, controller or worker)"
+            )),
+        }
+    }
 }
 
 /// What a node knows of one origin's log: every sequence up to `contiguous`, and a bounded set
