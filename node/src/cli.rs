@@ -1,2 +1,0 @@
-//! Command line (in progress).
-pub fn main() {}

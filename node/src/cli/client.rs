@@ -1,0 +1,194 @@
+//! A small blocking client for a node's local HTTP API, for the CLI's client commands: bearer
+//! token, JSON in and out, and errors an operator can act on. It runs reqwest on a
+//! current-thread tokio runtime of its own; it must never be used from inside another runtime.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, Url};
+use serde_json::Value;
+
+/// How long to wait for the TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for a whole answer (an event is answered after its commit).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// An error answer's body is shown up to this many bytes.
+const ERROR_BODY_SHOWN_MAX: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// `--api` is not a usable URL (bad usage).
+    #[error("--api: {0}")]
+    BadUrl(String),
+    /// Nothing listens there.
+    #[error("cannot reach the outpost API at {url} (is `outpost run` running?)")]
+    Unreachable { url: String },
+    /// The node answered with an error status; `message` is its `error` field or its body.
+    #[error("{status}: {message}")]
+    Status { status: StatusCode, message: String },
+    /// Anything else on the way: a timeout, a broken connection, an answer that is not JSON.
+    #[error("{0}")]
+    Other(String),
+}
+
+pub struct ApiClient {
+    /// The API's base URL, e.g. `http://127.0.0.1:7480`.
+    pub base: Url,
+    /// Sent as `Authorization: Bearer <token>` when present.
+    pub token: Option<String>,
+    http: reqwest::Client,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl ApiClient {
+    /// A client for the API at `base`; only `http://` (the API has no TLS).
+    pub fn new(base: &str, token: Option<String>) -> Result<ApiClient, ClientError> {
+        let base = Url::parse(base).map_err(|e| ClientError::BadUrl(format!("{base:?}: {e}")))?;
+        if base.scheme() != "http" || base.cannot_be_a_base() {
+            return Err(ClientError::BadUrl(format!(
+                "{base}: expected http://HOST:PORT (the API speaks plain HTTP on a local address)"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| ClientError::Other(format!("cannot set up the HTTP client: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Other(format!("cannot start the async runtime: {e}")))?;
+        Ok(ApiClient {
+            base,
+            token,
+            http,
+            runtime,
+        })
+    }
+
+    /// The URL of `segments` under the base; each segment is percent-encoded.
+    pub fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("checked in new: the base can be a base")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    pub fn get_json(&self, segments: &[&str]) -> Result<Value, ClientError> {
+        self.request(Method::GET, segments, None)
+    }
+
+    pub fn post_json(&self, segments: &[&str], body: &Value) -> Result<Value, ClientError> {
+        self.request(Method::POST, segments, Some(body))
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let url = self.url(segments);
+        let mut req = self.http.request(method, url.clone());
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let base = self.base.as_str().trim_end_matches('/').to_owned();
+        self.runtime.block_on(async move {
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| transport_error(&base, &url, e))?;
+            let status = resp.status();
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| transport_error(&base, &url, e))?;
+            if !status.is_success() {
+                return Err(ClientError::Status {
+                    status,
+                    message: error_message(&bytes),
+                });
+            }
+            serde_json::from_slice(&bytes)
+                .map_err(|e| ClientError::Other(format!("{url}: the answer is not JSON: {e}")))
+        })
+    }
+}
+
+fn transport_error(base: &str, url: &Url, e: reqwest::Error) -> ClientError {
+    if e.is_connect() {
+        ClientError::Unreachable {
+            url: base.to_owned(),
+        }
+    } else if e.is_timeout() {
+        ClientError::Other(format!(
+            "{url}: no answer within {}s",
+            REQUEST_TIMEOUT.as_secs()
+        ))
+    } else {
+        ClientError::Other(format!("{url}: {e}"))
+    }
+}
+
+/// The `error` field of an error answer, else its body as text.
+fn error_message(body: &[u8]) -> String {
+    if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
+        if let Some(Value::String(s)) = map.get("error") {
+            return s.clone();
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return "(no message)".to_owned();
+    }
+    let mut end = text.len().min(ERROR_BODY_SHOWN_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_segments_are_percent_encoded() {
+        let c = ApiClient::new("http://127.0.0.1:7480", None).unwrap();
+        assert_eq!(
+            c.url(&["v1", "state", "sip:alice@example.com/x y"])
+                .as_str(),
+            "http://127.0.0.1:7480/v1/state/sip:alice@example.com%2Fx%20y"
+        );
+        let c = ApiClient::new("http://127.0.0.1:7480/prefix/", None).unwrap();
+        assert_eq!(c.url(&["v1", "digest"]).path(), "/prefix/v1/digest");
+    }
+
+    #[test]
+    fn only_http_urls_are_accepted() {
+        assert!(matches!(
+            ApiClient::new("https://x:1", None),
+            Err(ClientError::BadUrl(_))
+        ));
+        assert!(matches!(
+            ApiClient::new("127.0.0.1:7480", None),
+            Err(ClientError::BadUrl(_))
+        ));
+    }
+
+    #[test]
+    fn error_answers_show_their_error_field() {
+        assert_eq!(
+            error_message(br#"{"error":"account: too long"}"#),
+            "account: too long"
+        );
+        assert_eq!(error_message(b"  plain text\n"), "plain text");
+        assert_eq!(error_message(b""), "(no message)");
+    }
+}

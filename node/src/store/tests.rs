@@ -1,0 +1,615 @@
+//! The store against its model: every operation of the replication traits runs on both
+//! [`MemStore`] and redb, and every read must agree. Plus reopen, schema, retention and locking.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::ids::MsgId;
+use crate::model::{ElementRecord, EventType, Version};
+use crate::replication::mem::MemStore;
+use crate::replication::{digest, Entry, LogRead, Mark, MsgRecord, PeerProgress, Tables};
+
+/// A directory under the system temp dir, unique per process and test, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("outpost-store-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn node_meta(epoch: u64) -> NodeMeta {
+    NodeMeta {
+        node_id: NodeId(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
+        role: Role::Datacenter,
+        name: "dc-test".into(),
+        log_epoch: epoch,
+        created_ms: 1_700_000_000_000,
+    }
+}
+
+fn open_init(dir: &TempDir, epoch: u64) -> Store {
+    let store = Store::open(dir.path()).expect("open");
+    store.init_meta(&node_meta(epoch)).expect("init meta");
+    store
+}
+
+// Small pools, so that keys collide and overwrite; accounts chosen to probe key order
+// ("a" < "a\0" < "ab" < "b", multi-byte UTF-8 last).
+const ACCOUNTS: [&str; 7] = ["", "a", "a\0", "ab", "b", "zz", "é"];
+const ORIGINS: [NodeId; 4] = [NodeId(1), NodeId(2), NodeId(1 << 100), NodeId(u128::MAX)];
+const MSG_IDS: usize = 24;
+
+fn msg_id(i: usize) -> MsgId {
+    let mut b = [i as u8; 32];
+    b[31] = 0xff - i as u8;
+    MsgId(b)
+}
+
+fn pick<T: Copy>(rng: &mut StdRng, xs: &[T]) -> T {
+    xs[rng.random_range(0..xs.len())]
+}
+
+fn rand_version(rng: &mut StdRng) -> Version {
+    Version {
+        ms: rng.random_range(0..1000),
+        logical: rng.random_range(0..4),
+        node: pick(rng, &ORIGINS),
+    }
+}
+
+fn rand_bytes(rng: &mut StdRng) -> Vec<u8> {
+    let n = rng.random_range(0..48);
+    (0..n).map(|_| rng.random()).collect()
+}
+
+fn rand_entry(rng: &mut StdRng) -> Entry {
+    Entry {
+        version: rand_version(rng),
+        origin: pick(rng, &ORIGINS),
+        msg_id: msg_id(rng.random_range(0..MSG_IDS)),
+        element: rand_bytes(rng),
+    }
+}
+
+fn rand_record(rng: &mut StdRng) -> ElementRecord {
+    ElementRecord {
+        origin: pick(rng, &ORIGINS),
+        oseq: rng.random_range(1..20),
+        account: pick(rng, &ACCOUNTS).to_string(),
+        etype: pick(rng, &EventType::ALL),
+        version: rand_version(rng),
+        element: rand_bytes(rng),
+        msg_id: msg_id(rng.random_range(0..MSG_IDS)),
+    }
+}
+
+fn rand_mark(rng: &mut StdRng) -> Mark {
+    let mut m = Mark::default();
+    for _ in 0..rng.random_range(0..8) {
+        m.insert(rng.random_range(1..16));
+    }
+    m
+}
+
+/// The model of [`RedbTables::trim_log`], over the model's maps.
+fn model_trim(m: &mut MemStore, cutoff_ms: u64, keep_max: u64, work_max: usize) -> u64 {
+    let mut trimmed = 0;
+    while trimmed < work_max as u64 {
+        let Some((&lseq, rec)) = m.log.iter().next() else {
+            break;
+        };
+        let rec = rec.clone();
+        let old = m
+            .messages
+            .get(&rec.msg_id)
+            .is_none_or(|r| r.first_seen_ms < cutoff_ms);
+        if !old && m.log.len() as u64 <= keep_max {
+            break;
+        }
+        m.log.remove(&lseq);
+        if m.by_origin.get(&(rec.origin, rec.oseq)) == Some(&lseq) {
+            m.by_origin.remove(&(rec.origin, rec.oseq));
+        }
+        m.messages.remove(&rec.msg_id);
+        trimmed += 1;
+    }
+    trimmed
+}
+
+/// One random write, applied to both.
+fn random_write(seed: u64, rng: &mut StdRng, m: &mut MemStore, r: &mut RedbTables<'_>) {
+    match rng.random_range(0..100) {
+        0..=9 => {
+            let s = (rng.random_range(0..10_000), rng.random_range(0..10));
+            m.set_hlc(s).unwrap();
+            r.set_hlc(s).unwrap();
+        }
+        10..=34 => {
+            let (a, t, e) = (
+                pick(rng, &ACCOUNTS),
+                pick(rng, &EventType::ALL),
+                rand_entry(rng),
+            );
+            m.put_entry(a, t, &e).unwrap();
+            r.put_entry(a, t, &e).unwrap();
+        }
+        35..=54 => {
+            let id = msg_id(rng.random_range(0..MSG_IDS));
+            let senders = (0..rng.random_range(0..4))
+                .map(|_| pick(rng, &ORIGINS))
+                .collect();
+            let rec = MsgRecord {
+                origin: pick(rng, &ORIGINS),
+                oseq: rng.random_range(1..20),
+                first_seen_ms: rng.random_range(0..10),
+                senders,
+            };
+            m.put_message(&id, &rec).unwrap();
+            r.put_message(&id, &rec).unwrap();
+        }
+        55..=64 => {
+            let (o, mark) = (pick(rng, &ORIGINS), rand_mark(rng));
+            m.put_mark(o, &mark).unwrap();
+            r.put_mark(o, &mark).unwrap();
+        }
+        65..=84 => {
+            // Mostly as the core does it: the record and its message record together.
+            let rec = rand_record(rng);
+            let lseq = Tables::log_tail(m).unwrap() + 1;
+            m.append_log(lseq, &rec).unwrap();
+            r.append_log(lseq, &rec).unwrap();
+            if rng.random_bool(0.8) {
+                let msg = MsgRecord {
+                    origin: rec.origin,
+                    oseq: rec.oseq,
+                    first_seen_ms: rng.random_range(0..10),
+                    senders: Vec::new(),
+                };
+                m.put_message(&rec.msg_id, &msg).unwrap();
+                r.put_message(&rec.msg_id, &msg).unwrap();
+            }
+        }
+        85..=94 => {
+            let p = PeerProgress {
+                acked: rng.random_range(0..50),
+                recv_epoch: rng.random_range(0..3),
+                received: rng.random_range(0..50),
+            };
+            let peer = pick(rng, &ORIGINS);
+            m.put_peer(peer, &p).unwrap();
+            r.put_peer(peer, &p).unwrap();
+        }
+        _ => {
+            let cutoff = rng.random_range(0..12);
+            let keep = rng.random_range(0..40);
+            let work = rng.random_range(0..6);
+            let want = model_trim(m, cutoff, keep, work);
+            assert_eq!(
+                r.trim_log(cutoff, keep, work).unwrap(),
+                want,
+                "seed {seed}: trim_log({cutoff}, {keep}, {work})"
+            );
+        }
+    }
+}
+
+/// Every read of the log, through [`LogRead`].
+fn check_log(seed: u64, m: &MemStore, r: &impl LogRead) {
+    assert_eq!(
+        r.log_epoch().unwrap(),
+        LogRead::log_epoch(m).unwrap(),
+        "seed {seed}"
+    );
+    assert_eq!(
+        r.log_tail().unwrap(),
+        LogRead::log_tail(m).unwrap(),
+        "seed {seed}"
+    );
+    assert_eq!(
+        r.log_first().unwrap(),
+        m.log_first().unwrap(),
+        "seed {seed}"
+    );
+    for after in [0, 1, 3, 7, 1000] {
+        for max in [0, 1, 2, 5, usize::MAX] {
+            assert_eq!(
+                r.log_range(after, max).unwrap(),
+                m.log_range(after, max).unwrap(),
+                "seed {seed}: log_range({after}, {max})"
+            );
+        }
+    }
+    for o in ORIGINS {
+        for after in [0, 2, 9] {
+            for max in [1, 3, usize::MAX] {
+                assert_eq!(
+                    r.origin_range(o, after, max).unwrap(),
+                    m.origin_range(o, after, max).unwrap(),
+                    "seed {seed}: origin_range({o:?}, {after}, {max})"
+                );
+            }
+        }
+    }
+}
+
+/// Every read of a write transaction.
+fn check_tables(seed: u64, m: &MemStore, r: &RedbTables<'_>) {
+    assert_eq!(r.hlc().unwrap(), m.hlc().unwrap(), "seed {seed}: hlc");
+    assert_eq!(Tables::log_epoch(r).unwrap(), m.epoch, "seed {seed}");
+    assert_eq!(Tables::log_tail(r).unwrap(), m.tail, "seed {seed}");
+    for a in ACCOUNTS {
+        for t in EventType::ALL {
+            assert_eq!(
+                r.entry(a, t).unwrap(),
+                m.entry(a, t).unwrap(),
+                "seed {seed}"
+            );
+        }
+    }
+    for i in 0..MSG_IDS {
+        let id = msg_id(i);
+        assert_eq!(
+            r.message(&id).unwrap(),
+            m.message(&id).unwrap(),
+            "seed {seed}"
+        );
+    }
+    for o in ORIGINS {
+        assert_eq!(r.mark(o).unwrap(), m.mark(o).unwrap(), "seed {seed}");
+        assert_eq!(r.peer(o).unwrap(), m.peer(o).unwrap(), "seed {seed}");
+    }
+    assert_eq!(r.marks().unwrap(), m.marks().unwrap(), "seed {seed}");
+    check_log(seed, m, r);
+}
+
+/// Every read of a committed snapshot.
+fn check_committed(seed: u64, m: &MemStore, r: &ReadTxn) {
+    check_log(seed, m, r);
+    assert_eq!(
+        r.digest().unwrap(),
+        digest(m.state()),
+        "seed {seed}: digest"
+    );
+    assert_eq!(
+        r.entry_count().unwrap(),
+        m.entries.len() as u64,
+        "seed {seed}"
+    );
+    for a in ACCOUNTS {
+        let want: Vec<StateRow> = m
+            .state()
+            .filter(|(acc, _, _)| *acc == a)
+            .map(|(acc, t, e)| StateRow {
+                account: acc.to_string(),
+                etype: t,
+                entry: e.clone(),
+                message_count: m
+                    .messages
+                    .get(&e.msg_id)
+                    .map_or(0, |r| r.senders.len() as u32),
+            })
+            .collect();
+        assert_eq!(r.state(a, None).unwrap(), want, "seed {seed}: state({a:?})");
+        for t in EventType::ALL {
+            let one: Vec<StateRow> = want.iter().filter(|s| s.etype == t).cloned().collect();
+            assert_eq!(r.state(a, Some(t)).unwrap(), one, "seed {seed}");
+        }
+    }
+    for i in 0..MSG_IDS {
+        let id = msg_id(i);
+        assert_eq!(
+            r.message(&id).unwrap(),
+            m.message(&id).unwrap(),
+            "seed {seed}"
+        );
+    }
+    let peers: Vec<_> = m.peers.iter().map(|(k, v)| (*k, v.clone())).collect();
+    assert_eq!(r.peers().unwrap(), peers, "seed {seed}");
+    assert_eq!(r.marks().unwrap(), m.marks().unwrap(), "seed {seed}");
+    for o in ORIGINS {
+        assert_eq!(r.peer(o).unwrap(), m.peer(o).unwrap(), "seed {seed}");
+    }
+}
+
+fn run_model(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = TempDir::new("model");
+    let epoch = rng.random_range(1..u64::MAX);
+    let mut store = open_init(&dir, epoch);
+    let mut model = MemStore::new(epoch);
+    for _ in 0..8 {
+        let commit = rng.random_bool(0.75);
+        let mut scratch = model.clone();
+        let txn = store.begin().unwrap();
+        // Sometimes two table sessions in one transaction: the second must see the first.
+        for _ in 0..rng.random_range(1..3) {
+            let mut r = txn.tables().unwrap();
+            check_tables(seed, &scratch, &r);
+            for _ in 0..rng.random_range(1..30) {
+                random_write(seed, &mut rng, &mut scratch, &mut r);
+                if rng.random_bool(0.2) {
+                    check_tables(seed, &scratch, &r);
+                }
+            }
+            check_tables(seed, &scratch, &r);
+        }
+        if commit {
+            txn.commit().unwrap();
+            model = scratch;
+        } else {
+            // redb aborts on drop: nothing of it may be visible.
+            drop(txn);
+        }
+        check_committed(seed, &model, &store.read().unwrap());
+        if rng.random_bool(0.2) {
+            drop(store);
+            store = Store::open(dir.path()).unwrap();
+            check_committed(seed, &model, &store.read().unwrap());
+        }
+    }
+}
+
+/// redb behaves as the simulation's storage model, so the simulation proves the real node.
+#[test]
+fn store_matches_mem_model() {
+    let seeds: u64 = std::env::var("OUTPOST_STORE_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    for seed in 0..seeds {
+        run_model(seed);
+    }
+}
+
+#[test]
+fn store_committed_data_survives_reopen() {
+    let dir = TempDir::new("reopen");
+    let store = open_init(&dir, 7);
+    let rec = ElementRecord {
+        origin: NodeId(5),
+        oseq: 1,
+        account: "alice".into(),
+        etype: EventType::Presence,
+        version: Version {
+            ms: 10,
+            logical: 0,
+            node: NodeId(5),
+        },
+        element: b"{\"status\":\"busy\"}".to_vec(),
+        msg_id: msg_id(1),
+    };
+    let entry = Entry {
+        version: rec.version,
+        origin: rec.origin,
+        msg_id: rec.msg_id,
+        element: rec.element.clone(),
+    };
+    let txn = store.begin().unwrap();
+    {
+        let mut t = txn.tables().unwrap();
+        t.put_entry("alice", EventType::Presence, &entry).unwrap();
+        t.append_log(1, &rec).unwrap();
+        t.set_hlc((10, 3)).unwrap();
+        t.put_peer(
+            NodeId(9),
+            &PeerProgress {
+                acked: 1,
+                recv_epoch: 4,
+                received: 2,
+            },
+        )
+        .unwrap();
+    }
+    txn.commit().unwrap();
+    store.put_secret("tls_key_der", b"key bytes").unwrap();
+    let before = store.read().unwrap().digest().unwrap();
+    drop(store);
+
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.meta().unwrap(), Some(node_meta(7)));
+    assert_eq!(
+        store.secret("tls_key_der").unwrap().as_deref(),
+        Some(&b"key bytes"[..])
+    );
+    assert_eq!(store.secret("tls_cert_der").unwrap(), None);
+    let r = store.read().unwrap();
+    assert_eq!(r.digest().unwrap(), before);
+    assert_eq!(before.1, 1);
+    assert_eq!(r.entry("alice", EventType::Presence).unwrap(), Some(entry));
+    assert_eq!(r.log_tail().unwrap(), 1);
+    assert_eq!(r.log_epoch().unwrap(), 7);
+    assert_eq!(r.origin_range(NodeId(5), 0, 10).unwrap(), vec![rec]);
+    assert_eq!(r.peer(NodeId(9)).unwrap().received, 2);
+    drop(r);
+    assert_eq!(
+        store.begin().unwrap().tables().unwrap().hlc().unwrap(),
+        (10, 3)
+    );
+}
+
+#[test]
+fn store_init_meta_is_written_once() {
+    let dir = TempDir::new("meta");
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.meta().unwrap(), None);
+    // Without an identity there is no log epoch to report.
+    assert!(store.read().unwrap().log_epoch().is_err());
+    store.init_meta(&node_meta(3)).unwrap();
+    store.init_meta(&node_meta(3)).unwrap();
+    let err = store.init_meta(&node_meta(4)).unwrap_err();
+    assert!(err.to_string().contains("already recorded"), "{err}");
+    assert_eq!(store.meta().unwrap(), Some(node_meta(3)));
+}
+
+#[test]
+fn store_refuses_newer_schema() {
+    let dir = TempDir::new("schema");
+    let store = Store::open(dir.path()).unwrap();
+    let txn = store.db.begin_write().unwrap();
+    txn.open_table(META)
+        .unwrap()
+        .insert(META_SCHEMA_VERSION, &3u32.to_le_bytes()[..])
+        .unwrap();
+    txn.commit().unwrap();
+    drop(store);
+
+    match Store::open(dir.path()) {
+        Err(
+            e @ OpenError::NewerSchema {
+                found: 3,
+                supported: 1,
+                ..
+            },
+        ) => {
+            let msg = e.to_string();
+            assert!(msg.contains("schema version 3"), "{msg}");
+            assert!(msg.contains("upgrade outpost"), "{msg}");
+            assert!(msg.contains(DB_FILE), "{msg}");
+        }
+        other => panic!("expected NewerSchema, got {other:?}"),
+    }
+}
+
+#[test]
+fn store_refuses_a_file_that_is_not_a_database() {
+    let dir = TempDir::new("garbage");
+    std::fs::create_dir_all(dir.path()).unwrap();
+    std::fs::write(dir.path().join(DB_FILE), vec![0x5a; 8192]).unwrap();
+    match Store::open(dir.path()) {
+        Err(e @ OpenError::Corrupt { .. }) => assert!(e.to_string().contains(DB_FILE), "{e}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn store_second_open_is_refused_while_running() {
+    let dir = TempDir::new("lock");
+    let first = Store::open(dir.path()).unwrap();
+    match Store::open(dir.path()) {
+        Err(e @ OpenError::Locked { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("already running"), "{msg}");
+            assert!(msg.contains(DB_FILE), "{msg}");
+        }
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    drop(first);
+    Store::open(dir.path()).expect("the lock is released on close");
+}
+
+fn trim_fixture(store: &Store, n: u64) {
+    let txn = store.begin().unwrap();
+    {
+        let mut t = txn.tables().unwrap();
+        for i in 1..=n {
+            let rec = ElementRecord {
+                origin: NodeId(42),
+                oseq: i,
+                account: format!("acct{i}"),
+                etype: EventType::Element,
+                version: Version {
+                    ms: i,
+                    logical: 0,
+                    node: NodeId(42),
+                },
+                element: b"{}".to_vec(),
+                msg_id: msg_id(i as usize),
+            };
+            t.append_log(i, &rec).unwrap();
+            let m = MsgRecord {
+                origin: NodeId(42),
+                oseq: i,
+                first_seen_ms: 100 * i,
+                senders: vec![NodeId(7)],
+            };
+            t.put_message(&rec.msg_id, &m).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+}
+
+#[test]
+fn store_trim_log_respects_age_and_size_and_keeps_tail() {
+    let dir = TempDir::new("trim");
+    let store = open_init(&dir, 1);
+    trim_fixture(&store, 10);
+    let oseqs = |r: &ReadTxn| -> Vec<u64> {
+        r.origin_range(NodeId(42), 0, 100)
+            .unwrap()
+            .iter()
+            .map(|x| x.oseq)
+            .collect()
+    };
+
+    let txn = store.begin().unwrap();
+    {
+        let mut t = txn.tables().unwrap();
+        // Age: records first seen at 100..=400 are before the cutoff of 450.
+        assert_eq!(t.trim_log(450, 100, 100).unwrap(), 4);
+        assert_eq!(t.log_first().unwrap(), Some(5));
+        assert_eq!(Tables::log_tail(&t).unwrap(), 10);
+        for i in 1..=4 {
+            assert_eq!(t.message(&msg_id(i)).unwrap(), None, "message {i} trimmed");
+        }
+        assert!(t.message(&msg_id(5)).unwrap().is_some());
+        // Size, bounded by work_max: 6 retained, keep 3, at most 2 per call.
+        assert_eq!(t.trim_log(0, 3, 2).unwrap(), 2);
+        assert_eq!(t.trim_log(0, 3, 2).unwrap(), 1);
+        assert_eq!(t.trim_log(0, 3, 2).unwrap(), 0);
+        assert_eq!(t.log_first().unwrap(), Some(8));
+    }
+    txn.commit().unwrap();
+    let r = store.read().unwrap();
+    assert_eq!(
+        oseqs(&r),
+        vec![8, 9, 10],
+        "index rows of trimmed records are gone"
+    );
+    assert_eq!(r.log_range(0, 100).unwrap().len(), 3);
+    assert_eq!(r.log_tail().unwrap(), 10);
+    drop(r);
+
+    // Everything, then an append continues after the old tail, across a reopen.
+    let txn = store.begin().unwrap();
+    assert_eq!(txn.tables().unwrap().trim_log(u64::MAX, 0, 100).unwrap(), 3);
+    txn.commit().unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let r = store.read().unwrap();
+    assert_eq!(r.log_first().unwrap(), None);
+    assert_eq!(r.log_tail().unwrap(), 10, "trimming never lowers the tail");
+    assert!(oseqs(&r).is_empty());
+    for i in 1..=10 {
+        assert_eq!(r.message(&msg_id(i)).unwrap(), None);
+    }
+}
+
+#[test]
+fn store_full_disk_maps_to_full() {
+    let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
+    assert!(matches!(db_err(redb::Error::Io(e)), StoreError::Full(_)));
+    let e = std::io::Error::from_raw_os_error(libc::EDQUOT);
+    assert!(matches!(db_err(redb::Error::Io(e)), StoreError::Full(_)));
+    let e = std::io::Error::from_raw_os_error(libc::EIO);
+    assert!(matches!(db_err(redb::Error::Io(e)), StoreError::Io(_)));
+}
