@@ -123,7 +123,10 @@ impl Sim {
     }
 
     fn index(&self, id: NodeId) -> usize {
-        self.nodes.iter().position(|n| n.id == id).expect("known node")
+        self.nodes
+            .iter()
+            .position(|n| n.id == id)
+            .expect("known node")
     }
 
     /// Boot (or reboot) node i from what its storage holds, and say Hello to every peer.
@@ -160,7 +163,11 @@ impl Sim {
         if self.rng.chance(self.faults.loss) {
             return;
         }
-        let copies = if self.rng.chance(self.faults.dup) { 2 } else { 1 };
+        let copies = if self.rng.chance(self.faults.dup) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let at = self.now_ms + 1 + self.rng.below(self.faults.delay_max_ms);
             self.packet_seq += 1;
@@ -446,7 +453,10 @@ fn simulated_datacenters_keep_invariants_1_to_4() {
             ),
         }
     }
-    assert!(events > seeds.len() as u64, "the simulation ingested almost nothing");
+    assert!(
+        events > seeds.len() as u64,
+        "the simulation ingested almost nothing"
+    );
     eprintln!("{} seeds, {events} acknowledged events", seeds.len());
 }
 

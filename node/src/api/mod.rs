@@ -1,1 +1,316 @@
-//! HTTP API (in progress)
+//! The local HTTP API (axum): events in, state, digest, status and message lookups out, and
+//! `/metrics`. Every request but `/metrics` needs the bearer token. Bodies are parsed here, not
+//! by axum's extractors, so that every refusal is a JSON `{"error"}` naming the field.
+
+mod metrics;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::ids::MsgId;
+use crate::model::events::view;
+use crate::model::{Event, EventType, RawEvent};
+use crate::node::writer::Cmd;
+use crate::node::{now_ms, Shared};
+use crate::replication::{IngestError, Ingested, LogRead, StoreError};
+
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Full(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e}; nothing was changed, retry when space is freed"),
+            ),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let body_max = shared.config.limits.api_body_bytes_max;
+    let authed = Router::new()
+        .route("/v1/events", post(post_event))
+        .route("/v1/events/batch", post(post_batch))
+        .route("/v1/state/{account}", get(get_state))
+        .route("/v1/state/{account}/{etype}", get(get_state_typed))
+        .route("/v1/digest", get(get_digest))
+        .route("/v1/status", get(get_status))
+        .route("/v1/messages/{id}", get(get_message))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
+    Router::new()
+        .merge(authed)
+        .route("/metrics", get(metrics::get_metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(body_max))
+        .with_state(shared)
+}
+
+async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), s.token.as_bytes()));
+    if !ok {
+        s.metrics.api_refused.fetch_add(1, Ordering::Relaxed);
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (see the `token` file in the data directory)",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("body: {e}")))
+}
+
+fn parse_event(raw: RawEvent, at: &str) -> ApiResult<Event> {
+    Event::from_raw(raw).map_err(|e| ApiError::bad(format!("{at}{}: {}", e.field, e.reason)))
+}
+
+fn answer(a: &Ingested) -> Value {
+    json!({
+        "message_id": a.msg_id.to_string(),
+        "element": a.element,
+        "version": a.version.to_string(),
+    })
+}
+
+async fn ingest(s: &Shared, events: Vec<Event>) -> ApiResult<Vec<Ingested>> {
+    if s.disk_full.load(Ordering::Relaxed) {
+        // Still try: the writer clears the flag when a commit succeeds again.
+    }
+    let (tx, rx) = oneshot::channel();
+    s.writer
+        .send(Cmd::Ingest { events, reply: tx })
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"))?;
+    match rx.await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(IngestError::Event(e))) => Err(ApiError::bad(e.to_string())),
+        Ok(Err(IngestError::Store(e))) => Err(e.into()),
+        Ok(Err(e @ IngestError::NotReady(_))) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.to_string(),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node is shutting down",
+        )),
+    }
+}
+
+async fn post_event(State(s): State<Arc<Shared>>, body: Bytes) -> ApiResult<Json<Value>> {
+    let ev = parse_event(parse_body(&body)?, "")?;
+    let got = ingest(&s, vec![ev]).await?;
+    Ok(Json(answer(&got[0])))
+}
+
+async fn post_batch(State(s): State<Arc<Shared>>, body: Bytes) -> ApiResult<Json<Value>> {
+    let raws: Vec<RawEvent> = parse_body(&body)?;
+    let max = s.config.limits.batch_events_max;
+    if raws.len() > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "body: {} events, at most {max} per batch (limits.batch_events_max)",
+                raws.len()
+            ),
+        ));
+    }
+    if raws.is_empty() {
+        return Ok(Json(json!([])));
+    }
+    let events = raws
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| parse_event(r, &format!("[{i}].")))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let got = ingest(&s, events).await?;
+    Ok(Json(Value::Array(got.iter().map(answer).collect())))
+}
+
+async fn read<T: Send + 'static>(
+    s: &Arc<Shared>,
+    f: impl FnOnce(&Shared) -> Result<T, StoreError> + Send + 'static,
+) -> ApiResult<T> {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || f(&s))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+async fn get_state(
+    State(s): State<Arc<Shared>>,
+    Path(account): Path<String>,
+) -> ApiResult<Json<Value>> {
+    state(s, account, None).await
+}
+
+async fn get_state_typed(
+    State(s): State<Arc<Shared>>,
+    Path((account, etype)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let t: EventType = etype
+        .parse()
+        .map_err(|e: crate::model::EventError| ApiError::bad(e.to_string()))?;
+    state(s, account, Some(t)).await
+}
+
+async fn state(s: Arc<Shared>, account: String, t: Option<EventType>) -> ApiResult<Json<Value>> {
+    crate::model::events::validate_account(&account).map_err(|e| ApiError::bad(e.to_string()))?;
+    let acct = account.clone();
+    let rows = read(&s, move |s| s.store.read()?.state(&acct, t)).await?;
+    let now = now_ms();
+    let entries: Vec<Value> = rows
+        .into_iter()
+        .map(|r| {
+            let el: Value = serde_json::from_slice(&r.entry.element).unwrap_or(Value::Null);
+            json!({
+                "type": r.etype,
+                "element": view(r.etype, &el, now),
+                "version": r.entry.version.to_string(),
+                "origin": r.entry.origin.to_string(),
+                "message_id": r.entry.msg_id.to_string(),
+                "message_count": r.message_count,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "account": account, "entries": entries })))
+}
+
+async fn get_digest(State(s): State<Arc<Shared>>) -> ApiResult<Json<Value>> {
+    let (digest, entries) = read(&s, |s| s.store.read()?.digest()).await?;
+    Ok(Json(json!({ "digest": digest, "entries": entries })))
+}
+
+async fn get_message(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id: MsgId = id
+        .parse()
+        .map_err(|e| ApiError::bad(format!("message id: {e}")))?;
+    let rec = read(&s, move |s| s.store.read()?.message(&id)).await?;
+    let Some(m) = rec else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("message {id} is not known here (never seen, or trimmed by retention)"),
+        ));
+    };
+    let names: Vec<String> = m
+        .senders
+        .iter()
+        .map(|id| {
+            s.peers
+                .iter()
+                .find(|p| p.info.lock().expect("link lock").node_id == Some(*id))
+                .map_or_else(|| id.to_string(), |p| p.cfg.name.clone())
+        })
+        .collect();
+    Ok(Json(json!({
+        "message_id": id.to_string(),
+        "origin": m.origin.to_string(),
+        "oseq": m.oseq,
+        "first_seen_ms": m.first_seen_ms,
+        "message_count": m.senders.len(),
+        "copies_from": names,
+    })))
+}
+
+async fn get_status(State(s): State<Arc<Shared>>) -> ApiResult<Json<Value>> {
+    Ok(Json(status(&s).await?))
+}
+
+pub async fn status(s: &Arc<Shared>) -> ApiResult<Value> {
+    let (progress, entries, digest, tail) = read(s, |s| {
+        let r = s.store.read()?;
+        Ok((r.peers()?, r.entry_count()?, r.digest()?.0, r.log_tail()?))
+    })
+    .await?;
+    let peers: Vec<Value> = s
+        .peers
+        .iter()
+        .map(|p| {
+            let (node_id, connected, last_error) = {
+                let i = p.info.lock().expect("link lock");
+                (i.node_id, i.connected, i.last_error.clone())
+            };
+            let stored = node_id
+                .and_then(|id| progress.iter().find(|(n, _)| *n == id))
+                .map(|(_, pp)| pp.clone())
+                .unwrap_or_default();
+            json!({
+                "name": p.cfg.name,
+                "addr": p.cfg.addr.to_string(),
+                "node_id": node_id.map(|n| n.to_string()),
+                "connected": connected,
+                "dials": p.dials,
+                "lag": p.lag(tail, stored.acked),
+                "acked": stored.acked,
+                "received": stored.received,
+                "last_error": last_error,
+            })
+        })
+        .collect();
+    let up = peers.iter().filter(|p| p["connected"] == true).count();
+    Ok(json!({
+        "role": s.meta.role,
+        "name": s.meta.name,
+        "node_id": s.meta.node_id.to_string(),
+        "fingerprint": s.fingerprint.to_string(),
+        "listen": s.config.listen.to_string(),
+        "api": s.config.api.to_string(),
+        "ready": s.ready.load(Ordering::Relaxed),
+        "disk_full": s.disk_full.load(Ordering::Relaxed),
+        "log_tail": tail,
+        "entries": entries,
+        "digest": digest,
+        "peers_up": up,
+        "peers": peers,
+        "last_errors": s.last_errors(),
+    }))
+}

@@ -1,0 +1,570 @@
+//! Datacenter links over QUIC: dialling, accepting, the Hello exchange, and per connection a
+//! reader (frames in -> writer thread -> acks out) and a sender (local log -> Elements frames,
+//! within the window of [`Outbound`]). One connection per pair: the side with the lower
+//! fingerprint dials (both sides know both fingerprints from their configs); if two connections
+//! exist anyway, the one dialled by the lower node id is kept.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::writer::Cmd;
+use super::{now_ms, Shared};
+use crate::config::PeerConfig;
+use crate::ids::{Fingerprint, NodeId};
+use crate::net::{self, close};
+use crate::replication::core::resume_point;
+use crate::replication::link::{LinkLimits, Outbound};
+use crate::replication::{Core, LogRead, Received, StoreError};
+use crate::wire::{
+    read_frame, write_frame, Elements, Goodbye, Hello, Message, Role, PROTOCOL_VERSION,
+};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Frames in flight between the reader and the writer thread, per connection.
+const PENDING_MAX: usize = 64;
+/// Outgoing control frames (acks) waiting for the sender, per connection.
+const CONTROL_MAX: usize = 256;
+
+/// What the node knows of one configured peer.
+pub struct PeerState {
+    pub cfg: PeerConfig,
+    /// Whether this side dials (lower fingerprint), decided from the configs alone.
+    pub dials: bool,
+    pub info: Mutex<LinkInfo>,
+}
+
+#[derive(Default)]
+pub struct LinkInfo {
+    pub node_id: Option<NodeId>,
+    pub connected: bool,
+    generation: u64,
+    conn: Option<quinn::Connection>,
+    /// Whether the live connection was dialled by the lower node id.
+    preferred: bool,
+    outbound: Option<Arc<Mutex<Outbound>>>,
+    pub last_error: Option<String>,
+}
+
+impl PeerState {
+    pub fn new(cfg: PeerConfig, mine: &Fingerprint) -> Self {
+        let mine = mine.to_string();
+        // During a certificate rotation the peer has two fingerprints; if they disagree about
+        // who dials, dial: a duplicate is closed after the Hello.
+        let dials = !cfg.fingerprints.iter().all(|f| f.to_string() < mine);
+        PeerState {
+            cfg,
+            dials,
+            info: Mutex::new(LinkInfo::default()),
+        }
+    }
+
+    /// Log positions the peer has not acknowledged (of `tail`), from the live link if any,
+    /// else from storage.
+    pub fn lag(&self, tail: u64, stored_acked: u64) -> u64 {
+        let info = self.info.lock().expect("link lock");
+        let acked = info
+            .outbound
+            .as_ref()
+            .map_or(stored_acked, |o| o.lock().expect("outbound lock").acked());
+        tail.saturating_sub(acked.max(stored_acked))
+    }
+}
+
+pub fn spawn_all(shared: Arc<Shared>, ep: quinn::Endpoint) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = vec![tokio::spawn(accept_loop(shared.clone(), ep.clone()))];
+    for i in 0..shared.peers.len() {
+        if shared.peers[i].dials {
+            tasks.push(tokio::spawn(dial_loop(shared.clone(), ep.clone(), i)));
+        }
+    }
+    tasks
+}
+
+async fn accept_loop(shared: Arc<Shared>, ep: quinn::Endpoint) {
+    while let Some(incoming) = ep.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match net::accept(incoming).await {
+                Ok((conn, fp)) => {
+                    let Some(i) = shared
+                        .peers
+                        .iter()
+                        .position(|p| p.cfg.fingerprints.contains(&fp))
+                    else {
+                        conn.close(close::UNKNOWN_PEER.into(), b"unknown peer");
+                        return;
+                    };
+                    session(shared, i, conn, false).await;
+                }
+                Err(e) => tracing::debug!(%remote, "incoming handshake failed: {e}"),
+            }
+        });
+    }
+}
+
+async fn dial_loop(shared: Arc<Shared>, ep: quinn::Endpoint, i: usize) {
+    let mut backoff = DIAL_BACKOFF_MIN;
+    loop {
+        let peer = &shared.peers[i];
+        match net::connect(&ep, peer.cfg.addr).await {
+            Ok((conn, fp)) if peer.cfg.fingerprints.contains(&fp) => {
+                if session(shared.clone(), i, conn, true).await {
+                    backoff = DIAL_BACKOFF_MIN;
+                }
+            }
+            Ok((conn, fp)) => {
+                conn.close(close::UNKNOWN_PEER.into(), b"not the peer dialled");
+                set_error(
+                    &shared,
+                    i,
+                    format!("{} answered with certificate {fp}", peer.cfg.addr),
+                );
+            }
+            Err(e) => set_error(&shared, i, format!("dialling {}: {e}", peer.cfg.addr)),
+        }
+        let jitter = Duration::from_millis(rand::random::<u64>() % 100);
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+    }
+}
+
+fn set_error(shared: &Shared, i: usize, e: String) {
+    let peer = &shared.peers[i];
+    let mut info = peer.info.lock().expect("link lock");
+    if info.last_error.as_deref() != Some(e.as_str()) {
+        tracing::info!(peer = %peer.cfg.name, "{e}");
+    }
+    info.last_error = Some(e);
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Protocol(String),
+    #[error("version: {0}")]
+    Version(String),
+    #[error("frame: {0}")]
+    Frame(#[from] crate::wire::FrameError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("timed out waiting for the peer's Hello")]
+    Timeout,
+    #[error("the node is shutting down")]
+    Shutdown,
+    #[error("peer said goodbye: {0}")]
+    Goodbye(String),
+}
+
+impl SessionError {
+    fn close_code(&self) -> u32 {
+        match self {
+            SessionError::Protocol(_) | SessionError::Frame(_) => close::PROTOCOL,
+            SessionError::Version(_) => close::VERSION,
+            SessionError::Shutdown => close::SHUTDOWN,
+            _ => close::PROTOCOL,
+        }
+    }
+}
+
+fn hello_for(shared: &Shared, peer: Option<NodeId>) -> Result<Hello, StoreError> {
+    let r = shared.store.read()?;
+    let resume = match peer {
+        Some(p) => {
+            let pp = r.peer(p)?;
+            (pp.recv_epoch != 0).then_some((pp.recv_epoch, pp.received))
+        }
+        None => None,
+    };
+    Ok(Hello {
+        protocol: PROTOCOL_VERSION,
+        node_id: shared.meta.node_id,
+        role: Role::Datacenter,
+        name: shared.meta.name.clone(),
+        log_epoch: shared.meta.log_epoch,
+        resume,
+        marks: r.marks()?.iter().map(|(o, m)| m.to_wire(*o)).collect(),
+    })
+}
+
+fn check_hello(shared: &Shared, h: &Hello) -> Result<(), SessionError> {
+    if h.protocol != PROTOCOL_VERSION {
+        return Err(SessionError::Version(format!(
+            "peer speaks protocol {}, this node speaks {PROTOCOL_VERSION}",
+            h.protocol
+        )));
+    }
+    if h.role != Role::Datacenter {
+        return Err(SessionError::Protocol(format!(
+            "peer is a {}, not a datacenter",
+            h.role
+        )));
+    }
+    if h.node_id == shared.meta.node_id {
+        return Err(SessionError::Protocol("peer has this node's own id".into()));
+    }
+    if h.log_epoch == 0 {
+        return Err(SessionError::Protocol("log epoch 0".into()));
+    }
+    Ok(())
+}
+
+/// Runs one connection to its end. Returns whether the Hello exchange succeeded.
+async fn session(shared: Arc<Shared>, i: usize, conn: quinn::Connection, dialled: bool) -> bool {
+    let peer = &shared.peers[i];
+    let max = shared.config.limits.frame_bytes_max;
+    let known = peer.info.lock().expect("link lock").node_id;
+    let handshake = async {
+        if dialled {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            write_frame(&mut send, &Message::Hello(hello_for(&shared, known)?)).await?;
+            let theirs = expect_hello(&mut recv, max).await?;
+            Ok::<_, SessionError>((send, recv, theirs))
+        } else {
+            let (mut send, mut recv) = conn.accept_bi().await?;
+            let theirs = expect_hello(&mut recv, max).await?;
+            check_hello(&shared, &theirs)?;
+            write_frame(
+                &mut send,
+                &Message::Hello(hello_for(&shared, Some(theirs.node_id))?),
+            )
+            .await?;
+            Ok((send, recv, theirs))
+        }
+    };
+    let (send, recv, theirs) = match tokio::time::timeout(HELLO_TIMEOUT, handshake).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            fail(&shared, i, &conn, &e);
+            return false;
+        }
+        Err(_) => {
+            fail(&shared, i, &conn, &SessionError::Timeout);
+            return false;
+        }
+    };
+    if let Err(e) = check_hello(&shared, &theirs) {
+        fail(&shared, i, &conn, &e);
+        return false;
+    }
+    let peer_id = theirs.node_id;
+    let me = shared.meta.node_id;
+    let preferred = if dialled { me < peer_id } else { peer_id < me };
+    let stored_acked = match shared.store.read().and_then(|r| r.peer(peer_id)) {
+        Ok(p) => p.acked,
+        Err(e) => {
+            fail(&shared, i, &conn, &e.into());
+            return false;
+        }
+    };
+    let tail = *shared.tail.borrow();
+    let start = resume_point(stored_acked, shared.meta.log_epoch, &theirs, tail);
+    let limits = LinkLimits {
+        in_flight_max: shared.config.limits.in_flight_max,
+        ..LinkLimits::default()
+    };
+    let outbound = Arc::new(Mutex::new(Outbound::new(limits, start, now_ms())));
+    let generation = {
+        let mut info = peer.info.lock().expect("link lock");
+        if let Some(old) = info.conn.as_ref().filter(|_| info.connected) {
+            if info.preferred && !preferred {
+                drop(info);
+                conn.close(close::DUPLICATE.into(), b"duplicate connection");
+                return true;
+            }
+            old.close(close::DUPLICATE.into(), b"duplicate connection");
+        }
+        info.generation += 1;
+        info.node_id = Some(peer_id);
+        info.connected = true;
+        info.preferred = preferred;
+        info.conn = Some(conn.clone());
+        info.outbound = Some(outbound.clone());
+        info.last_error = None;
+        info.generation
+    };
+    tracing::info!(peer = %peer.cfg.name, node_id = %peer_id, dialled, resume_from = start, "link up");
+    let result = run_link(&shared, peer_id, send, recv, outbound).await;
+    {
+        let mut info = peer.info.lock().expect("link lock");
+        if info.generation == generation {
+            info.connected = false;
+            info.conn = None;
+            info.outbound = None;
+        }
+    }
+    match result {
+        Ok(()) => conn.close(close::SHUTDOWN.into(), b"bye"),
+        Err(e) => fail(&shared, i, &conn, &e),
+    }
+    tracing::info!(peer = %peer.cfg.name, "link down");
+    true
+}
+
+fn fail(shared: &Shared, i: usize, conn: &quinn::Connection, e: &SessionError) {
+    let reason = e.to_string();
+    if matches!(e, SessionError::Protocol(_) | SessionError::Frame(_)) {
+        shared
+            .metrics
+            .frames_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared.note_error(format!("peer {}: {reason}", shared.peers[i].cfg.name));
+    }
+    conn.close(e.close_code().into(), reason.as_bytes());
+    set_error(shared, i, reason);
+}
+
+async fn expect_hello(recv: &mut quinn::RecvStream, max: usize) -> Result<Hello, SessionError> {
+    match read_frame(recv, max).await? {
+        Some(Message::Hello(h)) => Ok(h),
+        Some(Message::Goodbye(g)) => Err(SessionError::Goodbye(g.reason)),
+        Some(_) => Err(SessionError::Protocol("first frame is not a Hello".into())),
+        None => Err(SessionError::Protocol("stream closed before Hello".into())),
+    }
+}
+
+async fn run_link(
+    shared: &Arc<Shared>,
+    peer_id: NodeId,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    outbound: Arc<Mutex<Outbound>>,
+) -> Result<(), SessionError> {
+    let notify = Arc::new(Notify::new());
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Message>(CONTROL_MAX);
+    let (pending_tx, pending_rx) = mpsc::channel(PENDING_MAX);
+    let reader = read_loop(shared, peer_id, recv, &outbound, &notify, pending_tx);
+    let acker = ack_loop(pending_rx, ctl_tx);
+    let sender = send_loop(shared, peer_id, send, &outbound, &notify, ctl_rx);
+    tokio::select! {
+        r = reader => r,
+        r = acker => r,
+        r = sender => r,
+    }
+}
+
+type Pending = (u64, oneshot::Receiver<Result<Received, StoreError>>);
+
+async fn read_loop(
+    shared: &Arc<Shared>,
+    peer_id: NodeId,
+    mut recv: quinn::RecvStream,
+    outbound: &Mutex<Outbound>,
+    notify: &Notify,
+    pending: mpsc::Sender<Pending>,
+) -> Result<(), SessionError> {
+    let max = shared.config.limits.frame_bytes_max;
+    let epoch = shared.meta.log_epoch;
+    loop {
+        let Some(msg) = read_frame(&mut recv, max).await? else {
+            return Ok(());
+        };
+        match msg {
+            Message::Elements(frame) => {
+                let els = Core::check_elements(&frame)
+                    .map_err(|e| SessionError::Protocol(e.to_string()))?;
+                let (tx, rx) = oneshot::channel();
+                let frame_epoch = frame.epoch;
+                shared
+                    .writer
+                    .send(Cmd::Receive {
+                        from: peer_id,
+                        frame,
+                        els,
+                        reply: tx,
+                    })
+                    .await
+                    .map_err(|_| SessionError::Shutdown)?;
+                pending
+                    .send((frame_epoch, rx))
+                    .await
+                    .map_err(|_| SessionError::Shutdown)?;
+            }
+            Message::Ack { epoch: e, upto } => {
+                if e != epoch {
+                    continue;
+                }
+                let progressed = outbound
+                    .lock()
+                    .expect("outbound lock")
+                    .on_ack(upto, now_ms());
+                if progressed {
+                    notify.notify_one();
+                    // Persisting acks is an optimisation (the peer's Hello also says where it
+                    // is), so a full queue just skips this one.
+                    let _ = shared.writer.try_send(Cmd::Acked {
+                        from: peer_id,
+                        epoch,
+                        upto,
+                    });
+                }
+            }
+            Message::Goodbye(g) => return Err(SessionError::Goodbye(g.reason)),
+            Message::Hello(_) => return Err(SessionError::Protocol("a second Hello".into())),
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "unexpected {} frame",
+                    variant_name(&other)
+                )))
+            }
+        }
+    }
+}
+
+fn variant_name(m: &Message) -> &'static str {
+    match m {
+        Message::Hello(_) => "Hello",
+        Message::Elements(_) => "Elements",
+        Message::Ack { .. } => "Ack",
+        Message::CatchUpRequest(_) => "CatchUpRequest",
+        Message::CatchUpBatch(_) => "CatchUpBatch",
+        Message::Snapshot(_) => "Snapshot",
+        Message::Goodbye(_) => "Goodbye",
+    }
+}
+
+async fn ack_loop(
+    mut pending: mpsc::Receiver<Pending>,
+    ctl: mpsc::Sender<Message>,
+) -> Result<(), SessionError> {
+    while let Some((epoch, rx)) = pending.recv().await {
+        let got = rx.await.map_err(|_| SessionError::Shutdown)??;
+        ctl.send(Message::Ack {
+            epoch,
+            upto: got.ack,
+        })
+        .await
+        .map_err(|_| SessionError::Shutdown)?;
+    }
+    Ok(())
+}
+
+async fn send_loop(
+    shared: &Arc<Shared>,
+    peer_id: NodeId,
+    mut send: quinn::SendStream,
+    outbound: &Mutex<Outbound>,
+    notify: &Notify,
+    mut ctl: mpsc::Receiver<Message>,
+) -> Result<(), SessionError> {
+    let mut tail_rx = shared.tail.clone();
+    let frame_budget = shared.config.limits.frame_bytes_max * 3 / 4;
+    loop {
+        while let Ok(m) = ctl.try_recv() {
+            write_frame(&mut send, &m).await?;
+        }
+        let tail = *tail_rx.borrow_and_update();
+        let range = outbound.lock().expect("outbound lock").next_range(tail);
+        if let Some((after, upto)) = range {
+            let s = shared.clone();
+            let frame = tokio::task::spawn_blocking(move || {
+                build_elements(&s, peer_id, after, upto, frame_budget)
+            })
+            .await
+            .map_err(|_| SessionError::Shutdown)??;
+            let (sent_upto, n) = (frame.upto, frame.items.len() as u64);
+            write_frame(&mut send, &Message::Elements(frame)).await?;
+            outbound
+                .lock()
+                .expect("outbound lock")
+                .on_sent(sent_upto, now_ms());
+            shared
+                .metrics
+                .elements_sent
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
+        tokio::select! {
+            m = ctl.recv() => match m {
+                Some(m) => write_frame(&mut send, &m).await?,
+                None => return Ok(()),
+            },
+            r = tail_rx.changed() => if r.is_err() { return Err(SessionError::Shutdown) },
+            _ = notify.notified() => {}
+        }
+    }
+}
+
+/// Reads `(after, upto]` of the local log and keeps what goes to this peer: not its own
+/// records, and, with a fan-out bound, only relays this peer is chosen for. The frame ends
+/// early when it reaches `budget` bytes.
+fn build_elements(
+    shared: &Shared,
+    peer_id: NodeId,
+    after: u64,
+    upto: u64,
+    budget: usize,
+) -> Result<Elements, StoreError> {
+    let r = shared.store.read()?;
+    let records = r.log_range(after, (upto - after) as usize)?;
+    let me = shared.meta.node_id;
+    let fanout = shared.config.replication.fanout;
+    let mut items = Vec::with_capacity(records.len());
+    let mut bytes = 0usize;
+    // Records trimmed by retention are simply absent: the range still covers them.
+    let mut covered = upto;
+    for (lseq, rec) in records {
+        if bytes > budget {
+            covered = lseq - 1;
+            break;
+        }
+        if rec.origin == peer_id {
+            continue;
+        }
+        if fanout > 0
+            && rec.origin != me
+            && !chosen_for_relay(shared, &rec.msg_id.0, peer_id, fanout)
+        {
+            continue;
+        }
+        bytes += rec.element.len() + rec.account.len() + 96;
+        items.push((lseq, rec));
+    }
+    Ok(Elements {
+        epoch: shared.meta.log_epoch,
+        after,
+        upto: covered,
+        items,
+    })
+}
+
+/// With a fan-out of k, a relayed message goes to the k peers ranked first by
+/// blake3(message id, peer name): every node picks its own k, spread evenly.
+fn chosen_for_relay(shared: &Shared, msg: &[u8; 32], peer_id: NodeId, k: usize) -> bool {
+    let rank = |name: &str| {
+        let mut h = blake3::Hasher::new();
+        h.update(msg);
+        h.update(name.as_bytes());
+        *h.finalize().as_bytes()
+    };
+    let Some(target) = shared
+        .peers
+        .iter()
+        .find(|p| p.info.lock().expect("link lock").node_id == Some(peer_id))
+    else {
+        return true;
+    };
+    let mine = rank(&target.cfg.name);
+    shared
+        .peers
+        .iter()
+        .filter(|p| rank(&p.cfg.name) < mine)
+        .count()
+        < k
+}
+
+/// A Goodbye frame, for closing with words.
+pub fn goodbye(code: u32, reason: &str) -> Message {
+    Message::Goodbye(Goodbye {
+        code,
+        reason: reason.to_string(),
+    })
+}

@@ -1,0 +1,240 @@
+//! The one thread that owns redb write transactions. Work arrives over a bounded channel with a
+//! reply channel per request; whatever has queued is committed together (group commit), so many
+//! concurrent clients and peers share one fsync. Replies go out only after the commit is durable.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::ids::NodeId;
+use crate::model::Event;
+use crate::replication::{Core, IngestError, Ingested, LogRead, Received, StoreError, Tables};
+use crate::store::Store;
+use crate::wire::Elements;
+
+use super::Shared;
+
+pub enum Cmd {
+    Ingest {
+        events: Vec<Event>,
+        reply: oneshot::Sender<Result<Vec<Ingested>, IngestError>>,
+    },
+    Receive {
+        from: NodeId,
+        frame: Elements,
+        els: Vec<Value>,
+        reply: oneshot::Sender<Result<Received, StoreError>>,
+    },
+    Acked {
+        from: NodeId,
+        epoch: u64,
+        upto: u64,
+    },
+    Trim {
+        cutoff_ms: u64,
+        keep_max: u64,
+    },
+}
+
+impl Cmd {
+    fn weight(&self) -> usize {
+        match self {
+            Cmd::Ingest { events, .. } => events.len(),
+            Cmd::Receive { frame, .. } => frame.items.len().max(1),
+            Cmd::Acked { .. } | Cmd::Trim { .. } => 1,
+        }
+    }
+}
+
+enum Outcome {
+    Ingest(Result<Vec<Ingested>, IngestError>),
+    Receive(Result<Received, StoreError>),
+    None,
+}
+
+/// Runs until every sender of `rx` is gone and the queue is drained: in-flight commits finish.
+pub fn run(
+    shared: Arc<Shared>,
+    store: Arc<Store>,
+    mut core: Core,
+    mut rx: mpsc::Receiver<Cmd>,
+    tail_tx: watch::Sender<u64>,
+) {
+    let commit_max = shared.config.limits.commit_events_max;
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = vec![first];
+        let mut weight = group[0].weight();
+        while weight < commit_max {
+            match rx.try_recv() {
+                Ok(c) => {
+                    weight += c.weight();
+                    group.push(c);
+                }
+                Err(_) => break,
+            }
+        }
+        shared
+            .metrics
+            .writer_queue
+            .store(rx.len() as u64, Ordering::Relaxed);
+        commit_group(&shared, &store, &mut core, group, &tail_tx);
+    }
+}
+
+fn commit_group(
+    shared: &Shared,
+    store: &Store,
+    core: &mut Core,
+    mut group: Vec<Cmd>,
+    tail_tx: &watch::Sender<u64>,
+) {
+    loop {
+        let started = Instant::now();
+        let now_ms = super::now_ms();
+        match try_group(store, core, now_ms, &group) {
+            // A request refused for its own content is answered alone, and the group is
+            // redone without it, so nothing of that request is committed.
+            Err(GroupError::Refused(i, e)) => {
+                if let Cmd::Ingest { reply, .. } = group.remove(i) {
+                    let _ = reply.send(Err(IngestError::Event(e)));
+                }
+                if group.is_empty() {
+                    return;
+                }
+                if let Ok(txn) = store.begin() {
+                    if let Ok(t) = txn.tables() {
+                        let _ = core.reload(&t);
+                    }
+                }
+                continue;
+            }
+            Err(GroupError::Store(e)) => {
+                shared.note_error(format!("commit failed: {e}"));
+                shared
+                    .disk_full
+                    .store(matches!(e, StoreError::Full(_)), Ordering::Relaxed);
+                if let Ok(txn) = store.begin() {
+                    if let Ok(t) = txn.tables() {
+                        let _ = core.reload(&t);
+                    }
+                }
+                for cmd in group {
+                    match cmd {
+                        Cmd::Ingest { reply, .. } => {
+                            let _ = reply.send(Err(IngestError::Store(e.clone())));
+                        }
+                        Cmd::Receive { reply, .. } => {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                        Cmd::Acked { .. } | Cmd::Trim { .. } => {}
+                    }
+                }
+                return;
+            }
+            Ok((outcomes, tail)) => {
+                shared.disk_full.store(false, Ordering::Relaxed);
+                let m = &shared.metrics;
+                m.commit_latency.observe(started.elapsed());
+                m.commits.fetch_add(1, Ordering::Relaxed);
+                for (cmd, outcome) in group.into_iter().zip(outcomes) {
+                    match (cmd, outcome) {
+                        (Cmd::Ingest { reply, .. }, Outcome::Ingest(r)) => {
+                            if let Ok(v) = &r {
+                                m.events_ingested
+                                    .fetch_add(v.len() as u64, Ordering::Relaxed);
+                            }
+                            let _ = reply.send(r);
+                        }
+                        (Cmd::Receive { reply, .. }, Outcome::Receive(r)) => {
+                            if let Ok(got) = &r {
+                                m.elements_applied
+                                    .fetch_add(got.first as u64, Ordering::Relaxed);
+                                m.copies_counted
+                                    .fetch_add(got.counted as u64, Ordering::Relaxed);
+                                m.copies_duplicate
+                                    .fetch_add(got.duplicate as u64, Ordering::Relaxed);
+                            }
+                            let _ = reply.send(r);
+                        }
+                        _ => {}
+                    }
+                }
+                tail_tx.send_if_modified(|t| {
+                    let moved = *t != tail;
+                    *t = tail;
+                    moved
+                });
+                return;
+            }
+        }
+    }
+}
+
+enum GroupError {
+    Refused(usize, crate::model::EventError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for GroupError {
+    fn from(e: StoreError) -> Self {
+        GroupError::Store(e)
+    }
+}
+
+fn try_group(
+    store: &Store,
+    core: &mut Core,
+    now_ms: u64,
+    group: &[Cmd],
+) -> Result<(Vec<Outcome>, u64), GroupError> {
+    let txn = store.begin()?;
+    let mut outcomes = Vec::with_capacity(group.len());
+    let tail;
+    {
+        let mut t = txn.tables()?;
+        for (i, cmd) in group.iter().enumerate() {
+            let outcome = match cmd {
+                Cmd::Ingest { events, .. } => {
+                    let mut answers = Vec::with_capacity(events.len());
+                    for ev in events {
+                        match core.ingest(&mut t, now_ms, ev) {
+                            Ok(a) => answers.push(a),
+                            Err(IngestError::Event(e)) => return Err(GroupError::Refused(i, e)),
+                            Err(IngestError::Store(e)) => return Err(e.into()),
+                            Err(e @ IngestError::NotReady(_)) => {
+                                return Err(GroupError::Store(StoreError::Io(e.to_string())))
+                            }
+                        }
+                    }
+                    Outcome::Ingest(Ok(answers))
+                }
+                Cmd::Receive {
+                    from, frame, els, ..
+                } => Outcome::Receive(Ok(core.receive(&mut t, now_ms, *from, frame, els)?)),
+                Cmd::Acked { from, epoch, upto } => {
+                    core.acked(&mut t, *from, *epoch, *upto)?;
+                    Outcome::None
+                }
+                Cmd::Trim {
+                    cutoff_ms,
+                    keep_max,
+                } => {
+                    t.trim_log(*cutoff_ms, *keep_max, 10_000)?;
+                    Outcome::None
+                }
+            };
+            outcomes.push(outcome);
+        }
+        tail = Tables::log_tail(&t)?;
+    }
+    txn.commit()?;
+    Ok((outcomes, tail))
+}
+
+/// Convenience for LogRead users that need the tail of a read transaction.
+pub fn read_tail(store: &Store) -> Result<u64, StoreError> {
+    LogRead::log_tail(&store.read()?)
+}
