@@ -11,4 +11,5 @@ pub mod net;
 pub mod node;
 pub mod replication;
 pub mod store;
+pub mod testkit;
 pub mod wire;

@@ -378,8 +378,13 @@ pub fn check_element(etype: EventType, el: &Value) -> Result<(), ElementError> {
             .get("v")
             .and_then(Value::as_str)
             .ok_or_else(|| err("a member without a version"))?;
-        v.parse::<Version>()
+        // String order is version order only for the canonical form (lowercase hex).
+        let parsed = v
+            .parse::<Version>()
             .map_err(|_| err("a member with a malformed version"))?;
+        if parsed.to_string() != v {
+            return Err(err("a member with a non-canonical version"));
+        }
     }
     Ok(())
 }
@@ -576,6 +581,8 @@ mod tests {
         assert!(check_element(EventType::Call, &json!({"calls": 3})).is_err());
         assert!(check_element(EventType::Call, &json!({"calls": {"x": {}}})).is_err());
         assert!(check_element(EventType::Call, &json!({"calls": {"x": {"v": "nope"}}})).is_err());
+        let upper = "00000000000000000001.0000000000.0123456789ABCDEF0011223344556677";
+        assert!(check_element(EventType::Call, &json!({"calls": {"x": {"v": upper}}})).is_err());
         assert!(check_element(EventType::Element, &json!(3)).is_ok());
     }
 

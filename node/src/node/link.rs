@@ -13,12 +13,14 @@ use super::writer::Cmd;
 use super::{now_ms, Shared};
 use crate::config::PeerConfig;
 use crate::ids::{Fingerprint, NodeId};
+use crate::model::EventType;
 use crate::net::{self, close};
 use crate::replication::core::resume_point;
 use crate::replication::link::{LinkLimits, Outbound};
 use crate::replication::{Core, LogRead, Received, StoreError};
 use crate::wire::{
-    read_frame, write_frame, Elements, Goodbye, Hello, Message, Role, PROTOCOL_VERSION,
+    read_frame, write_frame, Elements, Goodbye, Hello, Message, Role, SnapshotChunk, SnapshotEnd,
+    SnapshotEntry, PROTOCOL_VERSION,
 };
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -388,6 +390,26 @@ async fn read_loop(
                     .await
                     .map_err(|_| SessionError::Shutdown)?;
             }
+            Message::Snapshot(chunk) => {
+                let els = Core::check_snapshot(&chunk)
+                    .map_err(|e| SessionError::Protocol(e.to_string()))?;
+                let (tx, rx) = oneshot::channel();
+                let chunk_epoch = chunk.epoch;
+                shared
+                    .writer
+                    .send(Cmd::Snapshot {
+                        from: peer_id,
+                        chunk,
+                        els,
+                        reply: tx,
+                    })
+                    .await
+                    .map_err(|_| SessionError::Shutdown)?;
+                pending
+                    .send((chunk_epoch, rx))
+                    .await
+                    .map_err(|_| SessionError::Shutdown)?;
+            }
             Message::Ack { epoch: e, upto } => {
                 if e != epoch {
                     continue;
@@ -465,21 +487,27 @@ async fn send_loop(
         let range = outbound.lock().expect("outbound lock").next_range(tail);
         if let Some((after, upto)) = range {
             let s = shared.clone();
-            let frame = tokio::task::spawn_blocking(move || {
+            let built = tokio::task::spawn_blocking(move || {
                 build_elements(&s, peer_id, after, upto, frame_budget)
             })
             .await
             .map_err(|_| SessionError::Shutdown)??;
-            let (sent_upto, n) = (frame.upto, frame.items.len() as u64);
-            write_frame(&mut send, &Message::Elements(frame)).await?;
+            let sent_upto = match built {
+                Built::Elements(frame) => {
+                    let (upto, n) = (frame.upto, frame.items.len() as u64);
+                    write_frame(&mut send, &Message::Elements(frame)).await?;
+                    shared
+                        .metrics
+                        .elements_sent
+                        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    upto
+                }
+                Built::Trimmed => send_snapshot(shared, peer_id, &mut send, frame_budget).await?,
+            };
             outbound
                 .lock()
                 .expect("outbound lock")
                 .on_sent(sent_upto, now_ms());
-            shared
-                .metrics
-                .elements_sent
-                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             continue;
         }
         tokio::select! {
@@ -493,6 +521,12 @@ async fn send_loop(
     }
 }
 
+enum Built {
+    Elements(Elements),
+    /// Records the peer needs were trimmed by retention: it needs a snapshot.
+    Trimmed,
+}
+
 /// Reads `(after, upto]` of the local log and keeps what goes to this peer: not its own
 /// records, and, with a fan-out bound, only relays this peer is chosen for. The frame ends
 /// early when it reaches `budget` bytes.
@@ -502,14 +536,18 @@ fn build_elements(
     after: u64,
     upto: u64,
     budget: usize,
-) -> Result<Elements, StoreError> {
+) -> Result<Built, StoreError> {
     let r = shared.store.read()?;
+    match r.log_first()? {
+        Some(first) if first > after + 1 => return Ok(Built::Trimmed),
+        None if r.log_tail()? > after => return Ok(Built::Trimmed),
+        _ => {}
+    }
     let records = r.log_range(after, (upto - after) as usize)?;
     let me = shared.meta.node_id;
     let fanout = shared.config.replication.fanout;
     let mut items = Vec::with_capacity(records.len());
     let mut bytes = 0usize;
-    // Records trimmed by retention are simply absent: the range still covers them.
     let mut covered = upto;
     for (lseq, rec) in records {
         if bytes > budget {
@@ -528,12 +566,91 @@ fn build_elements(
         bytes += rec.element.len() + rec.account.len() + 96;
         items.push((lseq, rec));
     }
-    Ok(Elements {
+    Ok(Built::Elements(Elements {
         epoch: shared.meta.log_epoch,
         after,
         upto: covered,
         items,
-    })
+    }))
+}
+
+/// Chunks of a snapshot in flight between the reading thread and the stream.
+const SNAPSHOT_CHUNKS_AHEAD: usize = 4;
+
+/// Streams our whole state table from one read transaction, then the marks it reflects and the
+/// log position it corresponds to. Returns that position: the peer continues from there.
+async fn send_snapshot(
+    shared: &Arc<Shared>,
+    peer_id: NodeId,
+    send: &mut quinn::SendStream,
+    budget: usize,
+) -> Result<u64, SessionError> {
+    let (tx, mut rx) = mpsc::channel::<Result<SnapshotChunk, StoreError>>(SNAPSHOT_CHUNKS_AHEAD);
+    let s = shared.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        let produce = || -> Result<(), StoreError> {
+            let r = s.store.read()?;
+            let epoch = s.meta.log_epoch;
+            let mut last: Option<(String, EventType)> = None;
+            loop {
+                let rows = r.entries_after(last.as_ref().map(|(a, t)| (a.as_str(), *t)), 4096)?;
+                let mut entries = Vec::new();
+                let mut bytes = 0;
+                let done = rows.len() < 4096;
+                for (account, etype, e) in rows {
+                    bytes += e.element.len() + account.len() + 96;
+                    last = Some((account.clone(), etype));
+                    entries.push(SnapshotEntry {
+                        account,
+                        etype,
+                        version: e.version,
+                        origin: e.origin,
+                        msg_id: e.msg_id,
+                        element: e.element,
+                    });
+                    if bytes > budget {
+                        break;
+                    }
+                }
+                let complete = done && last.as_ref().is_none_or(|_| bytes <= budget);
+                let end = if complete {
+                    Some(SnapshotEnd {
+                        marks: r.marks()?.iter().map(|(o, m)| m.to_wire(*o)).collect(),
+                        resume_after: r.log_tail()?,
+                    })
+                } else {
+                    None
+                };
+                let chunk = SnapshotChunk {
+                    epoch,
+                    entries,
+                    end,
+                };
+                let finished = chunk.end.is_some();
+                if tx.blocking_send(Ok(chunk)).is_err() || finished {
+                    return Ok(());
+                }
+            }
+        };
+        if let Err(e) = produce() {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    tracing::info!(peer = %peer_id, "peer is behind log retention: sending a snapshot");
+    let mut resume = None;
+    while let Some(chunk) = rx.recv().await {
+        let chunk = chunk?;
+        if let Some(end) = &chunk.end {
+            resume = Some(end.resume_after);
+        }
+        write_frame(send, &Message::Snapshot(chunk)).await?;
+    }
+    let _ = reader.await;
+    shared
+        .metrics
+        .snapshots_sent
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    resume.ok_or(SessionError::Shutdown)
 }
 
 /// With a fan-out of k, a relayed message goes to the k peers ranked first by

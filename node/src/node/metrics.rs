@@ -61,5 +61,6 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     pub writer_queue: AtomicU64,
     pub frames_refused: AtomicU64,
+    pub snapshots_sent: AtomicU64,
     pub api_refused: AtomicU64,
 }

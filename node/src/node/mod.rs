@@ -160,7 +160,12 @@ impl Running {
         if let Some(stop) = self.api_stop.take() {
             let _ = stop.send(());
         }
-        let _ = (&mut self.api_task).await;
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.api_task)
+            .await
+            .is_err()
+        {
+            self.api_task.abort();
+        }
         self.endpoint.close(
             quinn::VarInt::from_u32(crate::net::close::SHUTDOWN),
             b"node shutting down",
@@ -171,11 +176,8 @@ impl Running {
         for t in self.link_tasks.drain(..) {
             let _ = t.await;
         }
-        let writer_thread = self.writer_thread.take();
-        let shared = self.shared;
-        // The writer ends when the last sender is gone; Shared holds one.
-        drop(shared);
-        if let Some(w) = writer_thread {
+        let _ = self.shared.writer.send(writer::Cmd::Stop).await;
+        if let Some(w) = self.writer_thread.take() {
             let _ = tokio::task::spawn_blocking(move || w.join()).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -264,7 +266,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             }
         })
     };
-    let link_tasks = link::spawn_all(shared.clone(), endpoint.clone());
+    let mut link_tasks = link::spawn_all(shared.clone(), endpoint.clone());
+    link_tasks.push(tokio::spawn(retention(shared.clone())));
     shared.ready.store(true, Ordering::Relaxed);
     tracing::info!(
         role = %Role::Datacenter,
@@ -286,6 +289,26 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         writer_thread: Some(writer_thread),
         link_tasks,
     })
+}
+
+/// How often an idle node trims old log records (busy nodes trim with their commits).
+const TRIM_EVERY: Duration = Duration::from_secs(60);
+
+/// Trims the local log by age (`limits.log_retention`) and size (`limits.log_records_max`).
+/// A peer that falls behind what is kept needs a snapshot to catch up.
+async fn retention(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(TRIM_EVERY);
+    loop {
+        every.tick().await;
+        let retention_ms = shared.config.limits.log_retention.as_millis() as u64;
+        let cmd = writer::Cmd::Trim {
+            cutoff_ms: now_ms().saturating_sub(retention_ms),
+            keep_max: shared.config.limits.log_records_max,
+        };
+        if shared.writer.send(cmd).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// `outpost run`: runs until SIGTERM or SIGINT.

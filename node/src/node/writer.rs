@@ -13,7 +13,7 @@ use crate::ids::NodeId;
 use crate::model::Event;
 use crate::replication::{Core, IngestError, Ingested, LogRead, Received, StoreError, Tables};
 use crate::store::Store;
-use crate::wire::Elements;
+use crate::wire::{Elements, SnapshotChunk};
 
 use super::Shared;
 
@@ -28,6 +28,12 @@ pub enum Cmd {
         els: Vec<Value>,
         reply: oneshot::Sender<Result<Received, StoreError>>,
     },
+    Snapshot {
+        from: NodeId,
+        chunk: SnapshotChunk,
+        els: Vec<Value>,
+        reply: oneshot::Sender<Result<Received, StoreError>>,
+    },
     Acked {
         from: NodeId,
         epoch: u64,
@@ -37,6 +43,8 @@ pub enum Cmd {
         cutoff_ms: u64,
         keep_max: u64,
     },
+    /// Commit what is queued, then end the thread. Links may still hold senders.
+    Stop,
 }
 
 impl Cmd {
@@ -44,7 +52,8 @@ impl Cmd {
         match self {
             Cmd::Ingest { events, .. } => events.len(),
             Cmd::Receive { frame, .. } => frame.items.len().max(1),
-            Cmd::Acked { .. } | Cmd::Trim { .. } => 1,
+            Cmd::Snapshot { chunk, .. } => chunk.entries.len().max(1),
+            Cmd::Acked { .. } | Cmd::Trim { .. } | Cmd::Stop => 1,
         }
     }
 }
@@ -64,24 +73,45 @@ pub fn run(
     tail_tx: watch::Sender<u64>,
 ) {
     let commit_max = shared.config.limits.commit_events_max;
-    while let Some(first) = rx.blocking_recv() {
-        let mut group = vec![first];
-        let mut weight = group[0].weight();
-        while weight < commit_max {
-            match rx.try_recv() {
-                Ok(c) => {
-                    weight += c.weight();
-                    group.push(c);
-                }
-                Err(_) => break,
+    let mut stopping = false;
+    while !stopping {
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
+        let mut group = Vec::new();
+        let mut weight = 0;
+        let mut next = Some(first);
+        while let Some(c) = next.take() {
+            if matches!(c, Cmd::Stop) {
+                // Whatever queued before the stop is still committed below.
+                stopping = true;
+                rx.close();
+            } else {
+                weight += c.weight();
+                group.push(c);
+            }
+            if weight < commit_max {
+                next = rx.try_recv().ok();
             }
         }
         shared
             .metrics
             .writer_queue
             .store(rx.len() as u64, Ordering::Relaxed);
-        commit_group(&shared, &store, &mut core, group, &tail_tx);
+        // Retention rides along with every commit (a few reads when there is nothing to trim);
+        // idle nodes are trimmed by the periodic Trim command.
+        if !group.is_empty() {
+            let limits = &shared.config.limits;
+            group.push(Cmd::Trim {
+                cutoff_ms: super::now_ms().saturating_sub(limits.log_retention.as_millis() as u64),
+                keep_max: limits.log_records_max,
+            });
+        }
+        if !group.is_empty() {
+            commit_group(&shared, &store, &mut core, group, &tail_tx);
+        }
     }
+    tracing::debug!("writer stopped");
 }
 
 fn commit_group(
@@ -126,10 +156,10 @@ fn commit_group(
                         Cmd::Ingest { reply, .. } => {
                             let _ = reply.send(Err(IngestError::Store(e.clone())));
                         }
-                        Cmd::Receive { reply, .. } => {
+                        Cmd::Receive { reply, .. } | Cmd::Snapshot { reply, .. } => {
                             let _ = reply.send(Err(e.clone()));
                         }
-                        Cmd::Acked { .. } | Cmd::Trim { .. } => {}
+                        Cmd::Acked { .. } | Cmd::Trim { .. } | Cmd::Stop => {}
                     }
                 }
                 return;
@@ -148,7 +178,10 @@ fn commit_group(
                             }
                             let _ = reply.send(r);
                         }
-                        (Cmd::Receive { reply, .. }, Outcome::Receive(r)) => {
+                        (
+                            Cmd::Receive { reply, .. } | Cmd::Snapshot { reply, .. },
+                            Outcome::Receive(r),
+                        ) => {
                             if let Ok(got) = &r {
                                 m.elements_applied
                                     .fetch_add(got.first as u64, Ordering::Relaxed);
@@ -214,6 +247,9 @@ fn try_group(
                 Cmd::Receive {
                     from, frame, els, ..
                 } => Outcome::Receive(Ok(core.receive(&mut t, now_ms, *from, frame, els)?)),
+                Cmd::Snapshot {
+                    from, chunk, els, ..
+                } => Outcome::Receive(Ok(core.apply_snapshot(&mut t, now_ms, *from, chunk, els)?)),
                 Cmd::Acked { from, epoch, upto } => {
                     core.acked(&mut t, *from, *epoch, *upto)?;
                     Outcome::None
@@ -225,6 +261,7 @@ fn try_group(
                     t.trim_log(*cutoff_ms, *keep_max, 10_000)?;
                     Outcome::None
                 }
+                Cmd::Stop => Outcome::None,
             };
             outcomes.push(outcome);
         }

@@ -8,11 +8,11 @@
 
 use serde_json::Value;
 
-use super::tables::{Entry, MsgRecord, StoreError, Tables};
+use super::tables::{Entry, Mark, MsgRecord, StoreError, Tables};
 use crate::ids::{MsgId, NodeId};
 use crate::model::events::{self, ElementError, ELEMENT_BYTES_MAX};
 use crate::model::{to_canonical, ElementRecord, Event, EventError, EventType, Hlc, Version};
-use crate::wire::{Elements, Hello, Role, PROTOCOL_VERSION};
+use crate::wire::{Elements, Hello, Role, SnapshotChunk, PROTOCOL_VERSION};
 
 /// Why an event was not ingested.
 #[derive(Debug, thiserror::Error)]
@@ -188,25 +188,13 @@ impl Core {
             return Err(ApplyError::Invalid("origin sequence 0".into()));
         }
         events::validate_account(&rec.account).map_err(|e| ApplyError::Invalid(e.to_string()))?;
-        if rec.element.len() > ELEMENT_BYTES_MAX {
-            return Err(ApplyError::Invalid(format!(
-                "element of {} bytes, at most {ELEMENT_BYTES_MAX}",
-                rec.element.len()
-            )));
-        }
         if rec.msg_id != rec.expected_id() {
             return Err(ApplyError::Invalid(format!(
                 "message id {} does not match its contents",
                 rec.msg_id
             )));
         }
-        let el: Value = serde_json::from_slice(&rec.element)
-            .map_err(|e| ApplyError::Invalid(format!("element is not JSON: {e}")))?;
-        if to_canonical(&el) != rec.element {
-            return Err(ApplyError::Invalid("element is not canonical JSON".into()));
-        }
-        events::check_element(rec.etype, &el)?;
-        Ok(el)
+        check_element_bytes(rec.etype, &rec.element)
     }
 
     /// Applies one remote record that came from peer `from` and passed [`Core::check_record`].
@@ -233,28 +221,18 @@ impl Core {
             return Ok(Applied::Stale);
         }
         self.hlc.observe(now_ms, rec.version);
-        let current = t.entry(&rec.account, rec.etype)?;
-        let entry = match current {
-            None => Entry {
+        merge_entry(
+            t,
+            &rec.account,
+            rec.etype,
+            &Entry {
                 version: rec.version,
                 origin: rec.origin,
                 msg_id: rec.msg_id,
                 element: rec.element.clone(),
             },
-            Some(cur) => {
-                let cur_el = parse_stored(&cur.element)?;
-                let merged =
-                    events::merge(rec.etype, Some((&cur_el, cur.version)), el, rec.version);
-                let newer = rec.version > cur.version;
-                Entry {
-                    version: cur.version.max(rec.version),
-                    origin: if newer { rec.origin } else { cur.origin },
-                    msg_id: if newer { rec.msg_id } else { cur.msg_id },
-                    element: to_canonical(&merged),
-                }
-            }
-        };
-        t.put_entry(&rec.account, rec.etype, &entry)?;
+            el,
+        )?;
         let lseq = t.log_tail()? + 1;
         t.append_log(lseq, rec)?;
         let senders = if rec.origin == self.node_id {
@@ -342,6 +320,68 @@ impl Core {
         Ok(out)
     }
 
+    /// Checks a snapshot chunk from a peer before anything is stored.
+    pub fn check_snapshot(chunk: &SnapshotChunk) -> Result<Vec<Value>, ApplyError> {
+        chunk
+            .entries
+            .iter()
+            .map(|e| {
+                events::validate_account(&e.account)
+                    .map_err(|err| ApplyError::Invalid(err.to_string()))?;
+                check_element_bytes(e.etype, &e.element)
+            })
+            .collect()
+    }
+
+    /// Merges a snapshot chunk (the peer's state table, for a node behind the peer's log
+    /// retention). Entries merge like elements; they are not logged, so not relayed, and carry
+    /// no message records. The last chunk raises our marks to what the snapshot reflects and
+    /// moves our cursor into the peer's log to where its log continues.
+    pub fn apply_snapshot(
+        &mut self,
+        t: &mut impl Tables,
+        now_ms: u64,
+        from: NodeId,
+        chunk: &SnapshotChunk,
+        els: &[Value],
+    ) -> Result<Received, StoreError> {
+        let mut p = t.peer(from)?;
+        if p.recv_epoch != chunk.epoch {
+            p.recv_epoch = chunk.epoch;
+            p.received = 0;
+        }
+        for (e, el) in chunk.entries.iter().zip(els) {
+            self.hlc.observe(now_ms, e.version);
+            merge_entry(
+                t,
+                &e.account,
+                e.etype,
+                &Entry {
+                    version: e.version,
+                    origin: e.origin,
+                    msg_id: e.msg_id,
+                    element: e.element.clone(),
+                },
+                el,
+            )?;
+        }
+        if let Some(end) = &chunk.end {
+            for m in &end.marks {
+                let mut mine = t.mark(m.origin)?;
+                mine.join(&Mark::from_wire(m));
+                t.put_mark(m.origin, &mine)?;
+            }
+            p.received = p.received.max(end.resume_after);
+        }
+        t.put_peer(from, &p)?;
+        t.set_hlc(self.hlc.state())?;
+        Ok(Received {
+            ack: p.received,
+            first: chunk.entries.len() as u32,
+            ..Default::default()
+        })
+    }
+
     /// The peer has durably applied our log up to `upto`.
     pub fn acked(
         &mut self,
@@ -392,23 +432,84 @@ pub fn resume_point(stored_acked: u64, epoch: u64, hello: &Hello, tail: u64) -> 
     stored_acked.max(said).min(tail)
 }
 
+/// An element from the network: at most [`ELEMENT_BYTES_MAX`], canonical JSON, the shape of
+/// its type.
+fn check_element_bytes(etype: EventType, bytes: &[u8]) -> Result<Value, ApplyError> {
+    if bytes.len() > ELEMENT_BYTES_MAX {
+        return Err(ApplyError::Invalid(format!(
+            "element of {} bytes, at most {ELEMENT_BYTES_MAX}",
+            bytes.len()
+        )));
+    }
+    let el: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApplyError::Invalid(format!("element is not JSON: {e}")))?;
+    if to_canonical(&el) != bytes {
+        return Err(ApplyError::Invalid("element is not canonical JSON".into()));
+    }
+    events::check_element(etype, &el)?;
+    Ok(el)
+}
+
+/// Merges `inc` (whose parsed element is `el`) into the stored entry of (account, type). The
+/// entry's version, origin and message id follow the newest version merged.
+fn merge_entry(
+    t: &mut impl Tables,
+    account: &str,
+    etype: EventType,
+    inc: &Entry,
+    el: &Value,
+) -> Result<(), StoreError> {
+    let entry = match t.entry(account, etype)? {
+        None => inc.clone(),
+        Some(cur) => {
+            let cur_el = parse_stored(&cur.element)?;
+            let merged = events::merge(etype, Some((&cur_el, cur.version)), el, inc.version);
+            let newer = inc.version > cur.version;
+            Entry {
+                version: cur.version.max(inc.version),
+                origin: if newer { inc.origin } else { cur.origin },
+                msg_id: if newer { inc.msg_id } else { cur.msg_id },
+                element: to_canonical(&merged),
+            }
+        }
+    };
+    t.put_entry(account, etype, &entry)
+}
+
 fn parse_stored(bytes: &[u8]) -> Result<Value, StoreError> {
     serde_json::from_slice(bytes)
         .map_err(|e| StoreError::Corrupt(format!("stored element is not JSON: {e}")))
 }
 
-/// blake3 over the state table in key order: what every datacenter compares.
-pub fn digest<'a>(entries: impl Iterator<Item = (&'a str, EventType, &'a Entry)>) -> (String, u64) {
-    let mut h = blake3::Hasher::new();
-    let mut n = 0u64;
-    for (account, etype, e) in entries {
-        n += 1;
-        h.update(&(account.len() as u64).to_be_bytes());
-        h.update(account.as_bytes());
-        h.update(&[etype.code()]);
-        h.update(e.version.to_string().as_bytes());
-        h.update(&(e.element.len() as u64).to_be_bytes());
-        h.update(&e.element);
+/// blake3 over the state table in key order: what every datacenter compares. Fed one entry at
+/// a time, so a large table is never held in memory to hash it.
+#[derive(Default)]
+pub struct Digester {
+    h: blake3::Hasher,
+    n: u64,
+}
+
+impl Digester {
+    pub fn push(&mut self, account: &str, etype: EventType, e: &Entry) {
+        self.n += 1;
+        self.h.update(&(account.len() as u64).to_be_bytes());
+        self.h.update(account.as_bytes());
+        self.h.update(&[etype.code()]);
+        self.h.update(e.version.to_string().as_bytes());
+        self.h.update(&(e.element.len() as u64).to_be_bytes());
+        self.h.update(&e.element);
     }
-    (h.finalize().to_hex().to_string(), n)
+
+    /// The digest as 64 hex characters, and the number of entries.
+    pub fn finish(&self) -> (String, u64) {
+        (self.h.finalize().to_hex().to_string(), self.n)
+    }
+}
+
+pub fn digest<'a>(entries: impl Iterator<Item = (&'a str, EventType, &'a Entry)>) -> (String, u64) {
+    let mut d = Digester::default();
+    for (a, t, e) in entries {
+        d.push(a, t, e);
+    }
+    d.finish()
 }

@@ -11,7 +11,8 @@ use super::tables::{
 use super::{db_err, decode, Result};
 use crate::ids::{MsgId, NodeId};
 use crate::model::{ElementRecord, EventType};
-use crate::replication::{digest, Entry, LogRead, Mark, MsgRecord, PeerProgress, StoreError};
+use crate::replication::core::Digester;
+use crate::replication::{Entry, LogRead, Mark, MsgRecord, PeerProgress, StoreError};
 
 /// One row of the state table, with the message count of the message that last set it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,21 +83,45 @@ impl ReadTxn {
     }
 
     /// [`crate::replication::digest`] over the whole state table in key order, and the number
-    /// of entries.
+    /// of entries, streamed.
     pub fn digest(&self) -> Result<(String, u64)> {
-        // `digest` borrows every entry for the whole run, so the table is decoded first.
-        let mut rows: Vec<(String, EventType, Entry)> =
-            Vec::with_capacity(self.entry_count()?.try_into().unwrap_or(0));
+        let mut d = Digester::default();
         for row in self.state.iter().map_err(db_err)? {
             let (k, v) = row.map_err(db_err)?;
             let (account, code) = k.value();
-            rows.push((
+            let entry: Entry = decode("state entry", v.value())?;
+            d.push(account, type_of(code)?, &entry);
+        }
+        Ok(d.finish())
+    }
+
+    /// Up to `max` state entries after `after` (exclusive) in key order: snapshot chunks.
+    pub fn entries_after(
+        &self,
+        after: Option<(&str, EventType)>,
+        max: usize,
+    ) -> Result<Vec<(String, EventType, Entry)>> {
+        let mut out = Vec::with_capacity(max.min(4096));
+        let iter = match after {
+            Some((a, t)) => self
+                .state
+                .range::<(&str, u8)>((
+                    std::ops::Bound::Excluded((a, t.code())),
+                    std::ops::Bound::Unbounded,
+                ))
+                .map_err(db_err)?,
+            None => self.state.iter().map_err(db_err)?,
+        };
+        for row in iter.take(max) {
+            let (k, v) = row.map_err(db_err)?;
+            let (account, code) = k.value();
+            out.push((
                 account.to_string(),
                 type_of(code)?,
                 decode("state entry", v.value())?,
             ));
         }
-        Ok(digest(rows.iter().map(|(a, t, e)| (a.as_str(), *t, e))))
+        Ok(out)
     }
 
     pub fn peers(&self) -> Result<Vec<(NodeId, PeerProgress)>> {

@@ -325,7 +325,13 @@ mod tests {
 
     #[test]
     fn mode_encoding_round_trips() {
-        for m in [Mode::Pass, Mode::Drop, Mode::Lossy(0), Mode::Lossy(250), Mode::Lossy(999)] {
+        for m in [
+            Mode::Pass,
+            Mode::Drop,
+            Mode::Lossy(0),
+            Mode::Lossy(250),
+            Mode::Lossy(999),
+        ] {
             assert_eq!(Mode::decode(m.encode()), m);
         }
     }
@@ -364,11 +370,20 @@ mod tests {
         let before = proxy.stats();
         for i in 0..20u32 {
             let msg = format!("lossy-{i}");
-            round_trip(&client, proxy.addr(), msg.as_bytes(), Duration::from_millis(20)).await;
+            round_trip(
+                &client,
+                proxy.addr(),
+                msg.as_bytes(),
+                Duration::from_millis(20),
+            )
+            .await;
         }
         let after = proxy.stats();
         assert!(after.dropped > before.dropped, "{before:?} -> {after:?}");
-        assert!(after.forwarded > before.forwarded, "{before:?} -> {after:?}");
+        assert!(
+            after.forwarded > before.forwarded,
+            "{before:?} -> {after:?}"
+        );
         drop(proxy);
         echo.abort();
     }
