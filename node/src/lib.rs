@@ -9,6 +9,7 @@ pub mod ids;
 pub mod model;
 pub mod net;
 pub mod node;
+pub mod ops;
 pub mod replication;
 pub mod store;
 pub mod testkit;

@@ -95,7 +95,7 @@ fn expected_full(origin: usize, at: usize) -> BTreeSet<&'static str> {
 /// Returns the problems found (empty: all as expected).
 async fn count_problems(cluster: &Cluster, sent: &[Sent], expect: Expect) -> Vec<String> {
     let mut problems = Vec::new();
-    for at in 0..3 {
+    for (at, at_name) in NAMES.iter().enumerate() {
         let api = cluster.api(at);
         for s in sent {
             let want = expect(s.origin, at);
@@ -106,7 +106,7 @@ async fn count_problems(cluster: &Cluster, sent: &[Sent], expect: Expect) -> Vec
                         problems.push(format!(
                             "{} at {}: origin {} (expected {})",
                             s.id,
-                            NAMES[at],
+                            at_name,
                             m.origin,
                             cluster.node(s.origin).node_id
                         ));
@@ -115,7 +115,7 @@ async fn count_problems(cluster: &Cluster, sent: &[Sent], expect: Expect) -> Vec
                         problems.push(format!(
                             "message from {} at {}: count {} from {:?}, expected {} from {:?} ({})",
                             NAMES[s.origin],
-                            NAMES[at],
+                            at_name,
                             m.message_count,
                             got,
                             want.len(),
@@ -126,9 +126,9 @@ async fn count_problems(cluster: &Cluster, sent: &[Sent], expect: Expect) -> Vec
                 }
                 Ok(None) => problems.push(format!(
                     "message from {} unknown at {} ({})",
-                    NAMES[s.origin], NAMES[at], s.id
+                    NAMES[s.origin], at_name, s.id
                 )),
-                Err(e) => problems.push(format!("GET message at {}: {e}", NAMES[at])),
+                Err(e) => problems.push(format!("GET message at {}: {e}", at_name)),
             }
         }
     }

@@ -299,7 +299,7 @@ async fn acknowledged_events_survive_kill9_and_converge() {
 
     // Every acknowledged message at every node, counted exactly.
     let mut lookups = tokio::task::JoinSet::new();
-    for at in 0..NAMES.len() {
+    for (at, &at_name) in NAMES.iter().enumerate() {
         let api = cluster.api(at);
         let acked = acked.clone();
         let node_ids: Vec<String> = (0..NAMES.len())
@@ -314,19 +314,19 @@ async fn acknowledged_events_survive_kill9_and_converge() {
                     Ok(None) => {
                         problems.push(format!(
                             "acknowledged by {} but unknown at {}: {}",
-                            NAMES[a.origin], NAMES[at], a.id
+                            NAMES[a.origin], at_name, a.id
                         ));
                         continue;
                     }
                     Err(e) => {
-                        problems.push(format!("GET {} at {}: {e}", a.id, NAMES[at]));
+                        problems.push(format!("GET {} at {}: {e}", a.id, at_name));
                         continue;
                     }
                 };
                 if m.origin != node_ids[a.origin] {
                     problems.push(format!(
                         "{} at {}: origin {} expected {}",
-                        a.id, NAMES[at], m.origin, node_ids[a.origin]
+                        a.id, at_name, m.origin, node_ids[a.origin]
                     ));
                 }
                 let want: BTreeSet<&str> = if a.origin == at {
@@ -342,7 +342,7 @@ async fn acknowledged_events_survive_kill9_and_converge() {
                     problems.push(format!(
                         "from {} at {}: count {} from {got:?}, expected {} from {want:?} ({})",
                         NAMES[a.origin],
-                        NAMES[at],
+                        at_name,
                         m.message_count,
                         want.len(),
                         a.id
@@ -373,7 +373,7 @@ async fn acknowledged_events_survive_kill9_and_converge() {
     );
 
     // Origin sequences: never issued twice, and the victim went on after what it had committed.
-    for origin in 0..NAMES.len() {
+    for (origin, origin_name) in NAMES.iter().enumerate() {
         let mut all: Vec<u64> = [None, Some(false), Some(true)]
             .iter()
             .flat_map(|r| oseqs.get(&(origin, *r)).cloned().unwrap_or_default())
@@ -385,7 +385,7 @@ async fn acknowledged_events_survive_kill9_and_converge() {
             all.len(),
             n,
             "{}: an origin sequence issued twice",
-            NAMES[origin]
+            origin_name
         );
     }
     let before = oseqs

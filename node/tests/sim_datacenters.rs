@@ -10,11 +10,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use outpost::ids::{MsgId, NodeId};
 use outpost::model::{Event, RawEvent};
-use outpost::replication::core::resume_point;
+use outpost::replication::core::{goes_to, resume_point};
 use outpost::replication::link::{LinkLimits, Outbound};
 use outpost::replication::mem::MemStore;
 use outpost::replication::{digest, Core, LogRead, Tables};
-use outpost::wire::{Elements, Message};
+use outpost::wire::{CatchUpRequest, Elements, Message};
 use serde_json::json;
 
 /// splitmix64: small, fast, and the same on every platform.
@@ -42,12 +42,23 @@ struct SimNode {
     /// Volatile: lost on crash.
     core: Option<Core>,
     links: BTreeMap<NodeId, Outbound>,
+    /// Each peer's log epoch, from its last Hello.
+    peer_epochs: BTreeMap<NodeId, u64>,
+    /// Peers whose Hello has not reached us since we started (we keep saying Hello to them).
+    hello_pending: BTreeSet<NodeId>,
+    /// An earlier copy of the store, taken while running, to restore from.
+    backup: Option<MemStore>,
+    /// Restored and not yet caught up with its own log: per peer, the catch-up request in
+    /// progress (None once that peer said it has no more). Durable, like the store's flag.
+    restoring: Option<BTreeMap<NodeId, Option<CatchUpRequest>>>,
 }
 
 struct Packet {
     from: NodeId,
     to: NodeId,
     msg: Message,
+    /// A Hello that asks for the receiver's Hello back.
+    want_reply: bool,
 }
 
 struct Faults {
@@ -56,6 +67,8 @@ struct Faults {
     delay_max_ms: u64,
     crash: u64,
     partition: u64,
+    backup: u64,
+    restore: u64,
 }
 
 struct Sim {
@@ -69,6 +82,9 @@ struct Sim {
     /// Every acknowledged event: message id -> origin.
     acked: BTreeMap<MsgId, NodeId>,
     faults: Faults,
+    restores: u64,
+    /// Acknowledged events that a restore may have lost.
+    maybe_lost: BTreeSet<MsgId>,
 }
 
 const T0_MS: u64 = 1_700_000_000_000;
@@ -86,6 +102,10 @@ impl Sim {
                     store,
                     core: None,
                     links: BTreeMap::new(),
+                    peer_epochs: BTreeMap::new(),
+                    hello_pending: BTreeSet::new(),
+                    backup: None,
+                    restoring: None,
                 }
             })
             .collect();
@@ -95,6 +115,9 @@ impl Sim {
             delay_max_ms: 1 + rng.below(40),
             crash: rng.below(8),
             partition: rng.below(10),
+            // A third of the seeds back up and restore nodes.
+            backup: if seed % 3 == 0 { 2 + rng.below(6) } else { 0 },
+            restore: if seed % 3 == 0 { 1 + rng.below(3) } else { 0 },
         };
         let limits = LinkLimits {
             batch_max: 1 + rng.below(16) as usize,
@@ -111,6 +134,8 @@ impl Sim {
             limits,
             acked: BTreeMap::new(),
             faults,
+            restores: 0,
+            maybe_lost: BTreeSet::new(),
         };
         for i in 0..n {
             sim.start(i);
@@ -132,34 +157,123 @@ impl Sim {
     /// Boot (or reboot) node i from what its storage holds, and say Hello to every peer.
     fn start(&mut self, i: usize) {
         let ids = self.ids();
-        let now = self.now_ms;
-        let limits = self.limits;
         let node = &mut self.nodes[i];
         let core = Core::open(node.id, "dc", &node.store).unwrap();
+        // Links start when the peer's Hello arrives, as a QUIC session does.
         node.links.clear();
-        for &p in ids.iter().filter(|&&p| p != node.id) {
-            let acked = node.store.peer(p).unwrap().acked;
-            node.links.insert(p, Outbound::new(limits, acked, now));
-        }
-        let hellos: Vec<(NodeId, Message)> = ids
+        node.core = Some(core);
+        node.hello_pending = ids.iter().copied().filter(|&p| p != node.id).collect();
+        self.say_hello(i);
+    }
+
+    /// Hello to every peer we have not heard from since starting. Over QUIC a connection begins
+    /// with this exchange; here it is repeated until answered, since packets get lost.
+    fn say_hello(&mut self, i: usize) {
+        let node = &self.nodes[i];
+        let Some(core) = node.core.as_ref() else {
+            return;
+        };
+        let hellos: Vec<(NodeId, Message)> = node
+            .hello_pending
             .iter()
-            .filter(|&&p| p != node.id)
             .map(|&p| (p, Message::Hello(core.hello(&node.store, Some(p)).unwrap())))
             .collect();
-        node.core = Some(core);
         let from = node.id;
         for (to, msg) in hellos {
-            self.send(from, to, msg);
+            self.send_packet(from, to, msg, true);
         }
+    }
+
+    /// Keeps asking every peer for our own log while restoring.
+    fn ask_own_log(&mut self, i: usize) {
+        let node = &self.nodes[i];
+        if node.core.is_none() {
+            return;
+        }
+        let asks: Vec<(NodeId, CatchUpRequest)> = node
+            .restoring
+            .iter()
+            .flatten()
+            .filter_map(|(p, r)| r.clone().map(|r| (*p, r)))
+            .collect();
+        let from = node.id;
+        for (to, req) in asks {
+            self.send(from, to, Message::CatchUpRequest(req));
+        }
+    }
+
+    /// Takes a backup of node i, as `outpost backup` would: a consistent copy of its store.
+    fn backup(&mut self, i: usize) {
+        if self.nodes[i].core.is_some() && self.nodes[i].restoring.is_none() {
+            self.nodes[i].backup = Some(self.nodes[i].store.clone());
+        }
+    }
+
+    /// Replaces node i's store with its backup (a new log epoch, marked restored) and boots it.
+    fn restore(&mut self, i: usize) {
+        let Some(mut b) = self.nodes[i].backup.clone() else {
+            return;
+        };
+        b.epoch = self.rng.next() | 1;
+        // Events that only this node held (acknowledged here after the backup and never sent,
+        // or whose other holders were themselves restored) are lost by the restore itself: the
+        // operator went back in time. Everything else must survive it.
+        let me = self.nodes[i].id;
+        let lost: Vec<MsgId> = self
+            .acked
+            .iter()
+            .filter(|(id, _)| {
+                !b.messages.contains_key(*id)
+                    && self
+                        .nodes
+                        .iter()
+                        .all(|n| n.id == me || !n.store.messages.contains_key(*id))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            self.acked.remove(&id);
+            // It may come back: another node's backup can still hold it.
+            self.maybe_lost.insert(id);
+        }
+        // A restore happens on a stopped node: what its old process had in flight is gone by
+        // the time the restored one starts (a dead QUIC connection delivers nothing later).
+        self.net.retain(|_, p| p.from != me);
+        let ids = self.ids();
+        let node = &mut self.nodes[i];
+        let me = node.id;
+        node.store = b;
+        node.restoring = Some(
+            ids.into_iter()
+                .filter(|&p| p != me)
+                .map(|p| (p, None))
+                .collect(),
+        );
+        // Until a peer's Hello says what it holds of our log, that peer is not done.
+        for v in node.restoring.as_mut().unwrap().values_mut() {
+            *v = Some(CatchUpRequest {
+                origin: me,
+                after_oseq: u64::MAX,
+                max: 0,
+            });
+        }
+        self.restores += 1;
+        self.crash(i);
+        self.start(i);
     }
 
     fn crash(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         node.core = None;
         node.links.clear();
+        node.peer_epochs.clear();
     }
 
     fn send(&mut self, from: NodeId, to: NodeId, msg: Message) {
+        self.send_packet(from, to, msg, false);
+    }
+
+    fn send_packet(&mut self, from: NodeId, to: NodeId, msg: Message, want_reply: bool) {
         if self.rng.chance(self.faults.loss) {
             return;
         }
@@ -177,6 +291,7 @@ impl Sim {
                     from,
                     to,
                     msg: msg.clone(),
+                    want_reply,
                 },
             );
         }
@@ -213,6 +328,9 @@ impl Sim {
         let Some(core) = node.core.as_mut() else {
             return; // down: the client's request fails, nothing is acknowledged
         };
+        if node.restoring.is_some() {
+            return; // restored, own log not recovered yet: ingest answers 503
+        }
         let got = core.ingest(&mut node.store, now, &ev).unwrap();
         // Commit is instant in the model, so this is the acknowledgement.
         self.acked.insert(got.msg_id, node.id);
@@ -235,7 +353,10 @@ impl Sim {
                         .log_range(after, (upto - after) as usize)
                         .unwrap()
                         .into_iter()
-                        .filter(|(_, r)| r.origin != peer)
+                        .filter(|(_, r)| {
+                            let senders = node.store.messages.get(&r.msg_id);
+                            goes_to(peer, r, senders.map(|m| m.senders.as_slice()))
+                        })
                         .collect();
                     out.push((
                         node.id,
@@ -270,11 +391,60 @@ impl Sim {
             Message::Hello(h) => {
                 let tail = Tables::log_tail(&node.store).unwrap();
                 let epoch = Tables::log_epoch(&node.store).unwrap();
-                let stored = node.store.peer(p.from).unwrap().acked;
-                let from = resume_point(stored, epoch, &h, tail);
+                let stored = node.store.peer(p.from).unwrap();
+                let from = resume_point(&stored, epoch, &h, tail);
                 node.links
                     .insert(p.from, Outbound::new(self.limits, from, now));
-                None
+                node.hello_pending.remove(&p.from);
+                node.peer_epochs.insert(p.from, h.log_epoch);
+                let mut out = Vec::new();
+                if let Some(pending) = node.restoring.as_mut() {
+                    let own = node.store.mark(node.id).unwrap();
+                    let ask = core.own_log_request(&own, &h);
+                    if pending
+                        .get(&p.from)
+                        .is_some_and(|r| r.as_ref().is_some_and(|r| r.max == 0))
+                    {
+                        pending.insert(p.from, ask.clone());
+                    }
+                    if let Some(req) = ask {
+                        out.push(Message::CatchUpRequest(req));
+                    }
+                    if pending.values().all(Option::is_none) {
+                        node.restoring = None;
+                    }
+                }
+                if p.want_reply {
+                    out.push(Message::Hello(
+                        core.hello(&node.store, Some(p.from)).unwrap(),
+                    ));
+                }
+                let me = node.id;
+                for m in out {
+                    self.send(me, p.from, m);
+                }
+                return;
+            }
+            Message::CatchUpRequest(req) => Some(Message::CatchUpBatch(
+                Core::answer_catch_up(&node.store, &req).unwrap(),
+            )),
+            Message::CatchUpBatch(batch) => {
+                let els = Core::check_catch_up(&batch).expect("honest peers send valid batches");
+                let next = core
+                    .apply_catch_up(&mut node.store, now, p.from, &batch, &els)
+                    .unwrap();
+                if let Some(pending) = node.restoring.as_mut() {
+                    if pending
+                        .get(&p.from)
+                        .is_some_and(|r| r.as_ref().is_some_and(|r| r.max != 0))
+                    {
+                        pending.insert(p.from, next.clone());
+                    }
+                    if pending.values().all(Option::is_none) {
+                        node.restoring = None;
+                    }
+                }
+                next.map(Message::CatchUpRequest)
             }
             Message::Elements(frame) => {
                 let els = Core::check_elements(&frame).expect("honest peers send valid frames");
@@ -287,7 +457,9 @@ impl Sim {
                 })
             }
             Message::Ack { epoch, upto } => {
-                core.acked(&mut node.store, p.from, epoch, upto).unwrap();
+                let peer_epoch = node.peer_epochs.get(&p.from).copied().unwrap_or(0);
+                core.acked(&mut node.store, p.from, epoch, upto, peer_epoch)
+                    .unwrap();
                 if epoch == Tables::log_epoch(&node.store).unwrap() {
                     if let Some(l) = node.links.get_mut(&p.from) {
                         l.on_ack(upto, now);
@@ -318,6 +490,14 @@ impl Sim {
                     self.start(i);
                 }
             }
+            if self.rng.chance(self.faults.backup) {
+                let i = self.rng.below(n) as usize;
+                self.backup(i);
+            }
+            if self.rng.chance(self.faults.restore) {
+                let i = self.rng.below(n) as usize;
+                self.restore(i);
+            }
             if self.rng.chance(self.faults.partition) {
                 let a = self.nodes[self.rng.below(n) as usize].id;
                 let b = self.nodes[self.rng.below(n) as usize].id;
@@ -327,6 +507,12 @@ impl Sim {
                         self.cut.insert(key);
                     }
                 }
+            }
+        }
+        if self.now_ms % 100 < 5 {
+            for i in 0..self.nodes.len() {
+                self.say_hello(i);
+                self.ask_own_log(i);
             }
         }
         self.pump_senders();
@@ -343,9 +529,13 @@ impl Sim {
 
     fn quiescent(&self) -> bool {
         self.net.is_empty()
+            && self
+                .nodes
+                .iter()
+                .all(|n| n.restoring.is_none() && n.hello_pending.is_empty())
             && self.nodes.iter().all(|n| {
                 let tail = LogRead::log_tail(&n.store).unwrap();
-                n.links.values().all(|l| l.acked() == tail)
+                n.links.len() == self.nodes.len() - 1 && n.links.values().all(|l| l.acked() == tail)
             })
     }
 
@@ -366,13 +556,55 @@ impl Sim {
         let digests: Vec<(String, u64)> =
             self.nodes.iter().map(|x| digest(x.store.state())).collect();
         if digests.iter().any(|d| *d != digests[0]) {
-            return Err(format!("digests differ: {digests:?}"));
+            let mut diff = String::new();
+            for (k, e) in &self.nodes[0].store.entries {
+                for n in &self.nodes[1..] {
+                    if n.store.entries.get(k) != Some(e) {
+                        diff += &format!(
+                            "\n  {k:?}: {:?} {:?} {} | {:?} {:?} {}",
+                            self.nodes[0].id,
+                            e.version,
+                            String::from_utf8_lossy(&e.element),
+                            n.id,
+                            n.store.entries.get(k).map(|x| x.version),
+                            n.store
+                                .entries
+                                .get(k)
+                                .map(|x| String::from_utf8_lossy(&x.element).into_owned())
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            return Err(format!("digests differ: {digests:?}{diff}"));
         }
         for node in &self.nodes {
             // Invariant 1: every acknowledged event is everywhere.
             for (id, origin) in &self.acked {
                 let Some(m) = node.store.messages.get(id) else {
-                    return Err(format!("{:?} lacks acknowledged {id:?}", node.id));
+                    let holders: Vec<_> = self
+                        .nodes
+                        .iter()
+                        .filter(|n| n.store.messages.contains_key(id))
+                        .map(|n| n.id)
+                        .collect();
+                    let oseqs: Vec<_> = self
+                        .nodes
+                        .iter()
+                        .map(|n| {
+                            (
+                                n.id,
+                                n.store
+                                    .marks
+                                    .get(origin)
+                                    .map(|m| (m.contiguous, m.above.len())),
+                            )
+                        })
+                        .collect();
+                    return Err(format!(
+                        "{:?} lacks acknowledged {id:?} from {origin:?}; held by {holders:?}; marks of origin {oseqs:?}",
+                        node.id
+                    ));
                 };
                 // Invariant 4: counted once per distinct sender; n-1 away from the origin.
                 let distinct: BTreeSet<_> = m.senders.iter().collect();
@@ -400,12 +632,13 @@ impl Sim {
                     return Err(format!("{:?} holds an altered element", node.id));
                 }
             }
-            if seen.len() != self.acked.len() {
+            if let Some(extra) = seen
+                .iter()
+                .find(|id| !self.acked.contains_key(id) && !self.maybe_lost.contains(id))
+            {
                 return Err(format!(
-                    "{:?} logged {} messages, {} acknowledged",
-                    node.id,
-                    seen.len(),
-                    self.acked.len()
+                    "{:?} logged {extra:?}, never acknowledged",
+                    node.id
                 ));
             }
         }
@@ -413,7 +646,7 @@ impl Sim {
     }
 }
 
-fn run_seed(seed: u64) -> Result<(u64, usize), String> {
+fn run_seed(seed: u64) -> Result<(u64, u64), String> {
     let mut sim = Sim::new(seed);
     let steps = 1500 + sim.rng.below(1500);
     for _ in 0..steps {
@@ -425,11 +658,29 @@ fn run_seed(seed: u64) -> Result<(u64, usize), String> {
         sim.step(false, false);
         drain += 1;
         if drain > 200_000 {
-            return Err("did not converge after healing".into());
+            let mut why = String::new();
+            for n in &sim.nodes {
+                let tail = LogRead::log_tail(&n.store).unwrap();
+                why += &format!(
+                    "\n  {:?}: up {} tail {tail} restoring {:?} hello_pending {:?} links {:?}",
+                    n.id,
+                    n.core.is_some(),
+                    n.restoring,
+                    n.hello_pending,
+                    n.links
+                        .iter()
+                        .map(|(p, l)| (*p, l.acked(), l.sent()))
+                        .collect::<Vec<_>>()
+                );
+            }
+            return Err(format!(
+                "did not converge after healing; in flight {}{why}",
+                sim.net.len()
+            ));
         }
     }
     sim.check()?;
-    Ok((sim.acked.len() as u64, sim.nodes.len()))
+    Ok((sim.acked.len() as u64, sim.restores))
 }
 
 #[test]
@@ -445,9 +696,13 @@ fn simulated_datacenters_keep_invariants_1_to_4() {
         }
     };
     let mut events = 0;
+    let mut restores = 0;
     for &seed in &seeds {
         match run_seed(seed) {
-            Ok((e, _)) => events += e,
+            Ok((e, r)) => {
+                events += e;
+                restores += r;
+            }
             Err(why) => panic!(
                 "seed {seed} failed: {why}\nreplay: OUTPOST_SIM_SEED={seed} cargo test -p outpost --test sim_datacenters"
             ),
@@ -457,7 +712,10 @@ fn simulated_datacenters_keep_invariants_1_to_4() {
         events > seeds.len() as u64,
         "the simulation ingested almost nothing"
     );
-    eprintln!("{} seeds, {events} acknowledged events", seeds.len());
+    eprintln!(
+        "{} seeds, {events} acknowledged events, {restores} restores",
+        seeds.len()
+    );
 }
 
 /// The simulation must be able to fail: a node that applies without counting breaks it.

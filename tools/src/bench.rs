@@ -269,8 +269,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let machine = procstat::machine();
     let mount = procstat::mount_of(&base);
+    // How busy the machine is before anything starts (other engineers' builds and tests).
+    let busy0 = procstat::machine_busy_secs();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_check = procstat::machine_busy_secs() - busy0;
     let header = header_text(&machine, &ctx, &base, &base_note, mount.as_ref());
     println!("{header}");
+    println!(
+        "busy:     {idle_check:.2} cores in use on the machine in the second before the first run (others' work)"
+    );
 
     let mut runs = Vec::new();
     for def in RUNS {
@@ -319,6 +326,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "device": mount.as_ref().map(|m| m.2.clone()),
                 "note": base_note,
             },
+            "busy_cores_before_start": idle_check,
             "seconds_per_run": secs,
             "warmup_seconds": ctx.warmup.as_secs_f64(),
             "note": "the load generator shares the machine's cores with the nodes; bench_cpu_cores is its share",

@@ -2,7 +2,10 @@
 //! `/metrics`. Every request but `/metrics` needs the bearer token. Bodies are parsed here, not
 //! by axum's extractors, so that every refusal is a JSON `{"error"}` naming the field.
 
+mod backup;
 mod metrics;
+
+pub use backup::HASH_HEADER as BACKUP_HASH_HEADER;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -71,6 +74,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/digest", get(get_digest))
         .route("/v1/status", get(get_status))
         .route("/v1/messages/{id}", get(get_message))
+        .route("/v1/backup", get(backup::get_backup))
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()
         .merge(authed)
@@ -150,7 +154,7 @@ async fn post_event(State(s): State<Arc<Shared>>, body: Bytes) -> ApiResult<Json
 
 async fn post_batch(State(s): State<Arc<Shared>>, body: Bytes) -> ApiResult<Json<Value>> {
     let raws: Vec<RawEvent> = parse_body(&body)?;
-    let max = s.config.limits.batch_events_max;
+    let max = s.limits().batch_events_max;
     if raws.len() > max {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -289,8 +293,8 @@ pub async fn status(s: &Arc<Shared>) -> ApiResult<Value> {
                 "node_id": node_id.map(|n| n.to_string()),
                 "connected": connected,
                 "dials": p.dials,
-                "lag": p.lag(tail, stored.acked),
-                "acked": stored.acked,
+                "lag": p.lag(tail, stored.acked_in(s.meta.log_epoch, stored.acked_peer_epoch)),
+                "acked": stored.acked_in(s.meta.log_epoch, stored.acked_peer_epoch),
                 "received": stored.received,
                 "last_error": last_error,
             })

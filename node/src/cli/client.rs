@@ -120,6 +120,88 @@ impl ApiClient {
     }
 }
 
+/// What [`ApiClient::download`] wrote.
+pub struct Downloaded {
+    pub bytes: u64,
+    pub blake3: String,
+}
+
+/// A whole backup may take long; a stalled one still ends.
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+impl ApiClient {
+    /// GETs `segments` into `dest` atomically: a temporary file beside it, fsynced, renamed
+    /// over `dest`, the directory fsynced. Checks the length and, when the node sends it, the
+    /// blake3 of what arrived. On failure `dest` is untouched and no temporary file is left.
+    pub fn download(
+        &self,
+        segments: &[&str],
+        dest: &std::path::Path,
+        hash_header: &str,
+    ) -> Result<Downloaded, ClientError> {
+        let url = self.url(segments);
+        let mut req = self.http.get(url.clone()).timeout(DOWNLOAD_TIMEOUT);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let base = self.base.as_str().trim_end_matches('/').to_owned();
+        let tmp = super::files::temp_beside(dest);
+        let result = self.runtime.block_on(async {
+            let mut resp = req
+                .send()
+                .await
+                .map_err(|e| transport_error(&base, &url, e))?;
+            let status = resp.status();
+            if !status.is_success() {
+                let bytes = resp.bytes().await.unwrap_or_default();
+                return Err(ClientError::Status {
+                    status,
+                    message: error_message(&bytes),
+                });
+            }
+            let expected_len = resp.content_length();
+            let expected_hash = resp
+                .headers()
+                .get(hash_header)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let mut out = super::files::create_private(&tmp)
+                .map_err(|e| ClientError::Other(format!("{}: {e}", tmp.display())))?;
+            let mut h = blake3::Hasher::new();
+            let mut bytes = 0u64;
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| transport_error(&base, &url, e))?
+            {
+                use std::io::Write;
+                out.write_all(&chunk)
+                    .map_err(|e| ClientError::Other(format!("{}: {e}", tmp.display())))?;
+                h.update(&chunk);
+                bytes += chunk.len() as u64;
+            }
+            if let Some(n) = expected_len.filter(|n| *n != bytes) {
+                return Err(ClientError::Other(format!(
+                    "{url}: the answer ended after {bytes} of {n} bytes"
+                )));
+            }
+            let blake3 = h.finalize().to_hex().to_string();
+            if let Some(want) = expected_hash.filter(|w| *w != blake3) {
+                return Err(ClientError::Other(format!(
+                    "{url}: what arrived has blake3 {blake3}, the node sent {want}"
+                )));
+            }
+            super::files::commit(out, &tmp, dest)
+                .map_err(|e| ClientError::Other(format!("{}: {e}", dest.display())))?;
+            Ok(Downloaded { bytes, blake3 })
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
 fn transport_error(base: &str, url: &Url, e: reqwest::Error) -> ClientError {
     if e.is_connect() {
         ClientError::Unreachable {

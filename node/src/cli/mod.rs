@@ -5,6 +5,8 @@
 
 pub mod client;
 mod commands;
+mod files;
+mod ops;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -91,6 +93,32 @@ enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
+    /// A consistent copy of the database: through a running node's API, or with --offline
+    /// from a stopped node's data directory.
+    Backup {
+        /// Where to write the copy (replaced atomically; mode 0600).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Copy a stopped node's database directly (from --data-dir).
+        #[arg(long)]
+        offline: bool,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Offline database tools.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Verify a stopped node's database; print what is wrong (exit 1) or a summary (exit 0).
+    Check {
+        #[arg(long, value_name = "DIR", default_value = config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -166,6 +194,16 @@ fn run_cli() -> i32 {
             } => commands::state_get(&api, &account, event_type.as_deref()),
             StateCommand::Digest { api } => commands::digest(&api),
         },
+        Command::Backup { out, offline, api } => {
+            if offline {
+                ops::backup_offline(&api.data_dir, &out)
+            } else {
+                ops::backup_online(&api, &out)
+            }
+        }
+        Command::Db {
+            command: DbCommand::Check { data_dir },
+        } => ops::db_check(&data_dir),
     }
 }
 
@@ -299,27 +337,62 @@ fn run(role: Option<Role>, config_path: Option<PathBuf>) -> i32 {
         Ok(c) => c,
         Err(e) => return usage(e),
     };
-    if let Err(e) = init_logging(&config.log.level) {
-        return usage(e);
-    }
-    match crate::node::run(config) {
+    let log = match init_logging(&config.log.level) {
+        Ok(log) => log,
+        Err(e) => return usage(e),
+    };
+    // A broken supervisor environment is logged and otherwise ignored: the node still runs.
+    let notify = crate::ops::Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!("not notifying systemd: {e}");
+        crate::ops::Notifier::disabled()
+    });
+    let opts = crate::node::RunOpts {
+        source: crate::ops::reload::Source {
+            path: path.clone(),
+            role_override: role,
+        },
+        log,
+        notify,
+    };
+    match crate::node::run(config, opts) {
         Ok(()) => EXIT_OK,
         Err(e) => failed(&e),
     }
 }
 
-/// Logs to stderr; `RUST_LOG`, when set, overrides the config's `log.level`.
-fn init_logging(level: &str) -> Result<(), String> {
-    use tracing_subscriber::EnvFilter;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.trim().is_empty() => EnvFilter::try_new(&env)
-            .map_err(|e| format!("RUST_LOG: invalid filter {env:?}: {e}"))?,
-        _ => EnvFilter::try_new(level).map_err(|e| format!("log.level: {e}"))?,
+/// Logs to stderr (the journal, under systemd: then without our own timestamps, since the
+/// journal keeps its own); `RUST_LOG`, when set, overrides the config's `log.level`. The filter
+/// can be changed later through the returned [`crate::ops::LogControl`] (SIGHUP).
+fn init_logging(level: &str) -> Result<crate::ops::LogControl, String> {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
+    let env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|e| !e.trim().is_empty());
+    let filter = match &env {
+        Some(env) => {
+            EnvFilter::try_new(env).map_err(|e| format!("RUST_LOG: invalid filter {env:?}: {e}"))?
+        }
+        None => EnvFilter::try_new(level).map_err(|e| format!("log.level: {e}"))?,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter, handle) = reload::Layer::new(filter);
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let out = fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(std::io::stderr().is_terminal());
+    let out = if journal {
+        out.without_time().boxed()
+    } else {
+        out.boxed()
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(out)
         .try_init()
-        .map_err(|e| format!("cannot start logging: {e}"))
+        .map_err(|e| format!("cannot start logging: {e}"))?;
+    let set = move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| format!("invalid filter {level:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    };
+    Ok(crate::ops::LogControl::new(Box::new(set), env.is_some()))
 }

@@ -304,3 +304,17 @@ fn token_is_created_once_with_mode_0640() {
     assert_eq!(mode & 0o777, 0o640);
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The Debian package installs this file as /etc/outpost/datacenter.toml.
+const PACKAGED_DATACENTER: &str = include_str!("../../../systemd/deb/datacenter.toml");
+
+#[test]
+fn packaged_default_config_is_the_datacenter_starter_and_valid() {
+    let starter = starter(Role::Datacenter, "dc-1", Path::new(DEFAULT_DATA_DIR));
+    assert_eq!(
+        PACKAGED_DATACENTER, starter,
+        "regenerate systemd/deb/datacenter.toml from config::starter"
+    );
+    let c = parse(PACKAGED_DATACENTER, "datacenter.toml", None).unwrap();
+    assert_eq!(c.data_dir, Path::new(DEFAULT_DATA_DIR));
+}

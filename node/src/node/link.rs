@@ -15,7 +15,7 @@ use crate::config::PeerConfig;
 use crate::ids::{Fingerprint, NodeId};
 use crate::model::EventType;
 use crate::net::{self, close};
-use crate::replication::core::resume_point;
+use crate::replication::core::{goes_to, resume_point};
 use crate::replication::link::{LinkLimits, Outbound};
 use crate::replication::{Core, LogRead, Received, StoreError};
 use crate::wire::{
@@ -260,15 +260,15 @@ async fn session(shared: Arc<Shared>, i: usize, conn: quinn::Connection, dialled
     let peer_id = theirs.node_id;
     let me = shared.meta.node_id;
     let preferred = if dialled { me < peer_id } else { peer_id < me };
-    let stored_acked = match shared.store.read().and_then(|r| r.peer(peer_id)) {
-        Ok(p) => p.acked,
+    let stored = match shared.store.read().and_then(|r| r.peer(peer_id)) {
+        Ok(p) => p,
         Err(e) => {
             fail(&shared, i, &conn, &e.into());
             return false;
         }
     };
     let tail = *shared.tail.borrow();
-    let start = resume_point(stored_acked, shared.meta.log_epoch, &theirs, tail);
+    let start = resume_point(&stored, shared.meta.log_epoch, &theirs, tail);
     let limits = LinkLimits {
         in_flight_max: shared.config.limits.in_flight_max,
         ..LinkLimits::default()
@@ -294,7 +294,7 @@ async fn session(shared: Arc<Shared>, i: usize, conn: quinn::Connection, dialled
         info.generation
     };
     tracing::info!(peer = %peer.cfg.name, node_id = %peer_id, dialled, resume_from = start, "link up");
-    let result = run_link(&shared, peer_id, send, recv, outbound).await;
+    let result = run_link(&shared, peer_id, theirs.log_epoch, send, recv, outbound).await;
     {
         let mut info = peer.info.lock().expect("link lock");
         if info.generation == generation {
@@ -336,6 +336,7 @@ async fn expect_hello(recv: &mut quinn::RecvStream, max: usize) -> Result<Hello,
 async fn run_link(
     shared: &Arc<Shared>,
     peer_id: NodeId,
+    peer_epoch: u64,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     outbound: Arc<Mutex<Outbound>>,
@@ -343,7 +344,9 @@ async fn run_link(
     let notify = Arc::new(Notify::new());
     let (ctl_tx, ctl_rx) = mpsc::channel::<Message>(CONTROL_MAX);
     let (pending_tx, pending_rx) = mpsc::channel(PENDING_MAX);
-    let reader = read_loop(shared, peer_id, recv, &outbound, &notify, pending_tx);
+    let reader = read_loop(
+        shared, peer_id, peer_epoch, recv, &outbound, &notify, pending_tx,
+    );
     let acker = ack_loop(pending_rx, ctl_tx);
     let sender = send_loop(shared, peer_id, send, &outbound, &notify, ctl_rx);
     tokio::select! {
@@ -358,6 +361,7 @@ type Pending = (u64, oneshot::Receiver<Result<Received, StoreError>>);
 async fn read_loop(
     shared: &Arc<Shared>,
     peer_id: NodeId,
+    peer_epoch: u64,
     mut recv: quinn::RecvStream,
     outbound: &Mutex<Outbound>,
     notify: &Notify,
@@ -426,6 +430,7 @@ async fn read_loop(
                         from: peer_id,
                         epoch,
                         upto,
+                        peer_epoch,
                     });
                 }
             }
@@ -527,8 +532,8 @@ enum Built {
     Trimmed,
 }
 
-/// Reads `(after, upto]` of the local log and keeps what goes to this peer: not its own
-/// records, and, with a fan-out bound, only relays this peer is chosen for. The frame ends
+/// Reads `(after, upto]` of the local log and keeps what goes to this peer (see [`goes_to`]),
+/// and, with a fan-out bound, only relays this peer is chosen for. The frame ends
 /// early when it reaches `budget` bytes.
 fn build_elements(
     shared: &Shared,
@@ -555,7 +560,10 @@ fn build_elements(
             break;
         }
         if rec.origin == peer_id {
-            continue;
+            let m = r.message(&rec.msg_id)?;
+            if !goes_to(peer_id, &rec, m.as_ref().map(|m| m.senders.as_slice())) {
+                continue;
+            }
         }
         if fanout > 0
             && rec.origin != me

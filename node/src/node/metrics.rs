@@ -63,4 +63,11 @@ pub struct Metrics {
     pub frames_refused: AtomicU64,
     pub snapshots_sent: AtomicU64,
     pub api_refused: AtomicU64,
+    /// SIGHUP reloads applied, and refused (a bad config).
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+    /// Group commits that failed (a full disk, an I/O error).
+    pub commit_failures: AtomicU64,
+    /// Backups streamed through the API.
+    pub backups: AtomicU64,
 }

@@ -11,15 +11,16 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Limits};
 use crate::ids::{Fingerprint, NodeId};
 use crate::net::{Identity, PinSet, TransportLimits};
+use crate::ops::{reload, LogControl, Notifier};
 use crate::replication::Core;
 use crate::store::{NodeMeta, Store};
 use crate::wire::Role;
@@ -104,7 +105,11 @@ pub fn init(data_dir: &Path, role: Role, name: Option<&str>) -> anyhow::Result<I
 
 /// State shared by the API, the links and the writer.
 pub struct Shared {
+    /// The config the node started with. What SIGHUP may change is read from
+    /// [`Shared::current_config`] / [`Shared::limits`] instead.
     pub config: Config,
+    /// The config as last (re)loaded.
+    live: RwLock<Arc<Config>>,
     pub meta: NodeMeta,
     pub fingerprint: Fingerprint,
     pub store: Arc<Store>,
@@ -115,10 +120,26 @@ pub struct Shared {
     pub metrics: Metrics,
     pub ready: AtomicBool,
     pub disk_full: AtomicBool,
+    /// A backup is being written or streamed (one at a time).
+    pub backup_running: AtomicBool,
     last_errors: Mutex<VecDeque<String>>,
 }
 
 impl Shared {
+    /// The config as last reloaded (SIGHUP); the start-time one until then.
+    pub fn current_config(&self) -> Arc<Config> {
+        self.live.read().expect("config lock").clone()
+    }
+
+    pub(crate) fn set_config(&self, config: Config) {
+        *self.live.write().expect("config lock") = Arc::new(config);
+    }
+
+    /// The limits in force now: read them at use time, so that a reload applies.
+    pub fn limits(&self) -> Limits {
+        self.live.read().expect("config lock").limits.clone()
+    }
+
     pub fn note_error(&self, e: String) {
         tracing::warn!("{e}");
         let mut q = self.last_errors.lock().expect("errors lock");
@@ -184,8 +205,14 @@ impl Running {
     }
 }
 
-/// Starts a datacenter node on the current tokio runtime.
+/// Starts a datacenter node on the current tokio runtime, without a supervisor to notify.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_with(config, Notifier::disabled()).await
+}
+
+/// Starts a datacenter node; tells `notify` READY=1 once the database is open and both
+/// endpoints are bound (not when peers answer), then keeps its STATUS line and watchdog fed.
+pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Running> {
     if config.role != Role::Datacenter {
         anyhow::bail!(
             "the {} role is not available in this version; run a datacenter",
@@ -205,6 +232,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         name: config.name.clone(),
         ..meta
     };
+    remove_stale_backups(&data_dir);
     let token = crate::config::ensure_token(&data_dir)
         .with_context(|| format!("creating the API token in {}", data_dir.display()))?;
     let store = Arc::new(store);
@@ -235,6 +263,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .map(|p| link::PeerState::new(p.clone(), &identity.fingerprint))
         .collect();
     let shared = Arc::new(Shared {
+        live: RwLock::new(Arc::new(config.clone())),
         config,
         meta,
         fingerprint: identity.fingerprint,
@@ -246,6 +275,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics: Metrics::default(),
         ready: AtomicBool::new(false),
         disk_full: AtomicBool::new(false),
+        backup_running: AtomicBool::new(false),
         last_errors: Mutex::new(VecDeque::new()),
     });
     let writer_thread = {
@@ -269,6 +299,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut link_tasks = link::spawn_all(shared.clone(), endpoint.clone());
     link_tasks.push(tokio::spawn(retention(shared.clone())));
     shared.ready.store(true, Ordering::Relaxed);
+    notify.ready();
+    link_tasks.push(tokio::spawn(crate::ops::supervise::supervise(
+        shared.clone(),
+        notify,
+    )));
     tracing::info!(
         role = %Role::Datacenter,
         name = %shared.meta.name,
@@ -291,6 +326,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })
 }
 
+/// Backups interrupted by a crash leave their copy in `DATA_DIR/tmp/`; nothing else uses it.
+fn remove_stale_backups(data_dir: &Path) {
+    let dir = data_dir.join(crate::store::backup::TMP_DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with("backup-") {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    tracing::info!(path = %e.path().display(), "removed an interrupted backup")
+                }
+                Err(err) => {
+                    tracing::warn!(path = %e.path().display(), "cannot remove an interrupted backup: {err}")
+                }
+            }
+        }
+    }
+}
+
 /// How often an idle node trims old log records (busy nodes trim with their commits).
 const TRIM_EVERY: Duration = Duration::from_secs(60);
 
@@ -300,10 +356,11 @@ async fn retention(shared: Arc<Shared>) {
     let mut every = tokio::time::interval(TRIM_EVERY);
     loop {
         every.tick().await;
-        let retention_ms = shared.config.limits.log_retention.as_millis() as u64;
+        let limits = shared.limits();
+        let retention_ms = limits.log_retention.as_millis() as u64;
         let cmd = writer::Cmd::Trim {
             cutoff_ms: now_ms().saturating_sub(retention_ms),
-            keep_max: shared.config.limits.log_records_max,
+            keep_max: limits.log_records_max,
         };
         if shared.writer.send(cmd).await.is_err() {
             return;
@@ -311,19 +368,42 @@ async fn retention(shared: Arc<Shared>) {
     }
 }
 
-/// `outpost run`: runs until SIGTERM or SIGINT.
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// What `outpost run` needs besides the config: where to read it again on SIGHUP, how to
+/// change the log filter, and the supervisor to notify.
+pub struct RunOpts {
+    pub source: reload::Source,
+    pub log: LogControl,
+    pub notify: Notifier,
+}
+
+/// `outpost run`: runs until SIGTERM or SIGINT; SIGHUP reloads the config.
+pub fn run(config: Config, opts: RunOpts) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("outpost")
         .build()?;
     rt.block_on(async move {
-        let running = start(config).await?;
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        // Installed before READY, so an early `systemctl reload` is never fatal.
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let running = start_with(config, opts.notify.clone()).await?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: shutting down");
+                    break;
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("SIGINT: shutting down");
+                    break;
+                }
+                _ = hup.recv() => {
+                    reload::reload(&running.shared, &opts.source, &opts.log).await;
+                }
+            }
         }
+        opts.notify.stopping();
         running.shutdown().await;
         tracing::info!("stopped");
         Ok(())

@@ -38,6 +38,7 @@ pub enum Cmd {
         from: NodeId,
         epoch: u64,
         upto: u64,
+        peer_epoch: u64,
     },
     Trim {
         cutoff_ms: u64,
@@ -45,6 +46,11 @@ pub enum Cmd {
     },
     /// Commit what is queued, then end the thread. Links may still hold senders.
     Stop,
+    /// Answered once the commits queued before it are done, without committing anything: the
+    /// watchdog's proof that this thread still goes round.
+    Ping {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 impl Cmd {
@@ -54,6 +60,7 @@ impl Cmd {
             Cmd::Receive { frame, .. } => frame.items.len().max(1),
             Cmd::Snapshot { chunk, .. } => chunk.entries.len().max(1),
             Cmd::Acked { .. } | Cmd::Trim { .. } | Cmd::Stop => 1,
+            Cmd::Ping { .. } => 0,
         }
     }
 }
@@ -72,13 +79,16 @@ pub fn run(
     mut rx: mpsc::Receiver<Cmd>,
     tail_tx: watch::Sender<u64>,
 ) {
-    let commit_max = shared.config.limits.commit_events_max;
     let mut stopping = false;
     while !stopping {
         let Some(first) = rx.blocking_recv() else {
             break;
         };
+        // Read per group: SIGHUP may have changed them.
+        let limits = shared.limits();
+        let commit_max = limits.commit_events_max;
         let mut group = Vec::new();
+        let mut pings = Vec::new();
         let mut weight = 0;
         let mut next = Some(first);
         while let Some(c) = next.take() {
@@ -86,6 +96,8 @@ pub fn run(
                 // Whatever queued before the stop is still committed below.
                 stopping = true;
                 rx.close();
+            } else if let Cmd::Ping { reply } = c {
+                pings.push(reply);
             } else {
                 weight += c.weight();
                 group.push(c);
@@ -101,7 +113,6 @@ pub fn run(
         // Retention rides along with every commit (a few reads when there is nothing to trim);
         // idle nodes are trimmed by the periodic Trim command.
         if !group.is_empty() {
-            let limits = &shared.config.limits;
             group.push(Cmd::Trim {
                 cutoff_ms: super::now_ms().saturating_sub(limits.log_retention.as_millis() as u64),
                 keep_max: limits.log_records_max,
@@ -109,6 +120,9 @@ pub fn run(
         }
         if !group.is_empty() {
             commit_group(&shared, &store, &mut core, group, &tail_tx);
+        }
+        for reply in pings {
+            let _ = reply.send(());
         }
     }
     tracing::debug!("writer stopped");
@@ -144,6 +158,10 @@ fn commit_group(
             Err(GroupError::Store(e)) => {
                 shared.note_error(format!("commit failed: {e}"));
                 shared
+                    .metrics
+                    .commit_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                shared
                     .disk_full
                     .store(matches!(e, StoreError::Full(_)), Ordering::Relaxed);
                 if let Ok(txn) = store.begin() {
@@ -158,6 +176,9 @@ fn commit_group(
                         }
                         Cmd::Receive { reply, .. } | Cmd::Snapshot { reply, .. } => {
                             let _ = reply.send(Err(e.clone()));
+                        }
+                        Cmd::Ping { reply } => {
+                            let _ = reply.send(());
                         }
                         Cmd::Acked { .. } | Cmd::Trim { .. } | Cmd::Stop => {}
                     }
@@ -250,8 +271,13 @@ fn try_group(
                 Cmd::Snapshot {
                     from, chunk, els, ..
                 } => Outcome::Receive(Ok(core.apply_snapshot(&mut t, now_ms, *from, chunk, els)?)),
-                Cmd::Acked { from, epoch, upto } => {
-                    core.acked(&mut t, *from, *epoch, *upto)?;
+                Cmd::Acked {
+                    from,
+                    epoch,
+                    upto,
+                    peer_epoch,
+                } => {
+                    core.acked(&mut t, *from, *epoch, *upto, *peer_epoch)?;
                     Outcome::None
                 }
                 Cmd::Trim {
@@ -261,7 +287,7 @@ fn try_group(
                     t.trim_log(*cutoff_ms, *keep_max, 10_000)?;
                     Outcome::None
                 }
-                Cmd::Stop => Outcome::None,
+                Cmd::Stop | Cmd::Ping { .. } => Outcome::None,
             };
             outcomes.push(outcome);
         }

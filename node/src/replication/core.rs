@@ -8,11 +8,13 @@
 
 use serde_json::Value;
 
-use super::tables::{Entry, Mark, MsgRecord, StoreError, Tables};
+use super::tables::{Entry, LogRead, Mark, MsgRecord, PeerProgress, StoreError, Tables};
 use crate::ids::{MsgId, NodeId};
 use crate::model::events::{self, ElementError, ELEMENT_BYTES_MAX};
 use crate::model::{to_canonical, ElementRecord, Event, EventError, EventType, Hlc, Version};
-use crate::wire::{Elements, Hello, Role, SnapshotChunk, PROTOCOL_VERSION};
+use crate::wire::{
+    CatchUpBatch, CatchUpRequest, Elements, Hello, Role, SnapshotChunk, PROTOCOL_VERSION,
+};
 
 /// Why an event was not ingested.
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +62,6 @@ pub enum Applied {
     Counted,
     /// A copy from a peer already counted, or of our own message: nothing changed.
     Duplicate,
-    /// Older than what we keep records of (trimmed), already reflected in the state: ignored.
-    Stale,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -216,10 +216,11 @@ impl Core {
             t.put_message(&rec.msg_id, &m)?;
             return Ok(Applied::Counted);
         }
+        // No record: a first copy. (Even if the origin's mark covers this sequence: the record
+        // may have been trimmed, or a node restored from a backup may have numbered another
+        // message the same. Merging is idempotent, so applying again is always safe; skipping
+        // could lose a message.)
         let mut mark = t.mark(rec.origin)?;
-        if mark.contains(rec.oseq) {
-            return Ok(Applied::Stale);
-        }
         self.hlc.observe(now_ms, rec.version);
         merge_entry(
             t,
@@ -309,7 +310,7 @@ impl Core {
             match self.apply(t, now_ms, from, rec, el)? {
                 Applied::First => out.first += 1,
                 Applied::Counted => out.counted += 1,
-                Applied::Duplicate | Applied::Stale => out.duplicate += 1,
+                Applied::Duplicate => out.duplicate += 1,
             }
         }
         if frame.upto > p.received {
@@ -382,20 +383,23 @@ impl Core {
         })
     }
 
-    /// The peer has durably applied our log up to `upto`.
+    /// The peer (in its incarnation `peer_epoch`) has durably applied our log up to `upto`.
     pub fn acked(
         &mut self,
         t: &mut impl Tables,
         from: NodeId,
         epoch: u64,
         upto: u64,
+        peer_epoch: u64,
     ) -> Result<(), StoreError> {
         if epoch != t.log_epoch()? {
             return Ok(());
         }
         let mut p = t.peer(from)?;
-        if upto > p.acked {
+        if upto > p.acked_in(epoch, peer_epoch) {
             p.acked = upto.min(t.log_tail()?);
+            p.acked_epoch = epoch;
+            p.acked_peer_epoch = peer_epoch;
             t.put_peer(from, &p)?;
         }
         Ok(())
@@ -422,14 +426,100 @@ impl Core {
     }
 }
 
-/// Where a sender resumes with a peer: the later of what it stored as acked and what the peer
-/// says it durably received (in our epoch).
-pub fn resume_point(stored_acked: u64, epoch: u64, hello: &Hello, tail: u64) -> u64 {
+/// Whether a record of our local log goes to `peer`. Everything goes to everyone except a
+/// record the peer originated *and gave us itself*: it provably holds that one. A record of the
+/// peer's that reached us only through others goes back to it, so that a peer restored from a
+/// backup gets back what it lost, even when we learn of it after the peer's restore.
+pub fn goes_to(peer: NodeId, rec: &ElementRecord, senders: Option<&[NodeId]>) -> bool {
+    rec.origin != peer || !senders.is_some_and(|s| s.contains(&peer))
+}
+
+/// Where a sender resumes with a peer: the later of what it stored as acknowledged (if both
+/// sides are still the incarnations that acknowledged it) and what the peer says in its Hello
+/// it durably received of our log.
+pub fn resume_point(stored: &PeerProgress, epoch: u64, hello: &Hello, tail: u64) -> u64 {
     let said = hello
         .resume
         .filter(|(e, _)| *e == epoch)
         .map_or(0, |(_, l)| l);
-    stored_acked.max(said).min(tail)
+    stored.acked_in(epoch, hello.log_epoch).max(said).min(tail)
+}
+
+/// Most records in one catch-up batch.
+pub const CATCH_UP_BATCH_MAX: u32 = 1024;
+
+impl Core {
+    /// After a peer's Hello: if the peer holds more of *our own* log than we do (we were
+    /// restored from a backup), ask for the rest, from our contiguous mark on.
+    pub fn own_log_request(&self, own: &Mark, hello: &Hello) -> Option<CatchUpRequest> {
+        let theirs = hello.marks.iter().find(|m| m.origin == self.node_id)?;
+        (Mark::from_wire(theirs).highest() > own.highest()).then_some(CatchUpRequest {
+            origin: self.node_id,
+            after_oseq: own.contiguous,
+            max: CATCH_UP_BATCH_MAX,
+        })
+    }
+
+    /// Answers a catch-up request from our copy of the origin's log.
+    pub fn answer_catch_up(
+        r: &impl LogRead,
+        req: &CatchUpRequest,
+    ) -> Result<CatchUpBatch, StoreError> {
+        let max = req.max.clamp(1, CATCH_UP_BATCH_MAX);
+        let items = r.origin_range(req.origin, req.after_oseq, max as usize)?;
+        Ok(CatchUpBatch {
+            origin: req.origin,
+            done: items.len() < max as usize,
+            items,
+        })
+    }
+
+    /// Checks a catch-up batch before anything is stored: every record valid and of the
+    /// batch's origin.
+    pub fn check_catch_up(batch: &CatchUpBatch) -> Result<Vec<Value>, ApplyError> {
+        if batch.items.len() > CATCH_UP_BATCH_MAX as usize {
+            return Err(ApplyError::Invalid(format!(
+                "catch-up batch of {} records, at most {CATCH_UP_BATCH_MAX}",
+                batch.items.len()
+            )));
+        }
+        batch
+            .items
+            .iter()
+            .map(|rec| {
+                if rec.origin != batch.origin {
+                    return Err(ApplyError::Invalid(
+                        "catch-up record of another origin".into(),
+                    ));
+                }
+                Self::check_record(rec)
+            })
+            .collect()
+    }
+
+    /// Applies a catch-up batch from `from` like copies from that peer (our own records count
+    /// nothing). Returns the request for the next batch, if the peer has more.
+    pub fn apply_catch_up(
+        &mut self,
+        t: &mut impl Tables,
+        now_ms: u64,
+        from: NodeId,
+        batch: &CatchUpBatch,
+        els: &[Value],
+    ) -> Result<Option<CatchUpRequest>, StoreError> {
+        for (rec, el) in batch.items.iter().zip(els) {
+            self.apply(t, now_ms, from, rec, el)?;
+        }
+        let last = batch.items.last().map(|r| r.oseq);
+        Ok(match (batch.done, last) {
+            (false, Some(after_oseq)) => Some(CatchUpRequest {
+                origin: batch.origin,
+                after_oseq,
+                max: CATCH_UP_BATCH_MAX,
+            }),
+            _ => None,
+        })
+    }
 }
 
 /// An element from the network: at most [`ELEMENT_BYTES_MAX`], canonical JSON, the shape of

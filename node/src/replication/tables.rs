@@ -48,12 +48,28 @@ pub struct MsgRecord {
 /// Durable progress with one peer, in both directions.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerProgress {
-    /// The peer has durably applied our log up to here (in our current epoch).
+    /// The peer has durably applied our log up to here, in our log epoch `acked_epoch`, while
+    /// its own log epoch (its incarnation) was `acked_peer_epoch`.
     pub acked: u64,
+    pub acked_epoch: u64,
+    pub acked_peer_epoch: u64,
     /// The epoch of the peer's log that `received` refers to.
     pub recv_epoch: u64,
     /// We have durably applied the peer's log up to here.
     pub received: u64,
+}
+
+impl PeerProgress {
+    /// How far the peer, now in incarnation `peer_epoch`, acknowledged our log in `epoch`: 0
+    /// if either side changed incarnation since (a restored database numbers its log anew, and
+    /// a restored peer no longer holds what it acknowledged).
+    pub fn acked_in(&self, epoch: u64, peer_epoch: u64) -> u64 {
+        if self.acked_epoch == epoch && self.acked_peer_epoch == peer_epoch {
+            self.acked
+        } else {
+            0
+        }
+    }
 }
 
 /// What a node holds of one origin's log.

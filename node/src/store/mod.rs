@@ -30,6 +30,8 @@
 //! peers          u128 peer                    PeerProgress
 //! ```
 
+pub mod backup;
+pub mod check;
 mod read;
 mod tables;
 #[cfg(test)]

@@ -191,6 +191,8 @@ fn random_write(seed: u64, rng: &mut StdRng, m: &mut MemStore, r: &mut RedbTable
         }
         85..=94 => {
             let p = PeerProgress {
+                acked_epoch: 0,
+                acked_peer_epoch: 0,
                 acked: rng.random_range(0..50),
                 recv_epoch: rng.random_range(0..3),
                 received: rng.random_range(0..50),
@@ -413,6 +415,8 @@ fn store_committed_data_survives_reopen() {
         t.put_peer(
             NodeId(9),
             &PeerProgress {
+                acked_epoch: 0,
+                acked_peer_epoch: 0,
                 acked: 1,
                 recv_epoch: 4,
                 received: 2,

@@ -358,6 +358,16 @@ impl Cluster {
             .is_some()
     }
 
+    /// The process id of node `i` while it runs (it changes with each restart).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i]
+            .child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(Child::id)
+    }
+
     /// SIGKILL to node `i`, then reaps it.
     pub fn kill9(&mut self, i: usize) -> anyhow::Result<()> {
         let taken = self.nodes[i]

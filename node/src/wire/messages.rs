@@ -76,8 +76,9 @@ pub struct Hello {
     pub marks: Vec<OriginMark>,
 }
 
-/// A slice `(after, upto]` of the sender's local log. Records whose origin is the receiver are
-/// left out, so `items` may be shorter than the range; `upto` still covers them.
+/// A slice `(after, upto]` of the sender's local log. Records the receiver originated and gave
+/// the sender itself are left out, so `items` may be shorter than the range; `upto` still
+/// covers them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Elements {
     pub epoch: u64,

@@ -1,0 +1,111 @@
+//! `GET /v1/backup`: a consistent copy of the database, streamed. The copy is written first
+//! (one read transaction, finished before the first byte goes out: a slow client must not pin
+//! old pages), hashed, unlinked while open, then streamed; its blake3 goes in a header so that
+//! the client can verify what it wrote. One backup at a time.
+
+use std::io::Seek;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use tokio::io::AsyncReadExt;
+
+use super::{ApiError, ApiResult};
+use crate::node::{now_ms, Shared};
+use crate::replication::StoreError;
+
+/// Header carrying the blake3 (hex) of the whole body.
+pub const HASH_HEADER: &str = "x-outpost-blake3";
+/// Bytes read from the copy per body chunk.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Held while a backup is written and streamed.
+struct Busy(Arc<Shared>);
+
+impl Busy {
+    fn take(s: &Arc<Shared>) -> ApiResult<Busy> {
+        if s.backup_running.swap(true, Ordering::AcqRel) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "a backup is already running; retry when it is done",
+            ));
+        }
+        Ok(Busy(s.clone()))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.backup_running.store(false, Ordering::Release);
+    }
+}
+
+pub async fn get_backup(State(s): State<Arc<Shared>>) -> ApiResult<Response> {
+    let busy = Busy::take(&s)?;
+    let store = s.store.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let path = store
+            .backup_tmp_path()
+            .map_err(|e| StoreError::Io(format!("backup directory: {e}")))?;
+        let info = store.backup_to(&path)?;
+        let hashed = (|| {
+            let mut f = std::fs::File::open(&path)?;
+            let mut h = blake3::Hasher::new();
+            std::io::copy(&mut f, &mut h)?;
+            f.rewind()?;
+            Ok::<_, std::io::Error>((f, h.finalize().to_hex().to_string()))
+        })();
+        // Unlinked now: the open file is all that is left, and it goes when the stream ends.
+        let _ = std::fs::remove_file(&path);
+        let (file, hash) = hashed.map_err(|e| StoreError::Io(format!("backup copy: {e}")))?;
+        Ok::<_, StoreError>((file, hash, info))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let (file, hash, info) = written.map_err(|e| {
+        s.note_error(format!("backup failed: {e}"));
+        ApiError::from(e)
+    })?;
+    s.metrics.backups.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        bytes = info.bytes,
+        rows = info.rows,
+        blake3 = %hash,
+        "backup taken; streaming it"
+    );
+    let state = Some((tokio::fs::File::from_std(file), busy));
+    let stream = futures_util::stream::unfold(state, |state| async move {
+        let (mut file, busy) = state?;
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), Some((file, busy))))
+            }
+            Err(e) => Some((Err::<Bytes, _>(e), None)),
+        }
+    });
+    let name = format!(
+        "attachment; filename=\"outpost-{}-{}.redb\"",
+        s.meta.name,
+        now_ms() / 1000
+    );
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(info.bytes));
+    if let Ok(v) = HeaderValue::from_str(&name) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&hash) {
+        h.insert(HASH_HEADER, v);
+    }
+    Ok(resp)
+}
