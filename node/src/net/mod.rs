@@ -182,9 +182,45 @@ fn client_tls(
 
 /// Builds the quinn endpoint from already-checked parts; tests use it to present a
 /// certificate with a key that does not belong to it.
+/// The stateless-reset key: a blake3 MAC keyed from the node's private key, so it is the same
+/// after a restart. A node restarted after kill -9 then answers packets of its peers' stale
+/// connections with a reset they accept, and they reconnect at once instead of waiting out the
+/// idle timeout.
+struct ResetKey([u8; 32]);
+
+impl ResetKey {
+    fn derive(private_key_der: &[u8]) -> Self {
+        ResetKey(blake3::derive_key(
+            "outpost 2026-11 quic stateless reset key",
+            private_key_der,
+        ))
+    }
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], out: &mut [u8]) {
+        out.copy_from_slice(blake3::keyed_hash(&self.0, data).as_bytes());
+    }
+    fn signature_len(&self) -> usize {
+        32
+    }
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let Ok(sig) = <[u8; 32]>::try_from(signature) else {
+            return Err(quinn::crypto::CryptoError);
+        };
+        // blake3::Hash compares in constant time.
+        if blake3::keyed_hash(&self.0, data) == blake3::Hash::from(sig) {
+            Ok(())
+        } else {
+            Err(quinn::crypto::CryptoError)
+        }
+    }
+}
+
 fn endpoint_from_parts(
     listen: SocketAddr,
     key: Arc<CertifiedKey>,
+    reset: ResetKey,
     policy: PinPolicy,
     limits: TransportLimits,
 ) -> Result<quinn::Endpoint, NetError> {
@@ -199,10 +235,25 @@ fn endpoint_from_parts(
     let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
     client.transport_config(transport);
 
-    let mut ep = quinn::Endpoint::server(server, listen).map_err(|source| NetError::Bind {
+    let bind_err = |source| NetError::Bind {
         addr: listen,
         source,
-    })?;
+    };
+    let socket = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
+    // Connection ids are validated with a keyed hash; the key must outlive the process too,
+    // or a restarted node drops its peers' stale packets as invalid instead of resetting them.
+    let cid_key = u64::from_le_bytes(reset.0[..8].try_into().expect("8 bytes"));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let mut ep = quinn::Endpoint::new(
+        endpoint_config,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_err)?;
     ep.set_default_client_config(client);
     Ok(ep)
 }
@@ -226,7 +277,13 @@ pub fn endpoint_with_policy(
     policy: PinPolicy,
     limits: TransportLimits,
 ) -> Result<quinn::Endpoint, NetError> {
-    endpoint_from_parts(listen, id.certified_key()?, policy, limits)
+    endpoint_from_parts(
+        listen,
+        id.certified_key()?,
+        ResetKey::derive(&id.key_der),
+        policy,
+        limits,
+    )
 }
 
 /// Dials `addr` and completes the handshake. The server's certificate has been pinned by then;

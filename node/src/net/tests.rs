@@ -158,7 +158,14 @@ fn stolen_cert(victim: &Identity, impostor: &Identity) -> Arc<CertifiedKey> {
 fn impostor_node(victim: &Identity, pins: &PinSet) -> quinn::Endpoint {
     let key = stolen_cert(victim, &identity("impostor"));
     let policy = PinPolicy::Pinned(pins.clone());
-    endpoint_from_parts(local(), key, policy, TransportLimits::default()).unwrap()
+    endpoint_from_parts(
+        local(),
+        key,
+        ResetKey::derive(b"impostor"),
+        policy,
+        TransportLimits::default(),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
