@@ -69,6 +69,12 @@ impl EventType {
         EventType::ALL.into_iter().find(|t| t.code() == c)
     }
 
+    /// Whether elements of this type are member maps (merged member by member) rather than
+    /// single values (latest version wins).
+    pub fn is_map(self) -> bool {
+        self.map_key().is_some()
+    }
+
     /// The member map of a map-shaped element, if this type has one.
     fn map_key(self) -> Option<&'static str> {
         match self {

@@ -116,8 +116,10 @@ impl Core {
     ) -> Result<Ingested, IngestError> {
         let current = t.entry(&ev.account, ev.etype)?;
         let floor = current.as_ref().map_or(Version::ZERO, |e| e.version);
+        // Only map elements build on the current one; single values are replaced whole.
         let cur_el = current
             .as_ref()
+            .filter(|_| ev.etype.is_map())
             .map(|e| parse_stored(&e.element))
             .transpose()?;
         // Compute and check before writing anything, so a refused event leaves no trace.
@@ -551,6 +553,14 @@ fn merge_entry(
 ) -> Result<(), StoreError> {
     let entry = match t.entry(account, etype)? {
         None => inc.clone(),
+        // Single values: the newer version wins whole, no JSON work needed.
+        Some(cur) if !etype.is_map() => {
+            if inc.version > cur.version {
+                inc.clone()
+            } else {
+                return Ok(());
+            }
+        }
         Some(cur) => {
             let cur_el = parse_stored(&cur.element)?;
             let merged = events::merge(etype, Some((&cur_el, cur.version)), el, inc.version);
