@@ -854,7 +854,7 @@ fn thousands(v: f64) -> String {
     let s = n.abs().to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -898,8 +898,8 @@ fn table_text(runs: &[RunFigures]) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "{:<11} {:>4} {:>5} {:>10} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>11} {:>5} {:>14} {:>5} {:>15}  {}",
-        "run", "nodes", "clnts", "events/s", "p50 ms", "p99 ms", "max ms", "commits/s", "ev/cmt", "cmt ms", "RSS MiB", "bench", "node cpu", "other", "loadavg", "target"
+        "{:<11} {:>4} {:>5} {:>10} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>11} {:>5} {:>14} {:>5} {:>15}  target",
+        "run", "nodes", "clnts", "events/s", "p50 ms", "p99 ms", "max ms", "commits/s", "ev/cmt", "cmt ms", "RSS MiB", "bench", "node cpu", "other", "loadavg"
     );
     for f in runs {
         if let Some(p) = &f.problem {

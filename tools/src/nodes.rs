@@ -24,7 +24,7 @@ pub fn pid_of_config(config: &Path) -> anyhow::Result<u32> {
             continue;
         };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args.iter().any(|a| *a == b"run") && args.iter().any(|a| *a == want) {
+        if args.iter().any(|a| *a == b"run") && args.contains(&want) {
             found.push(pid);
         }
     }

@@ -45,7 +45,7 @@ impl Drop for Busy {
 
 pub async fn get_backup(State(s): State<Arc<Shared>>) -> ApiResult<Response> {
     let busy = Busy::take(&s)?;
-    let store = s.store.clone();
+    let store = s.store.get()?;
     let written = tokio::task::spawn_blocking(move || {
         let path = store
             .backup_tmp_path()

@@ -181,10 +181,19 @@ async fn read<T: Send + 'static>(
     f: impl FnOnce(&Shared) -> Result<T, StoreError> + Send + 'static,
 ) -> ApiResult<T> {
     let s = s.clone();
+    let shared = s.clone();
     tokio::task::spawn_blocking(move || f(&s))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(ApiError::from)
+        .map_err(|e| match e {
+            // While the disk is full the writer reopens the database after each failed
+            // commit; a read that meets a reopen is worth retrying.
+            StoreError::Io(_) if shared.disk_full.load(Ordering::Relaxed) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e} (the disk is full; retry)"),
+            ),
+            e => ApiError::from(e),
+        })
 }
 
 async fn get_state(

@@ -184,6 +184,12 @@ fn status_summary(s: &Value) -> String {
     if let Some(ready) = s.get("ready").and_then(Value::as_bool) {
         row("ready:", if ready { "yes" } else { "no" }.to_owned());
     }
+    if s.get("disk_full").and_then(Value::as_bool) == Some(true) {
+        row(
+            "disk:",
+            "FULL: events are refused (503) until space is freed".to_owned(),
+        );
+    }
 
     if let Some(peers) = s.get("peers").and_then(Value::as_array) {
         out.push('\n');

@@ -22,7 +22,8 @@ use crate::ids::{Fingerprint, NodeId};
 use crate::net::{Identity, PinSet, TransportLimits};
 use crate::ops::{reload, LogControl, Notifier};
 use crate::replication::Core;
-use crate::store::{NodeMeta, Store};
+use crate::replication::StoreError;
+use crate::store::{NodeMeta, ReadTxn, Store};
 use crate::wire::Role;
 
 pub use metrics::Metrics;
@@ -103,6 +104,48 @@ pub fn init(data_dir: &Path, role: Role, name: Option<&str>) -> anyhow::Result<I
     })
 }
 
+/// The open database, replaceable. After a failed write (a full disk, an I/O error) redb refuses
+/// every later operation until the file is reopened; the writer thread then reopens it
+/// (`writer::reopen`) and puts the new one here. Take the current one per use, never keep it:
+/// a kept `Arc<Store>` holds redb's file lock and stops the reopen.
+pub struct StoreSlot {
+    current: RwLock<Option<Arc<Store>>>,
+}
+
+impl StoreSlot {
+    pub fn new(store: Arc<Store>) -> StoreSlot {
+        StoreSlot {
+            current: RwLock::new(Some(store)),
+        }
+    }
+
+    /// The database, unless it is being reopened (then a `StoreError::Io` saying so).
+    pub fn get(&self) -> Result<Arc<Store>, StoreError> {
+        self.current
+            .read()
+            .expect("store lock")
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Io(
+                    "the database is being reopened after a failed write; retry shortly".into(),
+                )
+            })
+    }
+
+    /// A read transaction on the current database.
+    pub fn read(&self) -> Result<ReadTxn, StoreError> {
+        self.get()?.read()
+    }
+
+    pub(crate) fn take(&self) -> Option<Arc<Store>> {
+        self.current.write().expect("store lock").take()
+    }
+
+    pub(crate) fn put(&self, store: Arc<Store>) {
+        *self.current.write().expect("store lock") = Some(store);
+    }
+}
+
 /// State shared by the API, the links and the writer.
 pub struct Shared {
     /// The config the node started with. What SIGHUP may change is read from
@@ -112,7 +155,8 @@ pub struct Shared {
     live: RwLock<Arc<Config>>,
     pub meta: NodeMeta,
     pub fingerprint: Fingerprint,
-    pub store: Arc<Store>,
+    /// The open database; see [`StoreSlot`].
+    pub store: StoreSlot,
     pub token: String,
     pub writer: mpsc::Sender<writer::Cmd>,
     pub tail: watch::Receiver<u64>,
@@ -267,7 +311,7 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
         config,
         meta,
         fingerprint: identity.fingerprint,
-        store: store.clone(),
+        store: StoreSlot::new(store.clone()),
         token,
         writer: wtx,
         tail: tail_rx,

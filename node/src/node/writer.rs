@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -71,6 +71,12 @@ enum Outcome {
     None,
 }
 
+/// After a failed write, work is refused with the same error for this long before the database
+/// is reopened and a commit tried again: a full disk costs at most one reopen a second.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// How long a reopen waits for readers to let go of the old database.
+const REOPEN_WAIT_MAX: Duration = Duration::from_secs(5);
+
 /// Runs until every sender of `rx` is gone and the queue is drained: in-flight commits finish.
 pub fn run(
     shared: Arc<Shared>,
@@ -79,6 +85,8 @@ pub fn run(
     mut rx: mpsc::Receiver<Cmd>,
     tail_tx: watch::Sender<u64>,
 ) {
+    let mut store = Some(store);
+    let mut failed: Option<(Instant, StoreError)> = None;
     let mut stopping = false;
     while !stopping {
         let Some(first) = rx.blocking_recv() else {
@@ -119,7 +127,34 @@ pub fn run(
             });
         }
         if !group.is_empty() {
-            commit_group(&shared, &store, &mut core, group, &tail_tx);
+            match &failed {
+                Some((at, e)) if at.elapsed() < RETRY_AFTER_FAILURE => answer_failed(group, e),
+                _ => {
+                    if store.is_none() {
+                        reopen(&shared, &mut store, &mut core);
+                    }
+                    match &store {
+                        None => answer_failed(
+                            group,
+                            &failed.as_ref().map_or_else(
+                                || StoreError::Io("the database is not open".into()),
+                                |(_, e)| e.clone(),
+                            ),
+                        ),
+                        Some(s) => match commit_group(&shared, s, &mut core, group, &tail_tx) {
+                            Some((e, group)) => {
+                                // redb refuses everything after a failed write until reopened.
+                                // Reopened before the requests are answered, so that a client
+                                // told 503 can read again at once.
+                                reopen(&shared, &mut store, &mut core);
+                                answer_failed(group, &e);
+                                failed = Some((Instant::now(), e));
+                            }
+                            None => failed = None,
+                        },
+                    }
+                }
+            }
         }
         for reply in pings {
             let _ = reply.send(());
@@ -128,13 +163,63 @@ pub fn run(
     tracing::debug!("writer stopped");
 }
 
+/// Replaces the database after a failed write. The old one must be gone first (redb locks its
+/// file), so readers briefly get "being reopened"; if the new one cannot be opened (the disk is
+/// still full), `store` stays `None` and the next group tries again.
+fn reopen(shared: &Shared, store: &mut Option<Arc<Store>>, core: &mut Core) {
+    let old = shared.store.take();
+    drop(store.take());
+    if let Some(old) = old {
+        // Readers hold it only while they begin a transaction; a backup holds it longer.
+        let deadline = Instant::now() + REOPEN_WAIT_MAX;
+        while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(old);
+    }
+    match Store::open(&shared.config.data_dir) {
+        Ok(s) => {
+            let s = Arc::new(s);
+            if let Ok(txn) = s.begin() {
+                if let Ok(t) = txn.tables() {
+                    let _ = core.reload(&t);
+                }
+            }
+            shared.store.put(s.clone());
+            *store = Some(s);
+            tracing::info!("database reopened after a failed write");
+        }
+        Err(e) => shared.note_error(format!("cannot reopen the database yet: {e}")),
+    }
+}
+
+/// Answers every request of a group that cannot be committed.
+fn answer_failed(group: Vec<Cmd>, e: &StoreError) {
+    for cmd in group {
+        match cmd {
+            Cmd::Ingest { reply, .. } => {
+                let _ = reply.send(Err(IngestError::Store(e.clone())));
+            }
+            Cmd::Receive { reply, .. } | Cmd::Snapshot { reply, .. } => {
+                let _ = reply.send(Err(e.clone()));
+            }
+            Cmd::Ping { reply } => {
+                let _ = reply.send(());
+            }
+            Cmd::Acked { .. } | Cmd::Trim { .. } | Cmd::Stop => {}
+        }
+    }
+}
+
+/// Commits `group` and answers its requests; on a storage error that needs the database
+/// reopened (a full disk, an I/O error) returns it with the requests, unanswered.
 fn commit_group(
     shared: &Shared,
     store: &Store,
     core: &mut Core,
     mut group: Vec<Cmd>,
     tail_tx: &watch::Sender<u64>,
-) {
+) -> Option<(StoreError, Vec<Cmd>)> {
     loop {
         let started = Instant::now();
         let now_ms = super::now_ms();
@@ -146,7 +231,7 @@ fn commit_group(
                     let _ = reply.send(Err(IngestError::Event(e)));
                 }
                 if group.is_empty() {
-                    return;
+                    return None;
                 }
                 if let Ok(txn) = store.begin() {
                     if let Ok(t) = txn.tables() {
@@ -169,21 +254,11 @@ fn commit_group(
                         let _ = core.reload(&t);
                     }
                 }
-                for cmd in group {
-                    match cmd {
-                        Cmd::Ingest { reply, .. } => {
-                            let _ = reply.send(Err(IngestError::Store(e.clone())));
-                        }
-                        Cmd::Receive { reply, .. } | Cmd::Snapshot { reply, .. } => {
-                            let _ = reply.send(Err(e.clone()));
-                        }
-                        Cmd::Ping { reply } => {
-                            let _ = reply.send(());
-                        }
-                        Cmd::Acked { .. } | Cmd::Trim { .. } | Cmd::Stop => {}
-                    }
+                if matches!(e, StoreError::Full(_) | StoreError::Io(_)) {
+                    return Some((e, group));
                 }
-                return;
+                answer_failed(group, &e);
+                return None;
             }
             Ok((outcomes, tail)) => {
                 shared.disk_full.store(false, Ordering::Relaxed);
@@ -221,7 +296,7 @@ fn commit_group(
                     *t = tail;
                     moved
                 });
-                return;
+                return None;
             }
         }
     }

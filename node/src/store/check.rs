@@ -141,8 +141,8 @@ fn check_file(path: &Path) -> Result<Report, OpenError> {
 }
 
 /// Opens a table, reporting a missing or mistyped one.
-fn open<'t, K: redb::Key + 'static, V: redb::Value + 'static>(
-    txn: &'t redb::ReadTransaction,
+fn open<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
     def: TableDefinition<K, V>,
     r: &mut Report,
 ) -> Option<redb::ReadOnlyTable<K, V>> {

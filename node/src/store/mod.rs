@@ -127,10 +127,18 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| open_err(&path, e))?;
+        // redb can panic instead of erring on a badly damaged file; that must be a clear
+        // refusal to start, not a crash.
+        let opened = std::panic::catch_unwind(|| {
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create(&path)
+        })
+        .map_err(|_| OpenError::Corrupt {
+            path: path.clone(),
+            detail: "the storage engine could not read this file (damaged); run `outpost db check` and restore from a backup".into(),
+        })?;
+        let db = opened.map_err(|e| open_err(&path, e))?;
         let store = Store { db, path };
         store.check_schema()?;
         Ok(store)
