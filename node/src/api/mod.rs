@@ -123,6 +123,15 @@ fn answer(a: &Ingested) -> Value {
 }
 
 async fn ingest(s: &Shared, events: Vec<Event>) -> ApiResult<Vec<Ingested>> {
+    if let Some(left) = s.restore.waiting() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "restored from a backup: recovering this node's own log from its peers ({left} of {} still to answer); events are taken once that is done",
+                s.peers.len()
+            ),
+        ));
+    }
     if s.disk_full.load(Ordering::Relaxed) {
         // Still try: the writer clears the flag when a commit succeeds again.
     }
@@ -319,6 +328,7 @@ pub async fn status(s: &Arc<Shared>) -> ApiResult<Value> {
         "api": s.config.api.to_string(),
         "ready": s.ready.load(Ordering::Relaxed),
         "disk_full": s.disk_full.load(Ordering::Relaxed),
+        "restoring": s.restore.waiting().is_some(),
         "log_tail": tail,
         "entries": entries,
         "digest": digest,

@@ -19,8 +19,8 @@ use crate::replication::core::{goes_to, resume_point};
 use crate::replication::link::{LinkLimits, Outbound};
 use crate::replication::{Core, LogRead, Received, StoreError};
 use crate::wire::{
-    read_frame, write_frame, Elements, Goodbye, Hello, Message, Role, SnapshotChunk, SnapshotEnd,
-    SnapshotEntry, PROTOCOL_VERSION,
+    read_frame, write_frame, CatchUpRequest, Elements, Goodbye, Hello, Message, Role,
+    SnapshotChunk, SnapshotEnd, SnapshotEntry, PROTOCOL_VERSION,
 };
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,6 +30,73 @@ const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 const PENDING_MAX: usize = 64;
 /// Outgoing control frames (acks) waiting for the sender, per connection.
 const CONTROL_MAX: usize = 256;
+
+/// After a restore from a backup: which peers have not yet confirmed that we hold all of our
+/// own log they hold. Until none is left, the node takes no new events (it could otherwise
+/// number a new event like one it issued before the backup).
+pub struct RestoreState {
+    pending: Mutex<Option<std::collections::BTreeSet<usize>>>,
+}
+
+impl RestoreState {
+    pub fn new(restored: bool, peers: usize) -> Self {
+        RestoreState {
+            // With no peers there is nothing to recover from.
+            pending: Mutex::new((restored && peers > 0).then(|| (0..peers).collect())),
+        }
+    }
+
+    /// Whether ingest must still wait; with how many peers left.
+    pub fn waiting(&self) -> Option<usize> {
+        self.pending
+            .lock()
+            .expect("restore lock")
+            .as_ref()
+            .map(|p| p.len())
+    }
+
+    /// Peer `i` has no more of our log. Returns true when that was the last one.
+    fn done(&self, i: usize) -> bool {
+        let mut p = self.pending.lock().expect("restore lock");
+        match p.as_mut() {
+            Some(set) => {
+                set.remove(&i);
+                set.is_empty()
+            }
+            None => false,
+        }
+    }
+
+    fn finish(&self) {
+        *self.pending.lock().expect("restore lock") = None;
+    }
+}
+
+/// Marks peer `i` done with our own log; the last one ends the restore, durably.
+async fn restore_peer_done(shared: &Arc<Shared>, i: usize) {
+    if !shared.restore.done(i) {
+        return;
+    }
+    let (tx, rx) = oneshot::channel();
+    if shared
+        .writer
+        .send(Cmd::ClearRestored { reply: tx })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    match rx.await {
+        Ok(Ok(())) => {
+            shared.restore.finish();
+            tracing::info!(
+                "restore complete: own log recovered from every peer; taking events again"
+            );
+        }
+        Ok(Err(e)) => shared.note_error(format!("cannot clear the restored mark: {e}")),
+        Err(_) => {}
+    }
+}
 
 /// What the node knows of one configured peer.
 pub struct PeerState {
@@ -294,7 +361,35 @@ async fn session(shared: Arc<Shared>, i: usize, conn: quinn::Connection, dialled
         info.generation
     };
     tracing::info!(peer = %peer.cfg.name, node_id = %peer_id, dialled, resume_from = start, "link up");
-    let result = run_link(&shared, peer_id, theirs.log_epoch, send, recv, outbound).await;
+    let own_request = match shared
+        .store
+        .read()
+        .and_then(|r| r.mark(shared.meta.node_id))
+    {
+        Ok(own) => {
+            crate::replication::Core::own_log_request_for(shared.meta.node_id, &own, &theirs)
+        }
+        Err(e) => {
+            fail(&shared, i, &conn, &e.into());
+            return false;
+        }
+    };
+    if own_request.is_none() {
+        restore_peer_done(&shared, i).await;
+    } else {
+        tracing::info!(peer = %peer.cfg.name, "peer holds more of this node's own log: catching up");
+    }
+    let result = run_link(
+        &shared,
+        i,
+        peer_id,
+        theirs.log_epoch,
+        send,
+        recv,
+        outbound,
+        own_request,
+    )
+    .await;
     {
         let mut info = peer.info.lock().expect("link lock");
         if info.generation == generation {
@@ -333,19 +428,36 @@ async fn expect_hello(recv: &mut quinn::RecvStream, max: usize) -> Result<Hello,
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_link(
     shared: &Arc<Shared>,
+    i: usize,
     peer_id: NodeId,
     peer_epoch: u64,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     outbound: Arc<Mutex<Outbound>>,
+    own_request: Option<CatchUpRequest>,
 ) -> Result<(), SessionError> {
     let notify = Arc::new(Notify::new());
     let (ctl_tx, ctl_rx) = mpsc::channel::<Message>(CONTROL_MAX);
+    if let Some(req) = own_request {
+        ctl_tx
+            .send(Message::CatchUpRequest(req))
+            .await
+            .map_err(|_| SessionError::Shutdown)?;
+    }
     let (pending_tx, pending_rx) = mpsc::channel(PENDING_MAX);
     let reader = read_loop(
-        shared, peer_id, peer_epoch, recv, &outbound, &notify, pending_tx,
+        shared,
+        i,
+        peer_id,
+        peer_epoch,
+        recv,
+        &outbound,
+        &notify,
+        pending_tx,
+        ctl_tx.clone(),
     );
     let acker = ack_loop(pending_rx, ctl_tx);
     let sender = send_loop(shared, peer_id, send, &outbound, &notify, ctl_rx);
@@ -358,14 +470,17 @@ async fn run_link(
 
 type Pending = (u64, oneshot::Receiver<Result<Received, StoreError>>);
 
+#[allow(clippy::too_many_arguments)]
 async fn read_loop(
     shared: &Arc<Shared>,
+    i: usize,
     peer_id: NodeId,
     peer_epoch: u64,
     mut recv: quinn::RecvStream,
     outbound: &Mutex<Outbound>,
     notify: &Notify,
     pending: mpsc::Sender<Pending>,
+    ctl: mpsc::Sender<Message>,
 ) -> Result<(), SessionError> {
     let max = shared.config.limits.frame_bytes_max;
     let epoch = shared.meta.log_epoch;
@@ -434,27 +549,42 @@ async fn read_loop(
                     });
                 }
             }
+            Message::CatchUpRequest(req) => {
+                let s = shared.clone();
+                let batch = tokio::task::spawn_blocking(move || {
+                    Core::answer_catch_up(&s.store.read()?, &req)
+                })
+                .await
+                .map_err(|_| SessionError::Shutdown)??;
+                ctl.send(Message::CatchUpBatch(batch))
+                    .await
+                    .map_err(|_| SessionError::Shutdown)?;
+            }
+            Message::CatchUpBatch(batch) => {
+                let els = Core::check_catch_up(&batch)
+                    .map_err(|e| SessionError::Protocol(e.to_string()))?;
+                let (tx, rx) = oneshot::channel();
+                shared
+                    .writer
+                    .send(Cmd::CatchUp {
+                        from: peer_id,
+                        batch,
+                        els,
+                        reply: tx,
+                    })
+                    .await
+                    .map_err(|_| SessionError::Shutdown)?;
+                match rx.await.map_err(|_| SessionError::Shutdown)?? {
+                    Some(next) => ctl
+                        .send(Message::CatchUpRequest(next))
+                        .await
+                        .map_err(|_| SessionError::Shutdown)?,
+                    None => restore_peer_done(shared, i).await,
+                }
+            }
             Message::Goodbye(g) => return Err(SessionError::Goodbye(g.reason)),
             Message::Hello(_) => return Err(SessionError::Protocol("a second Hello".into())),
-            other => {
-                return Err(SessionError::Protocol(format!(
-                    "unexpected {} frame",
-                    variant_name(&other)
-                )))
-            }
         }
-    }
-}
-
-fn variant_name(m: &Message) -> &'static str {
-    match m {
-        Message::Hello(_) => "Hello",
-        Message::Elements(_) => "Elements",
-        Message::Ack { .. } => "Ack",
-        Message::CatchUpRequest(_) => "CatchUpRequest",
-        Message::CatchUpBatch(_) => "CatchUpBatch",
-        Message::Snapshot(_) => "Snapshot",
-        Message::Goodbye(_) => "Goodbye",
     }
 }
 

@@ -166,6 +166,8 @@ pub struct Shared {
     pub disk_full: AtomicBool,
     /// A backup is being written or streamed (one at a time).
     pub backup_running: AtomicBool,
+    /// Restored from a backup and still recovering its own log from its peers.
+    pub restore: link::RestoreState,
     last_errors: Mutex<VecDeque<String>>,
 }
 
@@ -265,6 +267,14 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
     }
     let data_dir = config.data_dir.clone();
     let (store, meta, identity, _) = open_node(&data_dir, config.role, Some(&config.name))?;
+    let restored = store.restored()?;
+    let config_peers = config.peers.len();
+    if restored {
+        tracing::warn!(
+            peers = config_peers,
+            "this database was restored from a backup: recovering this node's own log from every peer before taking events"
+        );
+    }
     if meta.name != config.name {
         tracing::info!(
             stored = %meta.name,
@@ -320,6 +330,7 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
         ready: AtomicBool::new(false),
         disk_full: AtomicBool::new(false),
         backup_running: AtomicBool::new(false),
+        restore: link::RestoreState::new(restored, config_peers),
         last_errors: Mutex::new(VecDeque::new()),
     });
     let writer_thread = {

@@ -13,7 +13,7 @@ use crate::ids::NodeId;
 use crate::model::Event;
 use crate::replication::{Core, IngestError, Ingested, LogRead, Received, StoreError, Tables};
 use crate::store::Store;
-use crate::wire::{Elements, SnapshotChunk};
+use crate::wire::{CatchUpBatch, CatchUpRequest, Elements, SnapshotChunk};
 
 use super::Shared;
 
@@ -33,6 +33,17 @@ pub enum Cmd {
         chunk: SnapshotChunk,
         els: Vec<Value>,
         reply: oneshot::Sender<Result<Received, StoreError>>,
+    },
+    /// Records of our own log a peer sent back after a restore (or of any origin we asked for).
+    CatchUp {
+        from: NodeId,
+        batch: CatchUpBatch,
+        els: Vec<Value>,
+        reply: oneshot::Sender<Result<Option<CatchUpRequest>, StoreError>>,
+    },
+    /// The node caught up its own log after a restore: clear the database's restored mark.
+    ClearRestored {
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Acked {
         from: NodeId,
@@ -59,8 +70,9 @@ impl Cmd {
             Cmd::Ingest { events, .. } => events.len(),
             Cmd::Receive { frame, .. } => frame.items.len().max(1),
             Cmd::Snapshot { chunk, .. } => chunk.entries.len().max(1),
+            Cmd::CatchUp { batch, .. } => batch.items.len().max(1),
             Cmd::Acked { .. } | Cmd::Trim { .. } | Cmd::Stop => 1,
-            Cmd::Ping { .. } => 0,
+            Cmd::Ping { .. } | Cmd::ClearRestored { .. } => 0,
         }
     }
 }
@@ -68,6 +80,7 @@ impl Cmd {
 enum Outcome {
     Ingest(Result<Vec<Ingested>, IngestError>),
     Receive(Result<Received, StoreError>),
+    CatchUp(Result<Option<CatchUpRequest>, StoreError>),
     None,
 }
 
@@ -97,6 +110,7 @@ pub fn run(
         let commit_max = limits.commit_events_max;
         let mut group = Vec::new();
         let mut pings = Vec::new();
+        let mut clear_restored = Vec::new();
         let mut weight = 0;
         let mut next = Some(first);
         while let Some(c) = next.take() {
@@ -106,6 +120,8 @@ pub fn run(
                 rx.close();
             } else if let Cmd::Ping { reply } = c {
                 pings.push(reply);
+            } else if let Cmd::ClearRestored { reply } = c {
+                clear_restored.push(reply);
             } else {
                 weight += c.weight();
                 group.push(c);
@@ -159,6 +175,14 @@ pub fn run(
         for reply in pings {
             let _ = reply.send(());
         }
+        // Its own write transaction, after the group's.
+        for reply in clear_restored {
+            let r = match &store {
+                Some(s) => s.clear_restored(),
+                None => Err(StoreError::Io("the database is not open".into())),
+            };
+            let _ = reply.send(r);
+        }
     }
     tracing::debug!("writer stopped");
 }
@@ -201,6 +225,12 @@ fn answer_failed(group: Vec<Cmd>, e: &StoreError) {
                 let _ = reply.send(Err(IngestError::Store(e.clone())));
             }
             Cmd::Receive { reply, .. } | Cmd::Snapshot { reply, .. } => {
+                let _ = reply.send(Err(e.clone()));
+            }
+            Cmd::CatchUp { reply, .. } => {
+                let _ = reply.send(Err(e.clone()));
+            }
+            Cmd::ClearRestored { reply } => {
                 let _ = reply.send(Err(e.clone()));
             }
             Cmd::Ping { reply } => {
@@ -288,6 +318,9 @@ fn commit_group(
                             }
                             let _ = reply.send(r);
                         }
+                        (Cmd::CatchUp { reply, .. }, Outcome::CatchUp(r)) => {
+                            let _ = reply.send(r);
+                        }
                         _ => {}
                     }
                 }
@@ -362,7 +395,10 @@ fn try_group(
                     t.trim_log(*cutoff_ms, *keep_max, 10_000)?;
                     Outcome::None
                 }
-                Cmd::Stop | Cmd::Ping { .. } => Outcome::None,
+                Cmd::CatchUp {
+                    from, batch, els, ..
+                } => Outcome::CatchUp(Ok(core.apply_catch_up(&mut t, now_ms, *from, batch, els)?)),
+                Cmd::Stop | Cmd::Ping { .. } | Cmd::ClearRestored { .. } => Outcome::None,
             };
             outcomes.push(outcome);
         }

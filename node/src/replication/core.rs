@@ -454,9 +454,14 @@ impl Core {
     /// After a peer's Hello: if the peer holds more of *our own* log than we do (we were
     /// restored from a backup), ask for the rest, from our contiguous mark on.
     pub fn own_log_request(&self, own: &Mark, hello: &Hello) -> Option<CatchUpRequest> {
-        let theirs = hello.marks.iter().find(|m| m.origin == self.node_id)?;
+        Self::own_log_request_for(self.node_id, own, hello)
+    }
+
+    /// [`Core::own_log_request`] for node `me`, for drivers that hold no `Core`.
+    pub fn own_log_request_for(me: NodeId, own: &Mark, hello: &Hello) -> Option<CatchUpRequest> {
+        let theirs = hello.marks.iter().find(|m| m.origin == me)?;
         (Mark::from_wire(theirs).highest() > own.highest()).then_some(CatchUpRequest {
-            origin: self.node_id,
+            origin: me,
             after_oseq: own.contiguous,
             max: CATCH_UP_BATCH_MAX,
         })
