@@ -54,7 +54,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const DB_FILE: &str = "outpost.redb";
 /// redb's page cache. The default (1 GiB) is too much for a small edge box; the working set
 /// (state table + log head + indexes) of a busy node fits comfortably in this.
-pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Bounds on what [`Store::put_secret`] accepts: identity material is small.
 pub const SECRET_NAME_BYTES_MAX: usize = 64;
 pub const SECRET_BYTES_MAX: usize = 64 * 1024;
