@@ -307,10 +307,10 @@ pub async fn status(s: &Arc<Shared>) -> ApiResult<Value> {
                 .unwrap_or_default();
             json!({
                 "name": p.cfg.name,
-                "addr": p.cfg.addr.to_string(),
+                "addr": p.addr().to_string(),
                 "node_id": node_id.map(|n| n.to_string()),
                 "connected": connected,
-                "dials": p.dials,
+                "dials": p.dials(),
                 "lag": p.lag(tail, stored.acked_in(s.meta.log_epoch, stored.acked_peer_epoch)),
                 "acked": stored.acked_in(s.meta.log_epoch, stored.acked_peer_epoch),
                 "received": stored.received,

@@ -100,10 +100,19 @@ async fn restore_peer_done(shared: &Arc<Shared>, i: usize) {
 
 /// What the node knows of one configured peer.
 pub struct PeerState {
+    /// The peer as configured at start; `name` never changes. Address and fingerprints may
+    /// change at SIGHUP: read them through [`PeerState::addr`] and [`PeerState::pins`].
     pub cfg: PeerConfig,
-    /// Whether this side dials (lower fingerprint), decided from the configs alone.
-    pub dials: bool,
+    live: Mutex<LivePeer>,
     pub info: Mutex<LinkInfo>,
+}
+
+/// What SIGHUP may change of a peer: where it is and which certificates it may present.
+struct LivePeer {
+    addr: std::net::SocketAddr,
+    fingerprints: Vec<Fingerprint>,
+    /// Whether this side dials (lower fingerprint), decided from the configs alone.
+    dials: bool,
 }
 
 #[derive(Default)]
@@ -118,17 +127,69 @@ pub struct LinkInfo {
     pub last_error: Option<String>,
 }
 
+/// The side with the lower fingerprint dials. During a certificate rotation the peer has two
+/// fingerprints; if they disagree about who dials, dial: a duplicate is closed after the Hello.
+fn dials(theirs: &[Fingerprint], mine: &Fingerprint) -> bool {
+    let mine = mine.to_string();
+    !theirs.iter().all(|f| f.to_string() < mine)
+}
+
 impl PeerState {
     pub fn new(cfg: PeerConfig, mine: &Fingerprint) -> Self {
-        let mine = mine.to_string();
-        // During a certificate rotation the peer has two fingerprints; if they disagree about
-        // who dials, dial: a duplicate is closed after the Hello.
-        let dials = !cfg.fingerprints.iter().all(|f| f.to_string() < mine);
+        let live = LivePeer {
+            addr: cfg.addr,
+            fingerprints: cfg.fingerprints.clone(),
+            dials: dials(&cfg.fingerprints, mine),
+        };
         PeerState {
             cfg,
-            dials,
+            live: Mutex::new(live),
             info: Mutex::new(LinkInfo::default()),
         }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.live.lock().expect("peer lock").addr
+    }
+
+    /// Whether `fp` is one of the certificates this peer may present.
+    pub fn pins(&self, fp: &Fingerprint) -> bool {
+        self.live
+            .lock()
+            .expect("peer lock")
+            .fingerprints
+            .contains(fp)
+    }
+
+    pub fn fingerprints(&self) -> Vec<Fingerprint> {
+        self.live.lock().expect("peer lock").fingerprints.clone()
+    }
+
+    pub fn dials(&self) -> bool {
+        self.live.lock().expect("peer lock").dials
+    }
+
+    /// Applies a reloaded address and fingerprints. A live connection is closed so that the
+    /// link is re-established under the new settings (a certificate no longer pinned must not
+    /// stay connected). Returns what changed, for the reload log line.
+    pub fn update(&self, new: &PeerConfig, mine: &Fingerprint) -> Option<String> {
+        let mut live = self.live.lock().expect("peer lock");
+        if live.addr == new.addr && live.fingerprints == new.fingerprints {
+            return None;
+        }
+        let what = match (live.addr != new.addr, live.fingerprints != new.fingerprints) {
+            (true, true) => "address and fingerprints",
+            (true, false) => "address",
+            _ => "fingerprints",
+        };
+        live.addr = new.addr;
+        live.fingerprints = new.fingerprints.clone();
+        live.dials = dials(&new.fingerprints, mine);
+        drop(live);
+        if let Some(conn) = self.info.lock().expect("link lock").conn.as_ref() {
+            conn.close(close::SHUTDOWN.into(), b"peer settings reloaded");
+        }
+        Some(format!("peer {}: {what}", self.cfg.name))
     }
 
     /// Log positions the peer has not acknowledged (of `tail`), from the live link if any,
@@ -145,10 +206,9 @@ impl PeerState {
 
 pub fn spawn_all(shared: Arc<Shared>, ep: quinn::Endpoint) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![tokio::spawn(accept_loop(shared.clone(), ep.clone()))];
+    // Every peer gets a loop: whether this side dials may change when fingerprints are reloaded.
     for i in 0..shared.peers.len() {
-        if shared.peers[i].dials {
-            tasks.push(tokio::spawn(dial_loop(shared.clone(), ep.clone(), i)));
-        }
+        tasks.push(tokio::spawn(dial_loop(shared.clone(), ep.clone(), i)));
     }
     tasks
 }
@@ -160,11 +220,7 @@ async fn accept_loop(shared: Arc<Shared>, ep: quinn::Endpoint) {
             let remote = incoming.remote_address();
             match net::accept(incoming).await {
                 Ok((conn, fp)) => {
-                    let Some(i) = shared
-                        .peers
-                        .iter()
-                        .position(|p| p.cfg.fingerprints.contains(&fp))
-                    else {
+                    let Some(i) = shared.peers.iter().position(|p| p.pins(&fp)) else {
                         conn.close(close::UNKNOWN_PEER.into(), b"unknown peer");
                         return;
                     };
@@ -180,21 +236,23 @@ async fn dial_loop(shared: Arc<Shared>, ep: quinn::Endpoint, i: usize) {
     let mut backoff = DIAL_BACKOFF_MIN;
     loop {
         let peer = &shared.peers[i];
-        match net::connect(&ep, peer.cfg.addr).await {
-            Ok((conn, fp)) if peer.cfg.fingerprints.contains(&fp) => {
+        if !peer.dials() {
+            // The peer dials us; look again later in case a reload changes that.
+            tokio::time::sleep(DIAL_BACKOFF_MAX).await;
+            continue;
+        }
+        let addr = peer.addr();
+        match net::connect(&ep, addr).await {
+            Ok((conn, fp)) if peer.pins(&fp) => {
                 if session(shared.clone(), i, conn, true).await {
                     backoff = DIAL_BACKOFF_MIN;
                 }
             }
             Ok((conn, fp)) => {
                 conn.close(close::UNKNOWN_PEER.into(), b"not the peer dialled");
-                set_error(
-                    &shared,
-                    i,
-                    format!("{} answered with certificate {fp}", peer.cfg.addr),
-                );
+                set_error(&shared, i, format!("{addr} answered with certificate {fp}"));
             }
-            Err(e) => set_error(&shared, i, format!("dialling {}: {e}", peer.cfg.addr)),
+            Err(e) => set_error(&shared, i, format!("dialling {addr}: {e}")),
         }
         let jitter = Duration::from_millis(rand::random::<u64>() % 100);
         tokio::time::sleep(backoff + jitter).await;

@@ -168,6 +168,8 @@ pub struct Shared {
     pub backup_running: AtomicBool,
     /// Restored from a backup and still recovering its own log from its peers.
     pub restore: link::RestoreState,
+    /// The certificates the endpoint accepts (every peer's); SIGHUP replaces them.
+    pub pins: PinSet,
     last_errors: Mutex<VecDeque<String>>,
 }
 
@@ -304,8 +306,13 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
             .iter()
             .flat_map(|p| p.fingerprints.iter().copied()),
     );
-    let endpoint = crate::net::endpoint(config.listen, &identity, pins, TransportLimits::default())
-        .with_context(|| format!("binding QUIC on {} (field `listen`)", config.listen))?;
+    let endpoint = crate::net::endpoint(
+        config.listen,
+        &identity,
+        pins.clone(),
+        TransportLimits::default(),
+    )
+    .with_context(|| format!("binding QUIC on {} (field `listen`)", config.listen))?;
     let quic_addr = endpoint.local_addr()?;
     let api_listener = tokio::net::TcpListener::bind(config.api)
         .await
@@ -331,6 +338,7 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
         disk_full: AtomicBool::new(false),
         backup_running: AtomicBool::new(false),
         restore: link::RestoreState::new(restored, config_peers),
+        pins,
         last_errors: Mutex::new(VecDeque::new()),
     });
     let writer_thread = {
