@@ -40,7 +40,7 @@ fn quiet(nodes: &[Running]) -> bool {
         .collect();
     let links_idle = nodes.iter().all(|r| {
         let tail = *r.shared.tail.borrow();
-        r.shared.peers.iter().all(|p| {
+        r.shared.peers.active().iter().all(|(_, p)| {
             let connected = p.info.lock().unwrap().connected;
             connected && p.lag(tail, 0) == 0
         })

@@ -39,7 +39,7 @@ fn quiet(nodes: &[&Running]) -> bool {
     nodes.iter().all(|r| {
         let tail = *r.shared.tail.borrow();
         let progress = r.shared.store.read().unwrap().peers().unwrap();
-        r.shared.peers.iter().all(|p| {
+        r.shared.peers.active().iter().all(|(_, p)| {
             let info = p.info.lock().unwrap();
             let stored = info
                 .node_id

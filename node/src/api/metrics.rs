@@ -238,7 +238,8 @@ pub async fn get_metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     // Peers.
     let mut lag = String::new();
     let mut up = String::new();
-    for p in &s.peers {
+    let peers = s.peers.active();
+    for (_, p) in &peers {
         let (node_id, connected) = {
             let i = p.info.lock().expect("link lock");
             (i.node_id, i.connected)
@@ -267,19 +268,14 @@ pub async fn get_metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
          # HELP outpost_peer_up Whether the link to the peer is up.\n\
          # TYPE outpost_peer_up gauge\n{up}"
     );
-    gauge(
-        o,
-        "outpost_peers",
-        "Configured peers.",
-        s.peers.len() as u64,
-    );
+    gauge(o, "outpost_peers", "Configured peers.", peers.len() as u64);
     gauge(
         o,
         "outpost_peers_up",
         "Peers whose link is up.",
-        s.peers
+        peers
             .iter()
-            .filter(|p| p.info.lock().expect("link lock").connected)
+            .filter(|(_, p)| p.info.lock().expect("link lock").connected)
             .count() as u64,
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)

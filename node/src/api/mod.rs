@@ -128,7 +128,7 @@ async fn ingest(s: &Shared, events: Vec<Event>) -> ApiResult<Vec<Ingested>> {
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "restored from a backup: recovering this node's own log from its peers ({left} of {} still to answer); events are taken once that is done",
-                s.peers.len()
+                s.peers.active().len()
             ),
         ));
     }
@@ -268,9 +268,10 @@ async fn get_message(
         .iter()
         .map(|id| {
             s.peers
+                .active()
                 .iter()
-                .find(|p| p.info.lock().expect("link lock").node_id == Some(*id))
-                .map_or_else(|| id.to_string(), |p| p.cfg.name.clone())
+                .find(|(_, p)| p.info.lock().expect("link lock").node_id == Some(*id))
+                .map_or_else(|| id.to_string(), |(_, p)| p.cfg.name.clone())
         })
         .collect();
     Ok(Json(json!({
@@ -295,8 +296,9 @@ pub async fn status(s: &Arc<Shared>) -> ApiResult<Value> {
     .await?;
     let peers: Vec<Value> = s
         .peers
+        .active()
         .iter()
-        .map(|p| {
+        .map(|(_, p)| {
             let (node_id, connected, last_error) = {
                 let i = p.info.lock().expect("link lock");
                 (i.node_id, i.connected, i.last_error.clone())

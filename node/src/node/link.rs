@@ -104,7 +104,86 @@ pub struct PeerState {
     /// change at SIGHUP: read them through [`PeerState::addr`] and [`PeerState::pins`].
     pub cfg: PeerConfig,
     live: Mutex<LivePeer>,
+    removed: std::sync::atomic::AtomicBool,
     pub info: Mutex<LinkInfo>,
+}
+
+/// The configured peers. Grow-only, so a peer's index stays valid for the node's lifetime: a
+/// peer added at SIGHUP is appended, a removed one is flagged (its dial loop ends, its
+/// certificates are no longer pinned, its link is closed, and it leaves status and metrics).
+#[derive(Default)]
+pub struct Peers {
+    list: std::sync::RwLock<Vec<Arc<PeerState>>>,
+}
+
+impl Peers {
+    pub fn new(peers: Vec<PeerState>) -> Self {
+        Peers {
+            list: std::sync::RwLock::new(peers.into_iter().map(Arc::new).collect()),
+        }
+    }
+
+    pub fn get(&self, i: usize) -> Arc<PeerState> {
+        self.list.read().expect("peers lock")[i].clone()
+    }
+
+    /// The peers that are configured now (not removed), with their indices.
+    pub fn active(&self) -> Vec<(usize, Arc<PeerState>)> {
+        self.list
+            .read()
+            .expect("peers lock")
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.removed())
+            .map(|(i, p)| (i, p.clone()))
+            .collect()
+    }
+
+    /// Every peer ever configured, removed ones included (their index is their identity).
+    pub fn len_all(&self) -> usize {
+        self.list.read().expect("peers lock").len()
+    }
+
+    fn push(&self, p: PeerState) -> usize {
+        let mut list = self.list.write().expect("peers lock");
+        list.push(Arc::new(p));
+        list.len() - 1
+    }
+
+    /// The pins of every active peer.
+    pub fn fingerprints(&self) -> Vec<Fingerprint> {
+        self.active()
+            .iter()
+            .flat_map(|(_, p)| p.fingerprints())
+            .collect()
+    }
+}
+
+/// Applies a reloaded peer list: existing peers (by name) take their new address and
+/// fingerprints, new ones are added and dialled, missing ones removed. Returns what changed.
+pub fn reload_peers(shared: &Arc<Shared>, new: &[PeerConfig]) -> Vec<String> {
+    let mut changed = Vec::new();
+    let current = shared.peers.active();
+    for (_, peer) in &current {
+        match new.iter().find(|p| p.name == peer.cfg.name) {
+            Some(p) => changed.extend(peer.update(p, &shared.fingerprint)),
+            None => {
+                peer.remove();
+                changed.push(format!("peer {} removed", peer.cfg.name));
+            }
+        }
+    }
+    for p in new {
+        if !current.iter().any(|(_, c)| c.cfg.name == p.name) {
+            let i = shared
+                .peers
+                .push(PeerState::new(p.clone(), &shared.fingerprint));
+            tokio::spawn(dial_loop(shared.clone(), shared.endpoint.clone(), i));
+            changed.push(format!("peer {} added", p.name));
+        }
+    }
+    shared.pins.replace(shared.peers.fingerprints());
+    changed
 }
 
 /// What SIGHUP may change of a peer: where it is and which certificates it may present.
@@ -144,7 +223,20 @@ impl PeerState {
         PeerState {
             cfg,
             live: Mutex::new(live),
+            removed: std::sync::atomic::AtomicBool::new(false),
             info: Mutex::new(LinkInfo::default()),
+        }
+    }
+
+    pub fn removed(&self) -> bool {
+        self.removed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn remove(&self) {
+        self.removed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(conn) = self.info.lock().expect("link lock").conn.as_ref() {
+            conn.close(close::SHUTDOWN.into(), b"peer removed from the config");
         }
     }
 
@@ -154,11 +246,13 @@ impl PeerState {
 
     /// Whether `fp` is one of the certificates this peer may present.
     pub fn pins(&self, fp: &Fingerprint) -> bool {
-        self.live
-            .lock()
-            .expect("peer lock")
-            .fingerprints
-            .contains(fp)
+        !self.removed()
+            && self
+                .live
+                .lock()
+                .expect("peer lock")
+                .fingerprints
+                .contains(fp)
     }
 
     pub fn fingerprints(&self) -> Vec<Fingerprint> {
@@ -207,7 +301,7 @@ impl PeerState {
 pub fn spawn_all(shared: Arc<Shared>, ep: quinn::Endpoint) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![tokio::spawn(accept_loop(shared.clone(), ep.clone()))];
     // Every peer gets a loop: whether this side dials may change when fingerprints are reloaded.
-    for i in 0..shared.peers.len() {
+    for i in 0..shared.peers.len_all() {
         tasks.push(tokio::spawn(dial_loop(shared.clone(), ep.clone(), i)));
     }
     tasks
@@ -220,7 +314,8 @@ async fn accept_loop(shared: Arc<Shared>, ep: quinn::Endpoint) {
             let remote = incoming.remote_address();
             match net::accept(incoming).await {
                 Ok((conn, fp)) => {
-                    let Some(i) = shared.peers.iter().position(|p| p.pins(&fp)) else {
+                    let found = shared.peers.active().into_iter().find(|(_, p)| p.pins(&fp));
+                    let Some((i, _)) = found else {
                         conn.close(close::UNKNOWN_PEER.into(), b"unknown peer");
                         return;
                     };
@@ -235,7 +330,10 @@ async fn accept_loop(shared: Arc<Shared>, ep: quinn::Endpoint) {
 async fn dial_loop(shared: Arc<Shared>, ep: quinn::Endpoint, i: usize) {
     let mut backoff = DIAL_BACKOFF_MIN;
     loop {
-        let peer = &shared.peers[i];
+        let peer = shared.peers.get(i);
+        if peer.removed() {
+            return;
+        }
         if !peer.dials() {
             // The peer dials us; look again later in case a reload changes that.
             tokio::time::sleep(DIAL_BACKOFF_MAX).await;
@@ -261,7 +359,7 @@ async fn dial_loop(shared: Arc<Shared>, ep: quinn::Endpoint, i: usize) {
 }
 
 fn set_error(shared: &Shared, i: usize, e: String) {
-    let peer = &shared.peers[i];
+    let peer = shared.peers.get(i);
     let mut info = peer.info.lock().expect("link lock");
     if info.last_error.as_deref() != Some(e.as_str()) {
         tracing::info!(peer = %peer.cfg.name, "{e}");
@@ -346,7 +444,7 @@ fn check_hello(shared: &Shared, h: &Hello) -> Result<(), SessionError> {
 
 /// Runs one connection to its end. Returns whether the Hello exchange succeeded.
 async fn session(shared: Arc<Shared>, i: usize, conn: quinn::Connection, dialled: bool) -> bool {
-    let peer = &shared.peers[i];
+    let peer = shared.peers.get(i);
     let max = shared.config.limits.frame_bytes_max;
     let known = peer.info.lock().expect("link lock").node_id;
     let handshake = async {
@@ -471,7 +569,7 @@ fn fail(shared: &Shared, i: usize, conn: &quinn::Connection, e: &SessionError) {
             .metrics
             .frames_refused
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        shared.note_error(format!("peer {}: {reason}", shared.peers[i].cfg.name));
+        shared.note_error(format!("peer {}: {reason}", shared.peers.get(i).cfg.name));
     }
     conn.close(e.close_code().into(), reason.as_bytes());
     set_error(shared, i, reason);
@@ -858,18 +956,17 @@ fn chosen_for_relay(shared: &Shared, msg: &[u8; 32], peer_id: NodeId, k: usize) 
         h.update(name.as_bytes());
         *h.finalize().as_bytes()
     };
-    let Some(target) = shared
-        .peers
+    let peers = shared.peers.active();
+    let Some((_, target)) = peers
         .iter()
-        .find(|p| p.info.lock().expect("link lock").node_id == Some(peer_id))
+        .find(|(_, p)| p.info.lock().expect("link lock").node_id == Some(peer_id))
     else {
         return true;
     };
     let mine = rank(&target.cfg.name);
-    shared
-        .peers
+    peers
         .iter()
-        .filter(|p| rank(&p.cfg.name) < mine)
+        .filter(|(_, p)| rank(&p.cfg.name) < mine)
         .count()
         < k
 }

@@ -160,7 +160,7 @@ pub struct Shared {
     pub token: String,
     pub writer: mpsc::Sender<writer::Cmd>,
     pub tail: watch::Receiver<u64>,
-    pub peers: Vec<link::PeerState>,
+    pub peers: link::Peers,
     pub metrics: Metrics,
     pub ready: AtomicBool,
     pub disk_full: AtomicBool,
@@ -170,6 +170,8 @@ pub struct Shared {
     pub restore: link::RestoreState,
     /// The certificates the endpoint accepts (every peer's); SIGHUP replaces them.
     pub pins: PinSet,
+    /// The QUIC endpoint, for peers added at SIGHUP.
+    pub endpoint: quinn::Endpoint,
     last_errors: Mutex<VecDeque<String>>,
 }
 
@@ -323,6 +325,7 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
         .iter()
         .map(|p| link::PeerState::new(p.clone(), &identity.fingerprint))
         .collect();
+    let peers = link::Peers::new(peers);
     let shared = Arc::new(Shared {
         live: RwLock::new(Arc::new(config.clone())),
         config,
@@ -339,6 +342,7 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
         backup_running: AtomicBool::new(false),
         restore: link::RestoreState::new(restored, config_peers),
         pins,
+        endpoint: endpoint.clone(),
         last_errors: Mutex::new(VecDeque::new()),
     });
     let writer_thread = {
@@ -374,7 +378,7 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
         fingerprint = %shared.fingerprint,
         quic = %quic_addr,
         api = %api_addr,
-        peers = shared.peers.len(),
+        peers = shared.peers.len_all(),
         "ready"
     );
     Ok(Running {

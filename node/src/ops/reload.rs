@@ -78,18 +78,9 @@ pub async fn reload(shared: &Arc<Shared>, source: &Source, log: &LogControl) -> 
             (None, false) => applied.push("log.level not applied: no reloadable logger".into()),
         }
     }
-    // Existing peers' addresses and fingerprints apply now (certificate rotation, a moved
-    // peer); adding or removing peers waits for a restart (see `plan`).
-    for peer in &shared.peers {
-        if let Some(p) = new.peers.iter().find(|p| p.name == peer.cfg.name) {
-            if let Some(what) = peer.update(p, &shared.fingerprint) {
-                applied.push(what);
-            }
-        }
-    }
-    shared
-        .pins
-        .replace(shared.peers.iter().flat_map(|p| p.fingerprints()));
+    // Peers apply now: new addresses and fingerprints (a certificate rotation, a moved peer),
+    // peers added (dialled at once) and removed (unpinned, disconnected).
+    applied.extend(crate::node::link::reload_peers(shared, &new.peers));
     shared.set_config(new);
     shared
         .metrics
@@ -107,9 +98,7 @@ pub async fn reload(shared: &Arc<Shared>, source: &Source, log: &LogControl) -> 
             plan.restart.join(", ")
         ));
     }
-    if plan.restart.iter().any(|r| r.starts_with("peers")) {
-        tracing::warn!("peers added or removed: restart required to apply");
-    }
+
     tracing::info!("{line}");
     line
 }
@@ -171,8 +160,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     restart(old.data_dir != new.data_dir, "data_dir");
     restart(old.listen != new.listen, "listen");
     restart(old.api != new.api, "api");
-    let names = |c: &Config| c.peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
-    restart(names(old) != names(new), "peers (added or removed)");
+
     restart(old.replication != new.replication, "replication");
     let (a, b) = (&old.limits, &new.limits);
     restart(

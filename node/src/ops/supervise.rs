@@ -91,7 +91,8 @@ pub async fn status_line(shared: &Arc<Shared>) -> String {
     };
     let mut up = 0;
     let mut max_lag = 0;
-    for p in &shared.peers {
+    let peers = shared.peers.active();
+    for (_, p) in &peers {
         let (node_id, connected) = {
             let i = p.info.lock().expect("link lock");
             (i.node_id, i.connected)
@@ -106,7 +107,7 @@ pub async fn status_line(shared: &Arc<Shared>) -> String {
     }
     let mut line = format!(
         "{head}: {up}/{} peers up, max lag {max_lag}, {entries} entries, log tail {tail}",
-        shared.peers.len()
+        peers.len()
     );
     if shared.disk_full.load(std::sync::atomic::Ordering::Relaxed) {
         line.push_str("; DISK FULL: ingest refused until space is freed");
