@@ -6,23 +6,8 @@
 use std::time::{Duration, Instant};
 
 use outpost::model::{Event, RawEvent};
-use outpost::node::{self, writer::Cmd, Running};
+use outpost::node::{self, Running};
 use serde_json::json;
-
-async fn ingest(r: &Running, events: Vec<Event>) -> Vec<outpost::ids::MsgId> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    r.shared
-        .writer
-        .send(Cmd::Ingest { events, reply: tx })
-        .await
-        .unwrap();
-    rx.await
-        .unwrap()
-        .unwrap()
-        .into_iter()
-        .map(|a| a.msg_id)
-        .collect()
-}
 
 fn event(i: usize) -> Event {
     Event::from_raw(RawEvent {
@@ -61,7 +46,10 @@ async fn relays_are_bounded_by_fanout_and_everything_converges() {
     }
     let mut ids = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
-        ids.extend(ingest(n, (0..50).map(|j| event(i * 100 + j)).collect()).await);
+        let got = n
+            .ingest((0..50).map(|j| event(i * 100 + j)).collect())
+            .await;
+        ids.extend(got.unwrap().into_iter().map(|a| a.msg_id));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while !quiet(&nodes) {

@@ -6,18 +6,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use outpost::model::{Event, RawEvent};
-use outpost::node::{self, writer::Cmd, Running};
+use outpost::node::{self, Running};
 use serde_json::json;
-
-async fn ingest(r: &Running, events: Vec<Event>) {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    r.shared
-        .writer
-        .send(Cmd::Ingest { events, reply: tx })
-        .await
-        .unwrap();
-    rx.await.unwrap().unwrap();
-}
 
 fn event(i: usize) -> Event {
     Event::from_raw(RawEvent {
@@ -75,14 +65,18 @@ async fn a_node_behind_retention_catches_up_by_snapshot() {
     let a = node::start(configs[0].clone()).await.unwrap();
     let b = node::start(configs[1].clone()).await.unwrap();
     let c = node::start(configs[2].clone()).await.unwrap();
-    ingest(&a, (0..30).map(event).collect()).await;
+    a.ingest((0..30).map(event).collect()).await.unwrap();
     wait_converged(&[&a, &b, &c]).await;
     c.shutdown().await;
 
     // Many small commits at a and b, each trimming the logs down to 20 records.
     for round in 0..40 {
-        ingest(&a, (0..5).map(|j| event(1000 + round * 10 + j)).collect()).await;
-        ingest(&b, (0..5).map(|j| event(5000 + round * 10 + j)).collect()).await;
+        a.ingest((0..5).map(|j| event(1000 + round * 10 + j)).collect())
+            .await
+            .unwrap();
+        b.ingest((0..5).map(|j| event(5000 + round * 10 + j)).collect())
+            .await
+            .unwrap();
     }
     let first = a.shared.store.read().unwrap();
     use outpost::replication::LogRead;
@@ -98,7 +92,9 @@ async fn a_node_behind_retention_catches_up_by_snapshot() {
         + b.shared.metrics.snapshots_sent.load(Ordering::Relaxed);
     assert!(snapshots >= 1, "c must have been sent a snapshot");
     // c goes on with ordinary replication afterwards.
-    ingest(&a, (0..10).map(|j| event(9000 + j)).collect()).await;
+    a.ingest((0..10).map(|j| event(9000 + j)).collect())
+        .await
+        .unwrap();
     wait_converged(&[&a, &b, &c]).await;
     for r in [a, b, c] {
         r.shutdown().await;

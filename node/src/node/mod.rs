@@ -225,6 +225,22 @@ pub struct Running {
 }
 
 impl Running {
+    /// Ingests events in this process, as `POST /v1/events/batch` would: answered after the
+    /// commit is durable.
+    pub async fn ingest(
+        &self,
+        events: Vec<crate::model::Event>,
+    ) -> Result<Vec<crate::replication::Ingested>, crate::replication::IngestError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let closed = || crate::replication::IngestError::NotReady("node is shutting down".into());
+        self.shared
+            .writer
+            .send(writer::Cmd::Ingest { events, reply: tx })
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
     /// Stops cleanly: the API stops taking requests, links close with a reason, queued commits
     /// finish, then the writer thread ends.
     pub async fn shutdown(mut self) {
