@@ -120,3 +120,82 @@ async fn futures_digests(c: &Cluster) -> Vec<(String, u64)> {
     }
     out
 }
+
+/// A restored node waits for every configured peer and answers 503 meanwhile; a peer that is
+/// gone for good is removed from its config (SIGHUP), and then it proceeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_node_waits_for_its_peers_until_a_dead_one_is_removed() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_outpost"));
+    let mut c = Cluster::start(bin, ClusterSpec::new("restore-wait", &NAMES))
+        .await
+        .unwrap();
+    c.wait_all_ready().await.unwrap();
+    post_many(&c.api(0), "before", 0, 20).await;
+    let node = c.node(0).clone();
+    let backup = c.dir().join("dc-1.backup.redb");
+    let out = tokio::process::Command::new(bin)
+        .args(["backup", "--api", &format!("http://{}", node.api_addr)])
+        .args(["--token", &node.token, "--out"])
+        .arg(&backup)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    c.wait_quiet().await.unwrap();
+
+    // dc-3 goes away for good; dc-1 is restored.
+    c.stop(2).await.unwrap();
+    c.stop(0).await.unwrap();
+    std::fs::copy(&backup, node.data_dir.join("outpost.redb")).unwrap();
+    c.restart(0).unwrap();
+    let api = c.api(0);
+    wait_for(
+        "dc-1 has heard dc-2 and waits for dc-3",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                match api.status().await {
+                    Ok(s) if s.peers.iter().any(|p| p.name == "dc-2" && p.connected) => {
+                        Check::Done(())
+                    }
+                    other => Check::NotYet(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let s: Value = api.get_json("/v1/status").await.unwrap();
+    assert_eq!(s["restoring"], true, "{s}");
+    let refused = api.post(&sample_event("x", 1)).await;
+    assert!(
+        format!("{refused:?}").contains("503"),
+        "ingest is refused while restoring: {refused:?}"
+    );
+
+    // The operator removes dc-3 from dc-1's config.
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    let mut doc: toml::Table = text.parse().unwrap();
+    let mut peers = doc["peers"].as_array().unwrap().clone();
+    peers.retain(|p| p["name"].as_str() != Some("dc-3"));
+    doc.insert("peers".into(), toml::Value::Array(peers));
+    std::fs::write(&node.config, toml::to_string(&doc).unwrap()).unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &c.pid(0).unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_for("dc-1 takes events again", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move {
+            match api.post(&sample_event("x", 2)).await {
+                Ok(_) => Check::Done(()),
+                Err(e) => Check::NotYet(e.to_string()),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    c.finish().await.unwrap();
+}

@@ -164,12 +164,15 @@ impl Peers {
 pub fn reload_peers(shared: &Arc<Shared>, new: &[PeerConfig]) -> Vec<String> {
     let mut changed = Vec::new();
     let current = shared.peers.active();
-    for (_, peer) in &current {
+    for (i, peer) in &current {
         match new.iter().find(|p| p.name == peer.cfg.name) {
             Some(p) => changed.extend(peer.update(p, &shared.fingerprint)),
             None => {
                 peer.remove();
                 changed.push(format!("peer {} removed", peer.cfg.name));
+                // A restored node no longer waits for a peer that is gone for good.
+                let (shared, i) = (shared.clone(), *i);
+                tokio::spawn(async move { restore_peer_done(&shared, i).await });
             }
         }
     }
