@@ -19,8 +19,8 @@ use crate::replication::core::{goes_to, resume_point};
 use crate::replication::link::{LinkLimits, Outbound};
 use crate::replication::{Core, LogRead, Received, StoreError};
 use crate::wire::{
-    read_frame, write_frame, CatchUpRequest, Elements, Goodbye, Hello, Message, Role,
-    SnapshotChunk, SnapshotEnd, SnapshotEntry, PROTOCOL_VERSION,
+    read_frame, write_frame, CatchUpRequest, Elements, Hello, Message, Role, SnapshotChunk,
+    SnapshotEnd, SnapshotEntry, PROTOCOL_VERSION,
 };
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -972,12 +972,4 @@ fn chosen_for_relay(shared: &Shared, msg: &[u8; 32], peer_id: NodeId, k: usize) 
         .filter(|(_, p)| rank(&p.cfg.name) < mine)
         .count()
         < k
-}
-
-/// A Goodbye frame, for closing with words.
-pub fn goodbye(code: u32, reason: &str) -> Message {
-    Message::Goodbye(Goodbye {
-        code,
-        reason: reason.to_string(),
-    })
 }
