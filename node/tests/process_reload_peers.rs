@@ -10,15 +10,6 @@ use std::time::Duration;
 
 use outpost::testkit::{sample_event, wait_for, Check, Cluster, ClusterSpec};
 
-fn sighup(c: &Cluster, i: usize) {
-    let pid = c.pid(i).expect("node runs");
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
-}
-
 /// dc-1's config with its peers filtered and edited by `f`.
 fn edit_peers(text: &str, f: impl Fn(&mut Vec<toml::Value>)) -> String {
     let mut doc: toml::Table = text.parse().unwrap();
@@ -62,7 +53,7 @@ async fn sighup_applies_peer_fingerprints_additions_and_removals() {
     assert!(s.peers.iter().all(|p| !p.connected), "{s:?}");
 
     std::fs::write(&config, &good).unwrap();
-    sighup(&c, 0);
+    c.sighup(0).unwrap();
     for i in [1, 2] {
         let api = c.api(i);
         let id = a.message_id.clone();
@@ -95,7 +86,7 @@ async fn sighup_applies_peer_fingerprints_additions_and_removals() {
         edit_peers(&good, |p| p.retain(|p| !named(p, "dc-3"))),
     )
     .unwrap();
-    sighup(&c, 0);
+    c.sighup(0).unwrap();
     let api = c.api(0);
     wait_for("dc-1 drops dc-3", Duration::from_secs(60), || {
         let api = api.clone();

@@ -28,6 +28,25 @@ async fn post_many(api: &Api, prefix: &str, from: u64, n: u64) -> Vec<String> {
     ids
 }
 
+/// `outpost backup` of node `i` through its API, into the cluster directory.
+async fn take_backup(bin: &Path, c: &Cluster, i: usize) -> std::path::PathBuf {
+    let node = c.node(i);
+    let backup = c.dir().join(format!("{}.backup.redb", node.name));
+    let out = tokio::process::Command::new(bin)
+        .args(["backup", "--api", &format!("http://{}", node.api_addr)])
+        .args(["--token", &node.token, "--out"])
+        .arg(&backup)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "backup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    backup
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restored_node_recovers_its_own_log_and_converges() {
     let bin = Path::new(env!("CARGO_BIN_EXE_outpost"));
@@ -45,20 +64,8 @@ async fn restored_node_recovers_its_own_log_and_converges() {
         let api = c.api(0);
         tokio::spawn(async move { post_many(&api, "during", 0, 150).await })
     };
-    let backup = c.dir().join("dc-1.backup.redb");
+    let backup = take_backup(bin, &c, 0).await;
     let node = c.node(0).clone();
-    let out = tokio::process::Command::new(bin)
-        .args(["backup", "--api", &format!("http://{}", node.api_addr)])
-        .args(["--token", &node.token, "--out"])
-        .arg(&backup)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "backup failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     acked.extend(writer.await.unwrap());
     // Originated after the backup: the restored database will not have these.
     let after_backup = post_many(&c.api(0), "after", 0, 120).await;
@@ -131,16 +138,8 @@ async fn restored_node_waits_for_its_peers_until_a_dead_one_is_removed() {
         .unwrap();
     c.wait_all_ready().await.unwrap();
     post_many(&c.api(0), "before", 0, 20).await;
+    let backup = take_backup(bin, &c, 0).await;
     let node = c.node(0).clone();
-    let backup = c.dir().join("dc-1.backup.redb");
-    let out = tokio::process::Command::new(bin)
-        .args(["backup", "--api", &format!("http://{}", node.api_addr)])
-        .args(["--token", &node.token, "--out"])
-        .arg(&backup)
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success());
     c.wait_quiet().await.unwrap();
 
     // dc-3 goes away for good; dc-1 is restored.
@@ -181,11 +180,7 @@ async fn restored_node_waits_for_its_peers_until_a_dead_one_is_removed() {
     peers.retain(|p| p["name"].as_str() != Some("dc-3"));
     doc.insert("peers".into(), toml::Value::Array(peers));
     std::fs::write(&node.config, toml::to_string(&doc).unwrap()).unwrap();
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &c.pid(0).unwrap().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    c.sighup(0).unwrap();
     wait_for("dc-1 takes events again", Duration::from_secs(60), || {
         let api = api.clone();
         async move {

@@ -399,6 +399,18 @@ impl Cluster {
         Ok(())
     }
 
+    /// SIGHUP to node `i`: it reloads its config file.
+    pub fn sighup(&self, i: usize) -> anyhow::Result<()> {
+        let pid = self
+            .pid(i)
+            .ok_or_else(|| anyhow::anyhow!("{} is not running", self.node(i).name))?;
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -HUP {pid} failed");
+        Ok(())
+    }
+
     /// SIGTERM to node `i`; waits for it to exit, and fails unless it exits cleanly (status 0)
     /// within the grace period (after which it is killed).
     pub async fn stop(&mut self, i: usize) -> anyhow::Result<ExitStatus> {
