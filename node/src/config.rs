@@ -175,12 +175,15 @@ pub struct AdmissionConfig {
 pub struct ClusterConfig {
     /// A worker silent this long is marked down and leaves its pool.
     pub down_after: Duration,
+    /// Most machine keys waiting as pending; beyond it unknown machines are refused unrecorded.
+    pub pending_max: usize,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             down_after: Duration::from_secs(15),
+            pending_max: 1024,
         }
     }
 }
@@ -202,6 +205,11 @@ pub struct MachineConfig {
     pub load_balancer: Option<String>,
     /// Where its software serves; listed in its load balancer's pool.
     pub service_addr: Option<SocketAddr>,
+    /// A load balancer: the QUIC address its dependents dial (default: `listen`, which must
+    /// then be a specific address).
+    pub relay_addr: Option<SocketAddr>,
+    /// A load balancer: where its backend pool is written (default `DATA_DIR/pool.json`).
+    pub pool_file: Option<PathBuf>,
 }
 
 /// A config that cannot be used, naming the file, the field (`limits.frame_bytes`,
@@ -360,12 +368,24 @@ impl Validator<'_> {
             }
             None => None,
         };
-        let cluster = match raw.cluster.and_then(|c| c.down_after) {
-            Some(s) => ClusterConfig {
-                down_after: self.duration("cluster.down_after", &s)?,
-            },
-            None => ClusterConfig::default(),
-        };
+        let mut cluster = ClusterConfig::default();
+        if let Some(c) = raw.cluster {
+            if let Some(s) = c.down_after {
+                cluster.down_after = self.duration("cluster.down_after", &s)?;
+                if cluster.down_after < Duration::from_millis(200) {
+                    return Err(self.err("cluster.down_after", "must be at least 200ms"));
+                }
+            }
+            if let Some(n) = c.pending_max {
+                if n == 0 {
+                    return Err(self.err(
+                        "cluster.pending_max",
+                        "must be at least 1 (unknown machines are recorded as pending)",
+                    ));
+                }
+                cluster.pending_max = n;
+            }
+        }
         let controller = match raw.controller {
             Some(c) => Some(self.controller(c)?),
             None if role == Role::Worker => {
@@ -638,11 +658,30 @@ impl Validator<'_> {
             Some(s) => Some(self.addr("machine.service_addr", s)?),
             None => None,
         };
+        let relay_addr = match &raw.relay_addr {
+            Some(s) => Some(self.addr("machine.relay_addr", s)?),
+            None => None,
+        };
+        if let Some(lb) = &raw.load_balancer {
+            if component == "load-balancer" {
+                return Err(self.err(
+                    "machine.load_balancer",
+                    format!("a load balancer cannot sit behind another ({lb:?})"),
+                ));
+            }
+        }
+        if let Some(f) = &raw.pool_file {
+            if f.as_os_str().is_empty() || f.is_dir() {
+                return Err(self.err("machine.pool_file", "must be a file path"));
+            }
+        }
         Ok(MachineConfig {
             service,
             component,
             load_balancer: raw.load_balancer,
             service_addr,
+            relay_addr,
+            pool_file: raw.pool_file,
         })
     }
 }

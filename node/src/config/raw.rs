@@ -74,6 +74,7 @@ pub(super) struct RawAdmission {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCluster {
     pub down_after: Option<String>,
+    pub pending_max: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -91,6 +92,8 @@ pub(super) struct RawMachine {
     pub component: Option<String>,
     pub load_balancer: Option<String>,
     pub service_addr: Option<String>,
+    pub relay_addr: Option<String>,
+    pub pool_file: Option<PathBuf>,
 }
 
 /// Names the key a toml error points at (`limits.frame_bytes`, `peers[1].addr`), with its line;

@@ -67,21 +67,23 @@ impl fmt::Debug for PinSet {
 
 /// How a verifier decides on a peer's certificate once its signature is known to be good.
 ///
-/// Only `Pinned` exists today. The controller will need a second policy that lets an unknown
-/// worker finish the handshake so that it can be recorded as pending (design invariant 5):
-/// add it here as a variant, answer it in [`PinPolicy::admits`], and keep the signature check
-/// in the verifiers unconditional.
+/// Whatever the policy, the verifiers check the handshake signature unconditionally.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum PinPolicy {
     /// Only certificates whose fingerprint is in the set.
     Pinned(PinSet),
+    /// Every certificate except those in the set: the controller lets an unknown worker finish
+    /// the handshake so that it can be recorded as pending (design invariant 5), and refuses a
+    /// rejected key in the handshake itself.
+    AllBut(PinSet),
 }
 
 impl PinPolicy {
     pub fn admits(&self, fp: &Fingerprint) -> bool {
         match self {
             PinPolicy::Pinned(pins) => pins.contains(fp),
+            PinPolicy::AllBut(denied) => !denied.contains(fp),
         }
     }
 }

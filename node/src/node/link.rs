@@ -743,6 +743,12 @@ async fn read_loop(
             }
             Message::Goodbye(g) => return Err(SessionError::Goodbye(g.reason)),
             Message::Hello(_) => return Err(SessionError::Protocol("a second Hello".into())),
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "a cluster message between datacenters ({})",
+                    other.kind()
+                )))
+            }
         }
     }
 }

@@ -32,6 +32,7 @@
 
 pub mod backup;
 pub mod check;
+mod cluster;
 mod read;
 mod tables;
 #[cfg(test)]

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::ids::NodeId;
 use crate::model::ElementRecord;
 
+pub use super::cluster::*;
+
 /// The version of this protocol. A peer speaking another one gets a clear error, not a hang.
 pub const PROTOCOL_VERSION: u16 = 1;
 
@@ -152,4 +154,45 @@ pub enum Message {
     CatchUpBatch(CatchUpBatch),
     Snapshot(SnapshotChunk),
     Goodbye(Goodbye),
+    // Cluster (controller and worker), see `wire::cluster`.
+    Join(Join),
+    Admission(Admission),
+    Publication(Publication),
+    /// Every publication of the sender's channel up to `upto` is durably applied.
+    PublicationAck {
+        upto: u64,
+    },
+    Notify(Notify),
+    /// Every notification of the receiver up to `upto` is durably recorded.
+    NotifyAck {
+        upto: u64,
+    },
+    /// A worker is alive (sent every `heartbeat_ms`).
+    Heartbeat,
+    RelayHello(RelayHello),
+    Relay(Relay),
+}
+
+impl Message {
+    /// The variant's name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Elements(_) => "Elements",
+            Message::Ack { .. } => "Ack",
+            Message::CatchUpRequest(_) => "CatchUpRequest",
+            Message::CatchUpBatch(_) => "CatchUpBatch",
+            Message::Snapshot(_) => "Snapshot",
+            Message::Goodbye(_) => "Goodbye",
+            Message::Join(_) => "Join",
+            Message::Admission(_) => "Admission",
+            Message::Publication(_) => "Publication",
+            Message::PublicationAck { .. } => "PublicationAck",
+            Message::Notify(_) => "Notify",
+            Message::NotifyAck { .. } => "NotifyAck",
+            Message::Heartbeat => "Heartbeat",
+            Message::RelayHello(_) => "RelayHello",
+            Message::Relay(_) => "Relay",
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! messages themselves. Pure code, fuzzed: decoding never allocates more than the frame limit
 //! and never panics.
 
+mod cluster;
 mod frame;
 mod fuzzing;
 mod messages;

@@ -1,0 +1,66 @@
+//! What a publication carries once opened: new state computed by the controller for one
+//! machine. Postcard, like the wire; variants only ever added at the end.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Fingerprint, NodeId};
+
+/// A publication's plaintext.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// To a load balancer: its backend pool (dependents that are up), and every dependent's
+    /// key (only those may dial it).
+    Pool(Pool),
+    /// To a dependent: where its load balancer is (`None`: it has none that is admitted).
+    LoadBalancer(Option<LbRoute>),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    /// Sorted by name.
+    pub members: Vec<PoolMember>,
+    /// Sorted by name.
+    pub dependents: Vec<Dependent>,
+}
+
+/// One backend of a load balancer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolMember {
+    pub name: String,
+    pub node_id: NodeId,
+    pub service_addr: Option<String>,
+    pub fingerprint: Fingerprint,
+}
+
+/// A machine behind a load balancer, up or not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependent {
+    pub name: String,
+    pub node_id: NodeId,
+    pub fingerprint: Fingerprint,
+}
+
+/// Where a dependent reaches its load balancer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbRoute {
+    pub name: String,
+    pub node_id: NodeId,
+    /// QUIC `host:port`.
+    pub addr: String,
+    pub fingerprint: Fingerprint,
+}
+
+impl Body {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("a body always encodes")
+    }
+
+    /// Decodes an opened publication; trailing bytes are an error.
+    pub fn decode(bytes: &[u8]) -> Result<Body, postcard::Error> {
+        let (b, rest) = postcard::take_from_bytes::<Body>(bytes)?;
+        if !rest.is_empty() {
+            return Err(postcard::Error::DeserializeUnexpectedEnd);
+        }
+        Ok(b)
+    }
+}

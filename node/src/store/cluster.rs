@@ -1,0 +1,148 @@
+//! The cluster roles' tables, beside the datacenter's in the same file (a database holds one
+//! role, so only one set is ever written).
+//!
+//! ```text
+//! table       key                     value
+//! ──────────  ──────────────────────  ─────────────────────────────────────────────────
+//! machines    u128 node id            controller: MachineRecord (postcard)
+//! channel     (u128 node id, u64 seq) controller: a stored, unacknowledged Publication
+//! meta        &str "worker"           worker: WorkerRecord (postcard)
+//! ```
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{db_err, decode, Result, Store};
+use crate::cluster::controller::core::{Dirty, MachineRecord};
+use crate::cluster::worker::core::WorkerRecord;
+use crate::wire::Publication;
+
+const MACHINES: TableDefinition<u128, &[u8]> = TableDefinition::new("machines");
+const CHANNEL: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("channel");
+const META_WORKER: &str = "worker";
+
+fn enc(v: &impl serde::Serialize) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("postcard encodes plain structs")
+}
+
+impl Store {
+    /// Controller: every machine record and every stored publication.
+    pub fn controller_load(&self) -> Result<(Vec<MachineRecord>, Vec<Publication>)> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let mut machines = Vec::new();
+        let mut pubs = Vec::new();
+        match txn.open_table(MACHINES) {
+            Ok(t) => {
+                for row in t.iter().map_err(db_err)? {
+                    let (_, v) = row.map_err(db_err)?;
+                    machines.push(decode("machine record", v.value())?);
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(db_err(e)),
+        }
+        match txn.open_table(CHANNEL) {
+            Ok(t) => {
+                for row in t.iter().map_err(db_err)? {
+                    let (_, v) = row.map_err(db_err)?;
+                    pubs.push(decode("publication", v.value())?);
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(db_err(e)),
+        }
+        Ok((machines, pubs))
+    }
+
+    /// Controller: commits what the core changed, in one durable transaction.
+    pub fn controller_commit(&self, dirty: &Dirty) -> Result<()> {
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let txn = self.begin()?;
+        {
+            let mut m = txn.txn.open_table(MACHINES).map_err(db_err)?;
+            for rec in &dirty.machines {
+                m.insert(rec.node_id.0, enc(rec).as_slice())
+                    .map_err(db_err)?;
+            }
+            let mut c = txn.txn.open_table(CHANNEL).map_err(db_err)?;
+            for p in &dirty.publications {
+                c.insert((p.machine.0, p.seq), enc(p).as_slice())
+                    .map_err(db_err)?;
+            }
+            for (node, upto) in &dirty.acked {
+                c.retain_in((node.0, 0)..=(node.0, *upto), |_, _| false)
+                    .map_err(db_err)?;
+            }
+        }
+        txn.commit()
+    }
+
+    /// Worker: its record (default when none was stored yet).
+    pub fn worker_record(&self) -> Result<WorkerRecord> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let meta = match txn.open_table(super::tables::META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(WorkerRecord::default()),
+            Err(e) => return Err(db_err(e)),
+        };
+        let v = meta.get(META_WORKER).map_err(db_err)?;
+        match v {
+            Some(v) => decode("worker record", v.value()),
+            None => Ok(WorkerRecord::default()),
+        }
+    }
+
+    /// Worker: replaces its record, durably.
+    pub fn put_worker_record(&self, rec: &WorkerRecord) -> Result<()> {
+        let txn = self.begin()?;
+        {
+            let mut meta = txn.txn.open_table(super::tables::META).map_err(db_err)?;
+            meta.insert(META_WORKER, enc(rec).as_slice())
+                .map_err(db_err)?;
+        }
+        txn.commit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::NodeId;
+
+    #[test]
+    fn worker_record_round_trips_and_channel_trims() {
+        let dir =
+            std::env::temp_dir().join(format!("outpost-store-cluster-{}", rand::random::<u64>()));
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(store.worker_record().unwrap(), WorkerRecord::default());
+        let rec = WorkerRecord {
+            applied: 7,
+            ..Default::default()
+        };
+        store.put_worker_record(&rec).unwrap();
+        assert_eq!(store.worker_record().unwrap(), rec);
+        let p = |machine: u128, seq| Publication {
+            machine: NodeId(machine),
+            seq,
+            sealed: vec![1, 2, 3],
+            signature: vec![0; 64],
+        };
+        let dirty = Dirty {
+            machines: vec![],
+            publications: vec![p(1, 1), p(1, 2), p(1, 3), p(2, 1)],
+            acked: vec![],
+        };
+        store.controller_commit(&dirty).unwrap();
+        let dirty = Dirty {
+            machines: vec![],
+            publications: vec![],
+            acked: vec![(NodeId(1), 2)],
+        };
+        store.controller_commit(&dirty).unwrap();
+        let (_, pubs) = store.controller_load().unwrap();
+        assert_eq!(pubs, vec![p(1, 3), p(2, 1)]);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

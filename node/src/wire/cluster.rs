@@ -1,0 +1,115 @@
+//! Messages of the cluster (controller and worker roles). Appended to [`super::Message`] after
+//! the datacenter's variants, so the datacenter's golden bytes never change.
+//!
+//! Who sends what:
+//!
+//! ```text
+//! worker     -> controller  Join (first frame), Notify, PublicationAck, Heartbeat
+//! controller -> worker      Admission, Publication, NotifyAck, Goodbye
+//! controller -> LB          Relay (a dependent's sealed publication, forwarded as is)
+//! dependent  -> its LB      RelayHello (first frame); then the LB sends it Publication
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::NodeId;
+
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_BYTES: usize = 64;
+
+/// A worker's first frame on its connection to the controller: who it is and what it offers.
+/// The TLS certificate of the connection is the worker's key; everything here is bound to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Join {
+    pub protocol: u16,
+    pub node_id: NodeId,
+    pub name: String,
+    /// voice, messaging, video (`config::SERVICES`).
+    pub service: String,
+    /// `config::COMPONENTS`.
+    pub component: String,
+    /// The name of the load balancer in front of it.
+    pub load_balancer: Option<String>,
+    /// Where its software serves (`host:port`), listed in its load balancer's pool.
+    pub service_addr: Option<String>,
+    /// A load balancer: the QUIC address (`host:port`) where its dependents reach it.
+    pub relay_addr: Option<String>,
+    /// The age X25519 recipient (`age1...`) that publications and bundles are sealed to.
+    pub seal_key: String,
+    /// `keys::token_proof(token, fingerprint)` when the worker has a join token.
+    pub token_proof: Option<[u8; 32]>,
+    /// The last sequence of its publication channel it durably applied (0: none).
+    pub resume: u64,
+}
+
+/// The controller's answer to a Join, and later news (pending -> admitted).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Admission {
+    /// Recorded; nothing more until an operator accepts the key.
+    Pending,
+    /// Admitted: the controller's Ed25519 verifying key, which signs every publication, and
+    /// how often the worker must show it is alive.
+    Admitted {
+        controller_key: [u8; 32],
+        heartbeat_ms: u64,
+    },
+    /// Refused; the connection closes after this.
+    Rejected { reason: String },
+}
+
+/// One publication of a machine's channel, sealed to that machine and signed by the
+/// controller over `keys::publication_digest(machine, seq, sealed)`. A relay sees only
+/// `machine` and `seq`; it can neither read `sealed` nor change anything without breaking the
+/// signature.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publication {
+    pub machine: NodeId,
+    pub seq: u64,
+    /// age ciphertext of a postcard `cluster::Body`.
+    pub sealed: Vec<u8>,
+    /// Ed25519, [`SIGNATURE_BYTES`] long.
+    pub signature: Vec<u8>,
+}
+
+/// What software a machine runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Software {
+    pub service: String,
+    pub bundle_id: String,
+    pub version: String,
+}
+
+/// A machine's report about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineReport {
+    /// What its software is doing: `idle`, `starting`, `running`, `rolled_back`, `failed`.
+    pub state: String,
+    pub software: Option<Software>,
+    /// Why, when not running.
+    pub detail: Option<String>,
+}
+
+/// A machine's notification channel: the worker numbers its reports; the controller records
+/// the highest applied and acknowledges it, so a resent report is never applied twice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notify {
+    /// Must be the machine of the connection that carries it.
+    pub machine: NodeId,
+    pub seq: u64,
+    pub report: MachineReport,
+}
+
+/// A dependent's first frame on its connection to its load balancer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayHello {
+    pub protocol: u16,
+    pub node_id: NodeId,
+    pub name: String,
+}
+
+/// From the controller to a load balancer: forward this publication to dependent `to`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relay {
+    pub to: NodeId,
+    pub publication: Publication,
+}
