@@ -199,15 +199,17 @@ async fn demo(dir: &Path, opts: &DemoOpts) -> anyhow::Result<bool> {
             "NOT converged: digests differ".to_string()
         }
     );
-    if opts.workers > 0 {
-        println!("(controller and workers: not part of this version yet; only datacenters ran)");
-    }
     for dc in &mut dcs {
         if let Some(r) = dc.running.take() {
             r.shutdown().await;
         }
     }
-    Ok(converged)
+    let cluster_ok = if opts.workers > 0 {
+        crate::demo_cluster::run(&dir.join("cluster"), opts.workers).await?
+    } else {
+        true
+    };
+    Ok(converged && cluster_ok)
 }
 
 fn sample_event(i: usize) -> Value {

@@ -2,10 +2,12 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bundle;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+mod demo_cluster;
 pub mod ids;
 pub mod model;
 pub mod net;

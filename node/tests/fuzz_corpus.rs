@@ -7,17 +7,23 @@ use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+use outpost::cluster::body::{Body, Dependent, DeployOrder, LbRoute, Pool, PoolMember};
+use outpost::cluster::keys::ControllerKey;
+use outpost::ids::{Fingerprint, NodeId};
 use outpost::wire::{
-    decode_frame, decode_message, fuzz_element_json, fuzz_wire_frame, FrameError,
+    decode_frame, decode_message, encode_frame, fuzz_cluster_body, fuzz_element_json,
+    fuzz_wire_frame, fuzz_worker, fuzz_worker_publication, FrameError, Message, Publication, Relay,
     FRAME_BYTES_MAX_DEFAULT,
 };
 
 /// A fuzz target's body.
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 2] = [
+const TARGETS: [(&str, Target); 4] = [
     ("wire_frame", fuzz_wire_frame),
     ("element_json", fuzz_element_json),
+    ("cluster_body", fuzz_cluster_body),
+    ("worker_publication", fuzz_worker_publication),
 ];
 
 fn corpus_dir(target: &str) -> PathBuf {
@@ -44,6 +50,279 @@ fn fuzz_corpus_replays_without_panic() {
         }
     }
     assert!(failures.is_empty(), "panicked on: {}", failures.join(", "));
+}
+
+fn blessing() -> bool {
+    std::env::var_os("OUTPOST_BLESS").is_some_and(|v| v == "1")
+}
+
+fn sample_pool() -> Pool {
+    Pool {
+        members: vec![PoolMember {
+            name: "media-1".into(),
+            node_id: NodeId(0x11),
+            service_addr: Some("10.0.1.5:5060".into()),
+            fingerprint: Fingerprint([0xa5; 32]),
+        }],
+        dependents: vec![
+            Dependent {
+                name: "media-1".into(),
+                node_id: NodeId(0x11),
+                fingerprint: Fingerprint([0xa5; 32]),
+            },
+            Dependent {
+                name: "media-2".into(),
+                node_id: NodeId(0x12),
+                fingerprint: Fingerprint([0xa6; 32]),
+            },
+        ],
+    }
+}
+
+fn sample_route() -> LbRoute {
+    LbRoute {
+        name: "lb-1".into(),
+        node_id: NodeId(0x07),
+        addr: "10.0.1.1:7443".into(),
+        fingerprint: Fingerprint([0x5a; 32]),
+    }
+}
+
+/// Seed inputs of the cluster targets: valid ones and broken ones. `worker_publication` seeds
+/// start with the mode byte that `fuzz_worker_publication` documents.
+fn cluster_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    let pool = Body::Pool(sample_pool()).encode();
+    let route = Body::LoadBalancer(Some(sample_route())).encode();
+    let deploy = Body::Deploy(DeployOrder {
+        deployment: 3,
+        bundle_id: "9f2c4e1a".repeat(8),
+        service: "voice".into(),
+        version: "1.4.2".into(),
+        sealed_bytes: 1 << 20,
+        sealed_hash: [0x3c; 32],
+    })
+    .encode();
+    let mut seeds = vec![
+        ("cluster_body", "pool", pool.clone()),
+        (
+            "cluster_body",
+            "pool_empty",
+            Body::Pool(Pool::default()).encode(),
+        ),
+        ("cluster_body", "route", route.clone()),
+        (
+            "cluster_body",
+            "route_none",
+            Body::LoadBalancer(None).encode(),
+        ),
+        ("cluster_body", "empty", vec![]),
+        ("cluster_body", "bad_variant", vec![9, 0, 0]),
+        ("cluster_body", "deploy", deploy.clone()),
+        (
+            "cluster_body",
+            "deploy_truncated",
+            deploy[..deploy.len() - 1].to_vec(),
+        ),
+        ("cluster_body", "trailing", [&pool[..], &[0]].concat()),
+        ("cluster_body", "truncated", pool[..pool.len() / 2].to_vec()),
+        // A member count of 2^35 and nothing behind it.
+        (
+            "cluster_body",
+            "huge_count",
+            vec![0, 0x80, 0x80, 0x80, 0x80, 0x01],
+        ),
+        // Members: one, name of 2 bytes that are not UTF-8.
+        ("cluster_body", "bad_utf8", vec![0, 1, 2, 0xc3, 0x28]),
+        // Route Some, the name's length (4) as an over-long varint.
+        (
+            "cluster_body",
+            "overlong_varint",
+            [&[1u8, 1, 0x84, 0x80, 0x00][..], &route[3..]].concat(),
+        ),
+        ("cluster_body", "bad_option_tag", vec![1, 7]),
+    ];
+    let w = fuzz_worker();
+    let next = w.publication(&pool);
+    let mut old = w
+        .controller
+        .publication(w.node_id, w.applied, &w.seal.recipient(), &pool)
+        .unwrap();
+    old.seq = w.applied; // already applied: acknowledged again, nothing changes
+    let other = w
+        .controller
+        .publication(NodeId(0xdead), w.applied + 1, &w.seal.recipient(), &pool)
+        .unwrap();
+    let forger = ControllerKey::from_secret(&[0x99; 32]).unwrap();
+    let forged = forger
+        .publication(w.node_id, w.applied + 1, &w.seal.recipient(), &pool)
+        .unwrap();
+    let mut altered = next.clone();
+    altered.sealed[40] ^= 1;
+    let garbage_body = w.publication(b"\x05 not a body");
+    let frame = |mode: u8, m: Message| [&[mode][..], &encode_frame(&m)].concat();
+    let relay = |p: &Publication| {
+        Message::Relay(Relay {
+            to: w.node_id,
+            publication: p.clone(),
+        })
+    };
+    // Mode 3 signs these itself.
+    let signed_sealed = |sealed: &[u8]| [&[3u8][..], sealed].concat();
+    seeds.extend([
+        (
+            "worker_publication",
+            "frame_next",
+            frame(0, Message::Publication(next.clone())),
+        ),
+        (
+            "worker_publication",
+            "frame_next_route",
+            frame(0, Message::Publication(w.publication(&route))),
+        ),
+        (
+            "worker_publication",
+            "frame_relay_next",
+            frame(0, relay(&next)),
+        ),
+        (
+            "worker_publication",
+            "frame_old",
+            frame(0, Message::Publication(old)),
+        ),
+        (
+            "worker_publication",
+            "frame_other_machine",
+            frame(0, Message::Publication(other)),
+        ),
+        (
+            "worker_publication",
+            "frame_forged",
+            frame(0, Message::Publication(forged)),
+        ),
+        (
+            "worker_publication",
+            "frame_altered",
+            frame(0, relay(&altered)),
+        ),
+        (
+            "worker_publication",
+            "frame_not_a_body",
+            frame(0, Message::Publication(garbage_body)),
+        ),
+        (
+            "worker_publication",
+            "frame_heartbeat",
+            frame(0, Message::Heartbeat),
+        ),
+        ("worker_publication", "frame_truncated", {
+            let f = frame(0, Message::Publication(next.clone()));
+            f[..f.len() - 10].to_vec()
+        }),
+        (
+            "worker_publication",
+            "postcard_next",
+            [&[1u8][..], &postcard::to_stdvec(&next).unwrap()].concat(),
+        ),
+        (
+            "worker_publication",
+            "postcard_garbage",
+            vec![1, 0xff, 0xff, 0xff],
+        ),
+        (
+            "worker_publication",
+            "forged_zero_signature",
+            [&[2u8][..], &[0u8; 64], b"age-encryption.org/v1\n"].concat(),
+        ),
+        ("worker_publication", "forged_short", vec![2, 1, 2, 3]),
+        (
+            "worker_publication",
+            "signed_garbage",
+            signed_sealed(b"not age at all"),
+        ),
+        (
+            "worker_publication",
+            "signed_age_header_only",
+            signed_sealed(b"age-encryption.org/v1\n-> X25519 AAAA\n--- AAAA\n"),
+        ),
+        (
+            "worker_publication",
+            "signed_altered_ciphertext",
+            signed_sealed(&altered.sealed),
+        ),
+        (
+            "worker_publication",
+            "plain_pool",
+            [&[4u8][..], &pool].concat(),
+        ),
+        (
+            "worker_publication",
+            "plain_route",
+            [&[4u8][..], &route].concat(),
+        ),
+        (
+            "worker_publication",
+            "plain_route_none",
+            [&[4u8][..], &Body::LoadBalancer(None).encode()].concat(),
+        ),
+        (
+            "worker_publication",
+            "plain_deploy",
+            [&[4u8][..], &deploy].concat(),
+        ),
+        ("worker_publication", "plain_garbage", vec![4, 9, 9, 9]),
+        ("worker_publication", "plain_empty", vec![4]),
+        ("worker_publication", "empty", vec![]),
+    ]);
+    seeds
+}
+
+/// `OUTPOST_BLESS=1 cargo test -p outpost --test fuzz_corpus` writes the cluster targets'
+/// seeds (their publications are sealed anew, so the bytes change; any valid ones will do).
+/// Otherwise each seed must be in the committed corpus.
+#[test]
+fn fuzz_corpus_holds_the_cluster_seeds() {
+    let seeds = cluster_seeds();
+    for (target, name, data) in &seeds {
+        let path = corpus_dir(target).join(name);
+        if blessing() {
+            std::fs::create_dir_all(corpus_dir(target)).unwrap();
+            std::fs::write(&path, data).unwrap();
+        } else {
+            assert!(
+                path.exists(),
+                "{} is missing (OUTPOST_BLESS=1 writes it)",
+                path.display()
+            );
+        }
+    }
+    // The seeds do what their names say: the valid publication applies.
+    let (_, _, next) = seeds.iter().find(|(_, n, _)| *n == "frame_next").unwrap();
+    let Ok((Message::Publication(p), _)) = decode_frame(&next[1..], FRAME_BYTES_MAX_DEFAULT) else {
+        panic!("frame_next is a publication");
+    };
+    let w = fuzz_worker();
+    let mut core = w.core();
+    core.from_controller(Message::Publication(p)).unwrap();
+    assert_eq!(core.record().applied, w.applied + 1);
+    for (target, name, data) in &seeds {
+        let run = TARGETS.iter().find(|(t, _)| t == target).unwrap().1;
+        run(data);
+        if *target == "cluster_body" {
+            assert_eq!(
+                Body::decode(data).is_ok(),
+                [
+                    "pool",
+                    "pool_empty",
+                    "route",
+                    "route_none",
+                    "overlong_varint",
+                    "deploy"
+                ]
+                .contains(name),
+                "{name}"
+            );
+        }
+    }
 }
 
 // Counts the bytes allocated by the current thread while tracking is on. Tests run on threads

@@ -8,18 +8,21 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use outpost::cluster::keys::{token_proof, ControllerKey, ControllerVerifier};
+use outpost::ids::Fingerprint;
 use outpost::ids::{MsgId, NodeId};
 use outpost::model::{to_canonical, ElementRecord, EventType, Version};
 use outpost::replication::Core;
 use outpost::wire::{
-    decode_frame, encode_frame, CatchUpBatch, CatchUpRequest, Elements, Goodbye, Hello, Message,
-    OriginMark, Role, SnapshotChunk, SnapshotEnd, SnapshotEntry, FRAME_BYTES_MAX_DEFAULT,
-    PROTOCOL_VERSION,
+    decode_frame, encode_frame, Admission, BundleHeader, BundleRequest, CatchUpBatch,
+    CatchUpRequest, Elements, Goodbye, Hello, Join, MachineReport, Message, Notify, OriginMark,
+    Publication, Relay, RelayHello, Role, SnapshotChunk, SnapshotEnd, SnapshotEntry, Software,
+    FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION,
 };
 use serde_json::json;
 
 /// Variants of [`Message`]; [`variant_index`] must name each of them.
-const VARIANTS: usize = 7;
+const VARIANTS: usize = 18;
 
 /// No wildcard arm: a new variant does not compile until it is given a golden sample here.
 fn variant_index(m: &Message) -> usize {
@@ -31,6 +34,17 @@ fn variant_index(m: &Message) -> usize {
         Message::CatchUpBatch(_) => 4,
         Message::Snapshot(_) => 5,
         Message::Goodbye(_) => 6,
+        Message::Join(_) => 7,
+        Message::Admission(_) => 8,
+        Message::Publication(_) => 9,
+        Message::PublicationAck { .. } => 10,
+        Message::Notify(_) => 11,
+        Message::NotifyAck { .. } => 12,
+        Message::Heartbeat => 13,
+        Message::RelayHello(_) => 14,
+        Message::Relay(_) => 15,
+        Message::BundleRequest(_) => 16,
+        Message::BundleHeader(_) => 17,
     }
 }
 
@@ -228,7 +242,168 @@ fn samples() -> Vec<(&'static str, &'static str, Message)> {
                 reason: "protocol version 2 is not 1".into(),
             }),
         ),
+        (
+            "join",
+            "Join from a dependent behind lb-1, with a join-token proof, resuming after publication 17",
+            Message::Join(Join {
+                protocol: PROTOCOL_VERSION,
+                node_id: WORKER,
+                name: "media-1".into(),
+                service: "voice".into(),
+                component: "media-processor".into(),
+                load_balancer: Some("lb-1".into()),
+                service_addr: Some("10.0.1.5:5060".into()),
+                relay_addr: None,
+                seal_key: SEAL_RECIPIENT.into(),
+                token_proof: Some(token_proof(b"join-token", &WORKER_FP)),
+                resume: 17,
+            }),
+        ),
+        (
+            "join_lb",
+            "Join from a load balancer: its relay address, no token, nothing applied yet",
+            Message::Join(Join {
+                protocol: PROTOCOL_VERSION,
+                node_id: LB,
+                name: "lb-1".into(),
+                service: "voice".into(),
+                component: "load-balancer".into(),
+                load_balancer: None,
+                service_addr: Some("10.0.1.1:5060".into()),
+                relay_addr: Some("10.0.1.1:7443".into()),
+                seal_key: SEAL_RECIPIENT.into(),
+                token_proof: None,
+                resume: 0,
+            }),
+        ),
+        (
+            "admission_pending",
+            "Admission: recorded as pending, waiting for an operator",
+            Message::Admission(Admission::Pending),
+        ),
+        (
+            "admission_admitted",
+            "Admission: admitted, with the controller's Ed25519 key and the heartbeat period",
+            Message::Admission(Admission::Admitted {
+                controller_key: controller_key().public(),
+                heartbeat_ms: 2_500,
+            }),
+        ),
+        (
+            "admission_rejected",
+            "Admission: rejected, with the reason",
+            Message::Admission(Admission::Rejected {
+                reason: "key rejected by an operator".into(),
+            }),
+        ),
+        (
+            "publication",
+            "Publication 18 of a dependent's channel, signed by the controller (the sealed bytes are a short placeholder, not real age output)",
+            Message::Publication(publication()),
+        ),
+        (
+            "publication_ack",
+            "PublicationAck: the sender's channel applied up to 18",
+            Message::PublicationAck { upto: 18 },
+        ),
+        (
+            "notify",
+            "Notify: a machine reports it runs a bundle",
+            Message::Notify(Notify {
+                machine: WORKER,
+                seq: 3,
+                report: MachineReport {
+                    state: "running".into(),
+                    software: Some(Software {
+                        service: "voice".into(),
+                        bundle_id: "9f2c4e1a".into(),
+                        version: "1.4.2".into(),
+                    }),
+                    detail: None,
+                    deployment: Some(3),
+                },
+            }),
+        ),
+        (
+            "notify_rolled_back",
+            "Notify: a failed health check rolled back, with the reason and no software",
+            Message::Notify(Notify {
+                machine: WORKER,
+                seq: 4,
+                report: MachineReport {
+                    state: "rolled_back".into(),
+                    software: None,
+                    detail: Some("health check: connection refused".into()),
+                    deployment: Some(4),
+                },
+            }),
+        ),
+        (
+            "notify_ack",
+            "NotifyAck: the receiver's notifications recorded up to 4",
+            Message::NotifyAck { upto: 4 },
+        ),
+        ("heartbeat", "Heartbeat: the worker is alive", Message::Heartbeat),
+        (
+            "relay_hello",
+            "RelayHello: a dependent's first frame to its load balancer",
+            Message::RelayHello(RelayHello {
+                protocol: PROTOCOL_VERSION,
+                node_id: WORKER,
+                name: "media-1".into(),
+            }),
+        ),
+        (
+            "relay",
+            "Relay: the controller asks lb-1 to forward publication 18 to its dependent",
+            Message::Relay(Relay {
+                to: WORKER,
+                publication: publication(),
+            }),
+        ),
+        (
+            "bundle_request",
+            "BundleRequest: a dependent resumes the bundle of deployment 4, sealed to it, at byte 65536",
+            Message::BundleRequest(BundleRequest {
+                deployment: 4,
+                machine: WORKER,
+                offset: 65_536,
+            }),
+        ),
+        (
+            "bundle_header",
+            "BundleHeader: the sealed bundle is 3 MiB; the bytes that follow start at 65536",
+            Message::BundleHeader(BundleHeader {
+                total: 3 << 20,
+                offset: 65_536,
+            }),
+        ),
     ]
+}
+
+/// The load balancer of the cluster samples.
+const LB: NodeId = NodeId(0x0000_0000_0000_0000_0000_0000_0000_0007);
+/// The worker's certificate fingerprint (what its token proof is bound to).
+const WORKER_FP: Fingerprint = Fingerprint([0xa5; 32]);
+/// An age X25519 recipient (of a throwaway identity).
+const SEAL_RECIPIENT: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+
+/// A fixed signing key: Ed25519 signatures are deterministic, so the golden bytes are too.
+fn controller_key() -> ControllerKey {
+    ControllerKey::from_secret(&[0x11; 32]).unwrap()
+}
+
+/// Sealed bytes stand in for age output (which is randomized); the signature is real.
+fn publication() -> Publication {
+    let key = controller_key();
+    let sealed = b"age-encryption.org/v1\n-> X25519 placeholder\n".to_vec();
+    let digest = outpost::cluster::keys::publication_digest(WORKER, 18, &sealed);
+    Publication {
+        machine: WORKER,
+        seq: 18,
+        signature: key.sign_digest(&digest),
+        sealed,
+    }
 }
 
 fn snapshot_entry(rec: ElementRecord) -> SnapshotEntry {
@@ -348,6 +523,16 @@ fn golden_records_pass_the_receivers_checks() {
                 for rec in &b.items {
                     Core::check_record(rec).unwrap_or_else(|err| panic!("{name}: {err}"));
                 }
+            }
+            Message::Publication(p) | Message::Relay(Relay { publication: p, .. }) => {
+                ControllerVerifier::from_bytes(&controller_key().public())
+                    .unwrap()
+                    .verify_publication(p)
+                    .unwrap_or_else(|err| panic!("{name}: {err}"));
+            }
+            Message::Join(j) => {
+                outpost::cluster::keys::parse_recipient(&j.seal_key)
+                    .unwrap_or_else(|err| panic!("{name}: {err}"));
             }
             _ => {}
         }

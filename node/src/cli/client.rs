@@ -236,6 +236,79 @@ fn error_message(body: &[u8]) -> String {
     text[..end].to_owned()
 }
 
+/// Chunks an upload is read and sent in.
+const UPLOAD_CHUNK: usize = 256 * 1024;
+
+impl ApiClient {
+    /// POSTs the file at `path` as the request body, streamed (never read whole into memory);
+    /// `progress` is told the bytes sent so far after each chunk. Answers the JSON reply.
+    pub fn upload(
+        &self,
+        segments: &[&str],
+        path: &std::path::Path,
+        progress: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<Value, ClientError> {
+        use tokio::io::AsyncReadExt;
+        let url = self.url(segments);
+        let base = self.base.as_str().trim_end_matches('/').to_owned();
+        let shown = path.display().to_string();
+        self.runtime.block_on(async {
+            let file = tokio::fs::File::open(path)
+                .await
+                .map_err(|e| ClientError::Other(format!("{shown}: {e}")))?;
+            let len = file
+                .metadata()
+                .await
+                .map_err(|e| ClientError::Other(format!("{shown}: {e}")))?
+                .len();
+            let progress = std::sync::Arc::new(progress);
+            let stream = futures_util::stream::unfold((file, 0u64), move |(mut f, sent)| {
+                let progress = progress.clone();
+                async move {
+                    let mut buf = vec![0u8; UPLOAD_CHUNK];
+                    match f.read(&mut buf).await {
+                        Ok(0) => None,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            let sent = sent + n as u64;
+                            progress(sent);
+                            Some((Ok::<_, std::io::Error>(buf), (f, sent)))
+                        }
+                        Err(e) => Some((Err(e), (f, sent))),
+                    }
+                }
+            });
+            let mut req = self
+                .http
+                .post(url.clone())
+                .timeout(DOWNLOAD_TIMEOUT)
+                .header(reqwest::header::CONTENT_LENGTH, len)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(reqwest::Body::wrap_stream(stream));
+            if let Some(token) = &self.token {
+                req = req.bearer_auth(token);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| transport_error(&base, &url, e))?;
+            let status = resp.status();
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| transport_error(&base, &url, e))?;
+            if !status.is_success() {
+                return Err(ClientError::Status {
+                    status,
+                    message: error_message(&bytes),
+                });
+            }
+            serde_json::from_slice(&bytes)
+                .map_err(|e| ClientError::Other(format!("{url}: the answer is not JSON: {e}")))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

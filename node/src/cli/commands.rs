@@ -9,12 +9,12 @@ use super::{ApiOpts, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use crate::config;
 
 /// Where the token came from, for the hint after a 401.
-struct Connection {
+pub(super) struct Connection {
     client: ApiClient,
     token_source: String,
 }
 
-fn connect(opts: &ApiOpts) -> Result<Connection, i32> {
+pub(super) fn connect(opts: &ApiOpts) -> Result<Connection, i32> {
     let (token, token_source) = match &opts.token {
         Some(t) => (Some(t.clone()), "--token or OUTPOST_TOKEN".to_owned()),
         None => {
@@ -38,11 +38,22 @@ fn connect(opts: &ApiOpts) -> Result<Connection, i32> {
 }
 
 impl Connection {
-    fn get(&self, segments: &[&str]) -> Result<Value, i32> {
+    pub(super) fn get(&self, segments: &[&str]) -> Result<Value, i32> {
         self.client.get_json(segments).map_err(|e| self.report(e))
     }
 
-    fn post(&self, segments: &[&str], body: &Value) -> Result<Value, i32> {
+    pub(super) fn upload(
+        &self,
+        segments: &[&str],
+        path: &std::path::Path,
+        progress: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<Value, i32> {
+        self.client
+            .upload(segments, path, progress)
+            .map_err(|e| self.report(e))
+    }
+
+    pub(super) fn post(&self, segments: &[&str], body: &Value) -> Result<Value, i32> {
         self.client
             .post_json(segments, body)
             .map_err(|e| self.report(e))
@@ -66,12 +77,12 @@ impl Connection {
     }
 }
 
-fn pretty(v: &Value) -> String {
+pub(super) fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
 }
 
 /// A JSON value as a short text: strings bare, anything else compact JSON, absent as `-`.
-fn text(v: Option<&Value>) -> String {
+pub(super) fn text(v: Option<&Value>) -> String {
     match v {
         None | Some(Value::Null) => "-".to_owned(),
         Some(Value::String(s)) => s.clone(),
@@ -176,6 +187,23 @@ fn status_summary(s: &Value) -> String {
                 text(s.get("entries")),
                 text(s.get("digest"))
             ),
+        );
+    }
+    if let Some(m) = s.get("machines").filter(|m| m.is_object()) {
+        // A controller.
+        row(
+            "machines:",
+            format!(
+                "{} up, {} down, {} pending, {} rejected",
+                text(m.get("up")),
+                text(m.get("down")),
+                text(m.get("pending")),
+                text(m.get("rejected"))
+            ),
+        );
+        row(
+            "unacked:",
+            format!("{} publications", text(s.get("publications_unacked"))),
         );
     }
     if s.get("log_tail").is_some() {

@@ -3,8 +3,11 @@
 //! no node logic: `init`, `run` and `demo` call into the library, and the client commands
 //! (`commands.rs`) only talk to a node's HTTP API through [`client::ApiClient`].
 
+mod bundle;
 pub mod client;
+mod cluster;
 mod commands;
+mod deploy;
 mod files;
 mod ops;
 
@@ -110,6 +113,86 @@ enum Command {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// Controller: admitted machines and their state, as a table.
+    Machines {
+        /// Print the API's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Controller: machine keys (pending ones first), and admitting or refusing them.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Controller: uploads a bundle and deploys it (default targets: every admitted worker).
+    Deploy {
+        /// voice, messaging or video; must be the bundle manifest's service.
+        #[arg(long, value_name = "S")]
+        service: String,
+        /// A bundle file (`outpost bundle pack DIR -o FILE`).
+        #[arg(long, value_name = "FILE")]
+        bundle: PathBuf,
+        /// A target machine by name; repeat for several (default: every admitted worker).
+        #[arg(long = "machine", value_name = "NAME")]
+        machines: Vec<String>,
+        /// Follow the deployment until every target is running or rolled back; exit non-zero
+        /// if any target does not run the new bundle.
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Software bundles.
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Packs a directory holding an `outpost-bundle.toml` manifest into a bundle file (a
+    /// deterministic tar; its id is the blake3 of the file).
+    Pack {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// The bundle file to write.
+        #[arg(short = 'o', long = "out", value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Every machine key: pending first, then admitted, then rejected.
+    List {
+        /// Print the API's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Admit a pending (or rejected) key; the machine is told at once if connected.
+    Accept {
+        /// The node id (or a unique prefix of at least 8 hex characters) or the machine name.
+        #[arg(value_name = "ID")]
+        id: String,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Refuse a key from now on; its connection is closed and it leaves any pool.
+    Reject {
+        /// The node id (or a unique prefix of at least 8 hex characters) or the machine name.
+        #[arg(value_name = "ID")]
+        id: String,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
 }
 
 #[derive(Subcommand)]
@@ -204,6 +287,30 @@ fn run_cli() -> i32 {
         Command::Db {
             command: DbCommand::Check { data_dir },
         } => ops::db_check(&data_dir),
+        Command::Machines { json, api } => cluster::machines(&api, json),
+        Command::Keys { command } => match command {
+            KeysCommand::List { json, api } => cluster::keys_list(&api, json),
+            KeysCommand::Accept { id, api } => cluster::keys_decide(&api, &id, true),
+            KeysCommand::Reject { id, api } => cluster::keys_decide(&api, &id, false),
+        },
+        Command::Deploy {
+            service,
+            bundle,
+            machines,
+            wait,
+            timeout,
+            api,
+        } => deploy::deploy(&api, &service, &bundle, &machines, wait, timeout),
+        Command::Bundle { command } => match command {
+            BundleCommand::Pack { dir, out } => match bundle::pack_command(&dir, &out) {
+                Ok(()) => EXIT_OK,
+                // A directory that is not a bundle is the user's input: bad usage.
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    EXIT_USAGE
+                }
+            },
+        },
     }
 }
 

@@ -13,6 +13,23 @@ pub enum Body {
     Pool(Pool),
     /// To a dependent: where its load balancer is (`None`: it has none that is admitted).
     LoadBalancer(Option<LbRoute>),
+    /// Install and run this software. The publication carrying it is the signed envelope: the
+    /// controller's signature covers the machine, the channel sequence and (sealed inside) the
+    /// deployment, the bundle id and the hash of the bundle sealed to this machine.
+    Deploy(DeployOrder),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployOrder {
+    /// Increases with every deployment; a worker refuses one not above the last it ran.
+    pub deployment: u64,
+    /// blake3 hex of the bundle's plaintext.
+    pub bundle_id: String,
+    pub service: String,
+    pub version: String,
+    /// The bundle sealed to this machine, as the controller serves it: its size and blake3.
+    pub sealed_bytes: u64,
+    pub sealed_hash: [u8; 32],
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,4 +7,6 @@
 pub mod body;
 pub mod controller;
 pub mod keys;
+#[cfg(test)]
+mod tests;
 pub mod worker;

@@ -46,6 +46,9 @@ pub mod close {
     pub const UNKNOWN_PEER: u32 = 4;
     /// The peer speaks a protocol version this node does not.
     pub const VERSION: u32 = 5;
+    /// The peer does not read what it is sent fast enough (its bounded queue is full); what was
+    /// not delivered is durable and resent when it reconnects.
+    pub const OVERLOADED: u32 = 6;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,8 @@
 //! The node runtime: opens the store, creates the identity on first boot, and runs a role. For a
 //! datacenter: the writer thread (`writer`), the peer links over QUIC (`link`) and the local
 //! HTTP API (`crate::api`). Decisions live in `replication`; this module only moves bytes,
-//! time and threads.
+//! time and threads. A controller or a worker is started from here too
+//! ([`start_role`]), but its runtime lives in `crate::cluster`.
 
 pub mod link;
 pub mod metrics;
@@ -48,7 +49,7 @@ pub struct InitInfo {
 
 /// Opens (or creates) the database, its meta and the node identity. A database created for
 /// another role is refused as bad config (exit 2).
-fn open_node(
+pub(crate) fn open_node(
     data_dir: &Path,
     role: Role,
     name: Option<&str>,
@@ -96,7 +97,16 @@ fn open_node(
 }
 
 pub fn init(data_dir: &Path, role: Role, name: Option<&str>) -> anyhow::Result<InitInfo> {
-    let (_, meta, id, created) = open_node(data_dir, role, name)?;
+    let (store, meta, id, created) = open_node(data_dir, role, name)?;
+    match role {
+        Role::Controller => {
+            crate::cluster::controller::ensure_signing_key(&store)?;
+        }
+        Role::Worker => {
+            crate::cluster::worker::ensure_seal_key(&store)?;
+        }
+        Role::Datacenter => {}
+    }
     Ok(InitInfo {
         node_id: meta.node_id,
         fingerprint: id.fingerprint,
@@ -278,10 +288,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
 /// Starts a datacenter node; tells `notify` READY=1 once the database is open and both
 /// endpoints are bound (not when peers answer), then keeps its STATUS line and watchdog fed.
+/// Other roles start with [`start_role`].
 pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Running> {
     if config.role != Role::Datacenter {
         anyhow::bail!(
-            "the {} role is not available in this version; run a datacenter",
+            "node::start_with runs a datacenter, not a {}; use node::start_role",
             config.role
         );
     }
@@ -451,6 +462,54 @@ async fn retention(shared: Arc<Shared>) {
     }
 }
 
+/// A node of any role, running inside this process.
+pub enum RoleRunning {
+    Datacenter(Running),
+    Controller(crate::cluster::controller::ControllerRunning),
+    Worker(crate::cluster::worker::WorkerRunning),
+}
+
+impl RoleRunning {
+    pub fn api_addr(&self) -> SocketAddr {
+        match self {
+            RoleRunning::Datacenter(r) => r.api_addr,
+            RoleRunning::Controller(r) => r.api_addr,
+            RoleRunning::Worker(r) => r.api_addr,
+        }
+    }
+
+    pub fn quic_addr(&self) -> SocketAddr {
+        match self {
+            RoleRunning::Datacenter(r) => r.quic_addr,
+            RoleRunning::Controller(r) => r.quic_addr,
+            RoleRunning::Worker(r) => r.quic_addr,
+        }
+    }
+
+    pub async fn shutdown(self) {
+        match self {
+            RoleRunning::Datacenter(r) => r.shutdown().await,
+            RoleRunning::Controller(r) => r.shutdown().await,
+            RoleRunning::Worker(r) => r.shutdown().await,
+        }
+    }
+}
+
+/// Starts the node of `config.role`, telling `notify` READY=1 once it serves.
+pub async fn start_role(config: Config, notify: Notifier) -> anyhow::Result<RoleRunning> {
+    match config.role {
+        Role::Datacenter => start_with(config, notify)
+            .await
+            .map(RoleRunning::Datacenter),
+        Role::Controller => crate::cluster::controller::start(config, notify)
+            .await
+            .map(RoleRunning::Controller),
+        Role::Worker => crate::cluster::worker::start(config, notify)
+            .await
+            .map(RoleRunning::Worker),
+    }
+}
+
 /// What `outpost run` needs besides the config: where to read it again on SIGHUP, how to
 /// change the log filter, and the supervisor to notify.
 pub struct RunOpts {
@@ -470,7 +529,7 @@ pub fn run(config: Config, opts: RunOpts) -> anyhow::Result<()> {
         // Installed before READY, so an early `systemctl reload` is never fatal.
         let mut term = signal(SignalKind::terminate())?;
         let mut hup = signal(SignalKind::hangup())?;
-        let running = start_with(config, opts.notify.clone()).await?;
+        let running = start_role(config, opts.notify.clone()).await?;
         loop {
             tokio::select! {
                 _ = term.recv() => {
@@ -481,9 +540,14 @@ pub fn run(config: Config, opts: RunOpts) -> anyhow::Result<()> {
                     tracing::info!("SIGINT: shutting down");
                     break;
                 }
-                _ = hup.recv() => {
-                    reload::reload(&running.shared, &opts.source, &opts.log).await;
-                }
+                _ = hup.recv() => match &running {
+                    RoleRunning::Datacenter(r) => {
+                        reload::reload(&r.shared, &opts.source, &opts.log).await;
+                    }
+                    RoleRunning::Controller(_) | RoleRunning::Worker(_) => {
+                        tracing::info!("SIGHUP: nothing to reload for this role; restart to apply config changes");
+                    }
+                },
             }
         }
         opts.notify.stopping();

@@ -6,6 +6,7 @@
 //! ──────────  ──────────────────────  ─────────────────────────────────────────────────
 //! machines    u128 node id            controller: MachineRecord (postcard)
 //! channel     (u128 node id, u64 seq) controller: a stored, unacknowledged Publication
+//! deployments u64 deployment id          controller: DeploymentRecord (postcard)
 //! meta        &str "worker"           worker: WorkerRecord (postcard)
 //! ```
 
@@ -13,11 +14,13 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{db_err, decode, Result, Store};
 use crate::cluster::controller::core::{Dirty, MachineRecord};
+use crate::cluster::controller::deploy::DeploymentRecord;
 use crate::cluster::worker::core::WorkerRecord;
 use crate::wire::Publication;
 
 const MACHINES: TableDefinition<u128, &[u8]> = TableDefinition::new("machines");
 const CHANNEL: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("channel");
+const DEPLOYMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("deployments");
 const META_WORKER: &str = "worker";
 
 fn enc(v: &impl serde::Serialize) -> Vec<u8> {
@@ -55,11 +58,27 @@ impl Store {
 
     /// Controller: commits what the core changed, in one durable transaction.
     pub fn controller_commit(&self, dirty: &Dirty) -> Result<()> {
-        if dirty.is_empty() {
+        self.controller_commit_with(dirty, &[])
+    }
+
+    /// Controller: commits what the core changed and the deployment records written in the
+    /// same batch (whole, replacing any stored under the same id), in one durable transaction.
+    pub fn controller_commit_with(
+        &self,
+        dirty: &Dirty,
+        deployments: &[DeploymentRecord],
+    ) -> Result<()> {
+        if dirty.is_empty() && deployments.is_empty() {
             return Ok(());
         }
         let txn = self.begin()?;
         {
+            if !deployments.is_empty() {
+                let mut d = txn.txn.open_table(DEPLOYMENTS).map_err(db_err)?;
+                for rec in deployments {
+                    d.insert(rec.id, enc(rec).as_slice()).map_err(db_err)?;
+                }
+            }
             let mut m = txn.txn.open_table(MACHINES).map_err(db_err)?;
             for rec in &dirty.machines {
                 m.insert(rec.node_id.0, enc(rec).as_slice())
@@ -76,6 +95,47 @@ impl Store {
             }
         }
         txn.commit()
+    }
+
+    /// Controller: one deployment record.
+    pub fn deployment(&self, id: u64) -> Result<Option<DeploymentRecord>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = match txn.open_table(DEPLOYMENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(db_err(e)),
+        };
+        let v = t.get(id).map_err(db_err)?;
+        v.map(|v| decode("deployment record", v.value()))
+            .transpose()
+    }
+
+    /// Controller: the `limit` newest deployment records, newest first.
+    pub fn deployments_newest(&self, limit: usize) -> Result<Vec<DeploymentRecord>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = match txn.open_table(DEPLOYMENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(db_err(e)),
+        };
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db_err)?.rev().take(limit) {
+            let (_, v) = row.map_err(db_err)?;
+            out.push(decode("deployment record", v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Controller: the highest deployment id stored (0: none yet).
+    pub fn deployment_last_id(&self) -> Result<u64> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = match txn.open_table(DEPLOYMENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(db_err(e)),
+        };
+        let last = t.last().map_err(db_err)?;
+        Ok(last.map_or(0, |(k, _)| k.value()))
     }
 
     /// Worker: its record (default when none was stored yet).
@@ -142,6 +202,30 @@ mod tests {
         store.controller_commit(&dirty).unwrap();
         let (_, pubs) = store.controller_load().unwrap();
         assert_eq!(pubs, vec![p(1, 3), p(2, 1)]);
+
+        // Deployments: stored whole, replaced by id, listed newest first.
+        assert_eq!(store.deployment_last_id().unwrap(), 0);
+        assert_eq!(store.deployment(1).unwrap(), None);
+        let d = |id: u64, failures: usize| DeploymentRecord {
+            id,
+            service: "voice".into(),
+            bundle_id: "ab".repeat(32),
+            version: "1.0".into(),
+            created_ms: id * 10,
+            targets: vec![(NodeId(1), "w-1".into()), (NodeId(2), "w-2".into())],
+            failures: (0..failures)
+                .map(|_| (NodeId(2), "sealing failed".into()))
+                .collect(),
+        };
+        store
+            .controller_commit_with(&Dirty::default(), &[d(1, 0), d(2, 0), d(3, 0)])
+            .unwrap();
+        store
+            .controller_commit_with(&Dirty::default(), &[d(2, 1)])
+            .unwrap();
+        assert_eq!(store.deployment_last_id().unwrap(), 3);
+        assert_eq!(store.deployment(2).unwrap(), Some(d(2, 1)));
+        assert_eq!(store.deployments_newest(2).unwrap(), vec![d(3, 0), d(2, 1)]);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -94,9 +94,14 @@ pub struct Status {
     pub node_id: String,
     pub fingerprint: String,
     pub ready: bool,
+    // Datacenter only; a controller's or worker's status has none of these.
+    #[serde(default)]
     pub log_tail: u64,
+    #[serde(default)]
     pub entries: u64,
+    #[serde(default)]
     pub digest: String,
+    #[serde(default)]
     pub peers: Vec<PeerStatus>,
     #[serde(default)]
     pub last_errors: Vec<Value>,

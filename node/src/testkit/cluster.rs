@@ -72,6 +72,8 @@ impl ClusterSpec {
 #[derive(Clone, Debug)]
 pub struct NodeInfo {
     pub name: String,
+    /// `datacenter`, `controller` or `worker`.
+    pub role: String,
     pub node_id: String,
     pub fingerprint: String,
     pub data_dir: PathBuf,
@@ -87,6 +89,8 @@ pub struct NodeInfo {
 
 struct Slot {
     info: NodeInfo,
+    /// Extra environment of the next start (test hooks).
+    env: Vec<(String, String)>,
     /// `None` while the node is deliberately down.
     child: Mutex<Option<Child>>,
     api: Api,
@@ -155,7 +159,7 @@ impl Cluster {
         let mut ids = Vec::new();
         for name in &spec.names {
             let data_dir = dir.join(name);
-            let (node_id, fingerprint) = init(bin, &data_dir, name).await?;
+            let (node_id, fingerprint) = init(bin, &data_dir, name, "datacenter").await?;
             let token = fs::read_to_string(data_dir.join("token"))
                 .with_context(|| format!("reading {}/token", data_dir.display()))?
                 .trim()
@@ -189,6 +193,7 @@ impl Cluster {
                 config: dir.join(format!("{name}.toml")),
                 log: dir.join(format!("{name}.log")),
                 name,
+                role: "datacenter".into(),
                 node_id,
                 fingerprint,
                 data_dir,
@@ -199,6 +204,7 @@ impl Cluster {
             let api = Api::new(format!("http://{}", info.api_addr), info.token.clone());
             cluster.nodes.push(Slot {
                 info,
+                env: Vec::new(),
                 child: Mutex::new(None),
                 api,
                 starts: 0,
@@ -213,6 +219,79 @@ impl Cluster {
             cluster.spawn(i)?;
         }
         Ok(cluster)
+    }
+
+    /// Initialises nodes of any role (`(name, role)`), writes each one's config with
+    /// `configure(all, i)` (every node's identity, ports and token are known by then) and starts
+    /// them in order. The fleet of a controller and its workers is built on this.
+    pub async fn start_nodes(
+        bin: &Path,
+        label: &str,
+        nodes: &[(String, String)],
+        configure: &dyn Fn(&[NodeInfo], usize) -> String,
+    ) -> anyhow::Result<Cluster> {
+        let dir = unique_dir(&std::env::temp_dir(), label)?;
+        let mut cluster = Cluster {
+            dir: dir.clone(),
+            bin: bin.to_owned(),
+            nodes: Vec::new(),
+            links: Vec::new(),
+            finished: false,
+            timeout: WAIT_DEFAULT,
+        };
+        let (listens, apis) = free_ports(nodes.len())?;
+        for (i, (name, role)) in nodes.iter().enumerate() {
+            let data_dir = dir.join(name);
+            let (node_id, fingerprint) = init(bin, &data_dir, name, role).await?;
+            let token = fs::read_to_string(data_dir.join("token"))
+                .with_context(|| format!("reading {}/token", data_dir.display()))?
+                .trim()
+                .to_owned();
+            let info = NodeInfo {
+                config: dir.join(format!("{name}.toml")),
+                log: dir.join(format!("{name}.log")),
+                name: name.clone(),
+                role: role.clone(),
+                node_id,
+                fingerprint,
+                data_dir,
+                listen: listens[i],
+                api_addr: apis[i],
+                token,
+            };
+            let api = Api::new(format!("http://{}", info.api_addr), info.token.clone());
+            cluster.nodes.push(Slot {
+                info,
+                env: Vec::new(),
+                child: Mutex::new(None),
+                api,
+                starts: 0,
+            });
+        }
+        let infos: Vec<NodeInfo> = cluster.nodes.iter().map(|s| s.info.clone()).collect();
+        for (i, info) in infos.iter().enumerate() {
+            fs::write(&info.config, configure(&infos, i))
+                .with_context(|| format!("writing {}", info.config.display()))?;
+        }
+        for i in 0..cluster.nodes.len() {
+            cluster.spawn(i)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Sets (or with `None` removes) an environment variable for node `i`'s next start.
+    pub fn set_env(&mut self, i: usize, key: &str, value: Option<&str>) {
+        let env = &mut self.nodes[i].env;
+        env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            env.push((key.to_owned(), v.to_owned()));
+        }
+    }
+
+    /// Rewrites node `i`'s config file (takes effect at its next start or SIGHUP).
+    pub fn write_config(&self, i: usize, text: &str) -> anyhow::Result<()> {
+        let path = &self.nodes[i].info.config;
+        fs::write(path, text).with_context(|| format!("writing {}", path.display()))
     }
 
     /// Node `i`'s config: every other node as a peer, at its proxy when the link is faulty.
@@ -287,11 +366,12 @@ impl Cluster {
         let child = Command::new(&self.bin)
             .arg("run")
             .arg("--role")
-            .arg("datacenter")
+            .arg(&slot.info.role)
             .arg("--config")
             .arg(&slot.info.config)
             .env_remove("OUTPOST_TOKEN")
             .env_remove("NOTIFY_SOCKET")
+            .envs(slot.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err))
@@ -756,11 +836,16 @@ fn unique_dir(base: &Path, label: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// `outpost init`: returns the node id and fingerprint it prints.
-async fn init(bin: &Path, data_dir: &Path, name: &str) -> anyhow::Result<(String, String)> {
+async fn init(
+    bin: &Path,
+    data_dir: &Path,
+    name: &str,
+    role: &str,
+) -> anyhow::Result<(String, String)> {
     let out = tokio::process::Command::new(bin)
         .arg("init")
         .arg("--role")
-        .arg("datacenter")
+        .arg(role)
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--name")

@@ -5,6 +5,7 @@
 
 mod api;
 mod cluster;
+mod fleet;
 mod proxy;
 
 use std::future::Future;
@@ -15,6 +16,7 @@ pub use cluster::{
     outpost_binary_near_current_exe, summarize, Cluster, ClusterSpec, LinkFault, NodeInfo,
     WAIT_DEFAULT,
 };
+pub use fleet::{Fleet, FleetSpec, WorkerSpec, JOIN_TOKEN};
 pub use proxy::{FaultProxy, Mode, ModeSwitch, ProxyStats};
 
 /// The five event types every datacenter knows.

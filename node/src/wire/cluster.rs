@@ -8,6 +8,8 @@
 //! controller -> worker      Admission, Publication, NotifyAck, Goodbye
 //! controller -> LB          Relay (a dependent's sealed publication, forwarded as is)
 //! dependent  -> its LB      RelayHello (first frame); then the LB sends it Publication
+//! worker     -> controller  BundleRequest (first frame of a transfer stream; answer
+//!                           BundleHeader + raw bytes); a dependent asks its LB, which forwards
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -87,6 +89,8 @@ pub struct MachineReport {
     pub software: Option<Software>,
     /// Why, when not running.
     pub detail: Option<String>,
+    /// The deployment this report is about, if any.
+    pub deployment: Option<u64>,
 }
 
 /// A machine's notification channel: the worker numbers its reports; the controller records
@@ -112,4 +116,25 @@ pub struct RelayHello {
 pub struct Relay {
     pub to: NodeId,
     pub publication: Publication,
+}
+
+/// First frame of a bundle transfer stream (a bi stream of its own, opened by the worker on
+/// its connection to the controller, or by a dependent on its connection to its load balancer,
+/// which forwards it unchanged on its own connection to the controller): send the bundle of
+/// `deployment` sealed to `machine`, from byte `offset`. The answer is a [`BundleHeader`] frame
+/// followed by the raw sealed bytes `offset..total` and the end of the stream, or a `Goodbye`
+/// frame saying why not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleRequest {
+    pub deployment: u64,
+    pub machine: NodeId,
+    pub offset: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleHeader {
+    /// Size of the whole sealed bundle.
+    pub total: u64,
+    /// Where the bytes that follow start.
+    pub offset: u64,
 }

@@ -6,7 +6,13 @@
 
 use serde_json::Value;
 
-use super::{decode_frame, decode_message, encode_frame, Message, FRAME_BYTES_MAX_DEFAULT};
+use super::{
+    decode_frame, decode_message, encode_frame, Admission, Message, Publication,
+    FRAME_BYTES_MAX_DEFAULT, SIGNATURE_BYTES,
+};
+use crate::cluster::body::Body;
+use crate::cluster::keys::{publication_digest, ControllerKey, ControllerVerifier, SealKey};
+use crate::cluster::worker::core::{JoinInfo, WorkerCore, WorkerRecord};
 use crate::ids::{MsgId, NodeId};
 use crate::model::events::{check_element, merge};
 use crate::model::{to_canonical, ElementRecord, EventType, Version};
@@ -48,7 +54,7 @@ pub fn fuzz_wire_frame(data: &[u8]) {
         | Message::CatchUpRequest(_)
         | Message::Snapshot(_)
         | Message::Goodbye(_) => {}
-        // Cluster messages are checked by their own target (`fuzz_cluster_message`).
+        // A publication's contents are checked by the worker (`fuzz_worker_publication`).
         _ => {}
     }
 }
@@ -91,4 +97,203 @@ fn assert_checked(rec: &ElementRecord, el: &Value) {
     let merged = merge(rec.etype, Some((el, rec.version)), el, rec.version);
     assert_eq!(&merged, el, "merging an element with itself changed it");
     check_element(rec.etype, &merged).expect("merge keeps the shape");
+}
+
+/// Target `cluster_body`: the plaintext of an opened publication, through [`Body::decode`].
+/// What decodes re-encodes canonically (never longer), decodes back to itself, and refuses a
+/// trailing byte.
+pub fn fuzz_cluster_body(data: &[u8]) {
+    let Ok(body) = Body::decode(data) else {
+        return;
+    };
+    let again = body.encode();
+    assert!(again.len() <= data.len(), "re-encoding grew the body");
+    assert_eq!(Body::decode(&again).expect("own encoding decodes"), body);
+    let mut longer = again;
+    longer.push(0);
+    assert!(
+        Body::decode(&longer).is_err(),
+        "a trailing byte was accepted"
+    );
+}
+
+/// The fixed keys of the `worker_publication` target, so that its corpus can hold valid
+/// publications: the worker's node id, its seal key, and the controller's signing key.
+pub struct FuzzWorker {
+    pub node_id: NodeId,
+    pub seal: SealKey,
+    pub controller: ControllerKey,
+    /// The worker's `applied` before each input: a publication must be `applied + 1`.
+    pub applied: u64,
+}
+
+/// An x25519 secret of bytes 1..=32 (bech32), not a secret of anything real.
+const FUZZ_SEAL_SECRET: &str =
+    "AGE-SECRET-KEY-1QYPQXPQ9QCRSSZG2PVXQ6RS0ZQG3YYC5Z5TPWXQERGD3C8G7RUSQGPQYEE";
+
+pub fn fuzz_worker() -> FuzzWorker {
+    FuzzWorker {
+        node_id: NodeId(0x00f0_0000_0000_0000_0000_0000_0000_0042),
+        seal: SealKey::from_secret(FUZZ_SEAL_SECRET.as_bytes()).expect("fixed seal key"),
+        controller: ControllerKey::from_secret(&[0x42; 32]).expect("fixed signing key"),
+        applied: 5,
+    }
+}
+
+impl FuzzWorker {
+    /// A worker core admitted by this controller, with `applied` publications behind it and
+    /// nothing left to commit.
+    pub fn core(&self) -> WorkerCore {
+        let info = JoinInfo {
+            node_id: self.node_id,
+            name: "fuzz-dep".into(),
+            service: "voice".into(),
+            component: "media-processor".into(),
+            load_balancer: Some("lb-fuzz".into()),
+            service_addr: Some("10.0.0.2:5060".into()),
+            relay_addr: None,
+            token_proof: None,
+        };
+        let rec = WorkerRecord {
+            controller_key: Some(self.controller.public()),
+            heartbeat_ms: 1000,
+            applied: self.applied,
+            ..WorkerRecord::default()
+        };
+        let seal = SealKey::from_secret(&self.seal.secret_bytes()).expect("own secret");
+        let mut core = WorkerCore::open(info, seal, rec).expect("valid fixed keys");
+        // The admission as the controller sends it on (re)connect.
+        let _ = core.join();
+        core.connected();
+        let _ = core.from_controller(Message::Admission(Admission::Admitted {
+            controller_key: self.controller.public(),
+            heartbeat_ms: 1000,
+        }));
+        let _ = core.take();
+        core
+    }
+
+    /// A valid next publication of `body` bytes (any plaintext).
+    pub fn publication(&self, plaintext: &[u8]) -> Publication {
+        self.controller
+            .publication(
+                self.node_id,
+                self.applied + 1,
+                &self.seal.recipient(),
+                plaintext,
+            )
+            .expect("seals to a valid recipient")
+    }
+}
+
+/// Target `worker_publication`: what reaches an admitted worker from its controller or its
+/// load balancer. The first byte picks how the rest is read:
+///
+/// - 0: a frame; a `Publication` or a `Relay`'s publication is fed as both a direct and a
+///   relayed one,
+/// - 1: a postcard `Publication`, likewise,
+/// - 2: the right machine and next sequence, then a 64-byte signature and sealed bytes from
+///   the input (a forged or altered publication),
+/// - 3: sealed bytes from the input, validly signed by the controller (altered ciphertext
+///   that a broken relay might pass on: decryption must refuse it),
+/// - 4: the input as plaintext, validly sealed and signed (the body decoder behind it).
+///
+/// Never panics; the record changes only for a validly signed, correctly sealed next
+/// publication whose body decodes, and then by exactly one sequence.
+pub fn fuzz_worker_publication(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let w = fuzz_worker();
+    let publications: Vec<Publication> = match mode % 5 {
+        0 => match decode_frame(rest, FRAME_BYTES_MAX_DEFAULT) {
+            Ok((Message::Publication(p), _)) => vec![p],
+            Ok((Message::Relay(r), _)) => vec![r.publication],
+            _ => vec![],
+        },
+        1 => postcard::from_bytes::<Publication>(rest)
+            .map(|p| vec![p])
+            .unwrap_or_default(),
+        2 => {
+            let cut = rest.len().min(SIGNATURE_BYTES);
+            vec![Publication {
+                machine: w.node_id,
+                seq: w.applied + 1,
+                signature: rest[..cut].to_vec(),
+                sealed: rest[cut..].to_vec(),
+            }]
+        }
+        3 => {
+            let digest = publication_digest(w.node_id, w.applied + 1, rest);
+            vec![Publication {
+                machine: w.node_id,
+                seq: w.applied + 1,
+                sealed: rest.to_vec(),
+                signature: w.controller.sign_digest(&digest),
+            }]
+        }
+        _ => vec![w.publication(rest)],
+    };
+    let verifier = ControllerVerifier::from_bytes(&w.controller.public()).expect("valid key");
+    for p in publications {
+        for relayed in [false, true] {
+            let mut core = w.core();
+            let before = core.record().clone();
+            let r = if relayed {
+                core.from_relay(p.clone())
+            } else {
+                core.from_controller(Message::Publication(p.clone()))
+            };
+            let after = core.record().clone();
+            let (rec, _outputs) = core.take();
+            if after == before {
+                assert!(rec.is_none(), "nothing changed, yet a record to commit");
+                continue;
+            }
+            // Changed: it must have been the real next publication.
+            assert!(r.is_ok(), "the record changed on a refusal: {r:?}");
+            assert_eq!(
+                rec.as_ref(),
+                Some(&after),
+                "a change not offered for commit"
+            );
+            verifier
+                .verify_publication(&p)
+                .expect("accepted a publication the controller did not sign");
+            assert_eq!(
+                p.machine, w.node_id,
+                "accepted another machine's publication"
+            );
+            assert_eq!(
+                after.applied,
+                before.applied + 1,
+                "applied moved by more than one"
+            );
+            assert_eq!(p.seq, after.applied, "accepted out of order");
+            let body = w
+                .seal
+                .open(&p.sealed)
+                .ok()
+                .and_then(|plain| Body::decode(&plain).ok())
+                .expect("accepted a publication whose body does not open and decode");
+            // At most what the body says changed (a worker may ignore a body that is not for
+            // its component, but never makes up another).
+            match body {
+                Body::Pool(pool) => {
+                    assert!(after.pool == before.pool || after.pool == Some(pool));
+                    assert_eq!(after.route, before.route);
+                }
+                Body::LoadBalancer(route) => {
+                    assert!(after.route == before.route || after.route == route);
+                    assert_eq!(after.pool, before.pool);
+                }
+                Body::Deploy(_) => {
+                    assert_eq!(after.pool, before.pool);
+                    assert_eq!(after.route, before.route);
+                }
+            }
+            assert_eq!(after.controller_key, before.controller_key);
+            assert_eq!(after.report, before.report);
+        }
+    }
 }

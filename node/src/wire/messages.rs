@@ -171,6 +171,8 @@ pub enum Message {
     Heartbeat,
     RelayHello(RelayHello),
     Relay(Relay),
+    BundleRequest(BundleRequest),
+    BundleHeader(BundleHeader),
 }
 
 impl Message {
@@ -193,6 +195,8 @@ impl Message {
             Message::Heartbeat => "Heartbeat",
             Message::RelayHello(_) => "RelayHello",
             Message::Relay(_) => "Relay",
+            Message::BundleRequest(_) => "BundleRequest",
+            Message::BundleHeader(_) => "BundleHeader",
         }
     }
 }

@@ -9,7 +9,10 @@ mod messages;
 
 pub use frame::*;
 #[doc(hidden)]
-pub use fuzzing::{fuzz_element_json, fuzz_wire_frame};
+pub use fuzzing::{
+    fuzz_cluster_body, fuzz_element_json, fuzz_wire_frame, fuzz_worker, fuzz_worker_publication,
+    FuzzWorker,
+};
 pub use messages::*;
 
 #[cfg(test)]

@@ -16,10 +16,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::body::{Body, LbRoute, Pool};
-use crate::cluster::keys::ControllerKey;
+use crate::cluster::body::{Body, Dependent, LbRoute, Pool, PoolMember};
+use crate::cluster::keys::{self, ControllerKey};
+use crate::config;
 use crate::ids::{Fingerprint, NodeId};
-use crate::wire::{Join, MachineReport, Message, Publication};
+use crate::net::close;
+use crate::wire::{Admission, Join, MachineReport, Message, Publication, Relay, PROTOCOL_VERSION};
 
 /// A connection, numbered by the runtime (never reused within a run).
 pub type ConnId = u64;
@@ -99,8 +101,26 @@ pub struct MachineRecord {
     pub pub_acked: u64,
     /// A load balancer: the pool last published to it.
     pub pool: Option<Pool>,
-    /// A dependent: the route last published to it.
+    /// A dependent: the route last published to it, and that publication's sequence (its
+    /// publications go through the load balancer only once it has applied the route).
     pub route: Option<LbRoute>,
+    pub route_seq: u64,
+    /// The latest deployments sent to it (at most [`DEPLOYS_KEPT`]), oldest first.
+    pub deploys: Vec<DeployState>,
+}
+
+/// How many deployments a machine record remembers.
+pub const DEPLOYS_KEPT: usize = 16;
+
+/// Where one deployment stands on one machine: `pending` (published, not yet received),
+/// `delivering` (the order is received; the bundle is being fetched), then what the machine
+/// reports: `installed`, `running`, `rolled_back`, `failed`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployState {
+    pub deployment: u64,
+    pub seq: u64,
+    pub state: String,
+    pub detail: Option<String>,
 }
 
 impl MachineRecord {
@@ -126,6 +146,9 @@ impl Dirty {
     }
 }
 
+// Outputs live only between `take` and their delivery; boxing the message would cost an
+// allocation per frame for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     Send {
@@ -175,7 +198,6 @@ pub struct ControllerCore {
 #[derive(Debug, Clone)]
 struct Conn {
     node: NodeId,
-    fingerprint: Fingerprint,
     admitted: bool,
 }
 
@@ -190,59 +212,385 @@ impl ControllerCore {
         publications: Vec<Publication>,
         now_ms: u64,
     ) -> ControllerCore {
-        let _ = (settings, key, machines, publications, now_ms);
-        todo!()
+        let mut map = BTreeMap::new();
+        for mut m in machines {
+            if m.up {
+                m.last_seen_ms = m.last_seen_ms.max(now_ms);
+            }
+            map.insert(m.node_id, m);
+        }
+        let mut unacked: BTreeMap<NodeId, BTreeMap<u64, Publication>> = BTreeMap::new();
+        for p in publications {
+            let Some(m) = map.get(&p.machine) else {
+                continue;
+            };
+            if p.seq > m.pub_acked && p.seq <= m.pub_seq {
+                unacked.entry(p.machine).or_default().insert(p.seq, p);
+            }
+        }
+        ControllerCore {
+            settings,
+            key,
+            machines: map,
+            unacked,
+            conns: BTreeMap::new(),
+            by_node: BTreeMap::new(),
+            sent_at: BTreeMap::new(),
+            dirty_machines: BTreeSet::new(),
+            dirty: Dirty::default(),
+            out: Vec::new(),
+        }
     }
 
     /// A worker completed the handshake (with certificate `fingerprint`) and sent its Join.
     /// Admits it (join token), records it as pending, or refuses it; an admitted machine is
     /// sent its Admission and every publication above `join.resume`.
     pub fn joined(&mut self, conn: ConnId, fingerprint: Fingerprint, join: Join, now_ms: u64) {
-        let _ = (conn, fingerprint, join, now_ms);
-        todo!()
+        if self.conns.contains_key(&conn) {
+            return self.close(conn, close::PROTOCOL, "a second Join on one connection");
+        }
+        if let Err(reason) = check_join(&join) {
+            return self.close(conn, close::PROTOCOL, &format!("bad Join: {reason}"));
+        }
+        let node = join.node_id;
+        let token_ok = match (&self.settings.join_token, &join.token_proof) {
+            (Some(token), Some(proof)) => keys::token_proof_matches(token, &fingerprint, proof),
+            _ => false,
+        };
+        let name_taken = self.machines.values().any(|m| {
+            m.node_id != node && m.name == join.name && m.key_status != KeyStatus::Rejected
+        });
+        match self.machines.get(&node) {
+            Some(m) if m.fingerprint != fingerprint => {
+                return self.close(
+                    conn,
+                    close::UNKNOWN_PEER,
+                    &format!("node id {node} belongs to another key"),
+                );
+            }
+            Some(m) if m.key_status == KeyStatus::Rejected => {
+                self.send(
+                    conn,
+                    Message::Admission(Admission::Rejected {
+                        reason: "this machine's key was rejected".into(),
+                    }),
+                );
+                return self.close(conn, close::UNKNOWN_PEER, "key rejected");
+            }
+            _ => {}
+        }
+        if name_taken {
+            return self.close(
+                conn,
+                close::UNKNOWN_PEER,
+                &format!(
+                    "the name {:?} belongs to another machine key; reject that key first",
+                    join.name
+                ),
+            );
+        }
+        // A previous connection of the same machine is replaced by this one.
+        if let Some(old) = self.by_node.insert(node, conn) {
+            self.conns.remove(&old);
+            self.close(old, close::DUPLICATE, "replaced by a newer connection");
+        }
+        self.conns.insert(
+            conn,
+            Conn {
+                node,
+                admitted: false,
+            },
+        );
+        let existing = self.machines.get(&node).map(|m| m.key_status);
+        match existing {
+            None => {
+                let pending = self
+                    .machines
+                    .values()
+                    .filter(|m| m.key_status == KeyStatus::Pending)
+                    .count();
+                if !token_ok && pending >= self.settings.pending_max {
+                    self.conns.remove(&conn);
+                    self.by_node.remove(&node);
+                    return self.close(
+                        conn,
+                        close::UNKNOWN_PEER,
+                        &format!(
+                            "too many machines wait for admission ({pending}); try again later"
+                        ),
+                    );
+                }
+                let rec = MachineRecord {
+                    node_id: node,
+                    name: join.name.clone(),
+                    fingerprint,
+                    seal_key: join.seal_key.clone(),
+                    key_status: KeyStatus::Pending,
+                    service: join.service.clone(),
+                    component: join.component.clone(),
+                    load_balancer: join.load_balancer.clone(),
+                    service_addr: join.service_addr.clone(),
+                    relay_addr: join.relay_addr.clone(),
+                    up: false,
+                    report: None,
+                    first_seen_ms: now_ms,
+                    last_seen_ms: now_ms,
+                    notify_seq: 0,
+                    pub_seq: 0,
+                    pub_acked: 0,
+                    pool: None,
+                    route: None,
+                    route_seq: 0,
+                    deploys: Vec::new(),
+                };
+                self.machines.insert(node, rec);
+                self.dirty_machines.insert(node);
+            }
+            Some(_) => {
+                let m = self.machines.get_mut(&node).expect("exists");
+                let changed = m.name != join.name
+                    || m.seal_key != join.seal_key
+                    || m.service != join.service
+                    || m.component != join.component
+                    || m.load_balancer != join.load_balancer
+                    || m.service_addr != join.service_addr
+                    || m.relay_addr != join.relay_addr;
+                let old_lb = m.load_balancer.clone();
+                if changed {
+                    m.name = join.name.clone();
+                    m.seal_key = join.seal_key.clone();
+                    m.service = join.service.clone();
+                    m.component = join.component.clone();
+                    m.load_balancer = join.load_balancer.clone();
+                    m.service_addr = join.service_addr.clone();
+                    m.relay_addr = join.relay_addr.clone();
+                    self.dirty_machines.insert(node);
+                }
+                m.last_seen_ms = now_ms;
+                if m.key_status == KeyStatus::Admitted && changed {
+                    if let Some(lb) = old_lb {
+                        self.recompute_pool(&lb, now_ms);
+                    }
+                }
+            }
+        }
+        let status = self.machines[&node].key_status;
+        match status {
+            KeyStatus::Admitted => self.admitted(node, join.resume, now_ms),
+            KeyStatus::Pending if token_ok => self.admit(node, join.resume, now_ms),
+            _ => self.send(conn, Message::Admission(Admission::Pending)),
+        }
     }
 
     /// A frame after the Join on connection `conn`. A frame the machine may not send closes
     /// the connection and changes nothing.
     pub fn frame(&mut self, conn: ConnId, msg: Message, now_ms: u64) {
-        let _ = (conn, msg, now_ms);
-        todo!()
+        let Some(c) = self.conns.get(&conn).cloned() else {
+            return;
+        };
+        if !c.admitted {
+            return match msg {
+                Message::Heartbeat => {}
+                other => self.refuse(
+                    conn,
+                    &format!("{} from a machine that is not admitted", other.kind()),
+                ),
+            };
+        }
+        let node = c.node;
+        self.seen(node, now_ms);
+        match msg {
+            Message::Heartbeat => {}
+            Message::PublicationAck { upto } => {
+                let m = &self.machines[&node];
+                if upto > m.pub_seq {
+                    return self.refuse(
+                        conn,
+                        &format!(
+                            "acknowledges publication {upto}, only {} were sent",
+                            m.pub_seq
+                        ),
+                    );
+                }
+                self.acked(node, upto);
+            }
+            Message::Notify(n) => {
+                if n.machine != node {
+                    return self.refuse(
+                        conn,
+                        &format!("a notification for machine {} on {node}'s key", n.machine),
+                    );
+                }
+                if let Err(reason) = check_report(&n.report) {
+                    return self.refuse(conn, &format!("bad report: {reason}"));
+                }
+                let m = self.machines.get_mut(&node).expect("admitted machine");
+                if n.seq > m.notify_seq {
+                    let was_member = is_member(m);
+                    if let Some(d) = n.report.deployment {
+                        if let Some(ds) = m.deploys.iter_mut().find(|x| x.deployment == d) {
+                            ds.state = n.report.state.clone();
+                            ds.detail = n.report.detail.clone();
+                        }
+                    }
+                    m.notify_seq = n.seq;
+                    m.report = Some(n.report);
+                    self.dirty_machines.insert(node);
+                    if was_member != is_member(m) {
+                        if let Some(lb) = m.load_balancer.clone() {
+                            self.recompute_pool(&lb, now_ms);
+                        }
+                    }
+                }
+                let upto = self.machines[&node].notify_seq;
+                self.send(conn, Message::NotifyAck { upto });
+            }
+            other => self.refuse(conn, &format!("unexpected {} from a worker", other.kind())),
+        }
     }
 
     /// The connection is gone (the machine is marked down only after `down_after`).
     pub fn closed(&mut self, conn: ConnId, now_ms: u64) {
-        let _ = (conn, now_ms);
-        todo!()
+        let _ = now_ms;
+        if let Some(c) = self.conns.remove(&conn) {
+            if self.by_node.get(&c.node) == Some(&conn) {
+                self.by_node.remove(&c.node);
+            }
+        }
     }
 
     /// Marks silent machines down (and recomputes their pools) and resends publications left
     /// unacknowledged for `resend_after`. Call it every few hundred milliseconds.
     pub fn tick(&mut self, now_ms: u64) {
-        let _ = now_ms;
-        todo!()
+        let down_after = self.settings.down_after_ms;
+        let silent: Vec<NodeId> = self
+            .machines
+            .values()
+            .filter(|m| {
+                m.key_status == KeyStatus::Admitted
+                    && m.up
+                    && now_ms.saturating_sub(m.last_seen_ms) > down_after
+            })
+            .map(|m| m.node_id)
+            .collect();
+        for node in silent {
+            self.set_up(node, false, now_ms);
+        }
+        let resend_after = self.settings.resend_after_ms;
+        let mut due = Vec::new();
+        for (node, chan) in &self.unacked {
+            if !self.by_node.contains_key(node) {
+                continue;
+            }
+            for seq in chan.keys() {
+                let last = self.sent_at.get(&(*node, *seq)).copied();
+                if last.is_none_or(|t| now_ms.saturating_sub(t) >= resend_after) {
+                    due.push((*node, *seq));
+                }
+            }
+        }
+        for (node, seq) in due {
+            self.send_publication(node, seq, true, now_ms);
+        }
     }
 
     /// `outpost keys accept`: a pending (or rejected) key becomes admitted; a connected
     /// machine is told at once. `key` is a node id (or a unique prefix of at least 8 hex
     /// characters) or a machine name.
     pub fn accept(&mut self, key: &str, now_ms: u64) -> Result<NodeId, KeyActionError> {
-        let _ = (key, now_ms);
-        todo!()
+        let node = self.resolve(key)?;
+        if self.machines[&node].key_status != KeyStatus::Admitted {
+            let resume = self.machines[&node].pub_acked;
+            self.admit(node, resume, now_ms);
+        }
+        Ok(node)
     }
 
     /// `outpost keys reject`: the key is refused from now on, its connection closed, and it
     /// leaves any pool.
     pub fn reject(&mut self, key: &str, now_ms: u64) -> Result<NodeId, KeyActionError> {
-        let _ = (key, now_ms);
-        todo!()
+        let node = self.resolve(key)?;
+        let m = self.machines.get_mut(&node).expect("resolved");
+        if m.key_status == KeyStatus::Rejected {
+            return Ok(node);
+        }
+        let was = m.key_status;
+        m.key_status = KeyStatus::Rejected;
+        m.up = false;
+        let lb = m.load_balancer.clone();
+        let is_lb = m.is_load_balancer();
+        let name = m.name.clone();
+        self.dirty_machines.insert(node);
+        // Its channel stays as it is: nothing is sent to a rejected key, and if an operator
+        // accepts it again it resumes where it stopped.
+        self.sent_at.retain(|(n, _), _| *n != node);
+        if let Some(conn) = self.by_node.remove(&node) {
+            self.conns.remove(&conn);
+            self.send(
+                conn,
+                Message::Admission(Admission::Rejected {
+                    reason: "rejected by an operator".into(),
+                }),
+            );
+            self.close(conn, close::UNKNOWN_PEER, "key rejected");
+        }
+        if was == KeyStatus::Admitted {
+            if let Some(lb) = lb {
+                self.recompute_pool(&lb, now_ms);
+            }
+            if is_lb {
+                self.reroute_dependents(&name, now_ms);
+            }
+        }
+        Ok(node)
     }
 
     /// Publishes `body` to `machine`: stored in its channel with the next sequence and sent
     /// (through its load balancer when that is up and connected, else directly). Many calls
     /// between two `take`s commit together.
     pub fn publish(&mut self, machine: NodeId, body: &Body, now_ms: u64) {
-        let _ = (machine, body, now_ms);
-        todo!()
+        let Some(m) = self.machines.get(&machine) else {
+            return;
+        };
+        if m.key_status != KeyStatus::Admitted {
+            return;
+        }
+        let seq = m.pub_seq + 1;
+        let p = match self
+            .key
+            .publication(machine, seq, &m.seal_key, &body.encode())
+        {
+            Ok(p) => p,
+            Err(e) => {
+                // The seal key was checked at Join; this cannot happen with a stored record.
+                tracing::error!(machine = %machine, "cannot seal a publication: {e}");
+                return;
+            }
+        };
+        let m = self.machines.get_mut(&machine).expect("exists");
+        m.pub_seq = seq;
+        match body {
+            Body::LoadBalancer(route) => {
+                m.route = route.clone();
+                m.route_seq = seq;
+            }
+            Body::Deploy(order) => {
+                m.deploys.push(DeployState {
+                    deployment: order.deployment,
+                    seq,
+                    state: "pending".into(),
+                    detail: None,
+                });
+                if m.deploys.len() > DEPLOYS_KEPT {
+                    m.deploys.remove(0);
+                }
+            }
+            Body::Pool(_) => {}
+        }
+        self.dirty_machines.insert(machine);
+        self.dirty.publications.push(p.clone());
+        self.unacked.entry(machine).or_default().insert(seq, p);
+        self.send_publication(machine, seq, false, now_ms);
     }
 
     /// What changed since the last call (commit it), and what to send (after the commit).
@@ -258,6 +606,10 @@ impl ControllerCore {
 
     pub fn machines(&self) -> impl Iterator<Item = &MachineRecord> {
         self.machines.values()
+    }
+
+    pub fn machine(&self, node: NodeId) -> Option<&MachineRecord> {
+        self.machines.get(&node)
     }
 
     pub fn machine_by_name(&self, name: &str) -> Option<&MachineRecord> {
@@ -289,4 +641,357 @@ impl ControllerCore {
     pub fn public_key(&self) -> [u8; 32] {
         self.key.public()
     }
+
+    // ---- private ----
+
+    fn send(&mut self, conn: ConnId, msg: Message) {
+        self.out.push(Output::Send { conn, msg });
+    }
+
+    fn close(&mut self, conn: ConnId, code: u32, reason: &str) {
+        self.out.push(Output::Close {
+            conn,
+            code,
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// A frame the machine may not send: its connection is closed, nothing is stored.
+    fn refuse(&mut self, conn: ConnId, reason: &str) {
+        if let Some(c) = self.conns.remove(&conn) {
+            if self.by_node.get(&c.node) == Some(&conn) {
+                self.by_node.remove(&c.node);
+            }
+        }
+        self.close(conn, close::PROTOCOL, reason);
+    }
+
+    fn resolve(&self, key: &str) -> Result<NodeId, KeyActionError> {
+        let key = key.trim();
+        if let Ok(id) = key.parse::<NodeId>() {
+            if self.machines.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        if let Some(m) = self.machines.values().find(|m| m.name == key) {
+            return Ok(m.node_id);
+        }
+        let lower = key.to_ascii_lowercase();
+        if lower.len() >= 8 && lower.chars().all(|c| c.is_ascii_hexdigit()) {
+            let hits: Vec<NodeId> = self
+                .machines
+                .keys()
+                .filter(|id| id.to_string().starts_with(&lower))
+                .copied()
+                .collect();
+            return match hits.as_slice() {
+                [one] => Ok(*one),
+                [] => Err(KeyActionError::NotFound(key.to_owned())),
+                _ => Err(KeyActionError::Ambiguous(key.to_owned())),
+            };
+        }
+        Err(KeyActionError::NotFound(key.to_owned()))
+    }
+
+    /// Pending (or rejected) -> admitted.
+    fn admit(&mut self, node: NodeId, resume: u64, now_ms: u64) {
+        let m = self.machines.get_mut(&node).expect("admit a known machine");
+        m.key_status = KeyStatus::Admitted;
+        m.last_seen_ms = now_ms;
+        self.dirty_machines.insert(node);
+        self.admitted(node, resume, now_ms);
+    }
+
+    /// An admitted machine is (re)connected, or was just admitted: tell it, resume its
+    /// channel, and bring everything that depends on it up to date.
+    fn admitted(&mut self, node: NodeId, resume: u64, now_ms: u64) {
+        if let Some(&conn) = self.by_node.get(&node) {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.admitted = true;
+            }
+            let heartbeat_ms = self.settings.heartbeat_ms;
+            let controller_key = self.key.public();
+            self.send(
+                conn,
+                Message::Admission(Admission::Admitted {
+                    controller_key,
+                    heartbeat_ms,
+                }),
+            );
+            // The worker applied up to `resume`: that is an acknowledgement (the ack itself may
+            // have been lost). A worker ahead of this channel (the controller restored from an
+            // older backup) moves the channel forward, so that new publications are not taken
+            // for replays.
+            let m = self.machines.get_mut(&node).expect("known");
+            if resume > m.pub_seq {
+                tracing::warn!(
+                    machine = %node,
+                    resume,
+                    published = m.pub_seq,
+                    "a machine applied more of its channel than this controller remembers publishing; moving the channel forward"
+                );
+                m.pub_seq = resume;
+                self.dirty_machines.insert(node);
+            }
+            if resume > self.machines[&node].pub_acked {
+                self.acked(node, resume);
+            }
+            // Everything still unacknowledged, directly and in order.
+            let seqs: Vec<u64> = self
+                .unacked
+                .get(&node)
+                .map(|c| c.keys().copied().collect())
+                .unwrap_or_default();
+            for seq in seqs {
+                self.send_publication(node, seq, true, now_ms);
+            }
+        }
+        self.set_up(node, true, now_ms);
+        let m = &self.machines[&node];
+        let (lb, is_lb, name) = (
+            m.load_balancer.clone(),
+            m.is_load_balancer(),
+            m.name.clone(),
+        );
+        if let Some(lb) = lb {
+            self.recompute_pool(&lb, now_ms);
+            self.update_route(node, now_ms);
+        }
+        if is_lb {
+            self.recompute_pool(&name, now_ms);
+            self.reroute_dependents(&name, now_ms);
+        }
+    }
+
+    fn seen(&mut self, node: NodeId, now_ms: u64) {
+        let up = {
+            let m = self.machines.get_mut(&node).expect("known");
+            m.last_seen_ms = now_ms;
+            m.up
+        };
+        if !up {
+            self.set_up(node, true, now_ms);
+        }
+    }
+
+    fn set_up(&mut self, node: NodeId, up: bool, now_ms: u64) {
+        let m = self.machines.get_mut(&node).expect("known");
+        if m.up == up {
+            return;
+        }
+        m.up = up;
+        if up {
+            m.last_seen_ms = now_ms;
+        }
+        self.dirty_machines.insert(node);
+        if let Some(lb) = m.load_balancer.clone() {
+            self.recompute_pool(&lb, now_ms);
+        }
+    }
+
+    fn acked(&mut self, node: NodeId, upto: u64) {
+        let m = self.machines.get_mut(&node).expect("known");
+        if upto <= m.pub_acked {
+            return;
+        }
+        m.pub_acked = upto;
+        for d in &mut m.deploys {
+            if d.seq <= upto && d.state == "pending" {
+                d.state = "delivering".into();
+            }
+        }
+        self.dirty_machines.insert(node);
+        self.dirty.acked.push((node, upto));
+        if let Some(chan) = self.unacked.get_mut(&node) {
+            *chan = chan.split_off(&(upto + 1));
+            if chan.is_empty() {
+                self.unacked.remove(&node);
+            }
+        }
+        self.sent_at.retain(|(n, seq), _| *n != node || *seq > upto);
+    }
+
+    /// The load balancer named `lb`, if admitted.
+    fn lb_record(&self, lb: &str) -> Option<&MachineRecord> {
+        self.machines
+            .values()
+            .find(|m| m.name == lb && m.key_status == KeyStatus::Admitted && m.is_load_balancer())
+    }
+
+    /// Computes the pool of the load balancer named `lb` and publishes it when it changed.
+    fn recompute_pool(&mut self, lb: &str, now_ms: u64) {
+        let Some(lb_rec) = self.lb_record(lb) else {
+            return;
+        };
+        let lb_id = lb_rec.node_id;
+        let mut pool = Pool::default();
+        for m in self.machines.values() {
+            if m.key_status != KeyStatus::Admitted
+                || m.node_id == lb_id
+                || m.load_balancer.as_deref() != Some(lb)
+            {
+                continue;
+            }
+            pool.dependents.push(Dependent {
+                name: m.name.clone(),
+                node_id: m.node_id,
+                fingerprint: m.fingerprint,
+            });
+            if is_member(m) {
+                pool.members.push(PoolMember {
+                    name: m.name.clone(),
+                    node_id: m.node_id,
+                    service_addr: m.service_addr.clone(),
+                    fingerprint: m.fingerprint,
+                });
+            }
+        }
+        pool.members.sort_by(|a, b| a.name.cmp(&b.name));
+        pool.dependents.sort_by(|a, b| a.name.cmp(&b.name));
+        if self.machines[&lb_id].pool.as_ref() == Some(&pool) {
+            return;
+        }
+        self.machines.get_mut(&lb_id).expect("known").pool = Some(pool.clone());
+        self.publish(lb_id, &Body::Pool(pool), now_ms);
+    }
+
+    /// Publishes a dependent's route to its load balancer when it changed.
+    fn update_route(&mut self, node: NodeId, now_ms: u64) {
+        let m = &self.machines[&node];
+        let route = m.load_balancer.as_deref().and_then(|lb| {
+            let l = self.lb_record(lb)?;
+            Some(LbRoute {
+                name: l.name.clone(),
+                node_id: l.node_id,
+                addr: l.relay_addr.clone()?,
+                fingerprint: l.fingerprint,
+            })
+        });
+        if m.route != route {
+            self.publish(node, &Body::LoadBalancer(route), now_ms);
+        }
+    }
+
+    fn reroute_dependents(&mut self, lb: &str, now_ms: u64) {
+        let deps: Vec<NodeId> = self
+            .machines
+            .values()
+            .filter(|m| {
+                m.key_status == KeyStatus::Admitted && m.load_balancer.as_deref() == Some(lb)
+            })
+            .map(|m| m.node_id)
+            .collect();
+        for d in deps {
+            self.update_route(d, now_ms);
+        }
+    }
+
+    /// Sends publication `seq` of `node`'s channel: through its load balancer on a first send
+    /// when the dependent has applied its route and the load balancer is up and connected;
+    /// directly otherwise (and always on a resend).
+    fn send_publication(&mut self, node: NodeId, seq: u64, resend: bool, now_ms: u64) {
+        let Some(p) = self.unacked.get(&node).and_then(|c| c.get(&seq)).cloned() else {
+            return;
+        };
+        let m = &self.machines[&node];
+        let via_lb = if resend || m.route.is_none() || m.pub_acked < m.route_seq {
+            None
+        } else {
+            m.load_balancer
+                .as_deref()
+                .and_then(|lb| self.lb_record(lb))
+                .filter(|l| l.up)
+                .and_then(|l| self.by_node.get(&l.node_id).copied())
+                .filter(|c| self.conns.get(c).is_some_and(|c| c.admitted))
+        };
+        let direct = self
+            .by_node
+            .get(&node)
+            .copied()
+            .filter(|c| self.conns.get(c).is_some_and(|c| c.admitted));
+        match (via_lb, direct) {
+            (Some(lb_conn), _) => self.send(
+                lb_conn,
+                Message::Relay(Relay {
+                    to: node,
+                    publication: p,
+                }),
+            ),
+            (None, Some(conn)) => self.send(conn, Message::Publication(p)),
+            (None, None) => return,
+        }
+        self.sent_at.insert((node, seq), now_ms);
+    }
+}
+
+/// In its load balancer's pool: admitted, up, and its software not failed or stopped.
+fn is_member(m: &MachineRecord) -> bool {
+    m.key_status == KeyStatus::Admitted
+        && m.up
+        && !m
+            .report
+            .as_ref()
+            .is_some_and(|r| matches!(r.state.as_str(), "failed" | "stopped"))
+}
+
+/// Bounds on what a worker may claim about itself.
+const TEXT_MAX: usize = 256;
+const DETAIL_MAX: usize = 2048;
+
+fn check_join(j: &Join) -> Result<(), String> {
+    if j.protocol != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {} (this controller speaks {PROTOCOL_VERSION})",
+            j.protocol
+        ));
+    }
+    config::check_name(&j.name).map_err(|e| format!("name: {e}"))?;
+    if !config::SERVICES.contains(&j.service.as_str()) {
+        return Err(format!("service: unknown {:?}", short(&j.service)));
+    }
+    if !config::COMPONENTS.contains(&j.component.as_str()) {
+        return Err(format!("component: unknown {:?}", short(&j.component)));
+    }
+    if let Some(lb) = &j.load_balancer {
+        config::check_name(lb).map_err(|e| format!("load_balancer: {e}"))?;
+        if j.component == LOAD_BALANCER || lb == &j.name {
+            return Err("load_balancer: a load balancer has none in front of it".into());
+        }
+    }
+    for (field, v) in [
+        ("service_addr", &j.service_addr),
+        ("relay_addr", &j.relay_addr),
+    ] {
+        if let Some(a) = v {
+            a.parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("{field}: {:?} is not host:port", short(a)))?;
+        }
+    }
+    if j.seal_key.len() > TEXT_MAX {
+        return Err("seal_key: too long".into());
+    }
+    keys::parse_recipient(&j.seal_key).map_err(|e| format!("seal_key: {e}"))?;
+    Ok(())
+}
+
+fn check_report(r: &MachineReport) -> Result<(), String> {
+    if r.state.is_empty() || r.state.len() > TEXT_MAX {
+        return Err("state: empty or too long".into());
+    }
+    if r.detail.as_ref().is_some_and(|d| d.len() > DETAIL_MAX) {
+        return Err(format!("detail: more than {DETAIL_MAX} bytes"));
+    }
+    if let Some(sw) = &r.software {
+        if [&sw.service, &sw.bundle_id, &sw.version]
+            .iter()
+            .any(|v| v.len() > TEXT_MAX)
+        {
+            return Err("software: a field is too long".into());
+        }
+    }
+    Ok(())
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(64).collect()
 }

@@ -1,1 +1,23 @@
+//! The controller role: admission, the machine-state database and the broker's channels.
+//! `core` decides (pure); the rest is its runtime: `thread` owns the core and the database and
+//! commits before anything is sent, `conn` owns the QUIC connections of the workers, `api` is
+//! the HTTP API and `/metrics`, `run` starts and stops it all. Software delivery: `bundles` is
+//! the bundle store (uploads, sealing), `deploy` the deployments (records, the seal worker, the
+//! sweeper of sealed files), `transfer` serves sealed bundles on the workers' connections.
+//! Nothing outside `core` decides who is admitted or what a machine is sent.
+
+mod api;
+mod bundles;
+mod conn;
 pub mod core;
+pub mod deploy;
+#[cfg(test)]
+mod deploy_tests;
+mod run;
+#[cfg(test)]
+mod tests;
+mod thread;
+mod transfer;
+
+pub use run::{ensure_signing_key, read_join_token, start, ControllerRunning, ControllerShared};
+pub use thread::{KeyView, MachineView, Summary};

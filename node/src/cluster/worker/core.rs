@@ -10,10 +10,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::body::{Body, LbRoute, Pool};
+use crate::cluster::body::{Body, DeployOrder, LbRoute, Pool};
 use crate::cluster::keys::{ControllerVerifier, KeyError, SealKey};
 use crate::ids::NodeId;
-use crate::wire::{Admission, Join, MachineReport, Message, Notify, Publication};
+use crate::wire::{Admission, Join, MachineReport, Message, Notify, Publication, PROTOCOL_VERSION};
 
 /// What the worker keeps in its database (one postcard record).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +32,11 @@ pub struct WorkerRecord {
     pub report: Option<MachineReport>,
     pub report_seq: u64,
     pub report_acked: u64,
+    /// A deployment received and not finished yet (resumed after a restart).
+    pub deploy: Option<DeployOrder>,
+    /// The highest deployment finished (running, rolled back or failed); an order not above it
+    /// is a replay and is refused.
+    pub last_deployment: u64,
 }
 
 /// Where the worker stands with its controller.
@@ -50,6 +55,8 @@ pub enum Effect {
     Pool(Pool),
     /// A dependent's load balancer is (now) here: dial it (or stop, with `None`).
     Route(Option<LbRoute>),
+    /// Fetch, verify, install and run this software; then call [`WorkerCore::deployed`].
+    Deploy(DeployOrder),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,40 +111,162 @@ impl WorkerCore {
     /// `take` (the pool file rewritten, the load balancer dialled), and an unacknowledged
     /// report is sent again once connected.
     pub fn open(info: JoinInfo, seal: SealKey, rec: WorkerRecord) -> Result<WorkerCore, KeyError> {
-        let _ = (info, seal, rec);
-        todo!()
+        let verifier = rec
+            .controller_key
+            .as_ref()
+            .map(ControllerVerifier::from_bytes)
+            .transpose()?;
+        let mut out = Vec::new();
+        if let Some(pool) = &rec.pool {
+            out.push(WorkerOutput::Apply(Effect::Pool(pool.clone())));
+        }
+        if rec.route.is_some() {
+            out.push(WorkerOutput::Apply(Effect::Route(rec.route.clone())));
+        }
+        if let Some(order) = &rec.deploy {
+            out.push(WorkerOutput::Apply(Effect::Deploy(order.clone())));
+        }
+        Ok(WorkerCore {
+            info,
+            seal,
+            verifier,
+            rec,
+            standing: Standing::Waiting,
+            dirty: false,
+            out,
+        })
     }
 
     /// The first frame of a new connection to the controller.
     pub fn join(&self) -> Join {
-        todo!()
+        Join {
+            protocol: PROTOCOL_VERSION,
+            node_id: self.info.node_id,
+            name: self.info.name.clone(),
+            service: self.info.service.clone(),
+            component: self.info.component.clone(),
+            load_balancer: self.info.load_balancer.clone(),
+            service_addr: self.info.service_addr.clone(),
+            relay_addr: self.info.relay_addr.clone(),
+            seal_key: self.seal.recipient(),
+            token_proof: self.info.token_proof,
+            resume: self.rec.applied,
+        }
     }
 
     /// A new connection to the controller is up (after `join` was sent): resend the
     /// unacknowledged report once admitted.
     pub fn connected(&mut self) {
-        todo!()
+        // The controller answers every Join with an Admission; until then nothing is sent.
+        if self.standing != Standing::Rejected {
+            self.standing = Standing::Waiting;
+        }
     }
 
     /// A frame from the controller: Admission, Publication, NotifyAck.
     pub fn from_controller(&mut self, msg: Message) -> Result<(), WorkerRefusal> {
-        let _ = msg;
-        todo!()
+        match msg {
+            Message::Admission(Admission::Pending) => {
+                self.standing = Standing::Pending;
+                Ok(())
+            }
+            Message::Admission(Admission::Admitted {
+                controller_key,
+                heartbeat_ms,
+            }) => {
+                let v = ControllerVerifier::from_bytes(&controller_key)?;
+                if let Some(known) = &self.verifier {
+                    if known != &v {
+                        return Err(WorkerRefusal::Hostile(
+                            "the controller's signing key changed; refusing its publications \
+                             (if the controller was rebuilt on purpose, re-create this worker's \
+                             data directory)"
+                                .into(),
+                        ));
+                    }
+                }
+                if self.rec.controller_key != Some(controller_key)
+                    || self.rec.heartbeat_ms != heartbeat_ms
+                {
+                    self.rec.controller_key = Some(controller_key);
+                    self.rec.heartbeat_ms = heartbeat_ms;
+                    self.dirty = true;
+                }
+                self.verifier = Some(v);
+                self.standing = Standing::Admitted;
+                if let Some(n) = self.unacked_report() {
+                    self.out
+                        .push(WorkerOutput::ToController(Message::Notify(n)));
+                }
+                Ok(())
+            }
+            Message::Admission(Admission::Rejected { reason }) => {
+                self.standing = Standing::Rejected;
+                Err(WorkerRefusal::Rejected(reason))
+            }
+            Message::Publication(p) => {
+                if self.standing != Standing::Admitted {
+                    return Err(WorkerRefusal::Hostile(
+                        "a publication before admission".into(),
+                    ));
+                }
+                self.accept(p)
+            }
+            Message::NotifyAck { upto } => {
+                if upto > self.rec.report_seq {
+                    return Err(WorkerRefusal::Hostile(format!(
+                        "acknowledges report {upto}, only {} were sent",
+                        self.rec.report_seq
+                    )));
+                }
+                if upto > self.rec.report_acked {
+                    self.rec.report_acked = upto;
+                    self.dirty = true;
+                }
+                Ok(())
+            }
+            other => Err(WorkerRefusal::Hostile(format!(
+                "unexpected {} from the controller",
+                other.kind()
+            ))),
+        }
     }
 
     /// A publication relayed by its load balancer: the same checks as a direct one (signature
     /// first, then the machine, the sequence, then decryption); the LB's connection is closed
     /// on `Hostile`.
     pub fn from_relay(&mut self, p: Publication) -> Result<(), WorkerRefusal> {
-        let _ = p;
-        todo!()
+        self.accept(p)
     }
 
     /// A new report about itself: numbered and sent (when admitted and connected; otherwise on
     /// the next connection).
     pub fn report(&mut self, report: MachineReport) {
-        let _ = report;
-        todo!()
+        self.rec.report_seq += 1;
+        self.rec.report = Some(report);
+        self.dirty = true;
+        if self.standing == Standing::Admitted {
+            if let Some(n) = self.unacked_report() {
+                self.out
+                    .push(WorkerOutput::ToController(Message::Notify(n)));
+            }
+        }
+    }
+
+    /// The deployment `deployment` is finished (running, rolled back or failed): it is no longer
+    /// resumed after a restart, an order not above it is refused from now on, and `report`
+    /// goes to the controller.
+    pub fn deployed(&mut self, deployment: u64, report: MachineReport) {
+        if self
+            .rec
+            .deploy
+            .as_ref()
+            .is_some_and(|d| d.deployment == deployment)
+        {
+            self.rec.deploy = None;
+        }
+        self.rec.last_deployment = self.rec.last_deployment.max(deployment);
+        self.report(report);
     }
 
     /// The record to commit (when changed) and the outputs to perform after the commit.
@@ -168,7 +297,12 @@ impl WorkerCore {
 
     /// The latest report's Notify, if not acknowledged yet.
     pub fn unacked_report(&self) -> Option<Notify> {
-        todo!()
+        let report = self.rec.report.clone()?;
+        (self.rec.report_seq > self.rec.report_acked).then_some(Notify {
+            machine: self.info.node_id,
+            seq: self.rec.report_seq,
+            report,
+        })
     }
 
     #[doc(hidden)]
@@ -176,9 +310,74 @@ impl WorkerCore {
         self.seal.recipient()
     }
 
-    #[allow(dead_code)]
-    fn decode(&self, p: &Publication) -> Result<Body, WorkerRefusal> {
-        let _ = (p, &self.verifier, Admission::Pending);
-        todo!()
+    /// The checks every publication passes, in this order: the controller's signature (before
+    /// anything is decrypted), the machine, the sequence (an old one is acknowledged again and
+    /// dropped; one past a gap is dropped, the controller resends in order), the seal, the body.
+    fn accept(&mut self, p: Publication) -> Result<(), WorkerRefusal> {
+        let Some(v) = &self.verifier else {
+            return Err(WorkerRefusal::Hostile(
+                "a publication before admission".into(),
+            ));
+        };
+        v.verify_publication(&p)?;
+        if p.machine != self.info.node_id {
+            return Err(WorkerRefusal::Hostile(format!(
+                "a publication for machine {}",
+                p.machine
+            )));
+        }
+        let applied = self.rec.applied;
+        if p.seq <= applied {
+            self.out
+                .push(WorkerOutput::ToController(Message::PublicationAck {
+                    upto: applied,
+                }));
+            return Ok(());
+        }
+        if p.seq != applied + 1 {
+            return Ok(());
+        }
+        let plain = self.seal.open(&p.sealed)?;
+        let body = Body::decode(&plain).map_err(|e| {
+            WorkerRefusal::Hostile(format!("publication {} does not decode: {e}", p.seq))
+        })?;
+        match body {
+            Body::Pool(pool) => {
+                self.rec.pool = Some(pool.clone());
+                self.out.push(WorkerOutput::Apply(Effect::Pool(pool)));
+            }
+            Body::LoadBalancer(route) => {
+                self.rec.route = route.clone();
+                self.out.push(WorkerOutput::Apply(Effect::Route(route)));
+            }
+            Body::Deploy(order) => {
+                let newest = self
+                    .rec
+                    .deploy
+                    .as_ref()
+                    .map_or(self.rec.last_deployment, |d| {
+                        d.deployment.max(self.rec.last_deployment)
+                    });
+                if order.deployment <= newest {
+                    // A replay of an older deployment (the sequence is new, so the controller
+                    // signed it: a controller restored from an old backup). Consumed, not run.
+                    tracing::warn!(
+                        deployment = order.deployment,
+                        newest,
+                        "refusing a deployment that is not newer than the last one"
+                    );
+                } else {
+                    self.rec.deploy = Some(order.clone());
+                    self.out.push(WorkerOutput::Apply(Effect::Deploy(order)));
+                }
+            }
+        }
+        self.rec.applied = p.seq;
+        self.dirty = true;
+        self.out
+            .push(WorkerOutput::ToController(Message::PublicationAck {
+                upto: p.seq,
+            }));
+        Ok(())
     }
 }

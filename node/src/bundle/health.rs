@@ -1,0 +1,153 @@
+//! The network health checks (a TCP connect, an HTTP/1.0 GET) and the log tail quoted when
+//! software fails one. Blocking, with explicit budgets.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use super::manifest::HttpTarget;
+
+/// Pause between attempts of a `tcp` or `http` check.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+/// One attempt never takes longer than this, so the process is looked at in between.
+const ATTEMPT_MAX: Duration = Duration::from_secs(2);
+/// The HTTP status line is looked for in at most this many bytes.
+const STATUS_LINE_BYTES_MAX: usize = 1024;
+/// The log tail quoted in a failure: at most this many bytes...
+const LOG_TAIL_BYTES: u64 = 4096;
+/// ... and lines.
+const LOG_TAIL_LINES: usize = 10;
+
+pub(crate) enum Failure {
+    /// The software exited while it was being checked.
+    Exited(ExitStatus),
+    /// No attempt succeeded in time; the last attempt's error.
+    Timeout(String),
+}
+
+/// Tries `attempt` (given its time budget) every 100 ms until it succeeds, `timeout` passes,
+/// or `exited` reports that the software is gone.
+pub(crate) fn retry(
+    timeout: Duration,
+    exited: impl Fn() -> Option<ExitStatus>,
+    attempt: impl Fn(Duration) -> Result<(), String>,
+) -> Result<(), Failure> {
+    let deadline = Instant::now() + timeout;
+    let mut last = "no attempt".to_string();
+    loop {
+        if let Some(status) = exited() {
+            return Err(Failure::Exited(status));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Failure::Timeout(last));
+        }
+        match attempt((deadline - now).min(ATTEMPT_MAX)) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Failure::Timeout(last));
+        }
+        std::thread::sleep(RETRY_EVERY.min(deadline - now));
+    }
+}
+
+fn connect(host: &str, port: u16, budget: Duration) -> Result<TcpStream, String> {
+    let addrs = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {host}: {e}"))?;
+    let mut last = format!("{host} resolves to no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, budget.max(Duration::from_millis(1))) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = format!("connecting to {addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+pub(crate) fn tcp_connect(host: &str, port: u16, budget: Duration) -> Result<(), String> {
+    connect(host, port, budget).map(drop)
+}
+
+/// `GET path HTTP/1.0`; success is a 2xx status.
+pub(crate) fn http_get(t: &HttpTarget, budget: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    let mut stream = connect(&t.host, t.port, budget)?;
+    let left = budget
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(1));
+    stream
+        .set_read_timeout(Some(left))
+        .and_then(|()| stream.set_write_timeout(Some(left)))
+        .map_err(|e| format!("socket: {e}"))?;
+    let host = if t.host.contains(':') {
+        format!("[{}]", t.host)
+    } else {
+        t.host.clone()
+    };
+    let request = format!(
+        "GET {} HTTP/1.0\r\nHost: {host}:{}\r\nUser-Agent: outpost-health\r\nConnection: close\r\n\r\n",
+        t.path, t.port
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("sending the request: {e}"))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 256];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < STATUS_LINE_BYTES_MAX {
+        let n = stream
+            .read(&mut buf)
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head
+        .split(|b| *b == b'\n')
+        .next()
+        .map(|l| String::from_utf8_lossy(l).trim_end().to_string())
+        .unwrap_or_default();
+    let code = line
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {:?}", truncate(&line, 80)))?;
+    if (200..300).contains(&code) {
+        Ok(())
+    } else {
+        Err(format!("answered {code}"))
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+/// "; last lines of LOG:\n..." or "" when the log is empty or unreadable.
+pub(crate) fn log_tail(path: &Path) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    let from = len.saturating_sub(LOG_TAIL_BYTES);
+    if f.seek(SeekFrom::Start(from)).is_err() {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    if f.take(LOG_TAIL_BYTES).read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+    format!("; last lines of {}:\n{}", path.display(), tail.join("\n"))
+}

@@ -1,0 +1,736 @@
+//! The controller's HTTP API: status, machines, keys (accept, reject), bundles, deployments
+//! and `/metrics`. Same rules as the datacenter's (`crate::api`): every request but `/metrics`
+//! needs the bearer token, every refusal is a JSON `{"error"}` naming the field. It reads
+//! machine and deployment state only through the core thread (never the database behind its
+//! back), and an accept, a reject or a new deployment is answered after its commit.
+//!
+//! ```text
+//! POST /v1/bundles            bundle bytes -> 201 {"bundle_id","service","version","bytes"}
+//! POST /v1/deployments        {"service","bundle_id","machines"?} -> 201 {"deployment_id"}
+//! GET  /v1/deployments/{id}   {"deployment_id","service","bundle_id","version","created_ms",
+//!                              "machines":[{"name","node_id","status","reason"?}]}
+//! GET  /v1/deployments        [the same, newest first] (?limit=N, default 20, at most 200)
+//! ```
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use super::bundles::{self, UploadError, UPLOADS_MAX};
+use super::conn::CONNECTIONS_MAX;
+use super::core::{KeyActionError, KeyStatus};
+use super::deploy::{ask_core, status_of, DeployCmd, DeployError, DeploymentView, NewDeployment};
+use super::run::ControllerShared;
+use super::thread::{Cmd, KeyCmdError, KeyView, MachineView};
+use crate::api::{constant_time_eq, ApiError};
+use crate::bundle::is_bundle_id;
+use crate::config::SERVICES;
+use crate::node::now_ms;
+
+type ApiResult<T> = Result<T, ApiError>;
+type S = State<Arc<ControllerShared>>;
+
+/// How long a request waits for the core thread (behind a slow commit) before a 503.
+const CORE_WAIT: Duration = Duration::from_secs(30);
+
+/// Paths only a datacenter serves.
+const DATACENTER_ONLY: &[&str] = &[
+    "/v1/events",
+    "/v1/events/batch",
+    "/v1/state/{account}",
+    "/v1/state/{account}/{etype}",
+    "/v1/digest",
+    "/v1/messages/{id}",
+];
+
+pub(crate) fn router(shared: Arc<ControllerShared>) -> Router {
+    let body_max = shared.config.limits.api_body_bytes_max;
+    let mut authed = Router::new()
+        .route("/v1/status", get(get_status))
+        .route("/v1/machines", get(get_machines))
+        .route("/v1/machines/{name}", get(get_machine))
+        .route("/v1/keys", get(get_keys))
+        .route("/v1/keys/{id}/accept", post(post_accept))
+        .route("/v1/keys/{id}/reject", post(post_reject))
+        // Streamed to disk with a limit of its own, not the router's.
+        .route(
+            "/v1/bundles",
+            post(post_bundle).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/deployments",
+            post(post_deployment).get(get_deployments),
+        )
+        .route("/v1/deployments/{id}", get(get_deployment));
+    for path in DATACENTER_ONLY {
+        authed = authed.route(path, any(datacenter_only));
+    }
+    let authed = authed.route_layer(middleware::from_fn_with_state(shared.clone(), auth));
+    Router::new()
+        .merge(authed)
+        .route("/metrics", get(get_metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(body_max))
+        .with_state(shared)
+}
+
+async fn auth(State(s): S, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), s.token.as_bytes()));
+    if !ok {
+        s.metrics.api_unauthorized.fetch_add(1, Ordering::Relaxed);
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (see the `token` file in the data directory)",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+async fn datacenter_only(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "{}: this node is a controller; events and state are served by datacenters",
+            uri.path()
+        ),
+    )
+}
+
+/// Sends a command to the core thread and waits for its answer.
+async fn ask<T>(
+    s: &ControllerShared,
+    make: impl FnOnce(oneshot::Sender<Result<T, KeyCmdError>>) -> Cmd,
+) -> ApiResult<T> {
+    let gone = || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "controller is shutting down",
+        )
+    };
+    let (tx, rx) = oneshot::channel();
+    let asked = async {
+        s.cmd.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    };
+    let answer = tokio::time::timeout(CORE_WAIT, asked).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the controller's core did not answer within {CORE_WAIT:?}; retry"),
+        )
+    })??;
+    answer.map_err(|e| match e {
+        KeyCmdError::Key(k @ KeyActionError::NotFound(_)) => {
+            ApiError::new(StatusCode::NOT_FOUND, k.to_string())
+        }
+        KeyCmdError::Key(k @ KeyActionError::Ambiguous(_)) => {
+            ApiError::new(StatusCode::CONFLICT, k.to_string())
+        }
+        KeyCmdError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+    })
+}
+
+async fn machines(s: &ControllerShared, name: Option<String>) -> ApiResult<Vec<MachineView>> {
+    ask(s, |reply| Cmd::Machines { name, reply }).await
+}
+
+async fn get_status(State(s): S) -> Json<Value> {
+    let sum = s.summary();
+    Json(json!({
+        "role": s.meta.role,
+        "name": s.meta.name,
+        "node_id": s.meta.node_id.to_string(),
+        "fingerprint": s.fingerprint.to_string(),
+        "listen": s.config.listen.to_string(),
+        "api": s.config.api.to_string(),
+        "ready": s.ready.load(Ordering::Relaxed),
+        "database_available": sum.available,
+        "machines": {
+            "up": sum.up,
+            "down": sum.down,
+            "pending": sum.pending,
+            "rejected": sum.rejected,
+        },
+        "connections": sum.connections,
+        "publications_unacked": sum.unacked,
+        "admission": if s.config.admission.is_some() { "join token or operator" } else { "operator" },
+        "last_errors": s.last_errors(),
+    }))
+}
+
+async fn get_machines(State(s): S) -> ApiResult<Json<Value>> {
+    let now = now_ms();
+    let mut list: Vec<MachineView> = machines(&s, None)
+        .await?
+        .into_iter()
+        .filter(|m| m.record.key_status == KeyStatus::Admitted)
+        .collect();
+    list.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+    Ok(Json(Value::Array(
+        list.iter().map(|m| machine_json(m, now)).collect(),
+    )))
+}
+
+async fn get_machine(State(s): S, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let found = machines(&s, Some(name.clone())).await?.into_iter().next();
+    match found {
+        Some(m) if m.record.key_status == KeyStatus::Admitted => {
+            Ok(Json(machine_json(&m, now_ms())))
+        }
+        Some(m) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "machine {name:?} is not admitted (its key is {}; see /v1/keys)",
+                m.record.key_status.as_str()
+            ),
+        )),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no machine named {name:?}"),
+        )),
+    }
+}
+
+/// One admitted machine as the API shows it.
+pub(crate) fn machine_json(m: &MachineView, now: u64) -> Value {
+    let r = &m.record;
+    let (state, detail, software) = match &r.report {
+        Some(rep) => (
+            json!(rep.state),
+            json!(rep.detail),
+            match &rep.software {
+                Some(sw) => json!({
+                    "service": sw.service,
+                    "bundle_id": sw.bundle_id,
+                    "version": sw.version,
+                }),
+                None => Value::Null,
+            },
+        ),
+        None => (Value::Null, Value::Null, Value::Null),
+    };
+    let mut v = json!({
+        "name": r.name,
+        "node_id": r.node_id.to_string(),
+        "status": if r.up { "up" } else { "down" },
+        "connected": m.connected,
+        "service": r.service,
+        "component": r.component,
+        "load_balancer": r.load_balancer,
+        "service_addr": r.service_addr,
+        "software": software,
+        "state": state,
+        "detail": detail,
+        "last_seen_ms": r.last_seen_ms,
+        "last_seen_s_ago": (r.last_seen_ms > 0).then(|| now.saturating_sub(r.last_seen_ms) / 1000),
+        "fingerprint": r.fingerprint.to_string(),
+        "channel": { "published": r.pub_seq, "acked": r.pub_acked },
+        "deployment": r.deploys.last().map(|d| json!({
+            "deployment_id": d.deployment,
+            "status": status_of(&d.state),
+            "reason": d.detail,
+        })),
+    });
+    if r.is_load_balancer() {
+        let members: Vec<Value> = r
+            .pool
+            .as_ref()
+            .map(|p| {
+                p.members
+                    .iter()
+                    .map(|m| {
+                        json!({
+                            "name": m.name,
+                            "service_addr": m.service_addr,
+                            "node_id": m.node_id.to_string(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v["pool"] = Value::Array(members);
+        v["relay_addr"] = json!(r.relay_addr);
+    }
+    v
+}
+
+pub(crate) fn key_json(k: &KeyView) -> Value {
+    json!({
+        "id": k.node_id.to_string(),
+        "name": k.name,
+        "fingerprint": k.fingerprint.to_string(),
+        "status": k.status.as_str(),
+        "first_seen_ms": k.first_seen_ms,
+        "first_seen": rfc3339_ms(k.first_seen_ms),
+    })
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Pending keys first (what needs an operator), then admitted, then rejected; by name within.
+fn key_order(s: KeyStatus) -> u8 {
+    match s {
+        KeyStatus::Pending => 0,
+        KeyStatus::Admitted => 1,
+        KeyStatus::Rejected => 2,
+    }
+}
+
+async fn get_keys(State(s): S) -> ApiResult<Json<Value>> {
+    let mut keys: Vec<KeyView> = machines(&s, None)
+        .await?
+        .iter()
+        .map(|m| KeyView {
+            node_id: m.record.node_id,
+            name: m.record.name.clone(),
+            fingerprint: m.record.fingerprint,
+            status: m.record.key_status,
+            first_seen_ms: m.record.first_seen_ms,
+        })
+        .collect();
+    keys.sort_by(|a, b| {
+        (key_order(a.status), &a.name, a.node_id).cmp(&(key_order(b.status), &b.name, b.node_id))
+    });
+    Ok(Json(Value::Array(keys.iter().map(key_json).collect())))
+}
+
+async fn post_accept(State(s): S, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let k = ask(&s, |reply| Cmd::Accept { key: id, reply }).await?;
+    tracing::info!(name = %k.name, node_id = %k.node_id, "key accepted by an operator");
+    Ok(Json(key_json(&k)))
+}
+
+async fn post_reject(State(s): S, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let k = ask(&s, |reply| Cmd::Reject { key: id, reply }).await?;
+    tracing::info!(name = %k.name, node_id = %k.node_id, "key rejected by an operator");
+    Ok(Json(key_json(&k)))
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, message)
+}
+
+fn core_error(e: String) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e}; retry"))
+}
+
+fn deploy_error(e: DeployError) -> ApiError {
+    match e {
+        DeployError::Invalid(m) => bad(m),
+        DeployError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+    }
+}
+
+async fn post_bundle(
+    State(s): S,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let max = s.upload_bytes_max.load(Ordering::Relaxed);
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "body: the bundle is larger than {max} bytes, the most this controller accepts"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let Ok(_permit) = s.uploads.try_acquire() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{UPLOADS_MAX} uploads are already in progress; retry when one is done"),
+        ));
+    };
+    let up = bundles::receive(&s.bundles, body, max)
+        .await
+        .map_err(|e| match e {
+            UploadError::TooLarge { .. } => too_large(),
+            UploadError::NotABundle(why) => bad(format!("body: not a bundle: {why}")),
+            UploadError::Interrupted(why) => {
+                bad(format!("body: the upload was interrupted: {why}"))
+            }
+            e if e.is_full() => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the controller's disk is full ({e}); nothing was stored"),
+            ),
+            e => {
+                s.note_error(format!("storing an uploaded bundle: {e}"));
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot store the bundle: {e}"),
+                )
+            }
+        })?;
+    s.metrics.bundles_uploaded.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        bundle_id = %up.bundle_id,
+        service = %up.manifest.service,
+        version = %up.manifest.version,
+        bytes = up.bytes,
+        "bundle uploaded"
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "bundle_id": up.bundle_id,
+            "service": up.manifest.service,
+            "version": up.manifest.version,
+            "bytes": up.bytes,
+        })),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeploymentRequest {
+    service: String,
+    bundle_id: String,
+    machines: Option<Vec<String>>,
+}
+
+async fn post_deployment(State(s): S, body: Bytes) -> ApiResult<(StatusCode, Json<Value>)> {
+    let req: DeploymentRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("body: {e}")))?;
+    if !SERVICES.contains(&req.service.as_str()) {
+        return Err(bad(format!(
+            "service: unknown {:?} (one of {})",
+            req.service.chars().take(64).collect::<String>(),
+            SERVICES.join(", ")
+        )));
+    }
+    if !is_bundle_id(&req.bundle_id) {
+        return Err(bad(
+            "bundle_id: not a bundle id (64 lowercase hex characters, as POST /v1/bundles answers)",
+        ));
+    }
+    let path = s.bundles.bundle_path(&req.bundle_id);
+    let manifest = tokio::task::spawn_blocking(move || {
+        if !path.exists() {
+            return Ok(None);
+        }
+        bundles::read_manifest(&path).map(Some)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let manifest = match manifest {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "bundle_id: no bundle {} was uploaded (POST /v1/bundles first)",
+                    req.bundle_id
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("bundle_id: the stored bundle is unreadable: {e}"),
+            ))
+        }
+    };
+    if manifest.service != req.service {
+        return Err(bad(format!(
+            "service: the bundle {} is a {} bundle, not {}",
+            req.bundle_id, manifest.service, req.service
+        )));
+    }
+    let new = NewDeployment {
+        service: req.service,
+        bundle_id: req.bundle_id,
+        version: manifest.version,
+        machines: req.machines,
+    };
+    let id = ask_core(&s, |reply| DeployCmd::Create { req: new, reply })
+        .await
+        .map_err(core_error)?
+        .map_err(deploy_error)?;
+    s.metrics
+        .deployments_created
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::info!(deployment = id, "deployment created");
+    Ok((StatusCode::CREATED, Json(json!({ "deployment_id": id }))))
+}
+
+/// How many deployments `GET /v1/deployments` lists by default, and at most.
+const DEPLOYMENTS_LISTED: usize = 20;
+const DEPLOYMENTS_LISTED_MAX: usize = 200;
+
+async fn get_deployments(State(s): S, RawQuery(q): RawQuery) -> ApiResult<Json<Value>> {
+    let mut limit = DEPLOYMENTS_LISTED;
+    for (k, v) in q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+    {
+        if k == "limit" {
+            limit = v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=DEPLOYMENTS_LISTED_MAX).contains(n))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "limit: a number from 1 to {DEPLOYMENTS_LISTED_MAX}"
+                    ))
+                })?;
+        }
+    }
+    let list = ask_core(&s, |reply| DeployCmd::List { limit, reply })
+        .await
+        .map_err(core_error)?
+        .map_err(deploy_error)?;
+    Ok(Json(Value::Array(
+        list.iter().map(deployment_json).collect(),
+    )))
+}
+
+async fn get_deployment(State(s): S, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let id: u64 = id.parse().map_err(|_| {
+        bad(format!(
+            "id: {:?} is not a deployment id (a number)",
+            id.chars().take(32).collect::<String>()
+        ))
+    })?;
+    let found = ask_core(&s, |reply| DeployCmd::Get { id, reply })
+        .await
+        .map_err(core_error)?
+        .map_err(deploy_error)?;
+    match found {
+        Some(v) => Ok(Json(deployment_json(&v))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("id: no deployment {id}"),
+        )),
+    }
+}
+
+pub(crate) fn deployment_json(v: &DeploymentView) -> Value {
+    let r = &v.record;
+    let machines: Vec<Value> = v
+        .machines
+        .iter()
+        .map(|t| {
+            let mut m = json!({
+                "name": t.name,
+                "node_id": t.node_id.to_string(),
+                "status": t.status,
+            });
+            if let Some(reason) = &t.reason {
+                m["reason"] = json!(reason);
+            }
+            m
+        })
+        .collect();
+    json!({
+        "deployment_id": r.id,
+        "service": r.service,
+        "bundle_id": r.bundle_id,
+        "version": r.version,
+        "created_ms": r.created_ms,
+        "machines": machines,
+    })
+}
+
+fn metric(out: &mut String, kind: &str, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+    );
+}
+
+/// A label value, escaped as the text format requires.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+async fn get_metrics(State(s): S) -> impl IntoResponse {
+    let sum = s.summary();
+    let m = &s.metrics;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = String::with_capacity(2048);
+    let o = &mut out;
+    let _ = writeln!(
+        o,
+        "# HELP outpost_build_info The running version.\n# TYPE outpost_build_info gauge\n\
+         outpost_build_info{{version=\"{}\",role=\"controller\",name=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        label(&s.meta.name)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP outpost_machines Machine keys by status (up and down: admitted).\n\
+         # TYPE outpost_machines gauge"
+    );
+    for (status, n) in [
+        ("up", sum.up),
+        ("down", sum.down),
+        ("pending", sum.pending),
+        ("rejected", sum.rejected),
+    ] {
+        let _ = writeln!(o, "outpost_machines{{status=\"{status}\"}} {n}");
+    }
+    metric(
+        o,
+        "gauge",
+        "outpost_publications_unacked",
+        "Publications stored and not yet acknowledged, all machines.",
+        sum.unacked as u64,
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_controller_commits_total",
+        "Transactions committed by the controller's core.",
+        load(&m.commits),
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_controller_commit_failures_total",
+        "Commits that failed (every connection was closed and the state reloaded).",
+        load(&m.commit_failures),
+    );
+    metric(
+        o,
+        "gauge",
+        "outpost_controller_connections",
+        "Worker connections past their Join.",
+        sum.connections as u64,
+    );
+    metric(
+        o,
+        "gauge",
+        "outpost_controller_connections_max",
+        "Most connections open at once.",
+        CONNECTIONS_MAX as u64,
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_controller_connections_refused_total",
+        "Connections refused at the connection limits.",
+        load(&m.connections_refused),
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_frames_refused_total",
+        "Connections closed for a bad or forbidden frame, or a protocol version mismatch.",
+        load(&m.refusals),
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_controller_slow_closed_total",
+        "Connections closed because their send queue was full.",
+        load(&m.slow_closed),
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_api_unauthorized_total",
+        "API requests refused for a missing or wrong token.",
+        load(&m.api_unauthorized),
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_bundles_uploaded_total",
+        "Bundles uploaded (new or already stored).",
+        load(&m.bundles_uploaded),
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_deployments_created_total",
+        "Deployments created.",
+        load(&m.deployments_created),
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_bundle_sealed_bytes_total",
+        "Bytes of bundles sealed to machines.",
+        load(&m.bundle_bytes_sealed),
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_bundle_seal_failures_total",
+        "Bundles that could not be sealed to a machine.",
+        load(&m.seal_failures),
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_bundle_served_bytes_total",
+        "Sealed bundle bytes sent to workers.",
+        load(&m.bundle_bytes_served),
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_bundle_transfers_total",
+        "Bundle transfers started (a resumed transfer counts again).",
+        load(&m.transfers),
+    );
+    metric(
+        o,
+        "gauge",
+        "outpost_bundle_transfers_in_flight",
+        "Bundle transfers sending now.",
+        load(&m.transfers_in_flight),
+    );
+    metric(
+        o,
+        "counter",
+        "outpost_bundle_transfers_refused_total",
+        "Bundle requests refused (not authorized, unknown, bad offset).",
+        load(&m.transfers_refused),
+    );
+    metric(
+        o,
+        "gauge",
+        "outpost_ready",
+        "1 once the controller serves.",
+        u64::from(s.ready.load(Ordering::Relaxed)),
+    );
+    metric(
+        o,
+        "gauge",
+        "outpost_storage_readable",
+        "0 while the database is unavailable after a failed write.",
+        u64::from(sum.available),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}

@@ -1,0 +1,398 @@
+//! Starting and stopping a controller: opens the node (database, identity, API token), loads or
+//! creates the signing key, reads the join token, rebuilds the core from the database, binds
+//! QUIC and the API, then runs the core thread, the accept loop, the tick, the seal worker, the
+//! sweeper of sealed bundles and the supervisor loop until `shutdown`. It decides nothing
+//! itself.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::MissedTickBehavior;
+
+use super::bundles::{BundleStore, UPLOADS_MAX, UPLOAD_BYTES_MAX};
+use super::core::{ControllerCore, Settings};
+use super::thread::{Cmd, CoreThread, Summary, CMD_QUEUE_MAX};
+use crate::cluster::keys::{ControllerKey, SIGNING_SECRET};
+use crate::config::{Config, ConfigError};
+use crate::ids::Fingerprint;
+use crate::net::{PinPolicy, PinSet, TransportLimits};
+use crate::node::{now_ms, open_node};
+use crate::ops::Notifier;
+use crate::store::{NodeMeta, Store};
+use crate::wire::Role;
+
+/// How often the core is ticked (silent machines marked down, publications resent).
+const TICK_EVERY: Duration = Duration::from_millis(100);
+/// How many recent errors `status` shows.
+const LAST_ERRORS_MAX: usize = 16;
+/// How often the supervisor's STATUS line is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// A join token file larger than this is not a token.
+const JOIN_TOKEN_BYTES_MAX: u64 = 4096;
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct ControllerMetrics {
+    /// Transactions committed by the core thread.
+    pub commits: AtomicU64,
+    pub commit_failures: AtomicU64,
+    /// Connections closed for a bad frame, a wrong first frame or a version mismatch.
+    pub refusals: AtomicU64,
+    /// Connections refused at `CONNECTIONS_MAX` / `JOINING_MAX`.
+    pub connections_refused: AtomicU64,
+    /// Connections closed because their send queue was full.
+    pub slow_closed: AtomicU64,
+    pub api_unauthorized: AtomicU64,
+    /// Bundles uploaded (new or already stored).
+    pub bundles_uploaded: AtomicU64,
+    pub deployments_created: AtomicU64,
+    /// Bytes of sealed bundles written.
+    pub bundle_bytes_sealed: AtomicU64,
+    pub seal_failures: AtomicU64,
+    /// Sealed bundle bytes sent to workers.
+    pub bundle_bytes_served: AtomicU64,
+    /// Transfers started (a resumed one counts again).
+    pub transfers: AtomicU64,
+    /// Transfers sending now (a gauge).
+    pub transfers_in_flight: AtomicU64,
+    pub transfers_refused: AtomicU64,
+}
+
+/// What the API, the connections and the core thread share.
+pub struct ControllerShared {
+    pub config: Config,
+    pub meta: NodeMeta,
+    pub fingerprint: Fingerprint,
+    pub token: String,
+    pub metrics: ControllerMetrics,
+    /// Certificates refused in the handshake: the rejected keys. The core thread replaces it
+    /// after every accept and reject.
+    pub deny: PinSet,
+    pub ready: AtomicBool,
+    pub(crate) cmd: mpsc::Sender<Cmd>,
+    pub(crate) summary: Mutex<Summary>,
+    last_errors: Mutex<VecDeque<String>>,
+    /// `DATA_DIR/bundles`: uploads, sealed bundles.
+    pub(crate) bundles: BundleStore,
+    /// The largest upload accepted (tests lower it).
+    pub(crate) upload_bytes_max: AtomicU64,
+    /// Uploads at once.
+    pub(crate) uploads: tokio::sync::Semaphore,
+    /// Tests: every commit fails while set.
+    #[cfg(test)]
+    pub(crate) fail_commits: AtomicBool,
+}
+
+impl ControllerShared {
+    pub fn note_error(&self, e: String) {
+        tracing::warn!("{e}");
+        let mut q = self.last_errors.lock().expect("errors lock");
+        if q.len() == LAST_ERRORS_MAX {
+            q.pop_front();
+        }
+        q.push_back(format!(
+            "{} {e}",
+            humantime::format_rfc3339_seconds(SystemTime::now())
+        ));
+    }
+
+    pub fn last_errors(&self) -> Vec<String> {
+        self.last_errors
+            .lock()
+            .expect("errors lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Counts as of the core thread's last batch.
+    pub fn summary(&self) -> Summary {
+        self.summary.lock().expect("summary lock").clone()
+    }
+}
+
+/// A running controller inside this process.
+pub struct ControllerRunning {
+    pub shared: Arc<ControllerShared>,
+    pub api_addr: SocketAddr,
+    pub quic_addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    api_stop: Option<oneshot::Sender<()>>,
+    api_task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    core_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControllerRunning {
+    /// Stops cleanly: the API stops taking requests, connections close with a reason, the
+    /// core thread commits what it has queued and ends.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.api_stop.take() {
+            let _ = stop.send(());
+        }
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.api_task)
+            .await
+            .is_err()
+        {
+            self.api_task.abort();
+        }
+        self.endpoint.close(
+            quinn::VarInt::from_u32(crate::net::close::SHUTDOWN),
+            b"controller shutting down",
+        );
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        let _ = self.shared.cmd.send(Cmd::Stop).await;
+        if let Some(t) = self.core_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// The controller's Ed25519 signing key: the stored one, or a new one stored now.
+pub fn ensure_signing_key(store: &Store) -> anyhow::Result<ControllerKey> {
+    if let Some(bytes) = store.secret(SIGNING_SECRET)? {
+        return ControllerKey::from_secret(&bytes)
+            .with_context(|| format!("the stored secret {SIGNING_SECRET:?}"));
+    }
+    let key = ControllerKey::generate();
+    store.put_secret(SIGNING_SECRET, &key.secret_bytes())?;
+    Ok(key)
+}
+
+/// Reads `[admission] join_token_file`: its trimmed contents, which must not be empty.
+pub fn read_join_token(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::io::Read;
+    let err = |reason: String| ConfigError {
+        origin: path.display().to_string(),
+        field: "admission.join_token_file".into(),
+        reason,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(JOIN_TOKEN_BYTES_MAX + 1).read_to_end(&mut bytes))
+        .map_err(|e| err(format!("cannot read the join token: {e}")))?;
+    if bytes.len() as u64 > JOIN_TOKEN_BYTES_MAX {
+        return Err(err(format!(
+            "larger than {JOIN_TOKEN_BYTES_MAX} bytes; not a join token"
+        )));
+    }
+    let token = bytes.trim_ascii();
+    if token.is_empty() {
+        return Err(err("the join token file is empty".into()));
+    }
+    Ok(token.to_vec())
+}
+
+/// Starts a controller on the current tokio runtime; tells `notify` READY=1 once the database
+/// is open and both endpoints are bound.
+pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<ControllerRunning> {
+    if config.role != Role::Controller {
+        anyhow::bail!("cluster::controller::start with a {} config", config.role);
+    }
+    let data_dir = config.data_dir.clone();
+    let join_token = match &config.admission {
+        Some(a) => Some(read_join_token(&a.join_token_file)?),
+        None => None,
+    };
+    let (store, meta, identity, _) = open_node(&data_dir, config.role, Some(&config.name))?;
+    if meta.name != config.name {
+        tracing::info!(
+            stored = %meta.name,
+            configured = %config.name,
+            "the configured name differs from the one stored at init; using the configured one"
+        );
+    }
+    let meta = NodeMeta {
+        name: config.name.clone(),
+        ..meta
+    };
+    let token = crate::config::ensure_token(&data_dir)
+        .with_context(|| format!("creating the API token in {}", data_dir.display()))?;
+    let key = ensure_signing_key(&store)?;
+    let mut settings = Settings::new(config.cluster.down_after.as_millis() as u64);
+    settings.pending_max = config.cluster.pending_max;
+    settings.join_token = join_token;
+    let bundles = BundleStore::new(&data_dir);
+    bundles.prepare().with_context(|| {
+        format!(
+            "preparing the bundle store in {}",
+            data_dir.join("bundles").display()
+        )
+    })?;
+    let (machines, pubs) = store.controller_load()?;
+    let core_key = ControllerKey::from_secret(&key.secret_bytes())?;
+    let core = ControllerCore::open(settings.clone(), core_key, machines, pubs, now_ms());
+    let deny = PinSet::new(core.rejected_fingerprints());
+    let endpoint = crate::net::endpoint_with_policy(
+        config.listen,
+        &identity,
+        PinPolicy::AllBut(deny.clone()),
+        TransportLimits::default(),
+    )
+    .with_context(|| format!("binding QUIC on {} (field `listen`)", config.listen))?;
+    let quic_addr = endpoint.local_addr()?;
+    let api_listener = tokio::net::TcpListener::bind(config.api)
+        .await
+        .with_context(|| format!("binding the HTTP API on {} (field `api`)", config.api))?;
+    let api_addr = api_listener.local_addr()?;
+    let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE_MAX);
+    let shared = Arc::new(ControllerShared {
+        config,
+        meta,
+        fingerprint: identity.fingerprint,
+        token,
+        metrics: ControllerMetrics::default(),
+        deny,
+        ready: AtomicBool::new(false),
+        cmd: cmd_tx,
+        summary: Mutex::new(Summary::default()),
+        last_errors: Mutex::new(VecDeque::new()),
+        bundles,
+        upload_bytes_max: AtomicU64::new(UPLOAD_BYTES_MAX),
+        uploads: tokio::sync::Semaphore::new(UPLOADS_MAX),
+        #[cfg(test)]
+        fail_commits: AtomicBool::new(false),
+    });
+    let (seal_tx, seal_rx) = mpsc::unbounded_channel();
+    let core_thread = {
+        let thread = CoreThread::new(shared.clone(), settings, &key, store, core, seal_tx);
+        std::thread::Builder::new()
+            .name("outpost-controller".into())
+            .spawn(move || thread.run(cmd_rx))?
+    };
+    let (api_stop, api_stop_rx) = oneshot::channel();
+    let api_task = {
+        let app = super::api::router(shared.clone());
+        tokio::spawn(async move {
+            let serve = axum::serve(api_listener, app).with_graceful_shutdown(async move {
+                let _ = api_stop_rx.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("HTTP API stopped: {e}");
+            }
+        })
+    };
+    let tasks = vec![
+        tokio::spawn(super::conn::accept_loop(shared.clone(), endpoint.clone())),
+        tokio::spawn(tick(shared.clone())),
+        tokio::spawn(super::deploy::seal_worker(shared.clone(), seal_rx)),
+        tokio::spawn(super::deploy::sweep_loop(shared.clone())),
+    ];
+    shared.ready.store(true, Ordering::Relaxed);
+    notify.ready();
+    let mut tasks = tasks;
+    tasks.push(tokio::spawn(supervise(shared.clone(), notify)));
+    tracing::info!(
+        role = %Role::Controller,
+        name = %shared.meta.name,
+        node_id = %shared.meta.node_id,
+        fingerprint = %shared.fingerprint,
+        signing_key = %hex::encode(key.public()),
+        quic = %quic_addr,
+        api = %api_addr,
+        admission = if shared.config.admission.is_some() { "join token or operator" } else { "operator" },
+        "ready"
+    );
+    Ok(ControllerRunning {
+        shared,
+        api_addr,
+        quic_addr,
+        endpoint,
+        api_stop: Some(api_stop),
+        api_task,
+        tasks,
+        core_thread: Some(core_thread),
+    })
+}
+
+/// Ticks the core; a tick that finds the queue full is skipped (the queue is moving anyway).
+async fn tick(shared: Arc<ControllerShared>) {
+    let mut every = tokio::time::interval(TICK_EVERY);
+    every.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match shared.cmd.try_send(Cmd::Tick) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
+    }
+}
+
+/// STATUS every few seconds, and WATCHDOG=1 only after a round trip through the core thread,
+/// so a thread stuck in a commit stops the pings and systemd restarts the node.
+async fn supervise(shared: Arc<ControllerShared>, notify: Notifier) {
+    let ping_every = notify.watchdog_interval();
+    let every = ping_every.map_or(STATUS_EVERY, |p| p.min(STATUS_EVERY));
+    let mut every = tokio::time::interval(every);
+    every.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut status_at: Option<Instant> = None;
+    let mut stuck = false;
+    loop {
+        every.tick().await;
+        if let Some(p) = ping_every {
+            match ping(&shared, p).await {
+                Ok(()) => {
+                    notify.watchdog();
+                    if stuck {
+                        tracing::info!("the core thread answers again; watchdog pings resumed");
+                        stuck = false;
+                    }
+                }
+                Err(e) => {
+                    if !stuck {
+                        shared.note_error(format!("watchdog: {e}; withholding the watchdog ping"));
+                        stuck = true;
+                    }
+                }
+            }
+        }
+        if status_at.is_none_or(|t| t.elapsed() >= STATUS_EVERY) {
+            status_at = Some(Instant::now());
+            notify.status(&status_line(&shared));
+        }
+    }
+}
+
+/// One round trip through the core thread.
+pub(crate) async fn ping(shared: &ControllerShared, timeout: Duration) -> Result<(), String> {
+    let (tx, rx) = oneshot::channel();
+    let round_trip = async {
+        shared
+            .cmd
+            .send(Cmd::Ping { reply: tx })
+            .await
+            .map_err(|_| "the core thread has stopped".to_owned())?;
+        rx.await
+            .map_err(|_| "the core thread has stopped".to_owned())
+    };
+    match tokio::time::timeout(timeout, round_trip).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("the core thread did not answer within {timeout:?}")),
+    }
+}
+
+/// What `systemctl status` shows, e.g.
+/// `controller ctl-1: 3 machines up, 1 down, 2 pending, 0 publications unacked`.
+pub fn status_line(shared: &ControllerShared) -> String {
+    let s = shared.summary();
+    let mut line = format!(
+        "controller {}: {} machines up, {} down, {} pending, {} publications unacked",
+        shared.meta.name, s.up, s.down, s.pending, s.unacked
+    );
+    if !s.available {
+        line.push_str("; DATABASE UNAVAILABLE after a failed write");
+    }
+    line
+}

@@ -1,0 +1,592 @@
+//! The controller's runtime in this process, over real QUIC and HTTP on 127.0.0.1, with
+//! hand-driven workers: admission (join token, pending, accept, reject), the HTTP API and the
+//! CLI's view of it, refusals of hostile first frames, and a restart that keeps every key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{start, ControllerRunning};
+use crate::cluster::keys::{token_proof, SealKey, SIGNING_SECRET};
+use crate::config::{AdmissionConfig, Config, ConfigError};
+use crate::ids::NodeId;
+use crate::net::{self, close, Identity, PinSet, TransportLimits};
+use crate::ops::Notifier;
+use crate::wire::{
+    read_frame, write_frame, Admission, Join, MachineReport, Message, Notify, PROTOCOL_VERSION,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+const TOKEN: &str = "s3cret-join-token";
+
+fn temp_dir(label: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "outpost-ctl-{label}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn config(dir: &Path, token_file: Option<PathBuf>) -> Config {
+    let mut c = Config::with_defaults(crate::wire::Role::Controller, "ctl", dir);
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.api = "127.0.0.1:0".parse().unwrap();
+    c.cluster.down_after = Duration::from_secs(5);
+    c.admission = token_file.map(|f| AdmissionConfig { join_token_file: f });
+    c
+}
+
+struct Http {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Http {
+    fn of(c: &ControllerRunning) -> Http {
+        Http {
+            base: format!("http://{}", c.api_addr),
+            token: c.shared.token.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(&self, post: bool, path: &str, auth: bool) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let mut r = if post {
+            self.http.post(url)
+        } else {
+            self.http.get(url)
+        };
+        if auth {
+            r = r.bearer_auth(&self.token);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, v) = self.call(false, path, true).await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    async fn post(&self, path: &str) -> (u16, Value) {
+        self.call(true, path, true).await
+    }
+
+    async fn metrics(&self) -> String {
+        let (status, v) = self.call(false, "/metrics", false).await;
+        assert_eq!(status, 200);
+        v.as_str().unwrap().to_owned()
+    }
+}
+
+/// A hand-driven worker: its own identity and endpoint.
+struct Worker {
+    id: Identity,
+    node: NodeId,
+    name: String,
+    seal: SealKey,
+    component: &'static str,
+    lb: Option<&'static str>,
+}
+
+impl Worker {
+    fn new(name: &str, component: &'static str, lb: Option<&'static str>) -> Worker {
+        let node = NodeId::random();
+        Worker {
+            id: Identity::generate(node, name).unwrap(),
+            node,
+            name: name.to_owned(),
+            seal: SealKey::generate(),
+            component,
+            lb,
+        }
+    }
+
+    fn join(&self, token: Option<&str>) -> Join {
+        Join {
+            protocol: PROTOCOL_VERSION,
+            node_id: self.node,
+            name: self.name.clone(),
+            service: "voice".into(),
+            component: self.component.into(),
+            load_balancer: self.lb.map(str::to_owned),
+            service_addr: Some("127.0.0.1:5060".into()),
+            relay_addr: (self.component == "load-balancer").then(|| "127.0.0.1:7999".into()),
+            seal_key: self.seal.recipient(),
+            token_proof: token.map(|t| token_proof(t.as_bytes(), &self.id.fingerprint)),
+            resume: 0,
+        }
+    }
+
+    async fn dial(&self, ctl: &ControllerRunning) -> Link {
+        self.try_dial(ctl).await.unwrap()
+    }
+
+    async fn try_dial(&self, ctl: &ControllerRunning) -> Result<Link, String> {
+        let pins = PinSet::new([ctl.shared.fingerprint]);
+        let ep = net::endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            &self.id,
+            pins,
+            TransportLimits::default(),
+        )
+        .unwrap();
+        let (conn, fp) = net::connect(&ep, ctl.quic_addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        assert_eq!(fp, ctl.shared.fingerprint);
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        Ok(Link {
+            _ep: ep,
+            conn,
+            send,
+            recv,
+        })
+    }
+
+    async fn joined(&self, ctl: &ControllerRunning, token: Option<&str>) -> (Link, Admission) {
+        let mut link = self.dial(ctl).await;
+        link.send(&Message::Join(self.join(token))).await;
+        let a = link.admission().await;
+        (link, a)
+    }
+
+    fn notify(&self, machine: NodeId, seq: u64) -> Message {
+        Message::Notify(Notify {
+            machine,
+            seq,
+            report: MachineReport {
+                state: "running".into(),
+                software: None,
+                detail: None,
+                deployment: None,
+            },
+        })
+    }
+}
+
+struct Link {
+    _ep: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl Link {
+    async fn send(&mut self, m: &Message) {
+        write_frame(&mut self.send, m).await.unwrap();
+    }
+
+    /// The next frame, or None once the controller closed the stream or the connection.
+    async fn next(&mut self) -> Option<Message> {
+        tokio::time::timeout(WAIT, read_frame(&mut self.recv, 1 << 20))
+            .await
+            .expect("a frame or the end within the deadline")
+            .ok()
+            .flatten()
+    }
+
+    /// The next Admission, skipping publications.
+    async fn admission(&mut self) -> Admission {
+        loop {
+            match self.next().await {
+                Some(Message::Admission(a)) => return a,
+                Some(_) => continue,
+                None => panic!(
+                    "closed before an Admission: {:?}",
+                    self.close_reason().await
+                ),
+            }
+        }
+    }
+
+    /// The next frame that is not a publication.
+    async fn next_control(&mut self) -> Option<Message> {
+        loop {
+            match self.next().await {
+                Some(Message::Publication(_)) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// The application close code and reason the controller gave, or the error.
+    async fn close_reason(&self) -> Result<(u32, String), String> {
+        match tokio::time::timeout(WAIT, self.conn.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(a)) => Ok((
+                a.error_code.into_inner() as u32,
+                String::from_utf8_lossy(&a.reason).into_owned(),
+            )),
+            Ok(e) => Err(e.to_string()),
+            Err(_) => Err("still open".into()),
+        }
+    }
+}
+
+fn key_status(keys: &Value, name: &str) -> String {
+    keys.as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == name)
+        .map(|k| k["status"].as_str().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no key {name} in {keys}"))
+}
+
+fn metric(text: &str, line_start: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {line_start} in\n{text}"))
+}
+
+/// Polls `f` until it returns Some, or panics after the deadline.
+async fn until<T, F: std::future::Future<Output = Option<T>>>(what: &str, f: impl Fn() -> F) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_unadmitted_token_pending_accept_reject_and_restart() {
+    let dir = temp_dir("admit");
+    let token_file = dir.join("join-token");
+    std::fs::write(&token_file, format!("  {TOKEN}\n")).unwrap();
+    let data = dir.join("data");
+    let ctl = start(
+        config(&data, Some(token_file.clone())),
+        Notifier::disabled(),
+    )
+    .await
+    .unwrap();
+    let api = Http::of(&ctl);
+
+    // A join token admits at once and hands over the signing key.
+    let lb = Worker::new("lb-1", "load-balancer", None);
+    let (mut lb_link, a) = lb.joined(&ctl, Some(TOKEN)).await;
+    let Admission::Admitted { controller_key, .. } = a else {
+        panic!("{a:?}")
+    };
+    // Without one (or with a wrong one) a machine waits, and gets nothing more.
+    let mp = Worker::new("mp-1", "media-processor", Some("lb-1"));
+    let (mut mp_link, a) = mp.joined(&ctl, Some("wrong token")).await;
+    assert_eq!(a, Admission::Pending);
+    let keys = api.get("/v1/keys").await;
+    assert_eq!(keys[0]["name"], "mp-1", "pending first: {keys}");
+    assert_eq!(key_status(&keys, "mp-1"), "pending");
+    assert_eq!(key_status(&keys, "lb-1"), "admitted");
+    assert_eq!(keys[0]["id"], mp.node.to_string());
+    assert_eq!(keys[0]["fingerprint"], mp.id.fingerprint.to_string());
+    let machines = api.get("/v1/machines").await;
+    assert_eq!(machines.as_array().unwrap().len(), 1, "{machines}");
+    assert_eq!(machines[0]["name"], "lb-1");
+    assert_eq!(machines[0]["component"], "load-balancer");
+    assert!(machines[0]["pool"].is_array(), "{machines}");
+    let (status, v) = api.call(false, "/v1/machines/mp-1", true).await;
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("pending"), "{v}");
+
+    // A pending machine that publishes is refused and changes nothing.
+    let intruder = Worker::new("mp-2", "media-processor", Some("lb-1"));
+    let (mut in_link, a) = intruder.joined(&ctl, None).await;
+    assert_eq!(a, Admission::Pending);
+    in_link.send(&intruder.notify(intruder.node, 1)).await;
+    let (code, reason) = in_link.close_reason().await.unwrap();
+    assert_eq!(code, close::PROTOCOL, "{reason}");
+    assert!(reason.contains("not admitted"), "{reason}");
+
+    // An operator accepts mp-1 by name; it is told at once.
+    let (status, k) = api.post("/v1/keys/mp-1/accept").await;
+    assert_eq!(status, 200, "{k}");
+    assert_eq!(k["status"], "admitted");
+    assert_eq!(k["id"], mp.node.to_string());
+    assert_eq!(
+        mp_link.admission().await,
+        Admission::Admitted {
+            controller_key,
+            heartbeat_ms: 1250
+        }
+    );
+    // Its notification is recorded, acknowledged, and puts it in its load balancer's pool.
+    mp_link.send(&mp.notify(mp.node, 1)).await;
+    assert_eq!(
+        mp_link.next_control().await,
+        Some(Message::NotifyAck { upto: 1 })
+    );
+    let m = api.get("/v1/machines/mp-1").await;
+    assert_eq!(m["state"], "running", "{m}");
+    assert_eq!(m["status"], "up", "{m}");
+    assert_eq!(m["load_balancer"], "lb-1", "{m}");
+    assert_eq!(m["connected"], true, "{m}");
+    let pool = until("mp-1 in lb-1's pool", || async {
+        let lb = api.get("/v1/machines/lb-1").await;
+        let pool = lb["pool"].as_array().unwrap().clone();
+        (!pool.is_empty()).then_some(pool)
+    })
+    .await;
+    assert_eq!(pool[0]["name"], "mp-1");
+    assert_eq!(pool[0]["node_id"], mp.node.to_string());
+    assert_eq!(pool[0]["service_addr"], "127.0.0.1:5060");
+
+    // A machine may notify only about itself.
+    mp_link.send(&mp.notify(lb.node, 7)).await;
+    let (code, reason) = mp_link.close_reason().await.unwrap();
+    assert_eq!(code, close::PROTOCOL, "{reason}");
+
+    // Unknown and ambiguous keys.
+    let (status, v) = api.post("/v1/keys/nobody/accept").await;
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"].as_str().is_some(), "{v}");
+
+    // Rejecting lb-1 drops its connection; the key is refused in the handshake from then on.
+    let (status, k) = api.post("/v1/keys/lb-1/reject").await;
+    assert_eq!(status, 200, "{k}");
+    assert_eq!(k["status"], "rejected");
+    loop {
+        match lb_link.next().await {
+            Some(Message::Admission(Admission::Rejected { .. })) | None => break,
+            Some(_) => {}
+        }
+    }
+    let (code, _) = lb_link.close_reason().await.unwrap();
+    assert_eq!(code, close::UNKNOWN_PEER);
+    // TLS 1.3 may let the client finish before the server refuses its certificate: either
+    // way the key gets nothing.
+    match lb.try_dial(&ctl).await {
+        Err(e) => assert!(e.contains("certificate"), "{e}"),
+        Ok(mut again) => {
+            let _ = tokio::time::timeout(
+                WAIT,
+                write_frame(&mut again.send, &Message::Join(lb.join(Some(TOKEN)))),
+            )
+            .await;
+            assert_eq!(again.next().await, None, "a rejected key gets nothing");
+            assert!(again.close_reason().await.is_err(), "refused by TLS");
+        }
+    }
+
+    let text = api.metrics().await;
+    assert_eq!(metric(&text, "outpost_machines{status=\"up\"}"), 1);
+    assert_eq!(metric(&text, "outpost_machines{status=\"pending\"}"), 1);
+    assert_eq!(metric(&text, "outpost_machines{status=\"rejected\"}"), 1);
+    assert!(metric(&text, "outpost_controller_commits_total") >= 3);
+    assert!(metric(&text, "outpost_frames_refused_total") >= 2);
+    let status = api.get("/v1/status").await;
+    assert_eq!(status["role"], "controller");
+    assert_eq!(status["machines"]["pending"], 1);
+    drop((lb_link, mp_link, in_link));
+    ctl.shutdown().await;
+
+    // A restart keeps every key and the signing key.
+    let ctl = start(config(&data, Some(token_file)), Notifier::disabled())
+        .await
+        .unwrap();
+    let api = Http::of(&ctl);
+    let keys = api.get("/v1/keys").await;
+    assert_eq!(key_status(&keys, "mp-1"), "admitted");
+    assert_eq!(key_status(&keys, "mp-2"), "pending");
+    assert_eq!(key_status(&keys, "lb-1"), "rejected");
+    assert_eq!(keys.as_array().unwrap().len(), 3);
+    let m = api.get("/v1/machines/mp-1").await;
+    assert_eq!(m["state"], "running", "{m}");
+    let (_link, a) = mp.joined(&ctl, None).await;
+    assert!(
+        matches!(a, Admission::Admitted { controller_key: k, .. } if k == controller_key),
+        "{a:?}"
+    );
+    ctl.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_refused_first_frame_must_be_a_join_of_this_version() {
+    let dir = temp_dir("first");
+    let ctl = start(config(&dir, None), Notifier::disabled())
+        .await
+        .unwrap();
+    let api = Http::of(&ctl);
+    let w = Worker::new("w-1", "proxy", None);
+
+    let mut link = w.dial(&ctl).await;
+    link.send(&Message::Heartbeat).await;
+    let (code, reason) = link.close_reason().await.unwrap();
+    assert_eq!(code, close::PROTOCOL, "{reason}");
+    assert!(reason.contains("Join"), "{reason}");
+
+    let mut link = w.dial(&ctl).await;
+    let mut join = w.join(None);
+    join.protocol = PROTOCOL_VERSION + 1;
+    link.send(&Message::Join(join)).await;
+    let (code, reason) = link.close_reason().await.unwrap();
+    assert_eq!(code, close::VERSION, "{reason}");
+    assert!(reason.contains("protocol"), "{reason}");
+
+    // A frame over the limit is refused from its header.
+    let mut link = w.dial(&ctl).await;
+    link.send
+        .write_all(&(64u32 << 20).to_be_bytes())
+        .await
+        .unwrap();
+    let (code, reason) = link.close_reason().await.unwrap();
+    assert_eq!(code, close::PROTOCOL, "{reason}");
+
+    // Garbage after a good Join closes that connection only, and stores nothing more.
+    let (mut link, a) = w.joined(&ctl, None).await;
+    assert_eq!(a, Admission::Pending);
+    link.send
+        .write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    let (code, _) = link.close_reason().await.unwrap();
+    assert_eq!(code, close::PROTOCOL);
+
+    let keys = api.get("/v1/keys").await;
+    assert_eq!(keys.as_array().unwrap().len(), 1, "{keys}");
+    let text = api.metrics().await;
+    assert!(metric(&text, "outpost_frames_refused_total") >= 4, "{text}");
+    let status = api.get("/v1/status").await;
+    assert!(
+        !status["last_errors"].as_array().unwrap().is_empty(),
+        "{status}"
+    );
+    ctl.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_needs_the_token_and_names_the_role() {
+    let dir = temp_dir("api");
+    let ctl = start(config(&dir, None), Notifier::disabled())
+        .await
+        .unwrap();
+    let api = Http::of(&ctl);
+    let (status, v) = api.call(false, "/v1/machines", false).await;
+    assert_eq!(status, 401, "{v}");
+    let (status, v) = api.call(true, "/v1/keys/x/accept", false).await;
+    assert_eq!(status, 401, "{v}");
+    for path in ["/v1/events", "/v1/digest", "/v1/state/alice"] {
+        let (status, v) = api.call(path == "/v1/events", path, true).await;
+        assert_eq!(status, 404, "{path}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("controller"),
+            "{path}: {v}"
+        );
+    }
+    let (status, v) = api.post("/v1/keys/0123456789abcdef/reject").await;
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(api.get("/v1/machines").await, Value::Array(vec![]));
+    let (status, _) = api.call(false, "/v1/machines/nobody", true).await;
+    assert_eq!(status, 404);
+    let text = api.metrics().await;
+    assert_eq!(metric(&text, "outpost_publications_unacked"), 0);
+    assert_eq!(metric(&text, "outpost_api_unauthorized_total"), 2);
+    ctl.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_refuses_an_empty_or_missing_join_token_file() {
+    let dir = temp_dir("token");
+    let empty = dir.join("empty");
+    std::fs::write(&empty, " \n").unwrap();
+    for file in [empty, dir.join("missing")] {
+        let e = match start(config(&dir.join("data"), Some(file)), Notifier::disabled()).await {
+            Ok(_) => panic!("started with a bad join token file"),
+            Err(e) => e,
+        };
+        let ce = e.downcast_ref::<ConfigError>().expect("a config error");
+        assert_eq!(ce.field, "admission.join_token_file", "{e}");
+    }
+    // Refused before anything was created.
+    assert!(!dir.join("data").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn init_creates_the_signing_key_once() {
+    let dir = temp_dir("init");
+    crate::node::init(&dir, crate::wire::Role::Controller, Some("ctl")).unwrap();
+    let first = crate::store::Store::open(&dir)
+        .unwrap()
+        .secret(SIGNING_SECRET)
+        .unwrap()
+        .expect("init stores the signing key");
+    crate::node::init(&dir, crate::wire::Role::Controller, Some("ctl")).unwrap();
+    let second = crate::store::Store::open(&dir)
+        .unwrap()
+        .secret(SIGNING_SECRET)
+        .unwrap();
+    assert_eq!(Some(first), second);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_ack_a_failed_commit_sends_nothing_and_reloads() {
+    use std::sync::atomic::Ordering;
+    let dir = temp_dir("fail");
+    let token_file = dir.join("join-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let ctl = start(
+        config(&dir.join("data"), Some(token_file)),
+        Notifier::disabled(),
+    )
+    .await
+    .unwrap();
+    let api = Http::of(&ctl);
+    let w = Worker::new("rdb-1", "resource-db", None);
+    let (mut link, a) = w.joined(&ctl, Some(TOKEN)).await;
+    assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
+    let p = Worker::new("rdb-2", "resource-db", None);
+    let (mut p_link, a) = p.joined(&ctl, None).await;
+    assert_eq!(a, Admission::Pending);
+
+    ctl.shared.fail_commits.store(true, Ordering::Relaxed);
+    // The notification is not acknowledged, the accept is not answered as done, and every
+    // connection goes so that the workers resend.
+    link.send(&w.notify(w.node, 1)).await;
+    let (status, v) = api.post("/v1/keys/rdb-2/accept").await;
+    assert_eq!(status, 503, "{v}");
+    assert_ne!(
+        link.next_control().await,
+        Some(Message::NotifyAck { upto: 1 })
+    );
+    let (code, _) = link.close_reason().await.unwrap();
+    assert_eq!(code, close::SHUTDOWN);
+    assert_eq!(p_link.next_control().await, None);
+    let text = api.metrics().await;
+    assert!(metric(&text, "outpost_controller_commit_failures_total") >= 1);
+
+    ctl.shared.fail_commits.store(false, Ordering::Relaxed);
+    let keys = api.get("/v1/keys").await;
+    assert_eq!(key_status(&keys, "rdb-2"), "pending", "nothing was changed");
+    let m = api.get("/v1/machines/rdb-1").await;
+    assert_eq!(m["state"], Value::Null, "the report was not recorded: {m}");
+    // The worker reconnects and resends; now it is recorded and acknowledged.
+    let (mut link, a) = w.joined(&ctl, None).await;
+    assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
+    link.send(&w.notify(w.node, 1)).await;
+    assert_eq!(
+        link.next_control().await,
+        Some(Message::NotifyAck { upto: 1 })
+    );
+    let (status, v) = api.post("/v1/keys/rdb-2/accept").await;
+    assert_eq!(status, 200, "{v}");
+    ctl.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,533 @@
+//! The core thread: the only owner of the [`ControllerCore`] and of the controller's database.
+//! It takes commands over one bounded channel, steps the core with a whole batch of them,
+//! commits what changed in one fsynced transaction, and only then performs the outputs (a
+//! publication is durable before it is sent, a notification recorded before it is acked).
+//!
+//! It never blocks on a connection: outputs go to each connection's bounded queue with
+//! `try_send`, and a connection whose queue is full is closed (its publications are stored and
+//! resent when it reconnects). It never answers an operator before the commit that carries the
+//! answer. A failed commit performs nothing of its batch: every connection is closed and the
+//! core is rebuilt from what the database holds, so nothing acknowledged is lost.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::VarInt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::core::{
+    ConnId, ControllerCore, KeyActionError, KeyStatus, MachineRecord, Output, Settings,
+};
+use super::deploy::{DeployBook, DeployCmd, SealJob};
+use super::run::ControllerShared;
+use crate::cluster::keys::ControllerKey;
+use crate::ids::{Fingerprint, NodeId};
+use crate::net::close;
+use crate::node::now_ms;
+use crate::store::Store;
+use crate::wire::{Join, Message};
+
+/// Commands waiting for the core thread. Readers wait when it is full (backpressure onto
+/// QUIC's flow control); the tick is skipped instead.
+pub(crate) const CMD_QUEUE_MAX: usize = 4096;
+/// Most commands stepped before one commit: bounds the time a command waits behind others
+/// and the size of one transaction.
+const BATCH_MAX: usize = 1024;
+/// After a failed commit the database is reopened; while that fails, at most this often.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// A close reason longer than this is cut (it travels in one QUIC frame).
+const REASON_BYTES_MAX: usize = 256;
+
+/// What a connection's writer task sends, in order.
+// Messages are nearly every item; boxing them would cost an allocation per send for nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum Out {
+    Msg(Message),
+    /// Flush what is queued, then close the connection with a `net::close` code.
+    Close {
+        code: u32,
+        reason: String,
+    },
+}
+
+/// The core thread's hold on one connection.
+pub(crate) struct ConnHandle {
+    pub conn: quinn::Connection,
+    /// Bounded (`conn::OUTBOUND_MAX`); full means the machine does not keep up.
+    pub out: mpsc::Sender<Out>,
+}
+
+pub(crate) type KeyReply = oneshot::Sender<Result<KeyView, KeyCmdError>>;
+pub(crate) type MachinesReply = oneshot::Sender<Result<Vec<MachineView>, KeyCmdError>>;
+
+pub(crate) enum Cmd {
+    /// A worker finished its handshake and sent its Join (protocol version already checked).
+    Joined {
+        conn: ConnId,
+        fingerprint: Fingerprint,
+        join: Box<Join>,
+        handle: ConnHandle,
+    },
+    Frame {
+        conn: ConnId,
+        msg: Message,
+    },
+    Closed {
+        conn: ConnId,
+    },
+    Accept {
+        key: String,
+        reply: KeyReply,
+    },
+    Reject {
+        key: String,
+        reply: KeyReply,
+    },
+    /// Every machine record (all key statuses), or only the one named.
+    Machines {
+        name: Option<String>,
+        reply: MachinesReply,
+    },
+    Tick,
+    /// Deployments: created and recorded here, published by the core (see `deploy`).
+    Deploy(Box<DeployCmd>),
+    /// Answered after the batch it arrived in: the watchdog's proof that the thread moves.
+    Ping {
+        reply: oneshot::Sender<()>,
+    },
+    /// Finish the batch, close every connection, end the thread.
+    Stop,
+}
+
+/// Why an operator command (or a read of the machines) could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyCmdError {
+    #[error(transparent)]
+    Key(#[from] KeyActionError),
+    /// The database cannot be written or read now; nothing was changed.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A machine key as `GET /v1/keys` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyView {
+    pub node_id: NodeId,
+    pub name: String,
+    pub fingerprint: Fingerprint,
+    pub status: KeyStatus,
+    pub first_seen_ms: u64,
+}
+
+impl KeyView {
+    fn of(m: &MachineRecord) -> KeyView {
+        KeyView {
+            node_id: m.node_id,
+            name: m.name.clone(),
+            fingerprint: m.fingerprint,
+            status: m.key_status,
+            first_seen_ms: m.first_seen_ms,
+        }
+    }
+}
+
+/// A machine as the API shows it: its committed record and whether it is connected now.
+#[derive(Clone, Debug)]
+pub struct MachineView {
+    pub record: MachineRecord,
+    pub connected: bool,
+}
+
+/// Counts for `/v1/status`, `/metrics` and the supervisor's STATUS line, refreshed after every
+/// batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Admitted and heard from within `down_after`.
+    pub up: usize,
+    /// Admitted and silent.
+    pub down: usize,
+    pub pending: usize,
+    pub rejected: usize,
+    /// Publications stored and not yet acknowledged, all machines.
+    pub unacked: usize,
+    /// Connections past their Join.
+    pub connections: usize,
+    /// False while the database cannot be opened after a failed commit.
+    pub available: bool,
+}
+
+enum Reply {
+    Key(KeyReply, Result<NodeId, KeyActionError>),
+    Machines(MachinesReply, Option<String>),
+    Ping(oneshot::Sender<()>),
+}
+
+pub(crate) struct CoreThread {
+    shared: Arc<ControllerShared>,
+    settings: Settings,
+    /// To rebuild the core (`ControllerKey` is deliberately not `Clone`).
+    key_secret: Vec<u8>,
+    store: Option<Store>,
+    core: Option<ControllerCore>,
+    /// Connections the current core knows. A command for a connection not here (one closed
+    /// when the core was rebuilt) never reaches the core.
+    handles: HashMap<ConnId, ConnHandle>,
+    reopened_at: Instant,
+    /// Deployment records written by the batch, and what waits for its commit.
+    deploy: DeployBook,
+}
+
+impl CoreThread {
+    pub(crate) fn new(
+        shared: Arc<ControllerShared>,
+        settings: Settings,
+        key: &ControllerKey,
+        store: Store,
+        core: ControllerCore,
+        seal_tx: mpsc::UnboundedSender<SealJob>,
+    ) -> CoreThread {
+        CoreThread {
+            shared,
+            settings,
+            key_secret: key.secret_bytes(),
+            store: Some(store),
+            core: Some(core),
+            handles: HashMap::new(),
+            reopened_at: Instant::now(),
+            deploy: DeployBook::new(seal_tx),
+        }
+    }
+
+    /// Runs until [`Cmd::Stop`] or until every sender is gone.
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        // Deployments a previous run left unfinished go on.
+        self.deploy.reload(self.core.as_ref(), self.store.as_ref());
+        self.publish_summary();
+        let mut stopping = false;
+        while !stopping {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut batch = Vec::with_capacity(16);
+            batch.push(first);
+            while batch.len() < BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            stopping = self.batch(batch);
+        }
+        for (_, h) in self.handles.drain() {
+            h.conn.close(
+                VarInt::from_u32(close::SHUTDOWN),
+                b"controller shutting down",
+            );
+        }
+        tracing::debug!("controller core thread stopped");
+    }
+
+    /// Steps, commits, performs. Returns whether a Stop was among the commands.
+    fn batch(&mut self, batch: Vec<Cmd>) -> bool {
+        let now = now_ms();
+        let mut replies = Vec::new();
+        let mut keys_changed = false;
+        let mut stop = false;
+        for cmd in batch {
+            match cmd {
+                Cmd::Joined {
+                    conn,
+                    fingerprint,
+                    join,
+                    handle,
+                } => match self.core.as_mut() {
+                    Some(core) => {
+                        self.handles.insert(conn, handle);
+                        core.joined(conn, fingerprint, *join, now);
+                    }
+                    None => handle.conn.close(
+                        VarInt::from_u32(close::SHUTDOWN),
+                        b"the controller's database is unavailable; retry later",
+                    ),
+                },
+                Cmd::Frame { conn, msg } => {
+                    if let (Some(core), true) =
+                        (self.core.as_mut(), self.handles.contains_key(&conn))
+                    {
+                        core.frame(conn, msg, now);
+                    }
+                }
+                Cmd::Closed { conn } => {
+                    if self.handles.remove(&conn).is_some() {
+                        if let Some(core) = self.core.as_mut() {
+                            core.closed(conn, now);
+                        }
+                    }
+                }
+                Cmd::Accept { key, reply } | Cmd::Reject { key, reply } if self.core.is_none() => {
+                    let _ = key;
+                    let _ = reply.send(Err(self.unavailable()));
+                }
+                Cmd::Accept { key, reply } => {
+                    let core = self.core.as_mut().expect("checked above");
+                    keys_changed = true;
+                    replies.push(Reply::Key(reply, core.accept(&key, now)));
+                }
+                Cmd::Reject { key, reply } => {
+                    let core = self.core.as_mut().expect("checked above");
+                    keys_changed = true;
+                    replies.push(Reply::Key(reply, core.reject(&key, now)));
+                }
+                Cmd::Machines { name, reply } => replies.push(Reply::Machines(reply, name)),
+                Cmd::Tick => match self.core.as_mut() {
+                    Some(core) => core.tick(now),
+                    None => {
+                        if self.reopened_at.elapsed() >= REOPEN_EVERY {
+                            self.reopen();
+                        }
+                    }
+                },
+                Cmd::Deploy(cmd) => {
+                    self.deploy
+                        .step(self.core.as_mut(), self.store.as_ref(), *cmd, now)
+                }
+                Cmd::Ping { reply } => replies.push(Reply::Ping(reply)),
+                Cmd::Stop => stop = true,
+            }
+        }
+        let committed = self.commit_and_perform();
+        self.deploy
+            .after_commit(self.core.as_ref(), self.store.as_ref(), committed);
+        if keys_changed || !committed {
+            // A rejected key is refused in the handshake from now on; an accepted one that was
+            // rejected may come back.
+            if let Some(core) = &self.core {
+                self.shared.deny.replace(core.rejected_fingerprints());
+            }
+        }
+        for r in replies {
+            self.answer(r, committed);
+        }
+        self.publish_summary();
+        stop
+    }
+
+    /// Commits what the batch changed, then performs its outputs. On a failed commit nothing
+    /// is performed and the core is rebuilt from the database. Returns whether it committed.
+    fn commit_and_perform(&mut self) -> bool {
+        let Some(core) = self.core.as_mut() else {
+            return true;
+        };
+        let (dirty, outputs) = core.take();
+        let deployments = self.deploy.take_writes();
+        if !dirty.is_empty() || !deployments.is_empty() {
+            let result = match &self.store {
+                #[cfg(test)]
+                Some(_) if self.shared.fail_commits.load(Ordering::Relaxed) => {
+                    Err("injected commit failure".to_owned())
+                }
+                Some(store) => store
+                    .controller_commit_with(&dirty, &deployments)
+                    .map_err(|e| e.to_string()),
+                None => Err("the database is not open".to_owned()),
+            };
+            if let Err(e) = result {
+                self.shared
+                    .metrics
+                    .commit_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.note_error(format!(
+                    "commit failed ({e}); closing every connection and reloading the machine state from the database"
+                ));
+                self.rebuild();
+                return false;
+            }
+            self.shared.metrics.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        for o in outputs {
+            self.perform(o);
+        }
+        true
+    }
+
+    fn perform(&mut self, o: Output) {
+        match o {
+            Output::Send { conn, msg } => {
+                let Some(h) = self.handles.get(&conn) else {
+                    return;
+                };
+                match h.out.try_send(Out::Msg(msg)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        self.shared
+                            .metrics
+                            .slow_closed
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            conn,
+                            "closing a connection whose send queue is full; its publications are resent when it reconnects"
+                        );
+                        // Not a protocol error: the machine reconnects and resumes.
+                        h.conn.close(
+                            VarInt::from_u32(close::OVERLOADED),
+                            b"the controller's send queue for this machine is full; reconnect to resume",
+                        );
+                    }
+                    // The writer is gone: the reader will report Closed.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+            Output::Close { conn, code, reason } => {
+                let Some(h) = self.handles.get(&conn) else {
+                    return;
+                };
+                if code == close::PROTOCOL || code == close::VERSION {
+                    self.shared.metrics.refusals.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .note_error(format!("connection {conn} refused: {reason}"));
+                } else {
+                    tracing::info!(conn, code, "closing connection: {reason}");
+                }
+                let reason = cut(reason);
+                // Through the writer, so that what was queued before (an Admission::Rejected)
+                // still leaves; directly when the queue is full.
+                if let Err(e) = h.out.try_send(Out::Close { code, reason }) {
+                    let reason = match e.into_inner() {
+                        Out::Close { reason, .. } => reason,
+                        Out::Msg(_) => String::new(),
+                    };
+                    h.conn.close(VarInt::from_u32(code), reason.as_bytes());
+                }
+            }
+        }
+    }
+
+    fn answer(&self, r: Reply, committed: bool) {
+        match r {
+            Reply::Ping(reply) => {
+                let _ = reply.send(());
+            }
+            Reply::Key(reply, result) => {
+                let answer = if !committed {
+                    Err(KeyCmdError::Unavailable(
+                        "the controller could not commit this change; nothing was changed, retry"
+                            .into(),
+                    ))
+                } else {
+                    match (result, self.core.as_ref()) {
+                        (Err(e), _) => Err(e.into()),
+                        (Ok(id), Some(core)) => core
+                            .machines()
+                            .find(|m| m.node_id == id)
+                            .map(KeyView::of)
+                            .ok_or_else(|| {
+                                KeyCmdError::Unavailable(format!("machine {id} vanished"))
+                            }),
+                        (Ok(_), None) => Err(self.unavailable()),
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            Reply::Machines(reply, name) => {
+                let answer = match &self.core {
+                    None => Err(self.unavailable()),
+                    Some(core) => {
+                        let view = |m: &MachineRecord| MachineView {
+                            record: m.clone(),
+                            connected: core.connected(m.node_id),
+                        };
+                        Ok(match name {
+                            Some(n) => core.machine_by_name(&n).map(view).into_iter().collect(),
+                            None => core.machines().map(view).collect(),
+                        })
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    fn unavailable(&self) -> KeyCmdError {
+        KeyCmdError::Unavailable(
+            "the controller's database is unavailable after a failed write; retry shortly".into(),
+        )
+    }
+
+    /// After a failed commit: every connection goes (workers reconnect and resume from what
+    /// is stored), redb is reopened (it refuses everything after a failed write) and the core
+    /// is rebuilt from the database.
+    fn rebuild(&mut self) {
+        for (_, h) in self.handles.drain() {
+            h.conn.close(
+                VarInt::from_u32(close::SHUTDOWN),
+                b"the controller could not commit; reconnect to resume",
+            );
+        }
+        self.core = None;
+        self.reopen();
+    }
+
+    fn reopen(&mut self) {
+        self.reopened_at = Instant::now();
+        // redb locks its file: the old handle must be gone first.
+        drop(self.store.take());
+        let opened = Store::open(&self.shared.config.data_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|s| {
+                let (machines, pubs) = s.controller_load().map_err(|e| e.to_string())?;
+                Ok((s, machines, pubs))
+            });
+        let key = ControllerKey::from_secret(&self.key_secret);
+        match (opened, key) {
+            (Ok((store, machines, pubs)), Ok(key)) => {
+                let core =
+                    ControllerCore::open(self.settings.clone(), key, machines, pubs, now_ms());
+                self.shared.deny.replace(core.rejected_fingerprints());
+                self.core = Some(core);
+                self.store = Some(store);
+                // What the failed batch did not commit is done again.
+                self.deploy.reload(self.core.as_ref(), self.store.as_ref());
+                tracing::info!("controller database reopened; machine state reloaded");
+            }
+            (Err(e), _) => self
+                .shared
+                .note_error(format!("cannot reopen the database yet: {e}")),
+            (_, Err(e)) => self.shared.note_error(format!("signing key: {e}")),
+        }
+    }
+
+    fn publish_summary(&self) {
+        let mut s = Summary {
+            connections: self.handles.len(),
+            available: self.core.is_some(),
+            ..Summary::default()
+        };
+        if let Some(core) = &self.core {
+            for m in core.machines() {
+                match m.key_status {
+                    KeyStatus::Admitted if m.up => s.up += 1,
+                    KeyStatus::Admitted => s.down += 1,
+                    KeyStatus::Pending => s.pending += 1,
+                    KeyStatus::Rejected => s.rejected += 1,
+                }
+            }
+            s.unacked = core.unacked_len();
+        }
+        *self.shared.summary.lock().expect("summary lock") = s;
+    }
+}
+
+/// A close reason cut to [`REASON_BYTES_MAX`] on a character boundary.
+pub(crate) fn cut(mut reason: String) -> String {
+    if reason.len() > REASON_BYTES_MAX {
+        let mut end = REASON_BYTES_MAX;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
+}

@@ -1,0 +1,169 @@
+//! A load balancer's half of its dependents' bundle transfers. A dependent opens a bi stream
+//! of its own on its relay connection and sends a `BundleRequest`; the load balancer checks
+//! that the request is for that very dependent (the machine of the connection's certificate),
+//! opens a bi stream on its own connection to the controller, sends the same request and pipes
+//! the answer back byte for byte. It cannot open what it forwards (the bundle is sealed to the
+//! dependent) and cannot alter it unnoticed (the dependent checks the signed hash).
+//!
+//! Memory stays bounded: one chunk in hand per transfer (QUIC flow control does the rest), and
+//! at most [`TRANSFERS_PER_DEPENDENT_MAX`] transfers per dependent at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use super::core::Standing;
+use super::WorkerShared;
+use crate::ids::NodeId;
+use crate::net::close;
+use crate::wire::{read_frame, write_frame, Goodbye, Message};
+
+/// Transfers one dependent may have going through this load balancer at once.
+pub(crate) const TRANSFERS_PER_DEPENDENT_MAX: usize = 4;
+/// The request must arrive this soon after the stream opens.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest chunk taken from the controller's stream at a time.
+const CHUNK_BYTES_MAX: usize = 256 * 1024;
+
+/// Accepts the transfer streams a dependent opens on its relay connection, until it closes.
+pub(crate) async fn serve(
+    shared: Arc<WorkerShared>,
+    conn: quinn::Connection,
+    dependent: NodeId,
+    name: String,
+) {
+    let slots = Arc::new(Semaphore::new(TRANSFERS_PER_DEPENDENT_MAX));
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let permit = slots.clone().try_acquire_owned().ok();
+        let shared = shared.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            let mut send = send;
+            if permit.is_none() {
+                return goodbye(
+                    &mut send,
+                    close::OVERLOADED,
+                    &format!(
+                        "more than {TRANSFERS_PER_DEPENDENT_MAX} transfers at once through the \
+                         load balancer"
+                    ),
+                )
+                .await;
+            }
+            if let Err(e) = forward(&shared, send, recv, dependent).await {
+                tracing::info!(dependent = %name, "bundle transfer not relayed: {e}");
+            }
+        });
+    }
+}
+
+async fn goodbye(send: &mut quinn::SendStream, code: u32, reason: &str) {
+    let m = Message::Goodbye(Goodbye {
+        code,
+        reason: reason.to_owned(),
+    });
+    let _ = write_frame(send, &m).await;
+    let _ = send.finish();
+}
+
+async fn forward(
+    shared: &WorkerShared,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    dependent: NodeId,
+) -> Result<(), String> {
+    let max = shared.config.limits.frame_bytes_max;
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv, max)).await {
+        Ok(Ok(Some(Message::BundleRequest(r)))) if r.machine == dependent => r,
+        Ok(Ok(Some(Message::BundleRequest(r)))) => {
+            shared.refused();
+            let why = format!(
+                "a dependent may fetch only its own bundle, not machine {}'s",
+                r.machine
+            );
+            goodbye(&mut send, close::PROTOCOL, &why).await;
+            return Err(why);
+        }
+        Ok(Ok(Some(m))) => {
+            shared.refused();
+            let why = format!(
+                "a transfer stream starts with a BundleRequest, not a {}",
+                m.kind()
+            );
+            goodbye(&mut send, close::PROTOCOL, &why).await;
+            return Err(why);
+        }
+        Ok(Ok(None)) => return Err("the stream closed before its request".into()),
+        Ok(Err(e)) => {
+            let why = format!("reading the request: {e}");
+            goodbye(&mut send, close::PROTOCOL, &why).await;
+            return Err(why);
+        }
+        Err(_) => {
+            let why = format!("no request within {REQUEST_TIMEOUT:?}");
+            goodbye(&mut send, close::PROTOCOL, &why).await;
+            return Err(why);
+        }
+    };
+    let conn = {
+        let l = shared.controller.lock().expect("controller lock");
+        (l.connected && shared.standing() == Standing::Admitted)
+            .then(|| l.conn.clone())
+            .flatten()
+    };
+    let Some(conn) = conn else {
+        let why = "the load balancer is not connected to the controller; fetch directly";
+        goodbye(&mut send, close::SHUTDOWN, why).await;
+        return Err(why.into());
+    };
+    let (mut csend, mut crecv) = match tokio::time::timeout(OPEN_TIMEOUT, conn.open_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let why = format!("the load balancer's controller connection: {e}");
+            goodbye(&mut send, close::SHUTDOWN, &why).await;
+            return Err(why);
+        }
+        Err(_) => {
+            let why = "opening a stream to the controller timed out".to_owned();
+            goodbye(&mut send, close::SHUTDOWN, &why).await;
+            return Err(why);
+        }
+    };
+    if let Err(e) = write_frame(&mut csend, &Message::BundleRequest(request)).await {
+        let _ = send.reset(close::SHUTDOWN.into());
+        return Err(format!("forwarding the request: {e}"));
+    }
+    let _ = csend.finish();
+    // The dependent gave up (stopped its end): stop asking the controller for more.
+    let stopped = send.stopped();
+    let pipe = async {
+        loop {
+            match crecv.read_chunk(CHUNK_BYTES_MAX, true).await {
+                Ok(Some(chunk)) => {
+                    if let Err(e) = send.write_chunk(chunk.bytes).await {
+                        return Err(format!("writing to the dependent: {e}"));
+                    }
+                }
+                Ok(None) => {
+                    let _ = send.finish();
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Not a clean end: the dependent must not take a short stream for a whole one.
+                    let _ = send.reset(close::SHUTDOWN.into());
+                    return Err(format!("reading from the controller: {e}"));
+                }
+            }
+        }
+    };
+    let r = tokio::select! {
+        r = pipe => r,
+        _ = stopped => Err("the dependent stopped reading".into()),
+    };
+    if r.is_err() {
+        let _ = crecv.stop(0u32.into());
+    }
+    r
+}

@@ -1,0 +1,243 @@
+//! The worker's connection to its controller: dial (pinned to the configured fingerprint), one
+//! bidirectional stream, the Join as its first frame, then frames both ways until it breaks;
+//! then dial again after a jittered backoff. Frames go to the core through the driver, except
+//! `Relay`, which a load balancer forwards without opening. Heartbeats are sent from here once
+//! admitted.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::core::{Standing, WorkerRefusal};
+use super::{relay, WorkerShared};
+use crate::net::{self, close};
+use crate::wire::{read_frame, write_frame, FrameError, Message};
+
+pub(crate) const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub(crate) const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A controller that refuses this machine is asked again this rarely.
+const REJECTED_RETRY: Duration = Duration::from_secs(30);
+/// Opening the stream after the handshake.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames waiting for the connection's writer.
+const CONTROL_MAX: usize = 1024;
+/// Heartbeat interval when the controller's admission did not say.
+const HEARTBEAT_DEFAULT: Duration = Duration::from_secs(5);
+/// How often a worker not yet admitted looks whether it is.
+const STANDING_POLL: Duration = Duration::from_secs(1);
+
+/// How a session with the controller ended.
+enum End {
+    /// The connection broke or the controller closed it.
+    Closed(String),
+    /// The controller sent something the core refuses: close and dial again.
+    Hostile(String),
+    /// The controller refuses this machine.
+    Rejected(String),
+    Shutdown,
+}
+
+/// A delay with up to a quarter of it added at random, so that many workers that lost their
+/// controller together do not come back in step.
+pub(crate) fn jittered(d: Duration) -> Duration {
+    let spread = (d.as_millis() as u64 / 4).max(1);
+    d + Duration::from_millis(rand::random::<u64>() % spread)
+}
+
+pub(crate) async fn run(shared: Arc<WorkerShared>) {
+    let mut backoff = DIAL_BACKOFF_MIN;
+    loop {
+        let answered = AtomicBool::new(false);
+        let wait = match session(&shared, &answered).await {
+            End::Shutdown => return,
+            End::Rejected(reason) => {
+                shared.note_error(format!(
+                    "the controller refuses this machine: {reason}; asking again every {REJECTED_RETRY:?}"
+                ));
+                set_state(&shared, |l| {
+                    l.rejected = Some(reason.clone());
+                    l.last_error = Some(format!("rejected: {reason}"));
+                });
+                REJECTED_RETRY
+            }
+            End::Hostile(e) => {
+                shared.note_error(format!("controller: {e}; connection closed"));
+                set_state(&shared, |l| l.last_error = Some(e.clone()));
+                next(&shared, &mut backoff, &answered)
+            }
+            End::Closed(e) => {
+                set_state(&shared, |l| {
+                    if l.last_error.as_deref() != Some(e.as_str()) {
+                        tracing::info!(controller = %shared.controller_addr, "{e}");
+                    }
+                    l.last_error = Some(e.clone());
+                });
+                next(&shared, &mut backoff, &answered)
+            }
+        };
+        tokio::time::sleep(jittered(wait)).await;
+    }
+}
+
+/// The wait before the next dial: short again after a session in which the controller answered;
+/// slow while it refuses this machine (it then refuses the key in the handshake itself).
+fn next(shared: &WorkerShared, backoff: &mut Duration, answered: &AtomicBool) -> Duration {
+    if answered.load(Ordering::Relaxed) {
+        *backoff = DIAL_BACKOFF_MIN;
+    } else if shared
+        .controller
+        .lock()
+        .expect("controller lock")
+        .rejected
+        .is_some()
+    {
+        return REJECTED_RETRY;
+    }
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(DIAL_BACKOFF_MAX);
+    wait
+}
+
+fn set_state(shared: &WorkerShared, f: impl FnOnce(&mut super::ControllerLink)) {
+    f(&mut shared.controller.lock().expect("controller lock"));
+}
+
+async fn session(shared: &Arc<WorkerShared>, answered: &AtomicBool) -> End {
+    let addr = shared.controller_addr;
+    let (conn, fp) = match net::connect(&shared.endpoint, addr).await {
+        Ok(x) => x,
+        Err(e) => return End::Closed(format!("dialling the controller at {addr}: {e}")),
+    };
+    if fp != shared.controller_fingerprint {
+        conn.close(close::UNKNOWN_PEER.into(), b"not the controller dialled");
+        shared.refused();
+        return End::Closed(format!("{addr} answered with certificate {fp}"));
+    }
+    let (mut send, recv) = match tokio::time::timeout(OPEN_TIMEOUT, conn.open_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return End::Closed(format!("controller at {addr}: {e}")),
+        Err(_) => {
+            conn.close(close::PROTOCOL.into(), b"no stream");
+            return End::Closed(format!("controller at {addr}: opening a stream timed out"));
+        }
+    };
+    let Some(join) = shared.join_frame().await else {
+        return End::Shutdown;
+    };
+    if let Err(e) = write_frame(&mut send, &Message::Join(join)).await {
+        return End::Closed(format!("controller at {addr}: sending the Join: {e}"));
+    }
+    let (tx, rx) = mpsc::channel(CONTROL_MAX);
+    let generation = {
+        let mut l = shared.controller.lock().expect("controller lock");
+        l.generation += 1;
+        l.conn = Some(conn.clone());
+        l.tx = Some(tx);
+        l.connected = true;
+        l.generation
+    };
+    tracing::info!(controller = %addr, "connected to the controller");
+    let end = if shared.input(super::Input::Connected).await {
+        tokio::select! {
+            e = read_loop(shared, recv, answered) => e,
+            e = write_loop(shared, send, rx) => e,
+        }
+    } else {
+        End::Shutdown
+    };
+    {
+        let mut l = shared.controller.lock().expect("controller lock");
+        if l.generation == generation {
+            l.connected = false;
+            l.conn = None;
+            l.tx = None;
+        }
+    }
+    match &end {
+        End::Hostile(e) => {
+            shared.refused();
+            conn.close(close::PROTOCOL.into(), e.as_bytes());
+        }
+        End::Rejected(_) => conn.close(close::SHUTDOWN.into(), b"rejected"),
+        End::Shutdown => conn.close(close::SHUTDOWN.into(), b"worker shutting down"),
+        End::Closed(e) => conn.close(close::SHUTDOWN.into(), e.as_bytes()),
+    }
+    tracing::info!(controller = %addr, "disconnected from the controller");
+    end
+}
+
+async fn read_loop(
+    shared: &Arc<WorkerShared>,
+    mut recv: quinn::RecvStream,
+    answered: &AtomicBool,
+) -> End {
+    let max = shared.config.limits.frame_bytes_max;
+    loop {
+        let msg = match read_frame(&mut recv, max).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return End::Closed("the controller closed the stream".into()),
+            Err(FrameError::Io(e)) => return End::Closed(format!("controller connection: {e}")),
+            Err(e) => return End::Hostile(format!("frame from the controller: {e}")),
+        };
+        answered.store(true, Ordering::Relaxed);
+        match msg {
+            Message::Relay(r) => relay::forward(shared, r),
+            Message::Goodbye(g) => {
+                return End::Closed(format!("the controller said goodbye: {}", g.reason))
+            }
+            m => match shared.feed_controller(m).await {
+                None => return End::Shutdown,
+                Some(Ok(())) => {}
+                Some(Err(WorkerRefusal::Hostile(e))) => return End::Hostile(e),
+                Some(Err(WorkerRefusal::Rejected(e))) => return End::Rejected(e),
+            },
+        }
+        set_state(shared, |l| {
+            l.last_error = None;
+            l.rejected = None;
+        });
+    }
+}
+
+/// How long until the next heartbeat: the controller's interval once admitted.
+fn heartbeat_every(shared: &WorkerShared) -> (bool, Duration) {
+    let v = shared.view();
+    if v.standing != Standing::Admitted {
+        return (false, STANDING_POLL);
+    }
+    let every = match v.record.heartbeat_ms {
+        0 => HEARTBEAT_DEFAULT,
+        ms => Duration::from_millis(ms.max(50)),
+    };
+    (true, every)
+}
+
+async fn write_loop(
+    shared: &Arc<WorkerShared>,
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<Message>,
+) -> End {
+    let mut beat_at = Instant::now() + heartbeat_every(shared).1;
+    loop {
+        let m = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => return End::Closed("replaced by a newer connection".into()),
+            },
+            _ = tokio::time::sleep_until(beat_at) => {
+                let (admitted, every) = heartbeat_every(shared);
+                beat_at = Instant::now() + every;
+                if !admitted {
+                    continue;
+                }
+                Message::Heartbeat
+            }
+        };
+        if let Err(e) = write_frame(&mut send, &m).await {
+            return End::Closed(format!("writing to the controller: {e}"));
+        }
+    }
+}

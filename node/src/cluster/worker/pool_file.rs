@@ -1,0 +1,171 @@
+//! A load balancer's backend pool as the software in front of it reads it: one JSON file,
+//! replaced atomically (written beside it, fsynced, renamed over it, the directory fsynced), so
+//! a reader sees the old pool or the new one, never a mix, and a crash leaves one of the two.
+//! Pure file I/O: it never decides what the pool is (the core does) nor signals anyone.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::cluster::body::Pool;
+
+/// The pool file's default name in the data directory.
+pub const POOL_FILE: &str = "pool.json";
+
+/// What the file holds: the members (the dependents that are up), sorted by name as the
+/// controller computed them. Dependents that are down are not listed; the relay's list of
+/// dependents is the worker's business, not the software's.
+///
+/// ```json
+/// {"load_balancer": "lb-1", "members": [
+///   {"name": "mp-1", "node_id": "<32 hex>", "service_addr": "192.0.2.31:5060", "fingerprint": "<64 hex>"}
+/// ]}
+/// ```
+pub fn pool_json(load_balancer: &str, pool: &Pool) -> Value {
+    let members: Vec<Value> = pool
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "node_id": m.node_id.to_string(),
+                "service_addr": m.service_addr,
+                "fingerprint": m.fingerprint.to_string(),
+            })
+        })
+        .collect();
+    json!({ "load_balancer": load_balancer, "members": members })
+}
+
+/// Writes `bytes` to `path` atomically and durably. On any error the previous file (if any) is
+/// untouched and no temporary file is left behind.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} names no file", path.display()),
+        )
+    })?;
+    fs::create_dir_all(&dir)?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The rename is durable only once the directory entry is.
+    fs::File::open(&dir)?.sync_all()
+}
+
+/// Writes the pool file for `pool`.
+pub fn write_pool(path: &Path, load_balancer: &str, pool: &Pool) -> io::Result<()> {
+    let mut text =
+        serde_json::to_string_pretty(&pool_json(load_balancer, pool)).map_err(io::Error::other)?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::body::{Dependent, PoolMember};
+    use crate::ids::{Fingerprint, NodeId};
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "outpost-pool-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect()
+    }
+
+    fn pool(names: &[&str]) -> Pool {
+        Pool {
+            members: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| PoolMember {
+                    name: n.to_string(),
+                    node_id: NodeId(i as u128 + 1),
+                    service_addr: Some(format!("127.0.0.1:{}", 5060 + i)),
+                    fingerprint: Fingerprint([i as u8; 32]),
+                })
+                .collect(),
+            dependents: vec![Dependent {
+                name: "down-one".into(),
+                node_id: NodeId(99),
+                fingerprint: Fingerprint([9; 32]),
+            }],
+        }
+    }
+
+    #[test]
+    fn pool_file_is_replaced_whole_and_leaves_no_temporary() {
+        let dir = temp_dir("replace");
+        let path = dir.join("sub").join("pool.json");
+        write_pool(&path, "lb-1", &pool(&["mp-1", "mp-2"])).unwrap();
+        let v: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["load_balancer"], "lb-1");
+        let names: Vec<&str> = v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["mp-1", "mp-2"]);
+        assert_eq!(v["members"][1]["service_addr"], "127.0.0.1:5061");
+        assert_eq!(v["members"][0]["fingerprint"], "00".repeat(32));
+        // Dependents that are not members never reach the software.
+        assert!(!String::from_utf8(fs::read(&path).unwrap())
+            .unwrap()
+            .contains("down-one"));
+
+        write_pool(&path, "lb-1", &pool(&[])).unwrap();
+        let v: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["members"], json!([]));
+        assert!(leftovers(&dir.join("sub")).is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pool_file_failed_write_keeps_the_old_file() {
+        let dir = temp_dir("fail");
+        let path = dir.join("pool.json");
+        write_pool(&path, "lb-1", &pool(&["mp-1"])).unwrap();
+        let before = fs::read(&path).unwrap();
+        // Renaming a file over a non-empty directory fails after the temporary is written.
+        let blocked = dir.join("blocked");
+        fs::create_dir_all(blocked.join("inside")).unwrap();
+        assert!(write_pool(&blocked, "lb-1", &pool(&["mp-2"])).is_err());
+        assert!(leftovers(&dir).is_empty(), "{:?}", leftovers(&dir));
+        assert_eq!(fs::read(&path).unwrap(), before);
+        assert!(write_atomic(Path::new("/"), b"x").is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

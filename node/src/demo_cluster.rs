@@ -1,0 +1,357 @@
+//! The cluster half of `outpost demo`: a controller and its workers (one load balancer, the
+//! rest media processors behind it) in this process on 127.0.0.1, talking real QUIC and HTTP.
+//! Admission by join token and by an operator's accept, the load balancer's pool following a
+//! dependent that stops and comes back, and the machines table at the end.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::cluster::controller::{self, ControllerRunning};
+use crate::cluster::worker::{self, WorkerRunning};
+use crate::config::{AdmissionConfig, Config, ControllerConfig, MachineConfig};
+use crate::node;
+use crate::ops::notify::Notifier;
+use crate::wire::Role;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const DOWN_AFTER: Duration = Duration::from_secs(1);
+
+struct Node {
+    config: Config,
+    api: String,
+    token: String,
+}
+
+pub struct Fleet {
+    pub controller: Option<ControllerRunning>,
+    ctl: Node,
+    workers: Vec<(Node, Option<WorkerRunning>)>,
+    http: reqwest::Client,
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
+fn token_of(dir: &Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(dir.join("token"))
+        .with_context(|| format!("reading {}/token", dir.display()))?
+        .trim()
+        .to_owned())
+}
+
+impl Fleet {
+    /// Starts a controller and `workers` workers under `dir`: `lb-1`, then `media-1..`; the last
+    /// one has no join token (it waits for an operator).
+    pub async fn start(dir: &Path, workers: usize) -> anyhow::Result<Fleet> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let token_file = dir.join("join-token");
+        std::fs::write(&token_file, format!("{:032x}\n", rand::random::<u128>()))?;
+        let ctl_dir = dir.join("controller");
+        let info = node::init(&ctl_dir, Role::Controller, Some("controller"))?;
+        let port = free_port()?;
+        let mut c = Config::with_defaults(Role::Controller, "controller", &ctl_dir);
+        c.listen = local(port);
+        c.api = local(port);
+        c.admission = Some(AdmissionConfig {
+            join_token_file: token_file.clone(),
+        });
+        c.cluster.down_after = DOWN_AFTER;
+        let running = controller::start(c.clone(), Notifier::disabled()).await?;
+        let ctl = Node {
+            api: format!("http://{}", running.api_addr),
+            token: token_of(&ctl_dir)?,
+            config: c,
+        };
+        println!(
+            "  controller  node {}  quic+api {}",
+            info.node_id, running.api_addr
+        );
+        let mut fleet = Fleet {
+            controller: Some(running),
+            ctl,
+            workers: Vec::new(),
+            http: reqwest::Client::new(),
+        };
+        for i in 0..workers {
+            let (name, component, lb) = if i == 0 {
+                ("lb-1".to_owned(), "load-balancer", None)
+            } else {
+                (
+                    format!("media-{i}"),
+                    "media-processor",
+                    Some("lb-1".to_owned()),
+                )
+            };
+            let wdir = dir.join(&name);
+            node::init(&wdir, Role::Worker, Some(&name))?;
+            let port = free_port()?;
+            let mut w = Config::with_defaults(Role::Worker, &name, &wdir);
+            w.listen = local(port);
+            w.api = local(port);
+            let with_token = i + 1 < workers || workers == 1;
+            w.controller = Some(ControllerConfig {
+                addr: fleet.ctl.config.listen,
+                fingerprint: info.fingerprint,
+                join_token_file: with_token.then(|| token_file.clone()),
+            });
+            w.machine = Some(MachineConfig {
+                service: "voice".into(),
+                component: component.into(),
+                load_balancer: lb,
+                service_addr: Some(local(free_port()?)),
+                relay_addr: None,
+                pool_file: None,
+            });
+            let node = Node {
+                api: format!("http://{}", w.api),
+                // Written by the worker when it starts; the demo asks the controller only.
+                token: String::new(),
+                config: w,
+            };
+            fleet.workers.push((node, None));
+            fleet.start_worker(i).await?;
+        }
+        Ok(fleet)
+    }
+
+    pub fn worker_names(&self) -> Vec<String> {
+        self.workers
+            .iter()
+            .map(|(n, _)| n.config.name.clone())
+            .collect()
+    }
+
+    async fn start_worker(&mut self, i: usize) -> anyhow::Result<()> {
+        let config = self.workers[i].0.config.clone();
+        let running = worker::start(config, Notifier::disabled()).await?;
+        self.workers[i].1 = Some(running);
+        Ok(())
+    }
+
+    async fn stop_worker(&mut self, i: usize) {
+        if let Some(r) = self.workers[i].1.take() {
+            r.shutdown().await;
+        }
+    }
+
+    pub fn pool_file(&self) -> PathBuf {
+        self.workers[0].0.config.data_dir.join("pool.json")
+    }
+
+    /// The member names of the load balancer's pool file, sorted.
+    pub fn pool(&self) -> Vec<String> {
+        let Ok(text) = std::fs::read_to_string(self.pool_file()) else {
+            return Vec::new();
+        };
+        let v: Value = serde_json::from_str(&text).unwrap_or_default();
+        let mut names: Vec<String> = v["members"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.ctl.api))
+            .bearer_auth(&self.ctl.token)
+            .send()
+            .await?;
+        let status = resp.status();
+        let v: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("GET {path}: {status}: {}", v["error"]);
+        }
+        Ok(v)
+    }
+
+    async fn post(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.ctl.api))
+            .bearer_auth(&self.ctl.token)
+            .send()
+            .await?;
+        let status = resp.status();
+        let v: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("POST {path}: {status}: {}", v["error"]);
+        }
+        Ok(v)
+    }
+
+    /// Polls `check` every 50 ms until it returns `Some`, or fails after [`DEADLINE`].
+    async fn until<T>(
+        &self,
+        what: &str,
+        mut check: impl AsyncFnMut(&Fleet) -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<(T, Duration)> {
+        let t = Instant::now();
+        loop {
+            if let Some(v) = check(self).await? {
+                return Ok((v, t.elapsed()));
+            }
+            if t.elapsed() > DEADLINE {
+                bail!("{what}: not within {DEADLINE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn key_status(&self, name: &str) -> anyhow::Result<Option<(String, String)>> {
+        let keys = self.get("/v1/keys").await?;
+        Ok(keys.as_array().and_then(|a| {
+            a.iter().find(|k| k["name"] == name).map(|k| {
+                (
+                    k["id"].as_str().unwrap_or_default().to_owned(),
+                    k["status"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+        }))
+    }
+
+    async fn wait_pool(&self, want: &[String]) -> anyhow::Result<Duration> {
+        let mut want = want.to_vec();
+        want.sort();
+        let (_, took) = self
+            .until(&format!("lb-1's pool to be {want:?}"), async |f: &Fleet| {
+                Ok((f.pool() == want).then_some(()))
+            })
+            .await?;
+        Ok(took)
+    }
+
+    pub async fn shutdown(mut self) {
+        for i in 0..self.workers.len() {
+            self.stop_worker(i).await;
+        }
+        if let Some(c) = self.controller.take() {
+            c.shutdown().await;
+        }
+    }
+}
+
+/// The cluster demo; returns whether every step did what it should.
+pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
+    if workers < 3 {
+        bail!("--workers: at least 3 (a load balancer and two dependents)");
+    }
+    println!(
+        "\ncluster: a controller and {workers} workers (lb-1, media-1..{}) on 127.0.0.1",
+        workers - 1
+    );
+    let mut fleet = Fleet::start(dir, workers).await?;
+    let names = fleet.worker_names();
+    let last = names.last().cloned().expect("workers");
+    let dependents: Vec<String> = names[1..].to_vec();
+
+    // 1. Admission: the join token admits at once; without it, pending until accepted.
+    let ((id, _), _) = fleet
+        .until(&format!("{last} to wait as pending"), async |f: &Fleet| {
+            Ok(f.key_status(&last).await?.filter(|(_, s)| s == "pending"))
+        })
+        .await?;
+    let admitted_by_token = &dependents[..dependents.len() - 1];
+    fleet
+        .wait_pool(admitted_by_token)
+        .await
+        .context("the token-admitted dependents in lb-1's pool")?;
+    println!(
+        "5. lb-1 and {} admitted by join token; {last} waits as pending (key {})",
+        admitted_by_token.join(", "),
+        &id[..12.min(id.len())]
+    );
+    fleet.post(&format!("/v1/keys/{id}/accept")).await?;
+    let took = fleet.wait_pool(&dependents).await?;
+    println!(
+        "6. an operator accepts {last}: admitted, and in lb-1's pool {:.0?} later ({})",
+        took,
+        fleet.pool_file().display()
+    );
+
+    // 2. A dependent goes down and comes back; the pool follows.
+    let victim = 1;
+    fleet.stop_worker(victim).await;
+    let rest: Vec<String> = dependents
+        .iter()
+        .filter(|n| **n != names[victim])
+        .cloned()
+        .collect();
+    let took = fleet.wait_pool(&rest).await?;
+    println!(
+        "7. {} stops: marked down after down_after ({DOWN_AFTER:?}) and out of the pool {:.1?} after it stopped",
+        names[victim], took
+    );
+    fleet.start_worker(victim).await?;
+    let took = fleet.wait_pool(&dependents).await?;
+    println!(
+        "8. {} comes back: in the pool again {:.0?} after it started",
+        names[victim], took
+    );
+
+    // 3. What the controller knows.
+    let machines = fleet.get("/v1/machines").await?;
+    println!("\n  MACHINE    STATUS COMPONENT        LB     POOL");
+    for m in machines.as_array().cloned().unwrap_or_default() {
+        let pool = m["pool"]["members"]
+            .as_array()
+            .or_else(|| m["pool"].as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x["name"].as_str().map(String::from))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        println!(
+            "  {:<10} {:<6} {:<16} {:<6} {}",
+            m["name"].as_str().unwrap_or("?"),
+            m["status"].as_str().unwrap_or("?"),
+            m["component"].as_str().unwrap_or("?"),
+            m["load_balancer"].as_str().unwrap_or("-"),
+            pool
+        );
+    }
+    let all_up = machines
+        .as_array()
+        .is_some_and(|a| a.len() == workers && a.iter().all(|m| m["status"] == "up"));
+    let ok = all_up
+        && fleet.pool() == {
+            let mut d = dependents.clone();
+            d.sort();
+            d
+        };
+    println!(
+        "\n{}",
+        if ok {
+            format!(
+                "cluster: all {workers} workers admitted and up; lb-1's pool lists every dependent"
+            )
+        } else {
+            "cluster: NOT as expected (see above)".to_owned()
+        }
+    );
+    fleet.shutdown().await;
+    Ok(ok)
+}

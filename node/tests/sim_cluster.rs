@@ -1,0 +1,2424 @@
+//! Deterministic simulation of a cluster in one process: one controller core, one load
+//! balancer's worker core, 2 to 4 dependents behind it and sometimes a worker without a load
+//! balancer, over simulated connections (reliable, ordered, cut at any moment with everything
+//! in flight lost), with the load balancer's relay path, crash-restarts of any node from what it
+//! committed, frozen machines, operators accepting keys, and a load balancer that sometimes
+//! alters what it relays. Time is simulated; every collection is ordered, so a seed replays
+//! exactly (age sealing draws its own randomness, but nothing here depends on the ciphertext).
+//!
+//! The harness drives the cores the way their runtimes must: feed an input, `take`, commit the
+//! records to the simulated disk (exactly as `store::cluster` does), and only then perform the
+//! outputs; a crash may come between the commit and the last output.
+//!
+//! Checked while running: (a) every worker applies its channel exactly once and in order (a
+//! publication is accepted only as `applied + 1`, only if it is the one the controller
+//! committed under that sequence, and the committed `applied` never goes back); (e) nothing is
+//! published to, relayed for, or accepted from a machine before it is admitted, and an ack
+//! never runs ahead of the committed record. Checked after healing and letting time pass: (b)
+//! every running worker applied its whole channel and the controller holds nothing unacked for
+//! it; (c) the load balancer's pool is exactly the running dependents, as the controller last
+//! published it, and its pool file says the same; (d) every worker's last report is the one the
+//! controller recorded, under the same sequence.
+//!
+//! `OUTPOST_SIM_CLUSTER_SEEDS=N` runs N seeds (default 800, about 10 s);
+//! `OUTPOST_SIM_CLUSTER_SEED=S` replays one. A failure prints its seed.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use outpost::cluster::body::{Body, LbRoute, Pool};
+use outpost::cluster::controller::core::{
+    ConnId, ControllerCore, Dirty, KeyStatus, MachineRecord, Output, Settings,
+};
+use outpost::cluster::keys::{publication_digest, token_proof, ControllerKey, SealKey};
+use outpost::cluster::worker::core::{
+    Effect, JoinInfo, Standing, WorkerCore, WorkerOutput, WorkerRecord, WorkerRefusal,
+};
+use outpost::ids::{Fingerprint, NodeId};
+use outpost::wire::{Admission, Join, MachineReport, Message, Notify, Publication, Software};
+
+/// splitmix64: small, fast, and the same on every platform.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    /// In `lo..=hi`.
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+    fn bytes32(&mut self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        for chunk in b.chunks_mut(8) {
+            chunk.copy_from_slice(&self.next().to_le_bytes());
+        }
+        b
+    }
+}
+
+const T0_MS: u64 = 1_700_000_000_000;
+const TOKEN: &[u8] = b"sim join token";
+const DEPENDENT_COMPONENTS: [&str; 5] = [
+    "media-processor",
+    "routing",
+    "call-queue",
+    "resource-db",
+    "proxy",
+];
+const STATES: [&str; 5] = ["idle", "starting", "running", "rolled_back", "failed"];
+
+/// The controller's disk: what `Store::controller_commit` keeps.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct CtrlDisk {
+    machines: BTreeMap<NodeId, MachineRecord>,
+    pubs: BTreeMap<(NodeId, u64), Publication>,
+}
+
+impl CtrlDisk {
+    /// Same order as `Store::controller_commit`: records, new publications, then deletions.
+    fn apply(&mut self, d: &Dirty) {
+        for m in &d.machines {
+            self.machines.insert(m.node_id, m.clone());
+        }
+        for p in &d.publications {
+            self.pubs.insert((p.machine, p.seq), p.clone());
+        }
+        for (node, upto) in &d.acked {
+            self.pubs.retain(|(m, seq), _| !(m == node && seq <= upto));
+        }
+    }
+}
+
+struct Ctrl {
+    settings: Settings,
+    key_secret: Vec<u8>,
+    core: Option<ControllerCore>,
+    disk: CtrlDisk,
+    restart_at: u64,
+    next_tick: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    LoadBalancer,
+    Dependent,
+    /// No load balancer in front of it.
+    Standalone,
+}
+
+struct Worker {
+    kind: Kind,
+    info: JoinInfo,
+    fingerprint: Fingerprint,
+    /// Stored at first boot; survives crashes.
+    seal_secret: Vec<u8>,
+    recipient: String,
+    core: Option<WorkerCore>,
+    /// The last committed record.
+    disk: WorkerRecord,
+    conn: Option<ConnId>,
+    reconnect_at: u64,
+    next_heartbeat: u64,
+    restart_at: u64,
+    /// Frozen (SIGSTOP) until then: receives nothing, sends nothing.
+    frozen_until: u64,
+    /// Down for good (the final phase).
+    stopped: bool,
+    /// Effects as performed: where it dials its load balancer (in memory), its pool file (on
+    /// disk).
+    route: Option<LbRoute>,
+    pool_file: Option<Pool>,
+    relay_retry_at: u64,
+}
+
+impl Worker {
+    fn id(&self) -> NodeId {
+        self.info.node_id
+    }
+    fn name(&self) -> &str {
+        &self.info.name
+    }
+}
+
+enum ToCtrl {
+    Join(Join),
+    Frame(Message),
+}
+
+enum ToWorker {
+    Frame(Message),
+    Close,
+}
+
+/// One QUIC connection from a worker to the controller: a stream each way.
+struct Conn {
+    worker: usize,
+    /// The controller still reads it (false after it closed it).
+    ctrl_open: bool,
+    to_ctrl: VecDeque<(u64, ToCtrl)>,
+    to_worker: VecDeque<(u64, ToWorker)>,
+    due_ctrl: u64,
+    due_worker: u64,
+    /// The worker gave up on it (and dialled again) while the controller still holds it
+    /// open, until an idle timeout at this time: what it sent is still delivered.
+    abandoned_until: Option<u64>,
+}
+
+/// A dependent's connection to its load balancer, carrying relayed publications.
+struct RelayLink {
+    lb: usize,
+    /// (due, publication, altered by the load balancer)
+    queue: VecDeque<(u64, Publication, bool)>,
+    due: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Faults {
+    cut: u64,
+    cut_relay: u64,
+    crash_ctrl: u64,
+    crash_worker: u64,
+    freeze: u64,
+    /// Crash between the commit and the last output.
+    crash_mid: u64,
+    /// The load balancer alters a relayed publication.
+    tamper: u64,
+    /// A worker gives up on a connection the controller still holds.
+    abandon: u64,
+    /// An operator rejects an admitted key (and accepts it again a little later; the
+    /// controller once stranded such a machine at a gap in its channel: seed 3238330371).
+    reject: u64,
+    /// A worker restarts with another service (or relay) address.
+    readdress: u64,
+    latency_max: u64,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    applied: u64,
+    applied_relayed: u64,
+    hostile_refused: u64,
+    crashes: u64,
+    ctrl_crashes: u64,
+    cuts: u64,
+    accepts: u64,
+    rejects: u64,
+    pools: u64,
+    downs: u64,
+    stopped: u64,
+}
+
+struct Sim {
+    seed: u64,
+    rng: Rng,
+    now: u64,
+    faults: Faults,
+    faults_on: bool,
+    ctrl: Ctrl,
+    workers: Vec<Worker>,
+    conns: BTreeMap<ConnId, Conn>,
+    next_conn: ConnId,
+    relays: BTreeMap<usize, RelayLink>,
+    /// Every publication the controller ever committed, by (machine, seq).
+    published: BTreeMap<(NodeId, u64), Publication>,
+    /// Machines the controller ever committed as admitted.
+    ever_admitted: BTreeSet<NodeId>,
+    /// Rejected by an operator, to be accepted again at that time.
+    reaccept: BTreeMap<NodeId, u64>,
+    violations: Vec<String>,
+    stats: Stats,
+}
+
+/// The shape of a cluster.
+struct Plan {
+    dependents: usize,
+    standalone: bool,
+    /// Per worker: presents a valid join token (otherwise an operator accepts it).
+    token: Vec<bool>,
+    controller_has_token: bool,
+    faults: Faults,
+    down_after_ms: u64,
+    resend_after_ms: u64,
+}
+
+impl Plan {
+    fn random(rng: &mut Rng) -> Plan {
+        let dependents = rng.between(2, 4) as usize;
+        let standalone = rng.chance(500);
+        let n = 1 + dependents + standalone as usize;
+        // A third of the seeds admit by token only, a third by operator only, a third mixed.
+        let mode = rng.below(3);
+        let token: Vec<bool> = (0..n)
+            .map(|_| match mode {
+                0 => true,
+                1 => false,
+                _ => rng.chance(500),
+            })
+            .collect();
+        let controller_has_token = mode != 1 || rng.chance(500);
+        let faults = Faults {
+            cut: rng.below(8),
+            cut_relay: rng.below(10),
+            crash_ctrl: rng.below(3),
+            crash_worker: rng.below(6),
+            freeze: rng.below(4),
+            crash_mid: rng.below(40),
+            tamper: if rng.chance(300) {
+                rng.between(20, 200)
+            } else {
+                0
+            },
+            abandon: rng.below(5),
+            reject: if rng.chance(300) {
+                rng.between(1, 3)
+            } else {
+                0
+            },
+            readdress: rng.below(300),
+            latency_max: rng.between(1, 40),
+        };
+        let down_after_ms = rng.between(800, 3000);
+        let resend_after_ms = rng.between(200, 1500);
+        Plan {
+            dependents,
+            standalone,
+            token,
+            controller_has_token,
+            faults,
+            down_after_ms,
+            resend_after_ms,
+        }
+    }
+
+    /// No faults, every worker with a token.
+    fn calm(dependents: usize, standalone: bool) -> Plan {
+        let n = 1 + dependents + standalone as usize;
+        Plan {
+            dependents,
+            standalone,
+            token: vec![true; n],
+            controller_has_token: true,
+            faults: Faults {
+                cut: 0,
+                cut_relay: 0,
+                crash_ctrl: 0,
+                crash_worker: 0,
+                freeze: 0,
+                crash_mid: 0,
+                tamper: 0,
+                abandon: 0,
+                reject: 0,
+                readdress: 0,
+                latency_max: 5,
+            },
+            down_after_ms: 2000,
+            resend_after_ms: 500,
+        }
+    }
+}
+
+fn report(rng: &mut Rng) -> MachineReport {
+    let state = STATES[rng.below(STATES.len() as u64) as usize];
+    MachineReport {
+        state: state.to_string(),
+        software: rng.chance(600).then(|| Software {
+            service: "voice".into(),
+            bundle_id: format!("{:016x}", rng.next()),
+            version: format!("1.{}.{}", rng.below(10), rng.below(10)),
+        }),
+        detail: (state != "running").then(|| format!("detail {}", rng.below(1000))),
+        deployment: None,
+    }
+}
+
+fn running_report() -> MachineReport {
+    MachineReport {
+        state: "running".into(),
+        software: Some(Software {
+            service: "voice".into(),
+            bundle_id: "final".into(),
+            version: "9.9.9".into(),
+        }),
+        detail: None,
+        deployment: None,
+    }
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut rng = Rng(seed);
+        let plan = Plan::random(&mut rng);
+        Sim::with_plan(seed, rng, plan)
+    }
+
+    fn with_plan(seed: u64, mut rng: Rng, plan: Plan) -> Sim {
+        let mut settings = Settings::new(plan.down_after_ms);
+        settings.resend_after_ms = plan.resend_after_ms;
+        settings.pending_max = 16;
+        settings.join_token = plan.controller_has_token.then(|| TOKEN.to_vec());
+        let key_secret = rng.bytes32().to_vec();
+        let mut workers = Vec::new();
+        let lb_name = "lb-1".to_string();
+        let n = 1 + plan.dependents + plan.standalone as usize;
+        for i in 0..n {
+            let kind = if i == 0 {
+                Kind::LoadBalancer
+            } else if i <= plan.dependents {
+                Kind::Dependent
+            } else {
+                Kind::Standalone
+            };
+            let node_id = NodeId(((rng.next() as u128) << 64) | rng.next() as u128);
+            let fingerprint = Fingerprint(rng.bytes32());
+            let seal = SealKey::generate();
+            let (name, component, load_balancer, relay_addr) = match kind {
+                Kind::LoadBalancer => (
+                    lb_name.clone(),
+                    "load-balancer".to_string(),
+                    None,
+                    Some("10.0.0.1:7443".to_string()),
+                ),
+                Kind::Dependent => (
+                    format!("dep-{i}"),
+                    DEPENDENT_COMPONENTS[rng.below(5) as usize].to_string(),
+                    Some(lb_name.clone()),
+                    None,
+                ),
+                Kind::Standalone => ("router-1".into(), "call-router".into(), None, None),
+            };
+            let info = JoinInfo {
+                node_id,
+                name,
+                service: "voice".into(),
+                component,
+                load_balancer,
+                service_addr: Some(format!("10.0.0.{}:5060", i + 1)),
+                relay_addr,
+                token_proof: plan.token[i].then(|| token_proof(TOKEN, &fingerprint)),
+            };
+            workers.push(Worker {
+                kind,
+                info,
+                fingerprint,
+                seal_secret: seal.secret_bytes(),
+                recipient: seal.recipient(),
+                core: None,
+                disk: WorkerRecord::default(),
+                conn: None,
+                reconnect_at: 0,
+                next_heartbeat: 0,
+                restart_at: 0,
+                frozen_until: 0,
+                stopped: false,
+                route: None,
+                pool_file: None,
+                relay_retry_at: 0,
+            });
+        }
+        let mut sim = Sim {
+            seed,
+            rng,
+            now: T0_MS,
+            faults: plan.faults,
+            faults_on: true,
+            ctrl: Ctrl {
+                settings,
+                key_secret,
+                core: None,
+                disk: CtrlDisk::default(),
+                restart_at: 0,
+                next_tick: 0,
+            },
+            workers,
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            relays: BTreeMap::new(),
+            published: BTreeMap::new(),
+            ever_admitted: BTreeSet::new(),
+            reaccept: BTreeMap::new(),
+            violations: Vec::new(),
+            stats: Stats::default(),
+        };
+        sim.start_ctrl();
+        for i in 0..sim.workers.len() {
+            // Workers boot at different moments.
+            sim.workers[i].restart_at = T0_MS + sim.rng.below(500);
+        }
+        sim
+    }
+
+    fn fail(&mut self, what: String) {
+        if self.violations.len() < 20 {
+            self.violations
+                .push(format!("t={} ms: {what}", self.now - T0_MS));
+        }
+    }
+
+    fn check_ok(&self) -> Result<(), String> {
+        if self.violations.is_empty() {
+            Ok(())
+        } else {
+            Err(self.violations.join("\n"))
+        }
+    }
+
+    fn latency(&mut self) -> u64 {
+        1 + self.rng.below(self.faults.latency_max)
+    }
+
+    fn worker_by_id(&self, id: NodeId) -> Option<usize> {
+        self.workers.iter().position(|w| w.id() == id)
+    }
+
+    fn running(&self, i: usize) -> bool {
+        let w = &self.workers[i];
+        w.core.is_some() && w.frozen_until <= self.now
+    }
+
+    fn ctrl_record(&self, id: NodeId) -> Option<&MachineRecord> {
+        self.ctrl
+            .core
+            .as_ref()
+            .and_then(|c| c.machines().find(|m| m.node_id == id))
+    }
+
+    fn admitted_in_ctrl(&self, id: NodeId) -> bool {
+        self.ctrl_record(id)
+            .is_some_and(|m| m.key_status == KeyStatus::Admitted)
+    }
+
+    // ---- the controller ----
+
+    fn start_ctrl(&mut self) {
+        let key = ControllerKey::from_secret(&self.ctrl.key_secret).expect("32 bytes");
+        let disk = &self.ctrl.disk;
+        let core = ControllerCore::open(
+            self.ctrl.settings.clone(),
+            key,
+            disk.machines.values().cloned().collect(),
+            disk.pubs.values().cloned().collect(),
+            self.now,
+        );
+        // What it rebuilt is what was committed (up to the fresh `last_seen`).
+        let mut rebuilt: Vec<MachineRecord> = core.machines().cloned().collect();
+        for m in &mut rebuilt {
+            if let Some(d) = disk.machines.get(&m.node_id) {
+                m.last_seen_ms = d.last_seen_ms;
+            }
+        }
+        let stored: Vec<MachineRecord> = disk.machines.values().cloned().collect();
+        let same = rebuilt == stored;
+        let (n, m) = (core.unacked_len(), disk.pubs.len());
+        if !same {
+            self.fail("the controller rebuilt other records than it committed".into());
+        }
+        if n != m {
+            self.fail(format!(
+                "the controller rebuilt {n} unacked publications from {m} stored"
+            ));
+        }
+        self.ctrl.core = Some(core);
+        self.ctrl.next_tick = self.now;
+    }
+
+    fn crash_ctrl(&mut self) {
+        self.stats.ctrl_crashes += 1;
+        self.ctrl.core = None;
+        self.ctrl.restart_at = self.now + self.rng.between(50, 3000);
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for c in ids {
+            self.cut(c);
+        }
+    }
+
+    /// take, commit, perform (a crash may come in between).
+    fn ctrl_flush(&mut self) {
+        loop {
+            let Some(core) = self.ctrl.core.as_mut() else {
+                return;
+            };
+            let (dirty, outs) = core.take();
+            if dirty.is_empty() && outs.is_empty() {
+                return;
+            }
+            self.check_dirty(&dirty);
+            self.ctrl.disk.apply(&dirty);
+            for p in &dirty.publications {
+                match self.published.get(&(p.machine, p.seq)) {
+                    Some(q) if q != p => {
+                        let what = format!(
+                            "the controller committed a second, different publication {} of {:?}",
+                            p.seq, p.machine
+                        );
+                        self.fail(what);
+                    }
+                    _ => {
+                        self.published.insert((p.machine, p.seq), p.clone());
+                    }
+                }
+            }
+            let crash_at =
+                (self.faults_on && !outs.is_empty() && self.rng.chance(self.faults.crash_mid))
+                    .then(|| self.rng.below(outs.len() as u64) as usize);
+            for (k, o) in outs.into_iter().enumerate() {
+                if Some(k) == crash_at {
+                    self.crash_ctrl();
+                    return;
+                }
+                self.ctrl_perform(o);
+            }
+        }
+    }
+
+    /// (e) on what the controller commits.
+    fn check_dirty(&mut self, d: &Dirty) {
+        let mut bad = Vec::new();
+        for p in &d.publications {
+            if !self.admitted_in_ctrl(p.machine) {
+                bad.push(format!(
+                    "publication {} committed for {:?}, not admitted",
+                    p.seq, p.machine
+                ));
+            }
+        }
+        for m in &d.machines {
+            if m.key_status == KeyStatus::Admitted {
+                self.ever_admitted.insert(m.node_id);
+            }
+            if !m.up
+                && self
+                    .ctrl
+                    .disk
+                    .machines
+                    .get(&m.node_id)
+                    .is_some_and(|o| o.up)
+            {
+                self.stats.downs += 1;
+            }
+            if !self.ever_admitted.contains(&m.node_id)
+                && (m.report.is_some() || m.notify_seq != 0 || m.pub_seq != 0)
+            {
+                bad.push(format!(
+                    "{} is {:?} yet has a report or a channel: notify {} pub {}",
+                    m.name, m.key_status, m.notify_seq, m.pub_seq
+                ));
+            }
+            if m.pub_acked > m.pub_seq {
+                bad.push(format!(
+                    "{}: acked {} > published {}",
+                    m.name, m.pub_acked, m.pub_seq
+                ));
+            }
+        }
+        for b in bad {
+            self.fail(b);
+        }
+    }
+
+    fn ctrl_perform(&mut self, o: Output) {
+        match o {
+            Output::Send { conn, msg } => {
+                let Some(c) = self.conns.get(&conn) else {
+                    return;
+                };
+                if !c.ctrl_open {
+                    return;
+                }
+                let w = c.worker;
+                self.check_send(w, &msg);
+                let lat = self.latency();
+                let c = self.conns.get_mut(&conn).expect("exists");
+                c.due_worker = c.due_worker.max(self.now + lat);
+                c.to_worker.push_back((c.due_worker, ToWorker::Frame(msg)));
+            }
+            Output::Close { conn, .. } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if c.ctrl_open {
+                        c.ctrl_open = false;
+                        c.to_ctrl.clear();
+                        c.due_worker = c.due_worker.max(self.now + 1);
+                        c.to_worker.push_back((c.due_worker, ToWorker::Close));
+                    }
+                }
+                // The runtime learns the connection is gone.
+                if let Some(core) = self.ctrl.core.as_mut() {
+                    core.closed(conn, self.now);
+                }
+            }
+        }
+    }
+
+    /// (e) on what the controller sends.
+    fn check_send(&mut self, w: usize, msg: &Message) {
+        let id = self.workers[w].id();
+        let name = self.workers[w].name().to_string();
+        match msg {
+            Message::Publication(p) => {
+                if p.machine != id {
+                    self.fail(format!(
+                        "{:?}'s publication {} sent to {name}",
+                        p.machine, p.seq
+                    ));
+                }
+                if !self.admitted_in_ctrl(id) {
+                    self.fail(format!(
+                        "publication {} sent to {name}, not admitted",
+                        p.seq
+                    ));
+                }
+            }
+            Message::Relay(r) => {
+                if self.workers[w].kind != Kind::LoadBalancer || !self.admitted_in_ctrl(id) {
+                    self.fail(format!(
+                        "a Relay sent to {name}, not an admitted load balancer"
+                    ));
+                }
+                let ok = self.worker_by_id(r.to).is_some_and(|d| {
+                    self.workers[d].info.load_balancer.as_deref() == Some(name.as_str())
+                });
+                if !ok || r.publication.machine != r.to || !self.admitted_in_ctrl(r.to) {
+                    self.fail(format!(
+                        "a Relay to {:?} of {:?}'s publication through {name}",
+                        r.to, r.publication.machine
+                    ));
+                }
+            }
+            Message::Admission(Admission::Admitted { .. }) | Message::NotifyAck { .. } => {
+                if !self.admitted_in_ctrl(id) {
+                    self.fail(format!("{msg:?} sent to {name}, not admitted"));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn deliver_to_ctrl(&mut self, conn: ConnId, item: ToCtrl) {
+        let w = self.conns[&conn].worker;
+        let fp = self.workers[w].fingerprint;
+        let now = self.now;
+        let Some(core) = self.ctrl.core.as_mut() else {
+            return;
+        };
+        match item {
+            ToCtrl::Join(j) => core.joined(conn, fp, j, now),
+            ToCtrl::Frame(m) => core.frame(conn, m, now),
+        }
+        self.ctrl_flush();
+    }
+
+    // ---- connections ----
+
+    /// Cuts a connection: both ends learn it is gone, everything in flight is lost.
+    fn cut(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        if c.ctrl_open {
+            if let Some(core) = self.ctrl.core.as_mut() {
+                core.closed(conn, self.now);
+            }
+        }
+        let w = c.worker;
+        if self.workers[w].conn == Some(conn) {
+            self.workers[w].conn = None;
+            self.workers[w].reconnect_at = self.now + self.rng.between(10, 800);
+        }
+        self.ctrl_flush();
+    }
+
+    fn cut_relay(&mut self, dep: usize) {
+        self.relays.remove(&dep);
+        self.workers[dep].relay_retry_at = self.now + self.rng.between(10, 500);
+    }
+
+    fn connect(&mut self, i: usize) {
+        let id = self.next_conn;
+        self.next_conn += 1;
+        let lat = self.latency();
+        let w = &mut self.workers[i];
+        let core = w.core.as_mut().expect("running");
+        let join = core.join();
+        let mut bad = Vec::new();
+        if join.resume != core.record().applied || join.node_id != w.info.node_id {
+            bad.push(format!(
+                "{}'s Join resumes at {} with {} applied",
+                w.info.name,
+                join.resume,
+                core.record().applied
+            ));
+        }
+        self.conns.insert(
+            id,
+            Conn {
+                worker: i,
+                ctrl_open: true,
+                to_ctrl: VecDeque::from([(self.now + lat, ToCtrl::Join(join))]),
+                to_worker: VecDeque::new(),
+                due_ctrl: self.now + lat,
+                due_worker: 0,
+                abandoned_until: None,
+            },
+        );
+        w.conn = Some(id);
+        core.connected();
+        for b in bad {
+            self.fail(b);
+        }
+        self.worker_flush(i);
+    }
+
+    // ---- workers ----
+
+    fn start_worker(&mut self, i: usize) {
+        if self.faults_on && self.rng.chance(self.faults.readdress) {
+            let port = 5000 + self.rng.below(1000);
+            let w = &mut self.workers[i];
+            if w.kind == Kind::LoadBalancer && self.rng.chance(500) {
+                w.info.relay_addr = Some(format!("10.0.0.1:{}", port + 2000));
+            } else {
+                w.info.service_addr = Some(format!("10.0.0.{}:{port}", i + 1));
+            }
+        }
+        let w = &mut self.workers[i];
+        let seal = SealKey::from_secret(&w.seal_secret).expect("own secret");
+        match WorkerCore::open(w.info.clone(), seal, w.disk.clone()) {
+            Ok(core) => {
+                let same = core.record() == &w.disk;
+                w.core = Some(core);
+                w.reconnect_at = self.now;
+                w.next_heartbeat = self.now;
+                w.relay_retry_at = self.now;
+                if !same {
+                    let name = w.info.name.clone();
+                    self.fail(format!(
+                        "{name} reopened with another record than committed"
+                    ));
+                }
+                // The first take re-applies the stored state's effects.
+                self.worker_flush(i);
+            }
+            Err(e) => {
+                let name = w.info.name.clone();
+                w.restart_at = u64::MAX;
+                self.fail(format!("{name} cannot reopen its record: {e}"));
+            }
+        }
+    }
+
+    fn crash_worker(&mut self, i: usize, downtime: u64) {
+        self.stats.crashes += 1;
+        let w = &mut self.workers[i];
+        w.core = None;
+        w.route = None;
+        w.frozen_until = 0;
+        w.restart_at = self.now + downtime;
+        if let Some(c) = w.conn.take() {
+            self.cut(c);
+        }
+        self.cut_relay(i);
+        if self.workers[i].kind == Kind::LoadBalancer {
+            let deps: Vec<usize> = self
+                .relays
+                .iter()
+                .filter(|(_, l)| l.lb == i)
+                .map(|(d, _)| *d)
+                .collect();
+            for d in deps {
+                self.cut_relay(d);
+            }
+        }
+    }
+
+    fn worker_flush(&mut self, i: usize) {
+        loop {
+            let Some(core) = self.workers[i].core.as_mut() else {
+                return;
+            };
+            let (rec, outs) = core.take();
+            if rec.is_none() && outs.is_empty() {
+                return;
+            }
+            if let Some(rec) = rec {
+                let old = &self.workers[i].disk;
+                let name = self.workers[i].name().to_string();
+                let mut bad = Vec::new();
+                if rec.applied < old.applied {
+                    bad.push(format!(
+                        "{name} committed applied {} after {}",
+                        rec.applied, old.applied
+                    ));
+                }
+                if rec.report_seq < old.report_seq || rec.report_acked > rec.report_seq {
+                    bad.push(format!(
+                        "{name} committed report seq {} acked {} after {}",
+                        rec.report_seq, rec.report_acked, old.report_seq
+                    ));
+                }
+                if rec.applied > 0 && rec.controller_key.is_none() {
+                    bad.push(format!("{name} applied publications before admission"));
+                }
+                self.workers[i].disk = rec;
+                for b in bad {
+                    self.fail(b);
+                }
+            }
+            let crash_at =
+                (self.faults_on && !outs.is_empty() && self.rng.chance(self.faults.crash_mid))
+                    .then(|| self.rng.below(outs.len() as u64) as usize);
+            for (k, o) in outs.into_iter().enumerate() {
+                if Some(k) == crash_at {
+                    let downtime = self.rng.between(10, 2000);
+                    self.crash_worker(i, downtime);
+                    return;
+                }
+                self.worker_perform(i, o);
+            }
+        }
+    }
+
+    fn worker_perform(&mut self, i: usize, o: WorkerOutput) {
+        let name = self.workers[i].name().to_string();
+        match o {
+            WorkerOutput::ToController(msg) => {
+                let standing = self.workers[i].core.as_ref().map(|c| c.standing());
+                match &msg {
+                    Message::PublicationAck { upto } => {
+                        if *upto > self.workers[i].disk.applied {
+                            let committed = self.workers[i].disk.applied;
+                            self.fail(format!(
+                                "{name} acks {upto} with only {committed} committed"
+                            ));
+                        }
+                        // A relayed publication may arrive between a reconnect and the
+                        // Admission; it was still admitted to get the controller's key.
+                        if self.workers[i].disk.controller_key.is_none() {
+                            self.fail(format!("{name} acks while {standing:?}"));
+                        }
+                    }
+                    Message::Notify(n) => {
+                        if n.machine != self.workers[i].id() {
+                            self.fail(format!("{name} notifies for {:?}", n.machine));
+                        }
+                        if standing != Some(Standing::Admitted) {
+                            self.fail(format!("{name} notifies while {standing:?}"));
+                        }
+                        if n.seq > self.workers[i].disk.report_seq {
+                            let committed = self.workers[i].disk.report_seq;
+                            self.fail(format!(
+                                "{name} sends report {} with only {committed} committed",
+                                n.seq
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+                self.worker_send(i, msg);
+            }
+            // Also on a worker that is not a load balancer: see `publish_again`.
+            WorkerOutput::Apply(Effect::Pool(p)) => {
+                if self.workers[i].kind == Kind::LoadBalancer {
+                    self.stats.pools += 1;
+                }
+                self.workers[i].pool_file = Some(p);
+            }
+            // Nothing here deploys software.
+            WorkerOutput::Apply(Effect::Deploy(order)) => {
+                self.fail(format!("{name} was told to deploy {order:?}"));
+            }
+            WorkerOutput::Apply(Effect::Route(r)) => {
+                let lb = self.relays.get(&i).map(|l| self.workers[l.lb].id());
+                if lb.is_some() && r.as_ref().map(|r| r.node_id) != lb {
+                    self.cut_relay(i);
+                }
+                self.workers[i].route = r;
+            }
+        }
+    }
+
+    fn worker_send(&mut self, i: usize, msg: Message) {
+        let Some(conn) = self.workers[i].conn else {
+            return;
+        };
+        let lat = self.latency();
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !c.ctrl_open {
+            return;
+        }
+        c.due_ctrl = c.due_ctrl.max(self.now + lat);
+        c.to_ctrl.push_back((c.due_ctrl, ToCtrl::Frame(msg)));
+    }
+
+    fn deliver_to_worker(&mut self, i: usize, conn: ConnId, item: ToWorker) {
+        match item {
+            ToWorker::Close => {
+                self.conns.remove(&conn);
+                if self.workers[i].conn == Some(conn) {
+                    let rejected = self.workers[i]
+                        .core
+                        .as_ref()
+                        .is_some_and(|c| c.standing() == Standing::Rejected);
+                    // A rejected worker keeps asking, slowly (it may be accepted again).
+                    let delay = if rejected {
+                        self.rng.between(500, 3000)
+                    } else {
+                        self.rng.between(10, 800)
+                    };
+                    self.workers[i].conn = None;
+                    self.workers[i].reconnect_at = self.now + delay;
+                }
+            }
+            ToWorker::Frame(Message::Relay(r)) => self.forward(i, r.to, r.publication),
+            ToWorker::Frame(msg) => {
+                let core = self.workers[i].core.as_mut().expect("running");
+                let before = core.record().clone();
+                let r = core.from_controller(msg.clone());
+                if let Message::Publication(p) = &msg {
+                    self.check_apply(i, p, &before, &r, false, false);
+                } else if let Err(e) = &r {
+                    let name = self.workers[i].name().to_string();
+                    if matches!(e, WorkerRefusal::Hostile(_)) {
+                        self.fail(format!("{name} refused {} as hostile: {e}", msg.kind()));
+                    }
+                }
+                self.worker_flush(i);
+            }
+        }
+    }
+
+    /// The load balancer's runtime: forwards to the dependent if its link is up.
+    fn forward(&mut self, lb: usize, to: NodeId, mut p: Publication) {
+        let Some(d) = self.worker_by_id(to) else {
+            self.fail(format!("a Relay for unknown {to:?}"));
+            return;
+        };
+        let lat = self.latency();
+        let tamper = self.faults_on && self.rng.chance(self.faults.tamper);
+        if tamper {
+            match self.rng.below(4) {
+                0 if !p.sealed.is_empty() => {
+                    let at = self.rng.below(p.sealed.len() as u64) as usize;
+                    p.sealed[at] ^= 1 << self.rng.below(8);
+                }
+                1 if !p.signature.is_empty() => {
+                    let at = self.rng.below(p.signature.len() as u64) as usize;
+                    p.signature[at] ^= 1 << self.rng.below(8);
+                }
+                2 => p.seq = p.seq.wrapping_add(1 + self.rng.below(3)),
+                _ => p.seq = p.seq.saturating_sub(1 + self.rng.below(3)),
+            }
+        }
+        let Some(link) = self.relays.get_mut(&d) else {
+            return;
+        };
+        if link.lb != lb {
+            return;
+        }
+        link.due = link.due.max(self.now + lat);
+        link.queue.push_back((link.due, p, tamper));
+    }
+
+    /// (a): a publication offered to worker `i` moved its `applied` by one, in order, and only
+    /// for what the controller committed under that sequence.
+    fn check_apply(
+        &mut self,
+        i: usize,
+        p: &Publication,
+        before: &WorkerRecord,
+        r: &Result<(), WorkerRefusal>,
+        relayed: bool,
+        tampered: bool,
+    ) {
+        let name = self.workers[i].name().to_string();
+        let id = self.workers[i].id();
+        let after = self.workers[i]
+            .core
+            .as_ref()
+            .expect("running")
+            .record()
+            .clone();
+        let path = if relayed { "relayed" } else { "direct" };
+        if after.applied != before.applied {
+            if tampered {
+                self.fail(format!(
+                    "{name} applied an altered publication (seq {})",
+                    p.seq
+                ));
+            }
+            if after.applied != before.applied + 1 || p.seq != after.applied {
+                self.fail(format!(
+                    "{name} applied {path} publication {} moving applied {} -> {}",
+                    p.seq, before.applied, after.applied
+                ));
+            }
+            if p.machine != id {
+                self.fail(format!("{name} applied {:?}'s publication", p.machine));
+            }
+            match self.published.get(&(p.machine, p.seq)) {
+                Some(q) if q == p => {}
+                Some(_) => self.fail(format!(
+                    "{name} applied a publication {} that is not the committed one",
+                    p.seq
+                )),
+                None => self.fail(format!(
+                    "{name} applied publication {} that was never committed",
+                    p.seq
+                )),
+            }
+            if !self.ever_admitted.contains(&id) {
+                self.fail(format!("{name} applied a publication before admission"));
+            }
+            self.stats.applied += 1;
+            if relayed {
+                self.stats.applied_relayed += 1;
+            }
+        } else if &after != before {
+            self.fail(format!(
+                "{name}'s record changed on {path} publication {} without applying it",
+                p.seq
+            ));
+        }
+        match r {
+            Err(WorkerRefusal::Hostile(e)) if !tampered => {
+                self.fail(format!(
+                    "{name} refused an honest {path} publication {} as hostile: {e} (applied {})",
+                    p.seq, before.applied
+                ));
+            }
+            Err(WorkerRefusal::Hostile(_)) => self.stats.hostile_refused += 1,
+            Err(e) => self.fail(format!("{name}: {path} publication {}: {e}", p.seq)),
+            // The signature is checked first, and covers everything altered.
+            Ok(()) if tampered => {
+                self.fail(format!(
+                    "{name} took an altered publication {} without refusing it",
+                    p.seq
+                ));
+            }
+            Ok(()) => {}
+        }
+    }
+
+    fn deliver_relay(&mut self, d: usize, p: Publication, tampered: bool) {
+        let core = self.workers[d].core.as_mut().expect("running");
+        let before = core.record().clone();
+        let r = core.from_relay(p.clone());
+        self.check_apply(d, &p, &before, &r, true, tampered);
+        if matches!(r, Err(WorkerRefusal::Hostile(_))) {
+            // The dependent closes its load balancer's connection.
+            self.cut_relay(d);
+        }
+        self.worker_flush(d);
+    }
+
+    // ---- time ----
+
+    fn step(&mut self) {
+        self.now += self.rng.between(1, 20);
+        let now = self.now;
+        if self.ctrl.core.is_none() && now >= self.ctrl.restart_at {
+            self.start_ctrl();
+        }
+        for i in 0..self.workers.len() {
+            let w = &self.workers[i];
+            if w.core.is_none() && !w.stopped && now >= w.restart_at {
+                self.start_worker(i);
+            }
+        }
+        // Deliveries, connection by connection, in order.
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in ids {
+            loop {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    break;
+                };
+                if !c.ctrl_open || self.ctrl.core.is_none() {
+                    break;
+                }
+                match c.to_ctrl.front() {
+                    Some((due, _)) if *due <= now => {}
+                    _ => break,
+                }
+                let (_, item) = c.to_ctrl.pop_front().expect("front");
+                self.deliver_to_ctrl(conn, item);
+            }
+            loop {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    break;
+                };
+                let w = c.worker;
+                if self.workers[w].core.is_none() || self.workers[w].frozen_until > now {
+                    break;
+                }
+                match c.to_worker.front() {
+                    Some((due, _)) if *due <= now => {}
+                    _ => break,
+                }
+                let (_, item) = c.to_worker.pop_front().expect("front");
+                if c.abandoned_until.is_some() {
+                    // Nobody reads it at the worker.
+                    if matches!(item, ToWorker::Close) {
+                        self.conns.remove(&conn);
+                    }
+                    continue;
+                }
+                self.deliver_to_worker(w, conn, item);
+            }
+        }
+        let expired: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.abandoned_until.is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for c in expired {
+            self.cut(c);
+        }
+        let deps: Vec<usize> = self.relays.keys().copied().collect();
+        for d in deps {
+            loop {
+                if !self.running(d) {
+                    break;
+                }
+                let Some(link) = self.relays.get_mut(&d) else {
+                    break;
+                };
+                match link.queue.front() {
+                    Some((due, _, _)) if *due <= now => {}
+                    _ => break,
+                }
+                let (_, p, tampered) = link.queue.pop_front().expect("front");
+                self.deliver_relay(d, p, tampered);
+            }
+        }
+        // The workers' runtimes: connect, heartbeat, dial the load balancer.
+        for i in 0..self.workers.len() {
+            if !self.running(i) {
+                continue;
+            }
+            if self.workers[i].conn.is_none()
+                && self.ctrl.core.is_some()
+                && now >= self.workers[i].reconnect_at
+            {
+                self.connect(i);
+            }
+            if !self.running(i) {
+                continue;
+            }
+            let core = self.workers[i].core.as_ref().expect("running");
+            if self.workers[i].conn.is_some()
+                && core.standing() == Standing::Admitted
+                && now >= self.workers[i].next_heartbeat
+            {
+                let hb = match core.record().heartbeat_ms {
+                    0 => self.ctrl.settings.heartbeat_ms,
+                    hb => hb,
+                };
+                self.workers[i].next_heartbeat = now + hb;
+                self.worker_send(i, Message::Heartbeat);
+            }
+            self.dial_lb(i);
+        }
+        if let Some(core) = self.ctrl.core.as_mut() {
+            if now >= self.ctrl.next_tick {
+                core.tick(now);
+                self.ctrl.next_tick = now + self.rng.between(100, 300);
+                self.ctrl_flush();
+            }
+        }
+    }
+
+    /// A dependent with a route dials its load balancer, which accepts only its own
+    /// dependents (by its pool's list).
+    fn dial_lb(&mut self, d: usize) {
+        let w = &self.workers[d];
+        if w.kind != Kind::Dependent || self.relays.contains_key(&d) || self.now < w.relay_retry_at
+        {
+            return;
+        }
+        let Some(route) = w.route.clone() else {
+            return;
+        };
+        let Some(lb) = self.worker_by_id(route.node_id) else {
+            self.fail(format!(
+                "{} routed to unknown {:?}",
+                w.info.name, route.node_id
+            ));
+            return;
+        };
+        let (id, fp) = (w.id(), w.fingerprint);
+        let accepted = self.running(lb)
+            && route.fingerprint == self.workers[lb].fingerprint
+            && self.workers[lb]
+                .core
+                .as_ref()
+                .and_then(|c| c.record().pool.as_ref())
+                .is_some_and(|p| {
+                    p.dependents
+                        .iter()
+                        .any(|x| x.node_id == id && x.fingerprint == fp)
+                });
+        if accepted {
+            self.relays.insert(
+                d,
+                RelayLink {
+                    lb,
+                    queue: VecDeque::new(),
+                    due: 0,
+                },
+            );
+        } else {
+            self.workers[d].relay_retry_at = self.now + self.rng.between(50, 500);
+        }
+    }
+
+    /// Operators, reports, extra publications, and faults.
+    fn act(&mut self) {
+        let n = self.workers.len() as u64;
+        if self.rng.chance(30) {
+            let i = self.rng.below(n) as usize;
+            if self.running(i) {
+                let r = report(&mut self.rng);
+                self.workers[i].core.as_mut().expect("running").report(r);
+                self.worker_flush(i);
+            }
+        }
+        if self.rng.chance(20) {
+            self.accept_one();
+        }
+        let due: Vec<NodeId> = self
+            .reaccept
+            .iter()
+            .filter(|(_, t)| **t <= self.now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.accept_again(id);
+        }
+        if self.rng.chance(10) {
+            self.publish_again();
+        }
+        if !self.faults_on {
+            return;
+        }
+        let f = self.faults.clone();
+        if self.rng.chance(f.cut) && !self.conns.is_empty() {
+            let k = self.rng.below(self.conns.len() as u64) as usize;
+            let conn = *self.conns.keys().nth(k).expect("k < len");
+            self.stats.cuts += 1;
+            self.cut(conn);
+        }
+        if self.rng.chance(f.cut_relay) && !self.relays.is_empty() {
+            let k = self.rng.below(self.relays.len() as u64) as usize;
+            let d = *self.relays.keys().nth(k).expect("k < len");
+            self.cut_relay(d);
+        }
+        if self.rng.chance(f.crash_ctrl) && self.ctrl.core.is_some() {
+            self.crash_ctrl();
+        }
+        if self.rng.chance(f.crash_worker) {
+            let i = self.rng.below(n) as usize;
+            if self.workers[i].core.is_some() {
+                // Sometimes longer than down_after: it leaves its pool and comes back.
+                let down = self.ctrl.settings.down_after_ms;
+                let downtime = self.rng.between(10, down * 3);
+                self.crash_worker(i, downtime);
+            }
+        }
+        if self.rng.chance(f.abandon) {
+            let i = self.rng.below(n) as usize;
+            if let Some(conn) = self.workers[i].conn.take() {
+                let until = self.now + self.rng.between(50, 3000);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.abandoned_until = Some(until);
+                }
+                self.workers[i].reconnect_at = self.now + self.rng.between(0, 300);
+            }
+        }
+        if self.rng.chance(f.reject) {
+            self.reject_one();
+        }
+        if self.rng.chance(f.freeze) {
+            let i = self.rng.below(n) as usize;
+            if self.running(i) {
+                let down = self.ctrl.settings.down_after_ms;
+                self.workers[i].frozen_until = self.now + self.rng.between(100, down * 3);
+            }
+        }
+    }
+
+    /// An operator rejects an admitted key, to accept it again later.
+    fn reject_one(&mut self) {
+        let Some(core) = self.ctrl.core.as_ref() else {
+            return;
+        };
+        let admitted: Vec<(NodeId, String)> = core
+            .machines()
+            .filter(|m| m.key_status == KeyStatus::Admitted)
+            .map(|m| (m.node_id, m.name.clone()))
+            .collect();
+        if admitted.is_empty() {
+            return;
+        }
+        let (id, name) = admitted[self.rng.below(admitted.len() as u64) as usize].clone();
+        let now = self.now;
+        match self.ctrl.core.as_mut().expect("up").reject(&name, now) {
+            Ok(got) if got == id => self.stats.rejects += 1,
+            other => self.fail(format!("reject {name:?}: {other:?}")),
+        }
+        self.ctrl_flush();
+        let later = self.now + self.rng.between(200, 5000);
+        self.reaccept.insert(id, later);
+    }
+
+    fn accept_again(&mut self, id: NodeId) {
+        if self.ctrl.core.is_none() {
+            return;
+        }
+        self.reaccept.remove(&id);
+        let now = self.now;
+        let key = id.to_string();
+        match self.ctrl.core.as_mut().expect("up").accept(&key, now) {
+            Ok(got) if got == id => self.stats.accepts += 1,
+            other => self.fail(format!("accept again {key}: {other:?}")),
+        }
+        self.ctrl_flush();
+    }
+
+    /// An operator accepts a pending key, by name, full id or id prefix.
+    fn accept_one(&mut self) {
+        let Some(core) = self.ctrl.core.as_ref() else {
+            return;
+        };
+        let pending: Vec<(NodeId, String)> = core
+            .machines()
+            .filter(|m| m.key_status == KeyStatus::Pending)
+            .map(|m| (m.node_id, m.name.clone()))
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let (id, name) = pending[self.rng.below(pending.len() as u64) as usize].clone();
+        let key = match self.rng.below(3) {
+            0 => name,
+            1 => id.to_string(),
+            _ => id.to_string()[..12].to_string(),
+        };
+        let now = self.now;
+        let r = self.ctrl.core.as_mut().expect("up").accept(&key, now);
+        match r {
+            Ok(got) if got == id => self.stats.accepts += 1,
+            other => self.fail(format!("accept {key:?} of {id:?}: {other:?}")),
+        }
+        self.ctrl_flush();
+    }
+
+    /// The same state published once more (a new sequence, nothing new to apply).
+    fn publish_again(&mut self) {
+        let Some(core) = self.ctrl.core.as_ref() else {
+            return;
+        };
+        let admitted: Vec<MachineRecord> = core
+            .machines()
+            .filter(|m| m.key_status == KeyStatus::Admitted)
+            .cloned()
+            .collect();
+        if admitted.is_empty() {
+            return;
+        }
+        let m = &admitted[self.rng.below(admitted.len() as u64) as usize];
+        let body = if m.is_load_balancer() {
+            match &m.pool {
+                Some(p) => Body::Pool(p.clone()),
+                None => return,
+            }
+        } else {
+            // Today a dependent is only ever sent its route, and a route is always sent
+            // directly (the dependent may not reach that load balancer yet). So that the
+            // relay path carries something, a dependent also gets bodies it does not act on:
+            // a (meaningless) pool, relayed when its route is applied and the LB is up.
+            if self.rng.chance(500) {
+                Body::LoadBalancer(m.route.clone())
+            } else {
+                Body::Pool(Pool::default())
+            }
+        };
+        let now = self.now;
+        self.ctrl
+            .core
+            .as_mut()
+            .expect("up")
+            .publish(m.node_id, &body, now);
+        self.ctrl_flush();
+    }
+
+    /// Stops the faults, stops some dependents for good, wakes everything else, accepts
+    /// every pending key, gives each running worker a last report, and lets time pass.
+    fn heal(&mut self, stop_some: bool) {
+        self.faults_on = false;
+        for i in 0..self.workers.len() {
+            if stop_some && self.workers[i].kind == Kind::Dependent && self.rng.chance(300) {
+                self.workers[i].stopped = true;
+                if self.workers[i].core.is_some() {
+                    self.crash_worker(i, 0);
+                }
+            }
+        }
+        for w in &mut self.workers {
+            w.frozen_until = 0;
+            if !w.stopped {
+                w.restart_at = w.restart_at.min(self.now);
+            }
+        }
+        self.ctrl.restart_at = self.ctrl.restart_at.min(self.now);
+        for t in self.reaccept.values_mut() {
+            *t = self.now;
+        }
+        for w in &self.workers {
+            self.stats.stopped += w.stopped as u64;
+        }
+        // Every running worker admitted, then its last report.
+        let deadline = self.now + 120_000;
+        let mut reported = false;
+        while self.now < deadline && self.violations.is_empty() {
+            self.step();
+            self.accept_one();
+            let due: Vec<NodeId> = self.reaccept.keys().copied().collect();
+            for id in due {
+                self.accept_again(id);
+            }
+            if !reported && self.all_running_admitted() {
+                for i in 0..self.workers.len() {
+                    if let Some(core) = self.workers[i].core.as_mut() {
+                        core.report(running_report());
+                        self.worker_flush(i);
+                    }
+                }
+                reported = true;
+            }
+            if reported {
+                break;
+            }
+        }
+        if !reported {
+            self.fail("the running workers were not all admitted within 120 s".into());
+            return;
+        }
+        let s = &self.ctrl.settings;
+        let settle = 3 * s.down_after_ms + 4 * s.resend_after_ms + 5_000;
+        let until = self.now + settle;
+        while self.now < until {
+            self.step();
+        }
+    }
+
+    fn all_running_admitted(&self) -> bool {
+        self.ctrl.core.is_some()
+            && self.workers.iter().all(|w| {
+                w.stopped
+                    || w.core
+                        .as_ref()
+                        .is_some_and(|c| c.standing() == Standing::Admitted)
+            })
+    }
+
+    /// (b), (c), (d) once healed, and the controller's disk against its memory.
+    fn check_end(&self) -> Result<(), String> {
+        let mut bad = Vec::new();
+        let core = self.ctrl.core.as_ref().ok_or("the controller is down")?;
+        let by_id: BTreeMap<NodeId, &MachineRecord> =
+            core.machines().map(|m| (m.node_id, m)).collect();
+        let disk = &self.ctrl.disk;
+        // Memory and disk agree (the controller committed everything it changed).
+        let mem: Vec<&MachineRecord> = by_id.values().copied().collect();
+        let stored: Vec<&MachineRecord> = disk.machines.values().collect();
+        let strip = |m: &MachineRecord| {
+            let mut m = m.clone();
+            m.last_seen_ms = 0;
+            m
+        };
+        if mem.iter().map(|m| strip(m)).collect::<Vec<_>>()
+            != stored.iter().map(|m| strip(m)).collect::<Vec<_>>()
+        {
+            bad.push("the controller's records differ from what it committed".to_string());
+        }
+        if core.unacked_len() != disk.pubs.len() {
+            bad.push(format!(
+                "{} unacked in memory, {} stored",
+                core.unacked_len(),
+                disk.pubs.len()
+            ));
+        }
+        for (m, seq) in disk.pubs.keys() {
+            if let Some(r) = by_id.get(m) {
+                if *seq <= r.pub_acked || *seq > r.pub_seq {
+                    bad.push(format!(
+                        "{}: stored publication {seq} outside ({}, {}]",
+                        r.name, r.pub_acked, r.pub_seq
+                    ));
+                }
+            }
+        }
+        let lb = &self.workers[0];
+        let lb_name = lb.name().to_string();
+        let mut running_deps = BTreeSet::new();
+        let mut all_deps = BTreeSet::new();
+        for w in &self.workers {
+            let name = w.name();
+            let Some(m) = by_id.get(&w.id()) else {
+                bad.push(format!("{name}: unknown to the controller"));
+                continue;
+            };
+            if w.kind == Kind::Dependent && m.key_status == KeyStatus::Admitted {
+                all_deps.insert(w.id());
+            }
+            if w.stopped {
+                if w.disk.applied > m.pub_seq || m.pub_acked > w.disk.applied {
+                    bad.push(format!(
+                        "{name} (stopped): applied {} against published {} acked {}",
+                        w.disk.applied, m.pub_seq, m.pub_acked
+                    ));
+                }
+                if m.up {
+                    bad.push(format!("{name} stopped but the controller says up"));
+                }
+                if m.notify_seq > w.disk.report_seq {
+                    bad.push(format!(
+                        "{name} (stopped): notify {} > report {}",
+                        m.notify_seq, w.disk.report_seq
+                    ));
+                }
+                continue;
+            }
+            let Some(c) = w.core.as_ref() else {
+                bad.push(format!("{name} is not running"));
+                continue;
+            };
+            if w.kind == Kind::Dependent {
+                running_deps.insert(w.id());
+            }
+            let rec = c.record();
+            if m.key_status != KeyStatus::Admitted || c.standing() != Standing::Admitted {
+                bad.push(format!(
+                    "{name}: {:?} at the controller, {:?} at the worker",
+                    m.key_status,
+                    c.standing()
+                ));
+            }
+            if !m.up {
+                bad.push(format!("{name} runs but the controller says down"));
+            }
+            // (b)
+            if rec.applied != m.pub_seq || m.pub_acked != m.pub_seq {
+                bad.push(format!(
+                    "(b) {name}: applied {} published {} acked {}",
+                    rec.applied, m.pub_seq, m.pub_acked
+                ));
+            }
+            if rec != &w.disk {
+                bad.push(format!("{name}: its record is not all committed"));
+            }
+            if disk.pubs.keys().any(|(n, _)| *n == w.id()) {
+                bad.push(format!("(b) {name}: publications left unacked"));
+            }
+            // (d)
+            if rec.report != m.report
+                || rec.report_seq != m.notify_seq
+                || rec.report_acked != rec.report_seq
+                || c.unacked_report().is_some()
+            {
+                bad.push(format!(
+                    "(d) {name}: report {:?} seq {} acked {} at the worker, {:?} seq {} at the controller",
+                    rec.report.as_ref().map(|r| &r.state),
+                    rec.report_seq,
+                    rec.report_acked,
+                    m.report.as_ref().map(|r| &r.state),
+                    m.notify_seq
+                ));
+            }
+            if rec.report != Some(running_report()) {
+                bad.push(format!("(d) {name}: its last report is not the final one"));
+            }
+            // Routes.
+            if w.kind == Kind::Dependent {
+                let want = Some(LbRoute {
+                    name: lb_name.clone(),
+                    node_id: lb.id(),
+                    addr: lb.info.relay_addr.clone().expect("an LB has one"),
+                    fingerprint: lb.fingerprint,
+                });
+                if rec.route != want || m.route != want || w.route != want {
+                    bad.push(format!(
+                        "{name}: route {:?} (record), {:?} (dialled), {:?} (controller), want {want:?}",
+                        rec.route, w.route, m.route
+                    ));
+                }
+            } else if rec.route.is_some() {
+                bad.push(format!("{name} has a route: {:?}", rec.route));
+            }
+        }
+        for w in &self.workers {
+            if let Some(c) = w.core.as_ref() {
+                if w.pool_file.as_ref() != c.record().pool.as_ref() {
+                    bad.push(format!(
+                        "{}: the pool file is not the recorded pool",
+                        w.name()
+                    ));
+                }
+            }
+        }
+        // (c)
+        if let (Some(c), Some(m)) = (lb.core.as_ref(), by_id.get(&lb.id())) {
+            let pool = c.record().pool.clone().unwrap_or_default();
+            let members: BTreeSet<NodeId> = pool.members.iter().map(|p| p.node_id).collect();
+            let dependents: BTreeSet<NodeId> = pool.dependents.iter().map(|p| p.node_id).collect();
+            for member in &pool.members {
+                let addr = self
+                    .worker_by_id(member.node_id)
+                    .map(|d| self.workers[d].info.service_addr.clone());
+                if addr != Some(member.service_addr.clone()) || member.node_id == lb.id() {
+                    bad.push(format!(
+                        "(c) pool member {} at {:?}, its address is {addr:?}",
+                        member.name, member.service_addr
+                    ));
+                }
+            }
+            if members != running_deps {
+                bad.push(format!(
+                    "(c) the pool holds {members:?}, the running dependents are {running_deps:?}"
+                ));
+            }
+            if dependents != all_deps {
+                bad.push(format!(
+                    "(c) the pool lists dependents {dependents:?}, admitted are {all_deps:?}"
+                ));
+            }
+            if m.pool.as_ref() != c.record().pool.as_ref() {
+                bad.push("(c) the load balancer's pool is not the controller's".to_string());
+            }
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(bad.join("\n"))
+        }
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "seed {}: {} workers, {:?}, faults {:?}",
+            self.seed,
+            self.workers.len(),
+            self.stats,
+            self.faults
+        )
+    }
+}
+
+fn run_seed(seed: u64) -> Result<Stats, String> {
+    let mut sim = Sim::new(seed);
+    let steps = 1500 + sim.rng.below(2500);
+    for _ in 0..steps {
+        sim.step();
+        sim.act();
+        if !sim.violations.is_empty() {
+            break;
+        }
+    }
+    sim.check_ok()
+        .map_err(|e| format!("{e}\n{}", sim.summary()))?;
+    sim.heal(true);
+    sim.check_ok()
+        .map_err(|e| format!("{e}\n{}", sim.summary()))?;
+    // Liveness has a bound: a few more seconds may pass, not forever.
+    let mut last = sim.check_end();
+    let mut extra = 0;
+    while last.is_err() && extra < 30 {
+        for _ in 0..100 {
+            sim.step();
+        }
+        extra += 1;
+        last = sim.check_end();
+    }
+    last.map_err(|e| format!("{e}\n{}", sim.summary()))?;
+    if extra > 0 {
+        return Err(format!(
+            "converged only {extra} s after the settling time\n{}",
+            sim.summary()
+        ));
+    }
+    Ok(sim.stats)
+}
+
+#[test]
+fn simulated_cluster_delivers_exactly_once_and_pools_follow() {
+    let seeds: Vec<u64> = match std::env::var("OUTPOST_SIM_CLUSTER_SEED") {
+        Ok(s) => vec![s.parse().expect("OUTPOST_SIM_CLUSTER_SEED is a number")],
+        Err(_) => {
+            let n: u64 = std::env::var("OUTPOST_SIM_CLUSTER_SEEDS")
+                .ok()
+                .map(|s| s.parse().expect("OUTPOST_SIM_CLUSTER_SEEDS is a number"))
+                .unwrap_or(800);
+            (0..n).map(|i| 0xc105_0000 + i).collect()
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut total = Stats::default();
+    for &seed in &seeds {
+        match run_seed(seed) {
+            Ok(s) => {
+                total.applied += s.applied;
+                total.applied_relayed += s.applied_relayed;
+                total.hostile_refused += s.hostile_refused;
+                total.crashes += s.crashes;
+                total.ctrl_crashes += s.ctrl_crashes;
+                total.cuts += s.cuts;
+                total.accepts += s.accepts;
+                total.rejects += s.rejects;
+                total.pools += s.pools;
+                total.downs += s.downs;
+                total.stopped += s.stopped;
+            }
+            Err(why) => panic!(
+                "seed {seed} failed:\n{why}\nreplay: OUTPOST_SIM_CLUSTER_SEED={seed} cargo nextest run --release -p outpost --test sim_cluster"
+            ),
+        }
+    }
+    eprintln!(
+        "{} seeds in {:.1} s: {total:?}",
+        seeds.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        total.applied > 5 * seeds.len() as u64,
+        "the simulation applied almost nothing"
+    );
+    if seeds.len() >= 20 {
+        assert!(
+            total.applied_relayed > 0,
+            "nothing ever went through the load balancer"
+        );
+        assert!(total.crashes > 0 && total.ctrl_crashes > 0 && total.accepts > 0);
+    }
+}
+
+/// The checks can fail: a worker that loses its last applied publication is caught.
+#[test]
+fn simulation_detects_a_lost_publication() {
+    let mut sim = Sim::with_plan(7, Rng(7), Plan::calm(2, false));
+    sim.heal(false);
+    sim.check_ok().unwrap();
+    sim.check_end().unwrap();
+    let d = 1;
+    assert!(sim.workers[d].disk.applied > 0);
+    sim.workers[d].disk.applied -= 1;
+    sim.crash_worker(d, 0);
+    sim.step();
+    assert!(sim.check_end().is_err());
+}
+
+// ---- hostile cases ----
+
+/// A worker's identity, outside any simulation.
+struct Machine {
+    info: JoinInfo,
+    fingerprint: Fingerprint,
+    seal: SealKey,
+}
+
+impl Machine {
+    fn new(n: u128, name: &str, component: &str, lb: Option<&str>, token: bool) -> Machine {
+        let fingerprint = Fingerprint(*blake3::hash(name.as_bytes()).as_bytes());
+        Machine {
+            info: JoinInfo {
+                node_id: NodeId(0xabc0_0000_0000_0000_0000_0000_0000_0000 | n),
+                name: name.into(),
+                service: "voice".into(),
+                component: component.into(),
+                load_balancer: lb.map(str::to_string),
+                service_addr: Some(format!("10.1.0.{n}:5060")),
+                relay_addr: (component == "load-balancer").then(|| "10.1.0.1:7443".into()),
+                token_proof: token.then(|| token_proof(TOKEN, &fingerprint)),
+            },
+            fingerprint,
+            seal: SealKey::generate(),
+        }
+    }
+
+    fn core(&self) -> WorkerCore {
+        let seal = SealKey::from_secret(&self.seal.secret_bytes()).unwrap();
+        WorkerCore::open(self.info.clone(), seal, WorkerRecord::default()).unwrap()
+    }
+
+    fn id(&self) -> NodeId {
+        self.info.node_id
+    }
+}
+
+fn controller(pending_max: usize, token: bool) -> (ControllerCore, Vec<u8>) {
+    let mut s = Settings::new(2000);
+    s.pending_max = pending_max;
+    s.join_token = token.then(|| TOKEN.to_vec());
+    let secret = vec![0x5a; 32];
+    let key = ControllerKey::from_secret(&secret).unwrap();
+    (ControllerCore::open(s, key, vec![], vec![], T0_MS), secret)
+}
+
+fn records(c: &ControllerCore) -> Vec<MachineRecord> {
+    c.machines().cloned().collect()
+}
+
+fn closes(out: &[Output], conn: ConnId) -> bool {
+    out.iter()
+        .any(|o| matches!(o, Output::Close { conn: c, .. } if *c == conn))
+}
+
+fn sends_to(out: &[Output], conn: ConnId) -> Vec<&Message> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send { conn: c, msg } if *c == conn => Some(msg),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn hostile_pending_worker_may_not_notify_or_ack() {
+    let (mut ctrl, _) = controller(100, false);
+    let m = Machine::new(1, "dep-1", "media-processor", Some("lb-1"), false);
+    let mut w = m.core();
+    ctrl.joined(1, m.fingerprint, w.join(), T0_MS);
+    w.connected();
+    let (d, out) = ctrl.take();
+    assert_eq!(d.machines.len(), 1, "one pending record");
+    assert_eq!(d.machines[0].key_status, KeyStatus::Pending);
+    assert!(d.publications.is_empty());
+    assert_eq!(
+        sends_to(&out, 1),
+        vec![&Message::Admission(Admission::Pending)]
+    );
+    w.from_controller(Message::Admission(Admission::Pending))
+        .unwrap();
+    assert_eq!(w.standing(), Standing::Pending);
+    // A pending worker keeps its report to itself.
+    w.report(running_report());
+    let (_, wout) = w.take();
+    assert!(
+        !wout
+            .iter()
+            .any(|o| matches!(o, WorkerOutput::ToController(Message::Notify(_)))),
+        "a pending worker sent its report: {wout:?}"
+    );
+    let before = records(&ctrl);
+    let hostile = vec![
+        Message::Notify(Notify {
+            machine: m.id(),
+            seq: 1,
+            report: running_report(),
+        }),
+        Message::PublicationAck { upto: 0 },
+        Message::PublicationAck { upto: 1 },
+        Message::NotifyAck { upto: 1 },
+        Message::Join(w.join()),
+    ];
+    for (k, msg) in hostile.into_iter().enumerate() {
+        let conn = 10 + k as u64;
+        ctrl.joined(conn, m.fingerprint, w.join(), T0_MS);
+        let (d, _) = ctrl.take();
+        assert!(d.is_empty(), "a pending machine's rejoin stored {d:?}");
+        let kind = msg.kind();
+        ctrl.frame(conn, msg, T0_MS);
+        let (d, out) = ctrl.take();
+        assert!(d.is_empty(), "{kind} from a pending machine stored {d:?}");
+        assert!(closes(&out, conn), "{kind} from a pending machine: {out:?}");
+        assert!(
+            sends_to(&out, conn).is_empty(),
+            "{kind}: answered with {out:?}"
+        );
+        assert_eq!(records(&ctrl), before, "{kind} changed the records");
+    }
+    assert_eq!(ctrl.unacked_len(), 0);
+}
+
+#[test]
+fn hostile_flood_of_unknown_joins_is_bounded() {
+    let (mut ctrl, _) = controller(100, true);
+    let seal = SealKey::generate().recipient();
+    let mut stored = CtrlDisk::default();
+    let mut refused = 0;
+    for n in 0..10_000u64 {
+        let conn = n + 1;
+        let fp = Fingerprint(*blake3::hash(&n.to_be_bytes()).as_bytes());
+        let join = Join {
+            protocol: outpost::wire::PROTOCOL_VERSION,
+            node_id: NodeId(0xf100d_0000_0000_0000_0000 | n as u128),
+            name: format!("flood-{n}"),
+            service: "voice".into(),
+            component: "proxy".into(),
+            load_balancer: Some("lb-1".into()),
+            service_addr: None,
+            relay_addr: None,
+            seal_key: seal.clone(),
+            // A proof of the wrong token is no proof.
+            token_proof: (n % 2 == 0).then(|| token_proof(b"guess", &fp)),
+            resume: 0,
+        };
+        ctrl.joined(conn, fp, join, T0_MS + n);
+        let (d, out) = ctrl.take();
+        stored.apply(&d);
+        assert!(d.publications.is_empty());
+        if n < 100 {
+            assert_eq!(d.machines.len(), 1, "join {n} is recorded as pending");
+            assert!(!closes(&out, conn));
+        } else {
+            assert!(d.is_empty(), "join {n} beyond the bound stored {d:?}");
+            assert!(closes(&out, conn), "join {n} beyond the bound: {out:?}");
+            assert!(!sends_to(&out, conn)
+                .iter()
+                .any(|m| matches!(m, Message::Admission(Admission::Admitted { .. }))),);
+            refused += 1;
+            ctrl.closed(conn, T0_MS + n);
+        }
+    }
+    assert_eq!(refused, 9_900);
+    assert_eq!(stored.machines.len(), 100);
+    assert!(stored
+        .machines
+        .values()
+        .all(|m| m.key_status == KeyStatus::Pending));
+    assert_eq!(ctrl.machines().count(), 100);
+    // A machine with the real token still gets in.
+    let m = Machine::new(1, "lb-1", "load-balancer", None, true);
+    let w = m.core();
+    ctrl.joined(20_000, m.fingerprint, w.join(), T0_MS + 20_000);
+    let (d, out) = ctrl.take();
+    stored.apply(&d);
+    assert!(
+        sends_to(&out, 20_000)
+            .iter()
+            .any(|m| matches!(m, Message::Admission(Admission::Admitted { .. }))),
+        "a machine with the token is refused after a flood: {out:?}"
+    );
+    assert_eq!(
+        stored
+            .machines
+            .values()
+            .filter(|m| m.key_status == KeyStatus::Pending)
+            .count(),
+        100
+    );
+}
+
+#[test]
+fn hostile_rejected_key_is_refused_on_every_later_attempt() {
+    let (mut ctrl, _) = controller(100, true);
+    let m = Machine::new(2, "dep-2", "routing", Some("lb-1"), false);
+    let w = m.core();
+    ctrl.joined(1, m.fingerprint, w.join(), T0_MS);
+    let _ = ctrl.take();
+    assert_eq!(ctrl.reject("dep-2", T0_MS), Ok(m.id()));
+    let (d, out) = ctrl.take();
+    assert_eq!(d.machines.len(), 1);
+    assert_eq!(d.machines[0].key_status, KeyStatus::Rejected);
+    assert!(closes(&out, 1));
+    ctrl.closed(1, T0_MS);
+    assert_eq!(ctrl.rejected_fingerprints(), vec![m.fingerprint]);
+    let before = records(&ctrl);
+    // Again, again with a valid token proof, and another certificate claiming the node id.
+    let mut with_token = w.join();
+    with_token.token_proof = Some(token_proof(TOKEN, &m.fingerprint));
+    let other_fp = Fingerprint([9; 32]);
+    let mut other = w.join();
+    other.token_proof = Some(token_proof(TOKEN, &other_fp));
+    for (conn, fp, join) in [
+        (2, m.fingerprint, w.join()),
+        (3, m.fingerprint, with_token),
+        (4, other_fp, other),
+    ] {
+        ctrl.joined(conn, fp, join, T0_MS + 10);
+        let (d, out) = ctrl.take();
+        assert!(d.is_empty(), "conn {conn}: stored {d:?}");
+        assert!(closes(&out, conn), "conn {conn}: {out:?}");
+        assert!(!sends_to(&out, conn)
+            .iter()
+            .any(|m| matches!(m, Message::Admission(Admission::Admitted { .. }))));
+        assert_eq!(records(&ctrl), before);
+        ctrl.closed(conn, T0_MS + 10);
+    }
+    // The worker learns it is refused.
+    let mut w = m.core();
+    let _ = w.from_controller(Message::Admission(Admission::Rejected {
+        reason: "rejected".into(),
+    }));
+    assert_eq!(w.standing(), Standing::Rejected);
+    assert_eq!(w.take().0, None);
+}
+
+/// Two admitted machines on connections 1 and 2.
+fn two_admitted() -> (ControllerCore, Machine, Machine) {
+    let (mut ctrl, _) = controller(100, true);
+    let a = Machine::new(3, "router-a", "call-router", None, true);
+    let b = Machine::new(4, "router-b", "call-router", None, true);
+    for (conn, m) in [(1, &a), (2, &b)] {
+        ctrl.joined(conn, m.fingerprint, m.core().join(), T0_MS);
+        let (_, out) = ctrl.take();
+        assert!(sends_to(&out, conn)
+            .iter()
+            .any(|m| matches!(m, Message::Admission(Admission::Admitted { .. }))));
+    }
+    (ctrl, a, b)
+}
+
+#[test]
+fn hostile_notify_for_another_machine_is_refused() {
+    let (mut ctrl, a, b) = two_admitted();
+    ctrl.frame(
+        2,
+        Message::Notify(Notify {
+            machine: b.id(),
+            seq: 1,
+            report: running_report(),
+        }),
+        T0_MS + 1,
+    );
+    let (d, out) = ctrl.take();
+    assert_eq!(d.machines.len(), 1, "b's own report is stored");
+    assert_eq!(sends_to(&out, 2), vec![&Message::NotifyAck { upto: 1 }]);
+    let b_before = ctrl.machines().find(|m| m.node_id == b.id()).cloned();
+    let a_before = ctrl.machines().find(|m| m.node_id == a.id()).cloned();
+    ctrl.frame(
+        1,
+        Message::Notify(Notify {
+            machine: b.id(),
+            seq: 2,
+            report: MachineReport {
+                state: "failed".into(),
+                software: None,
+                detail: Some("impersonated".into()),
+                deployment: None,
+            },
+        }),
+        T0_MS + 2,
+    );
+    let (d, out) = ctrl.take();
+    assert!(d.is_empty(), "an impersonated notify stored {d:?}");
+    assert!(closes(&out, 1));
+    assert!(sends_to(&out, 1).is_empty());
+    assert_eq!(
+        ctrl.machines().find(|m| m.node_id == b.id()).cloned(),
+        b_before
+    );
+    let a_after = ctrl.machines().find(|m| m.node_id == a.id()).cloned();
+    assert_eq!(
+        a_after.as_ref().map(|m| (m.report.clone(), m.notify_seq)),
+        a_before.as_ref().map(|m| (m.report.clone(), m.notify_seq))
+    );
+    // Acknowledging publications never sent, or sending what only the controller sends.
+    for (k, msg) in [
+        Message::PublicationAck { upto: 1 },
+        Message::NotifyAck { upto: 1 },
+        Message::Admission(Admission::Pending),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let conn = 10 + k as u64;
+        ctrl.joined(conn, a.fingerprint, a.core().join(), T0_MS + 3);
+        let _ = ctrl.take();
+        let before = records(&ctrl);
+        let kind = msg.kind();
+        ctrl.frame(conn, msg, T0_MS + 3);
+        let (d, out) = ctrl.take();
+        assert!(d.is_empty(), "{kind}: stored {d:?}");
+        assert!(closes(&out, conn), "{kind}: {out:?}");
+        assert_eq!(records(&ctrl), before, "{kind}");
+    }
+}
+
+/// A calm cluster (a load balancer, two dependents), settled: every dependent has its route
+/// and has applied at least one publication.
+fn settled_cluster() -> Sim {
+    let mut sim = Sim::with_plan(11, Rng(11), Plan::calm(2, false));
+    sim.heal(false);
+    sim.check_ok().unwrap();
+    sim.check_end().unwrap();
+    sim
+}
+
+fn dependent_parts(sim: &Sim, d: usize) -> (NodeId, ConnId, u64) {
+    let w = &sim.workers[d];
+    (
+        w.id(),
+        w.conn.expect("connected"),
+        w.core.as_ref().unwrap().record().applied,
+    )
+}
+
+#[test]
+fn hostile_replayed_publication_is_ignored_and_reacked() {
+    let mut sim = settled_cluster();
+    let d = 1;
+    let (id, _, applied) = dependent_parts(&sim, d);
+    assert!(applied >= 1);
+    let core = sim.workers[d].core.as_mut().unwrap();
+    let rec = core.record().clone();
+    for seq in 1..=applied {
+        let old = sim.published[&(id, seq)].clone();
+        core.from_controller(Message::Publication(old.clone()))
+            .unwrap_or_else(|e| panic!("replayed {seq}: {e}"));
+        let (r, out) = core.take();
+        assert_eq!(r, None, "a replay changed the record");
+        assert_eq!(core.record(), &rec);
+        assert!(
+            out.contains(&WorkerOutput::ToController(Message::PublicationAck {
+                upto: applied
+            })),
+            "a replay is acknowledged again: {out:?}"
+        );
+        assert!(!out.iter().any(|o| matches!(o, WorkerOutput::Apply(_))));
+        let _ = core.from_relay(old);
+        let (r, out) = core.take();
+        assert_eq!(r, None);
+        assert!(!out.iter().any(|o| matches!(o, WorkerOutput::Apply(_))));
+        assert_eq!(core.record(), &rec);
+    }
+    // The controller takes the repeated ack as nothing new.
+    let conn = sim.workers[d].conn.unwrap();
+    let now = sim.now;
+    let ctrl = sim.ctrl.core.as_mut().unwrap();
+    ctrl.frame(conn, Message::PublicationAck { upto: applied }, now);
+    let (dirty, out) = ctrl.take();
+    assert!(dirty.is_empty() && out.is_empty(), "{dirty:?} {out:?}");
+}
+
+/// The controller publishes to the dependent; returns the publication, checked to go out as
+/// a Relay on the load balancer's connection.
+fn publish_through_lb(sim: &mut Sim, d: usize) -> Publication {
+    let (id, _, _) = dependent_parts(sim, d);
+    let lb_conn = sim.workers[0].conn.expect("LB connected");
+    let now = sim.now;
+    let ctrl = sim.ctrl.core.as_mut().unwrap();
+    // A route goes directly; anything else through the load balancer.
+    ctrl.publish(id, &Body::Pool(Pool::default()), now);
+    let (dirty, out) = ctrl.take();
+    sim.ctrl.disk.apply(&dirty);
+    assert_eq!(dirty.publications.len(), 1);
+    let p = dirty.publications[0].clone();
+    sim.published.insert((p.machine, p.seq), p.clone());
+    let relayed: Vec<&Message> = sends_to(&out, lb_conn);
+    assert!(
+        relayed
+            .iter()
+            .any(|m| matches!(m, Message::Relay(r) if r.to == id && r.publication == p)),
+        "a dependent's publication goes through its load balancer: {out:?}"
+    );
+    p
+}
+
+#[test]
+fn hostile_lb_altering_a_relayed_publication_is_refused_and_the_direct_resend_delivers() {
+    let mut sim = settled_cluster();
+    let d = 1;
+    let (id, conn, applied) = dependent_parts(&sim, d);
+    let p = publish_through_lb(&mut sim, d);
+    assert_eq!(p.seq, applied + 1);
+    let mut altered = Vec::new();
+    for at in [0, p.sealed.len() / 2, p.sealed.len() - 1] {
+        let mut q = p.clone();
+        q.sealed[at] ^= 0x01;
+        altered.push(("sealed", q));
+    }
+    for at in [0, 31, 63] {
+        let mut q = p.clone();
+        q.signature[at] ^= 0x80;
+        altered.push(("signature", q));
+    }
+    let mut q = p.clone();
+    q.signature.truncate(63);
+    altered.push(("short signature", q));
+    for seq in [p.seq + 1, p.seq - 1, p.seq + 1000] {
+        let mut q = p.clone();
+        q.seq = seq;
+        altered.push(("seq", q));
+    }
+    let mut q = p.clone();
+    q.sealed.push(0);
+    altered.push(("sealed, longer", q));
+    let core = sim.workers[d].core.as_mut().unwrap();
+    let rec = core.record().clone();
+    for (what, q) in altered {
+        match core.from_relay(q) {
+            Err(WorkerRefusal::Hostile(_)) => {}
+            other => panic!("{what} altered: {other:?}"),
+        }
+        let (r, out) = core.take();
+        assert_eq!(r, None, "{what} altered changed the record");
+        assert!(
+            !out.iter().any(|o| matches!(o, WorkerOutput::Apply(_))),
+            "{what}: {out:?}"
+        );
+        assert_eq!(core.record(), &rec);
+    }
+    // The controller resends directly once it is overdue.
+    let later = sim.now + sim.ctrl.settings.resend_after_ms + 1;
+    let ctrl = sim.ctrl.core.as_mut().unwrap();
+    ctrl.tick(later);
+    let (_, out) = ctrl.take();
+    assert!(
+        sends_to(&out, conn).contains(&&Message::Publication(p.clone())),
+        "no direct resend: {out:?}"
+    );
+    let core = sim.workers[d].core.as_mut().unwrap();
+    core.from_controller(Message::Publication(p.clone()))
+        .unwrap();
+    let (r, out) = core.take();
+    assert_eq!(r.map(|r| r.applied), Some(p.seq));
+    assert!(
+        out.contains(&WorkerOutput::ToController(Message::PublicationAck {
+            upto: p.seq
+        }))
+    );
+    let ctrl = sim.ctrl.core.as_mut().unwrap();
+    ctrl.frame(conn, Message::PublicationAck { upto: p.seq }, later);
+    let (dirty, _) = ctrl.take();
+    assert_eq!(dirty.acked, vec![(id, p.seq)]);
+    assert_eq!(ctrl.unacked_len(), 0);
+}
+
+#[test]
+fn hostile_publication_for_another_machine_or_by_another_key_is_refused() {
+    let mut sim = settled_cluster();
+    let d = 1;
+    let (id, _, applied) = dependent_parts(&sim, d);
+    let other = sim.workers[2].id();
+    let other_recipient = sim.workers[2].recipient.clone();
+    let mine = sim.workers[d].recipient.clone();
+    let key = ControllerKey::from_secret(&sim.ctrl.key_secret).unwrap();
+    let forger = ControllerKey::from_secret(&[0xee; 32]).unwrap();
+    let body = Body::LoadBalancer(None).encode();
+    let next = applied + 1;
+    let mut cases = vec![
+        (
+            "sealed to another machine",
+            key.publication(id, next, &other_recipient, &body).unwrap(),
+        ),
+        (
+            "signed by another key",
+            forger.publication(id, next, &mine, &body).unwrap(),
+        ),
+        (
+            "another machine's channel",
+            key.publication(other, next, &other_recipient, &body)
+                .unwrap(),
+        ),
+        (
+            "another machine's channel, sealed to this one",
+            key.publication(other, next, &mine, &body).unwrap(),
+        ),
+        (
+            "not a body",
+            key.publication(id, next, &mine, b"\xff\xff not a body")
+                .unwrap(),
+        ),
+    ];
+    // Validly signed sealed bytes that are not age at all.
+    let sealed = b"not age".to_vec();
+    cases.push((
+        "signed garbage",
+        Publication {
+            machine: id,
+            seq: next,
+            signature: key.sign_digest(&publication_digest(id, next, &sealed)),
+            sealed,
+        },
+    ));
+    let core = sim.workers[d].core.as_mut().unwrap();
+    let rec = core.record().clone();
+    for (what, p) in cases {
+        for relayed in [false, true] {
+            let r = if relayed {
+                core.from_relay(p.clone())
+            } else {
+                core.from_controller(Message::Publication(p.clone()))
+            };
+            assert!(r.is_err(), "{what} (relayed {relayed}) accepted");
+            let (rec2, out) = core.take();
+            assert_eq!(rec2, None, "{what} (relayed {relayed}) changed the record");
+            assert!(!out.iter().any(|o| matches!(o, WorkerOutput::Apply(_))));
+            assert_eq!(core.record(), &rec);
+        }
+    }
+    // The real one still applies.
+    let p = key.publication(id, next, &mine, &body).unwrap();
+    core.from_controller(Message::Publication(p)).unwrap();
+    assert_eq!(core.record().applied, next);
+}
+
+/// A machine rejected while publications to it were unacknowledged, then accepted again,
+/// resumes its channel: what the controller publishes afterwards is applied.
+#[test]
+fn rejected_then_accepted_machine_resumes_its_channel() {
+    let mut sim = Sim::with_plan(13, Rng(13), Plan::calm(2, true));
+    sim.heal(false);
+    sim.check_ok().unwrap();
+    sim.check_end().unwrap();
+    let s = 3; // the worker without a load balancer
+    let id = sim.workers[s].id();
+    let applied = sim.workers[s].disk.applied;
+    // It is away while two publications wait for it.
+    sim.crash_worker(s, 1_000_000);
+    let now = sim.now;
+    for _ in 0..2 {
+        sim.ctrl
+            .core
+            .as_mut()
+            .unwrap()
+            .publish(id, &Body::Pool(Pool::default()), now);
+    }
+    sim.ctrl_flush();
+    sim.ctrl
+        .core
+        .as_mut()
+        .unwrap()
+        .reject(&id.to_string(), now)
+        .unwrap();
+    sim.ctrl_flush();
+    sim.ctrl
+        .core
+        .as_mut()
+        .unwrap()
+        .accept(&id.to_string(), now)
+        .unwrap();
+    sim.ctrl_flush();
+    // Back, with more published since.
+    sim.workers[s].restart_at = sim.now;
+    sim.ctrl
+        .core
+        .as_mut()
+        .unwrap()
+        .publish(id, &Body::Pool(Pool::default()), now);
+    sim.ctrl_flush();
+    let until = sim.now + 20_000;
+    while sim.now < until {
+        sim.step();
+    }
+    sim.check_ok().unwrap();
+    let m = sim.ctrl_record(id).unwrap().clone();
+    let got = sim.workers[s].core.as_ref().unwrap().record().applied;
+    assert!(
+        got == m.pub_seq,
+        "applied {got} (was {applied} before the reject), published {}, acked {}",
+        m.pub_seq,
+        m.pub_acked
+    );
+}

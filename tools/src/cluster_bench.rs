@@ -1,0 +1,393 @@
+//! `outpost-cluster-bench`: what one controller sustains. A real `outpost` controller process;
+//! this process simulates its workers (one load balancer and N-1 dependents behind it), each with
+//! its own key, QUIC endpoint and connection, and a real worker state machine that verifies and
+//! opens every publication. Measures:
+//!
+//! - joins: all workers connected and admitted (join token), and how long that took;
+//! - broadcast: a change that gives every dependent new state in one commit (the load balancer
+//!   comes back at a new relay address, so every dependent gets a new route), from the change to
+//!   the last dependent having applied it;
+//! - pool latency: a dependent reports `failed` (then `running`), until the load balancer has
+//!   applied its new pool;
+//! - the controller's resident memory and CPU.
+//!
+//! Everything runs on this machine's cores together; the figures include that contention.
+
+#[path = "procstat.rs"]
+#[allow(dead_code)]
+mod procstat;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use outpost::cluster::keys::{token_proof, SealKey};
+use outpost::cluster::worker::core::{Effect, JoinInfo, WorkerCore, WorkerOutput, WorkerRecord};
+use outpost::ids::{Fingerprint, NodeId};
+use outpost::net::{self, Identity, PinSet, TransportLimits};
+use outpost::testkit::{outpost_binary_near_current_exe, Cluster, NodeInfo};
+use outpost::wire::{read_frame, write_frame, MachineReport, Message};
+use tokio::sync::{mpsc, Mutex};
+
+const TOKEN: &str = "bench-join-token";
+const TARGET_BROADCAST_MS: f64 = 1000.0;
+const TARGET_POOL_MS: f64 = 100.0;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "outpost-cluster-bench",
+    about = "What one outpost controller sustains"
+)]
+struct Args {
+    /// Simulated workers (one load balancer, the rest its dependents).
+    #[arg(long, default_value_t = 1000)]
+    workers: usize,
+    /// Pool-latency rounds (each: a dependent fails, then recovers).
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Workers joining at once.
+    #[arg(long, default_value_t = 100)]
+    wave: usize,
+    /// The controller's `[log] level`.
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+}
+
+/// What a simulated worker saw, with when.
+#[derive(Debug)]
+enum Seen {
+    Admitted,
+    Route(Instant, String),
+    Pool(usize, Instant, Vec<String>),
+}
+
+struct Sim {
+    i: usize,
+    core: WorkerCore,
+    send: quinn::SendStream,
+}
+
+impl Sim {
+    async fn perform(&mut self, seen: &mpsc::UnboundedSender<Seen>) -> anyhow::Result<()> {
+        // The bench keeps no database: applied state is "committed" at once.
+        let (_rec, outs) = self.core.take();
+        for o in outs {
+            match o {
+                WorkerOutput::ToController(m) => write_frame(&mut self.send, &m).await?,
+                WorkerOutput::Apply(Effect::Route(r)) => {
+                    let addr = r.map(|r| r.addr).unwrap_or_default();
+                    let _ = seen.send(Seen::Route(Instant::now(), addr));
+                }
+                WorkerOutput::Apply(Effect::Pool(p)) => {
+                    let names = p.members.into_iter().map(|m| m.name).collect();
+                    let _ = seen.send(Seen::Pool(self.i, Instant::now(), names));
+                }
+                // The bench deploys nothing.
+                WorkerOutput::Apply(Effect::Deploy(_)) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Worker {
+    name: String,
+    id: Identity,
+    node_id: NodeId,
+    seal_secret: Vec<u8>,
+    ep: quinn::Endpoint,
+}
+
+type Shared = Arc<Mutex<Sim>>;
+
+/// Connects worker `i`, joins, and runs its reader until the connection ends.
+async fn run_worker(
+    w: &Worker,
+    i: usize,
+    ctl: std::net::SocketAddr,
+    relay_addr: Option<String>,
+    record: WorkerRecord,
+    seen: mpsc::UnboundedSender<Seen>,
+) -> anyhow::Result<Shared> {
+    let (conn, _) = net::connect(&w.ep, ctl).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let lb = i != 0;
+    let info = JoinInfo {
+        node_id: w.node_id,
+        name: w.name.clone(),
+        service: "voice".into(),
+        component: if lb {
+            "media-processor"
+        } else {
+            "load-balancer"
+        }
+        .into(),
+        load_balancer: lb.then(|| "lb-0".to_owned()),
+        service_addr: Some(format!("127.0.0.1:{}", 20000 + i)),
+        relay_addr,
+        token_proof: Some(token_proof(TOKEN.as_bytes(), &w.id.fingerprint)),
+    };
+    let seal = SealKey::from_secret(&w.seal_secret)?;
+    let core = WorkerCore::open(info, seal, record)?;
+    write_frame(&mut send, &Message::Join(core.join())).await?;
+    let sim = Arc::new(Mutex::new(Sim { i, core, send }));
+    let reader = sim.clone();
+    tokio::spawn(async move {
+        let mut admitted = false;
+        while let Ok(Some(msg)) = read_frame(&mut recv, 1 << 20).await {
+            let mut s = reader.lock().await;
+            if let Err(e) = s.core.from_controller(msg) {
+                eprintln!("worker {i}: {e}");
+                return;
+            }
+            if !admitted && s.core.standing() == outpost::cluster::worker::core::Standing::Admitted
+            {
+                admitted = true;
+                let _ = seen.send(Seen::Admitted);
+            }
+            if let Err(e) = s.perform(&seen).await {
+                eprintln!("worker {i}: {e}");
+                return;
+            }
+        }
+        drop(conn);
+    });
+    Ok(sim)
+}
+
+fn controller_config(all: &[NodeInfo], token_file: &Path, log_level: &str) -> String {
+    let me = &all[0];
+    format!(
+        "role = \"controller\"\nname = \"controller\"\ndata_dir = {:?}\nlisten = \"{}\"\napi = \"{}\"\n\
+         [log]\nlevel = \"{log_level}\"\n[admission]\njoin_token_file = {:?}\n\
+         [cluster]\ndown_after = \"60s\"\npending_max = 16\n",
+        me.data_dir.to_string_lossy(),
+        me.listen,
+        me.api_addr,
+        token_file.to_string_lossy(),
+    )
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let k = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[k]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.workers < 2 {
+        bail!("--workers must be at least 2 (a load balancer and a dependent)");
+    }
+    let bin = outpost_binary_near_current_exe()?;
+    let token_file: PathBuf =
+        std::env::temp_dir().join(format!("outpost-cluster-bench-{}", std::process::id()));
+    std::fs::write(&token_file, TOKEN)?;
+    let tf = token_file.clone();
+    let level = args.log_level.clone();
+    let configure = move |all: &[NodeInfo], _i: usize| controller_config(all, &tf, &level);
+    let nodes = vec![("controller".to_owned(), "controller".to_owned())];
+    let cluster = Cluster::start_nodes(&bin, "cluster-bench", &nodes, &configure).await?;
+    cluster.wait_ready(0).await?;
+    let ctl_info = cluster.node(0).clone();
+    let ctl_fp: Fingerprint = ctl_info.fingerprint.parse()?;
+    let pid = cluster.pid(0).context("controller pid")?;
+    let idle_rss = procstat::rss_kib(pid).unwrap_or(0);
+    let cpu0 = procstat::process_cpu_secs(pid).unwrap_or(0.0);
+
+    println!(
+        "outpost-cluster-bench: {} simulated workers against one controller",
+        args.workers
+    );
+    let t = Instant::now();
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        let name = if i == 0 {
+            "lb-0".to_owned()
+        } else {
+            format!("w-{i}")
+        };
+        let node_id = NodeId::random();
+        let id = Identity::generate(node_id, &name)?;
+        let ep = net::endpoint(
+            "127.0.0.1:0".parse()?,
+            &id,
+            PinSet::new([ctl_fp]),
+            TransportLimits::default(),
+        )?;
+        workers.push(Worker {
+            name,
+            id,
+            node_id,
+            seal_secret: SealKey::generate().secret_bytes(),
+            ep,
+        });
+    }
+    println!(
+        "  {} identities and endpoints in {:.1?}",
+        args.workers,
+        t.elapsed()
+    );
+
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    let mut sims: BTreeMap<usize, Shared> = BTreeMap::new();
+    // Joins, in waves.
+    let t_join = Instant::now();
+    let mut admitted = 0usize;
+    let lb_relay_1 = "127.0.0.1:40001".to_owned();
+    for chunk in (0..args.workers).collect::<Vec<_>>().chunks(args.wave) {
+        let mut tasks = Vec::new();
+        for &i in chunk {
+            let w = &workers[i];
+            let relay = (i == 0).then(|| lb_relay_1.clone());
+            tasks.push(run_worker(
+                w,
+                i,
+                ctl_info.listen,
+                relay,
+                WorkerRecord::default(),
+                seen_tx.clone(),
+            ));
+        }
+        // Started together, so the handshakes of a wave overlap.
+        for (k, r) in futures_util::future::join_all(tasks)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            sims.insert(chunk[k], r?);
+        }
+    }
+    // Every worker admitted, and every dependent holding its route.
+    let mut routed = 0usize;
+    while admitted < args.workers || routed < args.workers - 1 {
+        match tokio::time::timeout(Duration::from_secs(120), seen_rx.recv()).await {
+            Ok(Some(Seen::Admitted)) => admitted += 1,
+            Ok(Some(Seen::Route(..))) => routed += 1,
+            Ok(Some(Seen::Pool(..))) => {}
+            _ => bail!("joins stalled: {admitted} admitted, {routed} routed"),
+        }
+    }
+    let join_secs = t_join.elapsed().as_secs_f64();
+    println!(
+        "  joins: {} workers admitted (join token) and routed in {:.2} s ({:.0} joins/s)",
+        args.workers,
+        join_secs,
+        args.workers as f64 / join_secs
+    );
+    let rss_joined = procstat::rss_kib(pid).unwrap_or(0);
+
+    // Let pools settle.
+    drain(&mut seen_rx, Duration::from_millis(500)).await;
+
+    // Broadcast: the load balancer comes back at a new relay address.
+    let lb_relay_2 = "127.0.0.1:40002".to_owned();
+    let t_b = Instant::now();
+    // It comes back with what it had applied (its database), at a new address.
+    let lb_record = sims[&0].lock().await.core.record().clone();
+    let lb_sim = run_worker(
+        &workers[0],
+        0,
+        ctl_info.listen,
+        Some(lb_relay_2.clone()),
+        lb_record,
+        seen_tx.clone(),
+    )
+    .await?;
+    sims.insert(0, lb_sim);
+    let mut got = 0usize;
+    let mut last = t_b;
+    while got < args.workers - 1 {
+        match tokio::time::timeout(Duration::from_secs(60), seen_rx.recv()).await {
+            Ok(Some(Seen::Route(at, addr))) if addr == lb_relay_2 => {
+                got += 1;
+                last = at;
+            }
+            Ok(Some(_)) => {}
+            _ => bail!(
+                "broadcast stalled: {got} of {} dependents",
+                args.workers - 1
+            ),
+        }
+    }
+    let broadcast_ms = last.duration_since(t_b).as_secs_f64() * 1000.0;
+    println!(
+        "  broadcast: new state for {} dependents, applied by all in {:.0} ms (target <= {TARGET_BROADCAST_MS:.0} ms: {})",
+        args.workers - 1,
+        broadcast_ms,
+        if broadcast_ms <= TARGET_BROADCAST_MS { "met" } else { "missed" }
+    );
+    drain(&mut seen_rx, Duration::from_millis(500)).await;
+
+    // Pool latency: a dependent fails, then recovers.
+    let mut lat = Vec::new();
+    for r in 0..args.rounds {
+        let i = 1 + (r * 7919) % (args.workers - 1);
+        let name = workers[i].name.clone();
+        for (state, present) in [("failed", false), ("running", true)] {
+            let t0 = Instant::now();
+            {
+                let mut s = sims[&i].lock().await;
+                s.core.report(MachineReport {
+                    state: state.into(),
+                    software: None,
+                    detail: None,
+                    deployment: None,
+                });
+                s.perform(&seen_tx).await?;
+            }
+            loop {
+                match tokio::time::timeout(Duration::from_secs(30), seen_rx.recv()).await {
+                    Ok(Some(Seen::Pool(0, at, names))) if names.contains(&name) == present => {
+                        lat.push(at.duration_since(t0).as_secs_f64() * 1000.0);
+                        break;
+                    }
+                    Ok(Some(_)) => {}
+                    _ => bail!("pool update for {name} ({state}) never reached the load balancer"),
+                }
+            }
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    let p50 = percentile(&lat, 0.5);
+    let p99 = percentile(&lat, 0.99);
+    println!(
+        "  pool latency ({} changes): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (target <= {TARGET_POOL_MS:.0} ms: {})",
+        lat.len(),
+        p50,
+        p99,
+        lat.last().copied().unwrap_or(f64::NAN),
+        if p99 <= TARGET_POOL_MS { "met" } else { "missed" }
+    );
+    let rss_end = procstat::rss_kib(pid).unwrap_or(0);
+    let cpu = procstat::process_cpu_secs(pid).unwrap_or(0.0) - cpu0;
+    println!(
+        "  controller: RSS idle {} MiB, with {} workers {} MiB, at the end {} MiB; CPU {:.1} s",
+        idle_rss / 1024,
+        args.workers,
+        rss_joined / 1024,
+        rss_end / 1024,
+        cpu
+    );
+    let machines: serde_json::Value = cluster.api(0).get_json("/v1/machines").await?;
+    let n = machines
+        .as_array()
+        .or_else(|| machines.get("machines").and_then(|m| m.as_array()))
+        .map(|a| a.len())
+        .unwrap_or(0);
+    println!("  the controller lists {n} machines");
+    drop(sims);
+    let _ = std::fs::remove_file(&token_file);
+    cluster.finish().await?;
+    Ok(())
+}
+
+async fn drain(rx: &mut mpsc::UnboundedReceiver<Seen>, quiet: Duration) {
+    while let Ok(Some(_)) = tokio::time::timeout(quiet, rx.recv()).await {}
+}
