@@ -252,6 +252,104 @@ impl Fleet {
     }
 }
 
+/// The sample bundles of `fixtures/bundles/`, built into the binary so that the demo runs from
+/// any directory.
+const SAMPLES: [(&str, &str, &str); 2] = [
+    (
+        "voice",
+        include_str!("../../fixtures/bundles/voice/outpost-bundle.toml"),
+        include_str!("../../fixtures/bundles/voice/bin/start"),
+    ),
+    (
+        "messaging",
+        include_str!("../../fixtures/bundles/messaging/outpost-bundle.toml"),
+        include_str!("../../fixtures/bundles/messaging/bin/start"),
+    ),
+];
+
+/// Writes sample `service`'s source under `dir` and packs it; returns the bundle file.
+fn sample_bundle(dir: &Path, service: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let (_, manifest, start) = SAMPLES
+        .iter()
+        .find(|(s, ..)| *s == service)
+        .context("no such sample")?;
+    let src = dir.join(format!("{service}-src"));
+    std::fs::create_dir_all(src.join("bin"))?;
+    std::fs::write(src.join(crate::bundle::MANIFEST_FILE), manifest)?;
+    let script = src.join("bin/start");
+    std::fs::write(&script, start)?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    let out = dir.join(format!("{service}.bundle"));
+    crate::bundle::pack(&src, &out)?;
+    Ok(out)
+}
+
+/// One machine's part of a deployment: name, status, reason.
+type Outcome = (String, String, String);
+
+impl Fleet {
+    /// Uploads `bundle` and deploys it to every worker; waits until every one has a final
+    /// status and returns the bundle id and each machine's outcome.
+    async fn deploy(&self, service: &str, bundle: &Path) -> anyhow::Result<(String, Vec<Outcome>)> {
+        let bytes = tokio::fs::read(bundle).await?;
+        let resp = self
+            .http
+            .post(format!("{}/v1/bundles", self.ctl.api))
+            .bearer_auth(&self.ctl.token)
+            .body(bytes)
+            .send()
+            .await?;
+        let status = resp.status();
+        let up: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("uploading {}: {status}: {}", bundle.display(), up["error"]);
+        }
+        let bundle_id = up["bundle_id"].as_str().unwrap_or_default().to_owned();
+        let resp = self
+            .http
+            .post(format!("{}/v1/deployments", self.ctl.api))
+            .bearer_auth(&self.ctl.token)
+            .json(&serde_json::json!({"service": service, "bundle_id": bundle_id}))
+            .send()
+            .await?;
+        let status = resp.status();
+        let created: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("deploying {service}: {status}: {}", created["error"]);
+        }
+        let id = created["deployment_id"].to_string();
+        self.until(&format!("deployment {id} to finish"), async |f: &Fleet| {
+            let d = f.get(&format!("/v1/deployments/{id}")).await?;
+            let list = d["machines"].as_array().cloned().unwrap_or_default();
+            let done = !list.is_empty()
+                && list.iter().all(|m| {
+                    matches!(
+                        m["status"].as_str(),
+                        Some("running" | "rolled_back" | "failed")
+                    )
+                });
+            Ok(done.then_some(()))
+        })
+        .await?;
+        let d = self.get(&format!("/v1/deployments/{id}")).await?;
+        let list = d["machines"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap_or("?").to_owned(),
+                    m["status"].as_str().unwrap_or("?").to_owned(),
+                    m["reason"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        Ok((bundle_id, list))
+    }
+}
+
 /// The cluster demo; returns whether every step did what it should.
 pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
     if workers < 3 {
@@ -310,9 +408,30 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         names[victim], took
     );
 
-    // 3. What the controller knows.
+    // 3. Software: voice everywhere, then messaging replaces it.
+    let mut deployed_ok = true;
+    for (step, service) in [(9, "voice"), (10, "messaging")] {
+        let bundle = sample_bundle(dir, service)?;
+        let t = Instant::now();
+        let (bundle_id, list) = fleet.deploy(service, &bundle).await?;
+        let running = list.iter().filter(|(_, s, _)| s == "running").count();
+        deployed_ok &= running == list.len();
+        println!(
+            "{step}. {service} bundle {} deployed, sealed to each worker's key: {running} of {} running after {:.1?}{}",
+            &bundle_id[..12.min(bundle_id.len())],
+            list.len(),
+            t.elapsed(),
+            if step == 10 { " (voice stopped on each)" } else { "" }
+        );
+        for (name, status, reason) in list.iter().filter(|(_, s, _)| s != "running") {
+            println!("    {name}: {status} {reason}");
+        }
+    }
+
+    // 4. What the controller knows.
+
     let machines = fleet.get("/v1/machines").await?;
-    println!("\n  MACHINE    STATUS COMPONENT        LB     POOL");
+    println!("\n  MACHINE    STATUS COMPONENT        LB     SOFTWARE          POOL");
     for m in machines.as_array().cloned().unwrap_or_default() {
         let pool = m["pool"]["members"]
             .as_array()
@@ -324,12 +443,21 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
                     .join(",")
             })
             .unwrap_or_default();
+        let software = match m["software"].as_object() {
+            Some(sw) => format!(
+                "{} {}",
+                sw.get("service").and_then(Value::as_str).unwrap_or("?"),
+                sw.get("version").and_then(Value::as_str).unwrap_or("?")
+            ),
+            None => "-".to_owned(),
+        };
         println!(
-            "  {:<10} {:<6} {:<16} {:<6} {}",
+            "  {:<10} {:<6} {:<16} {:<6} {:<17} {}",
             m["name"].as_str().unwrap_or("?"),
             m["status"].as_str().unwrap_or("?"),
             m["component"].as_str().unwrap_or("?"),
             m["load_balancer"].as_str().unwrap_or("-"),
+            software,
             pool
         );
     }
@@ -337,6 +465,7 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         .as_array()
         .is_some_and(|a| a.len() == workers && a.iter().all(|m| m["status"] == "up"));
     let ok = all_up
+        && deployed_ok
         && fleet.pool() == {
             let mut d = dependents.clone();
             d.sort();
@@ -346,7 +475,7 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         "\n{}",
         if ok {
             format!(
-                "cluster: all {workers} workers admitted and up; lb-1's pool lists every dependent"
+                "cluster: all {workers} workers admitted, up and running messaging; lb-1's pool lists every dependent"
             )
         } else {
             "cluster: NOT as expected (see above)".to_owned()

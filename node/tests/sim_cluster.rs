@@ -156,7 +156,7 @@ enum ToCtrl {
 }
 
 enum ToWorker {
-    Frame(Message),
+    Frame(Box<Message>),
     Close,
 }
 
@@ -639,7 +639,8 @@ impl Sim {
                 let lat = self.latency();
                 let c = self.conns.get_mut(&conn).expect("exists");
                 c.due_worker = c.due_worker.max(self.now + lat);
-                c.to_worker.push_back((c.due_worker, ToWorker::Frame(msg)));
+                c.to_worker
+                    .push_back((c.due_worker, ToWorker::Frame(Box::new(msg))));
             }
             Output::Close { conn, .. } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
@@ -693,10 +694,10 @@ impl Sim {
                     ));
                 }
             }
-            Message::Admission(Admission::Admitted { .. }) | Message::NotifyAck { .. } => {
-                if !self.admitted_in_ctrl(id) {
-                    self.fail(format!("{msg:?} sent to {name}, not admitted"));
-                }
+            Message::Admission(Admission::Admitted { .. }) | Message::NotifyAck { .. }
+                if !self.admitted_in_ctrl(id) =>
+            {
+                self.fail(format!("{msg:?} sent to {name}, not admitted"));
             }
             _ => {}
         }
@@ -979,8 +980,14 @@ impl Sim {
                     self.workers[i].reconnect_at = self.now + delay;
                 }
             }
-            ToWorker::Frame(Message::Relay(r)) => self.forward(i, r.to, r.publication),
+            ToWorker::Frame(msg) if matches!(*msg, Message::Relay(_)) => {
+                let Message::Relay(r) = *msg else {
+                    unreachable!()
+                };
+                self.forward(i, r.to, r.publication)
+            }
             ToWorker::Frame(msg) => {
+                let msg = *msg;
                 let core = self.workers[i].core.as_mut().expect("running");
                 let before = core.record().clone();
                 let r = core.from_controller(msg.clone());
@@ -1138,10 +1145,7 @@ impl Sim {
         // Deliveries, connection by connection, in order.
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in ids {
-            loop {
-                let Some(c) = self.conns.get_mut(&conn) else {
-                    break;
-                };
+            while let Some(c) = self.conns.get_mut(&conn) {
                 if !c.ctrl_open || self.ctrl.core.is_none() {
                     break;
                 }
@@ -1152,10 +1156,7 @@ impl Sim {
                 let (_, item) = c.to_ctrl.pop_front().expect("front");
                 self.deliver_to_ctrl(conn, item);
             }
-            loop {
-                let Some(c) = self.conns.get_mut(&conn) else {
-                    break;
-                };
+            while let Some(c) = self.conns.get_mut(&conn) {
                 let w = c.worker;
                 if self.workers[w].core.is_none() || self.workers[w].frozen_until > now {
                     break;
@@ -1961,7 +1962,7 @@ fn hostile_flood_of_unknown_joins_is_bounded() {
         let fp = Fingerprint(*blake3::hash(&n.to_be_bytes()).as_bytes());
         let join = Join {
             protocol: outpost::wire::PROTOCOL_VERSION,
-            node_id: NodeId(0xf100d_0000_0000_0000_0000 | n as u128),
+            node_id: NodeId(0x000f_100d_0000_0000_0000_0000 | n as u128),
             name: format!("flood-{n}"),
             service: "voice".into(),
             component: "proxy".into(),

@@ -1,6 +1,6 @@
 //! `outpost-deploy-bench`: delivery rate of a large bundle, from upload to installed and running,
 //! to one worker and to three. Real processes (a controller and its workers, started by the
-//! testkit's `Fleet`) on this machine; `outpost deploy --wait` does the upload and follows the
+//! testkit's `Fleet`) on this machine; `outpost deploy` does the upload; the bench then follows the
 //! deployment. Also samples every process's resident memory during the delivery.
 
 #[path = "procstat.rs"]
@@ -127,21 +127,13 @@ async fn run(bin: &Path, bundle: &Path, bytes: u64, n: usize) -> anyhow::Result<
         .collect();
     let ctl = f.cluster.node(0).clone();
     let mut cmd = tokio::process::Command::new(bin);
-    cmd.args([
-        "deploy",
-        "--service",
-        "voice",
-        "--wait",
-        "--timeout",
-        "20m",
-        "--bundle",
-    ])
-    .arg(bundle)
-    .arg("--api")
-    .arg(format!("http://{}", ctl.api_addr))
-    .env("OUTPOST_TOKEN", &ctl.token)
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped());
+    cmd.args(["deploy", "--service", "voice", "--bundle"])
+        .arg(bundle)
+        .arg("--api")
+        .arg(format!("http://{}", ctl.api_addr))
+        .env("OUTPOST_TOKEN", &ctl.token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let started = Instant::now();
     let child = cmd.spawn()?;
     let peaks = std::sync::Arc::new(std::sync::Mutex::new(vec![0u64; pids.len()]));
@@ -160,25 +152,63 @@ async fn run(bin: &Path, bundle: &Path, bytes: u64, n: usize) -> anyhow::Result<
         })
     };
     let out = child.wait_with_output().await?;
-    let secs = started.elapsed().as_secs_f64();
-    sampling.abort();
+    let uploaded = started.elapsed().as_secs_f64();
     if !out.status.success() {
+        sampling.abort();
         bail!(
             "deploy failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("deployment ")?.strip_suffix(" created"))
+        .context("no deployment id printed")?
+        .to_owned();
+    // Follows the deployment closely: when every machine has installed it (reported
+    // `installed`, or already further), and when every one runs it.
+    let api = f.controller();
+    let (mut installed, mut running) = (None, None);
+    while running.is_none() {
+        let d: serde_json::Value = api.get_json(&format!("/v1/deployments/{id}")).await?;
+        let st: Vec<String> = d["machines"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|m| m["status"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if st.iter().any(|s| s == "failed" || s == "rolled_back") {
+            bail!("deployment {id} failed: {d}");
+        }
+        let t = started.elapsed().as_secs_f64();
+        let all = |ok: &[&str]| st.len() == n && st.iter().all(|s| ok.contains(&s.as_str()));
+        if installed.is_none() && all(&["installed", "running"]) {
+            installed = Some(t);
+        }
+        if all(&["running"]) {
+            running = Some(t);
+        }
+        if started.elapsed() > Duration::from_secs(1200) {
+            bail!("deployment {id} not done: {d}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sampling.abort();
+    let (installed, secs) = (installed.unwrap_or(f64::NAN), running.unwrap_or(f64::NAN));
     let mb = bytes as f64 / 1e6;
     let peaks = peaks.lock().unwrap().clone();
     println!(
-        "  {n} worker(s): {mb:.0} MB uploaded, sealed, delivered, installed and running everywhere in {secs:.2} s = {:.0} MB/s per worker, {:.0} MB/s in all{}",
-        mb / secs,
-        mb * n as f64 / secs,
+        "  {n} worker(s): {mb:.0} MB; upload {uploaded:.2} s; installed everywhere at {installed:.2} s = {:.0} MB/s per worker ({:.0} MB/s in all){}; running (after its 1 s health check) at {secs:.2} s",
+        mb / installed,
+        mb * n as f64 / installed,
         if n == 1 {
             format!(
-                " (target >= {TARGET_ONE_MBPS:.0} MB/s: {})",
-                if mb / secs >= TARGET_ONE_MBPS { "met" } else { "missed" }
+                ", target >= {TARGET_ONE_MBPS:.0} MB/s upload to installed: {}",
+                if mb / installed >= TARGET_ONE_MBPS { "met" } else { "missed" }
             )
         } else {
             String::new()

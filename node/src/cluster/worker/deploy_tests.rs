@@ -577,11 +577,25 @@ async fn sealed_software_tampered_is_refused_with_nothing_run_or_installed() {
         assert_eq!(r.state, "running", "{what}");
         assert_eq!(r.software, Some(voice.software()), "{what}");
     }
+    // A bundle the controller does not have: refused a few times, then the deployment fails.
+    let sealed = seal_to(&wc.join.seal_key, &messaging.bytes).unwrap();
+    publish(&mut wc, key, 6, &order(6, &messaging, &sealed)).await;
+    let rs = deployment_reports(&mut wc, 6).await;
+    let last = rs.last().unwrap();
+    assert_eq!(last.state, "failed", "{rs:?}");
+    let detail = last.detail.as_deref().unwrap();
+    assert!(
+        detail.contains("refused 5 times") && detail.contains("no deployment 6"),
+        "{detail}"
+    );
+    assert_eq!(server.requests().len(), 1 + 4 + 5);
+    assert_eq!(listing(&dir), before);
+
     assert_eq!(sample_state(&dir, &voice.id), state_before);
     assert!(!dir.join("escaped").exists() && !dir.join("software/escaped").exists());
     assert_eq!(
         metric(&w, "outpost_worker_deployments_failed_total").await,
-        4
+        5
     );
     let s = status(&w).await;
     assert_eq!(s["software"]["last_deployment"]["state"], "failed", "{s}");
@@ -787,6 +801,9 @@ fn incoming_files_are_named_by_deployment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check"]
 async fn sealed_software_delivery_rate() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("outpost=info")
+        .try_init();
     let mib: usize = std::env::var("OUTPOST_BENCH_BUNDLE_MIB")
         .ok()
         .and_then(|v| v.parse().ok())

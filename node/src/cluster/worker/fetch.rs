@@ -6,9 +6,11 @@
 //! is a dependent and that link is up, else on the connection to the controller), sends a
 //! `BundleRequest` from the file's current length, checks the `BundleHeader` (the total the
 //! order names, the offset asked for) and appends the raw bytes that follow. A broken stream or
-//! connection is retried with backoff from wherever the file then ends; the controller's refusals
-//! (a `Goodbye`, a header that does not match) are retried a few times, then fail the
-//! deployment. The bytes go to disk on a blocking thread fed through a bounded queue, fsynced
+//! connection is retried with backoff from wherever the file then ends, and so is a `Goodbye`
+//! saying the other side is busy (`close::OVERLOADED`) or, from a load balancer, not connected
+//! (`close::SHUTDOWN`; the next attempt goes to the controller directly); other refusals (no
+//! such bundle, not this machine's, a header that does not match the order) are retried a few
+//! times, then fail the deployment. The bytes go to disk on a blocking thread fed through a bounded queue, fsynced
 //! every [`SYNC_EVERY_BYTES`] and at the end of each attempt, and hashed as they are written, so
 //! the complete file needs no second read before its blake3 is compared with the order's
 //! `sealed_hash`. A mismatch deletes the file: nothing altered is ever decrypted.
@@ -29,6 +31,7 @@ use super::controller_link::jittered;
 use super::core::Standing;
 use super::WorkerShared;
 use crate::cluster::body::DeployOrder;
+use crate::net::close;
 use crate::wire::{read_frame, write_frame, BundleRequest, FrameError, Message};
 
 /// A test hook for the process tests, never for production: with this variable set to N
@@ -54,9 +57,9 @@ const READ_IDLE: Duration = Duration::from_secs(60);
 const FLUSH_IDLE: Duration = Duration::from_millis(50);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
-/// Consecutive refusals (a Goodbye, a header that does not match the order) before the
-/// deployment fails; a broken connection is retried without limit.
-const REFUSALS_MAX: u32 = 8;
+/// Consecutive refusals (a Goodbye other than "busy", a header that does not match the order)
+/// before the deployment fails; a broken connection is retried without limit.
+const REFUSALS_MAX: u32 = 5;
 
 /// `DATA_DIR/bundles/incoming/<deployment>.age`.
 pub(crate) fn incoming_path(incoming_dir: &Path, deployment: u64) -> PathBuf {
@@ -105,9 +108,11 @@ pub(crate) async fn fetch(
     let mut refusals = 0u32;
     let mut prefer_lb = true;
     let mut last_error = String::new();
+    let mut resumed_at = 0;
     while len < limit {
-        if len > 0 {
+        if len > 0 && len != resumed_at {
             tracing::info!("resuming the fetch of deployment {d} at byte {len}");
+            resumed_at = len;
         }
         let before = len;
         let (via_lb, end) = attempt(
@@ -169,8 +174,8 @@ pub(crate) async fn fetch(
         let p = path.clone();
         let _ = blocking(move || std::fs::remove_file(p)).await;
         return Err(format!(
-            "the sealed bundle was altered: its {total} bytes hash to {}, the controller signed {}; \
-             deleted without opening it",
+            "the sealed bundle was altered: its {total} bytes hash to {}, the controller \
+             signed {}; deleted without opening it",
             digest.to_hex(),
             blake3::Hash::from(order.sealed_hash).to_hex()
         ));
@@ -278,10 +283,14 @@ async fn attempt(
     let header = match tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv, max)).await {
         Ok(Ok(Some(Message::BundleHeader(h)))) => h,
         Ok(Ok(Some(Message::Goodbye(g)))) => {
-            return (
-                via_lb,
-                Some(End::Refused(format!("{via} refused: {}", g.reason))),
-            )
+            let why = format!("{via} refused: {}", g.reason);
+            // Busy, or (a load balancer) without its own link to the controller: not a no.
+            let end = if g.code == close::OVERLOADED || g.code == close::SHUTDOWN {
+                End::Broken(why)
+            } else {
+                End::Refused(why)
+            };
+            return (via_lb, Some(end));
         }
         Ok(Ok(Some(m))) => {
             return (
