@@ -85,21 +85,29 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
-    let ok = req
-        .headers()
+    if let Err(e) = crate::api::check_bearer(req.headers(), &s.token) {
+        s.metrics.api_refused.fetch_add(1, Ordering::Relaxed);
+        return e.into_response();
+    }
+    next.run(req).await
+}
+
+/// Every role's API: the request must carry `Authorization: Bearer <token>`; a 401 saying
+/// where the token is otherwise.
+pub(crate) fn check_bearer(headers: &axum::http::HeaderMap, token: &str) -> Result<(), ApiError> {
+    let ok = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), s.token.as_bytes()));
-    if !ok {
-        s.metrics.api_refused.fetch_add(1, Ordering::Relaxed);
-        return ApiError::new(
+        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), token.as_bytes()));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token (see the `token` file in the data directory)",
-        )
-        .into_response();
+        ))
     }
-    next.run(req).await
 }
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -103,21 +103,26 @@ impl ApiClient {
                 .send()
                 .await
                 .map_err(|e| transport_error(&base, &url, e))?;
-            let status = resp.status();
-            let bytes = resp
-                .bytes()
-                .await
-                .map_err(|e| transport_error(&base, &url, e))?;
-            if !status.is_success() {
-                return Err(ClientError::Status {
-                    status,
-                    message: error_message(&bytes),
-                });
-            }
-            serde_json::from_slice(&bytes)
-                .map_err(|e| ClientError::Other(format!("{url}: the answer is not JSON: {e}")))
+            json_answer(resp, &base, &url).await
         })
     }
+}
+
+/// The JSON answer of a successful request, or the error the node answered.
+async fn json_answer(resp: reqwest::Response, base: &str, url: &Url) -> Result<Value, ClientError> {
+    let status = resp.status();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| transport_error(base, url, e))?;
+    if !status.is_success() {
+        return Err(ClientError::Status {
+            status,
+            message: error_message(&bytes),
+        });
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ClientError::Other(format!("{url}: the answer is not JSON: {e}")))
 }
 
 /// What [`ApiClient::download`] wrote.
@@ -292,19 +297,7 @@ impl ApiClient {
                 .send()
                 .await
                 .map_err(|e| transport_error(&base, &url, e))?;
-            let status = resp.status();
-            let bytes = resp
-                .bytes()
-                .await
-                .map_err(|e| transport_error(&base, &url, e))?;
-            if !status.is_success() {
-                return Err(ClientError::Status {
-                    status,
-                    message: error_message(&bytes),
-                });
-            }
-            serde_json::from_slice(&bytes)
-                .map_err(|e| ClientError::Other(format!("{url}: the answer is not JSON: {e}")))
+            json_answer(resp, &base, &url).await
         })
     }
 }

@@ -8,11 +8,10 @@ pub mod link;
 pub mod metrics;
 pub mod writer;
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -31,8 +30,6 @@ pub use metrics::Metrics;
 
 const SECRET_CERT: &str = "tls_cert_der";
 const SECRET_KEY: &str = "tls_key_der";
-/// How many recent errors `status` shows.
-const LAST_ERRORS_MAX: usize = 16;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -182,7 +179,7 @@ pub struct Shared {
     pub pins: PinSet,
     /// The QUIC endpoint, for peers added at SIGHUP.
     pub endpoint: quinn::Endpoint,
-    last_errors: Mutex<VecDeque<String>>,
+    last_errors: crate::ops::ErrorLog,
 }
 
 impl Shared {
@@ -201,24 +198,11 @@ impl Shared {
     }
 
     pub fn note_error(&self, e: String) {
-        tracing::warn!("{e}");
-        let mut q = self.last_errors.lock().expect("errors lock");
-        if q.len() == LAST_ERRORS_MAX {
-            q.pop_front();
-        }
-        q.push_back(format!(
-            "{} {e}",
-            humantime::format_rfc3339_seconds(SystemTime::now())
-        ));
+        self.last_errors.note(&e);
     }
 
     pub fn last_errors(&self) -> Vec<String> {
-        self.last_errors
-            .lock()
-            .expect("errors lock")
-            .iter()
-            .cloned()
-            .collect()
+        self.last_errors.list()
     }
 }
 
@@ -370,7 +354,7 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
         restore: link::RestoreState::new(restored, config_peers),
         pins,
         endpoint: endpoint.clone(),
-        last_errors: Mutex::new(VecDeque::new()),
+        last_errors: crate::ops::ErrorLog::default(),
     });
     let writer_thread = {
         let shared = shared.clone();

@@ -3,9 +3,11 @@
 //! reload can change. It owns no storage or replication logic: it reads `Shared` and talks to
 //! the writer thread like any other client.
 
+pub mod errors;
 pub mod notify;
 pub mod reload;
 pub mod supervise;
 
+pub use errors::ErrorLog;
 pub use notify::Notifier;
 pub use reload::LogControl;

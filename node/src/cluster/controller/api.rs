@@ -33,7 +33,7 @@ use super::core::{KeyActionError, KeyStatus};
 use super::deploy::{ask_core, status_of, DeployCmd, DeployError, DeploymentView, NewDeployment};
 use super::run::ControllerShared;
 use super::thread::{Cmd, KeyCmdError, KeyView, MachineView};
-use crate::api::{constant_time_eq, ApiError};
+use crate::api::ApiError;
 use crate::bundle::is_bundle_id;
 use crate::config::SERVICES;
 use crate::node::now_ms;
@@ -86,19 +86,9 @@ pub(crate) fn router(shared: Arc<ControllerShared>) -> Router {
 }
 
 async fn auth(State(s): S, req: Request, next: Next) -> Response {
-    let ok = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), s.token.as_bytes()));
-    if !ok {
+    if let Err(e) = crate::api::check_bearer(req.headers(), &s.token) {
         s.metrics.api_unauthorized.fetch_add(1, Ordering::Relaxed);
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (see the `token` file in the data directory)",
-        )
-        .into_response();
+        return e.into_response();
     }
     next.run(req).await
 }

@@ -4,12 +4,11 @@
 //! sweeper of sealed bundles and the supervisor loop until `shutdown`. It decides nothing
 //! itself.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::{mpsc, oneshot};
@@ -29,8 +28,6 @@ use crate::wire::Role;
 
 /// How often the core is ticked (silent machines marked down, publications resent).
 const TICK_EVERY: Duration = Duration::from_millis(100);
-/// How many recent errors `status` shows.
-const LAST_ERRORS_MAX: usize = 16;
 /// How often the supervisor's STATUS line is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 /// A join token file larger than this is not a token.
@@ -77,7 +74,7 @@ pub struct ControllerShared {
     pub ready: AtomicBool,
     pub(crate) cmd: mpsc::Sender<Cmd>,
     pub(crate) summary: Mutex<Summary>,
-    last_errors: Mutex<VecDeque<String>>,
+    last_errors: crate::ops::ErrorLog,
     /// `DATA_DIR/bundles`: uploads, sealed bundles.
     pub(crate) bundles: BundleStore,
     /// The largest upload accepted (tests lower it).
@@ -91,24 +88,11 @@ pub struct ControllerShared {
 
 impl ControllerShared {
     pub fn note_error(&self, e: String) {
-        tracing::warn!("{e}");
-        let mut q = self.last_errors.lock().expect("errors lock");
-        if q.len() == LAST_ERRORS_MAX {
-            q.pop_front();
-        }
-        q.push_back(format!(
-            "{} {e}",
-            humantime::format_rfc3339_seconds(SystemTime::now())
-        ));
+        self.last_errors.note(&e);
     }
 
     pub fn last_errors(&self) -> Vec<String> {
-        self.last_errors
-            .lock()
-            .expect("errors lock")
-            .iter()
-            .cloned()
-            .collect()
+        self.last_errors.list()
     }
 
     /// Counts as of the core thread's last batch.
@@ -258,7 +242,7 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
         ready: AtomicBool::new(false),
         cmd: cmd_tx,
         summary: Mutex::new(Summary::default()),
-        last_errors: Mutex::new(VecDeque::new()),
+        last_errors: crate::ops::ErrorLog::default(),
         bundles,
         upload_bytes_max: AtomicU64::new(UPLOAD_BYTES_MAX),
         uploads: tokio::sync::Semaphore::new(UPLOADS_MAX),

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::core::Standing;
 use super::WorkerShared;
-use crate::api::{constant_time_eq, ApiError};
+use crate::api::ApiError;
 
 pub(crate) fn standing_str(s: Standing) -> &'static str {
     match s {
@@ -43,19 +43,9 @@ pub(crate) fn router(shared: Arc<WorkerShared>) -> Router {
 }
 
 async fn auth(State(s): State<Arc<WorkerShared>>, req: Request, next: Next) -> Response {
-    let ok = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), s.token.as_bytes()));
-    if !ok {
+    if let Err(e) = crate::api::check_bearer(req.headers(), &s.token) {
         s.metrics.api_refused.fetch_add(1, Ordering::Relaxed);
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (see the `token` file in the data directory)",
-        )
-        .into_response();
+        return e.into_response();
     }
     next.run(req).await
 }

@@ -36,12 +36,11 @@ mod tests;
 
 pub use self::fetch::STALL_ENV;
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -60,8 +59,6 @@ use crate::wire::{Join, MachineReport, Message, Publication, Role};
 pub const LOAD_BALANCER: &str = "load-balancer";
 /// Inputs queued for the driver (frames from the controller and the load balancer, reports).
 const INPUTS_MAX: usize = 256;
-/// How many recent errors `status` shows.
-const LAST_ERRORS_MAX: usize = 16;
 
 /// Loads the worker's seal key (the age X25519 identity publications and bundles are sealed
 /// to), or generates and stores it on first use.
@@ -175,7 +172,7 @@ pub struct WorkerShared {
     relay: Mutex<relay::RelayState>,
     dependent: Mutex<relay::DependentLink>,
     software: software::SoftwareShared,
-    last_errors: Mutex<VecDeque<String>>,
+    last_errors: crate::ops::ErrorLog,
 }
 
 impl WorkerShared {
@@ -204,24 +201,11 @@ impl WorkerShared {
     }
 
     pub fn note_error(&self, e: String) {
-        tracing::warn!("{e}");
-        let mut q = self.last_errors.lock().expect("errors lock");
-        if q.len() == LAST_ERRORS_MAX {
-            q.pop_front();
-        }
-        q.push_back(format!(
-            "{} {e}",
-            humantime::format_rfc3339_seconds(SystemTime::now())
-        ));
+        self.last_errors.note(&e);
     }
 
     pub fn last_errors(&self) -> Vec<String> {
-        self.last_errors
-            .lock()
-            .expect("errors lock")
-            .iter()
-            .cloned()
-            .collect()
+        self.last_errors.list()
     }
 
     fn refused(&self) {
@@ -481,7 +465,7 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<WorkerRun
         relay: Mutex::new(relay::RelayState::default()),
         dependent: Mutex::new(relay::DependentLink::default()),
         software: software::SoftwareShared::default(),
-        last_errors: Mutex::new(VecDeque::new()),
+        last_errors: crate::ops::ErrorLog::default(),
     });
 
     let (stop, stop_rx) = watch::channel(false);
