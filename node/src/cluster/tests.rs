@@ -209,3 +209,89 @@ fn rejected_keys_stay_out_and_leave_the_pool() {
     assert_eq!(net.workers[&a].core.standing(), Standing::Rejected);
     assert_eq!(net.ctl.rejected_fingerprints(), vec![net.workers[&a].fp]);
 }
+
+#[test]
+fn a_replayed_or_older_deployment_is_never_run() {
+    use super::body::{Body, DeployOrder};
+    use crate::wire::Admission;
+    let key = ControllerKey::generate();
+    let seal = SealKey::generate();
+    let recipient = seal.recipient();
+    let me = NodeId(9);
+    let info = JoinInfo {
+        node_id: me,
+        name: "media-9".into(),
+        service: "voice".into(),
+        component: "media-processor".into(),
+        load_balancer: None,
+        service_addr: None,
+        relay_addr: None,
+        token_proof: None,
+    };
+    let mut w = WorkerCore::open(info, seal, WorkerRecord::default()).unwrap();
+    w.from_controller(Message::Admission(Admission::Admitted {
+        controller_key: key.public(),
+        heartbeat_ms: 250,
+    }))
+    .unwrap();
+    let order = |deployment: u64| DeployOrder {
+        deployment,
+        bundle_id: "ab".repeat(32),
+        service: "voice".into(),
+        version: "1".into(),
+        sealed_bytes: 10,
+        sealed_hash: [7; 32],
+    };
+    let publish = |seq: u64, d: u64| {
+        key.publication(me, seq, &recipient, &Body::Deploy(order(d)).encode())
+            .unwrap()
+    };
+    let deploys = |outs: &[WorkerOutput]| {
+        outs.iter()
+            .filter(|o| matches!(o, WorkerOutput::Apply(Effect::Deploy(_))))
+            .count()
+    };
+    let first = publish(1, 5);
+    w.from_controller(Message::Publication(first.clone()))
+        .unwrap();
+    let (rec, outs) = w.take();
+    assert_eq!(deploys(&outs), 1);
+    assert_eq!(rec.unwrap().deploy, Some(order(5)));
+    w.deployed(
+        5,
+        MachineReport {
+            state: "running".into(),
+            software: None,
+            detail: None,
+            deployment: Some(5),
+        },
+    );
+    let _ = w.take();
+    // The same publication again (a replay on the wire): acknowledged, not run.
+    w.from_controller(Message::Publication(first)).unwrap();
+    let (rec, outs) = w.take();
+    assert!(rec.is_none(), "a replay changes nothing stored");
+    assert_eq!(deploys(&outs), 0);
+    assert!(
+        outs.contains(&WorkerOutput::ToController(Message::PublicationAck {
+            upto: 1
+        }))
+    );
+    // An older deployment under a new sequence (a controller restored from an old backup):
+    // consumed in order, never run.
+    for (seq, d) in [(2, 5), (3, 4)] {
+        w.from_controller(Message::Publication(publish(seq, d)))
+            .unwrap();
+        let (rec, outs) = w.take();
+        assert_eq!(deploys(&outs), 0, "deployment {d} ran again");
+        let rec = rec.unwrap();
+        assert_eq!(rec.applied, seq);
+        assert_eq!(rec.deploy, None);
+        assert_eq!(rec.last_deployment, 5);
+    }
+    // A newer one runs.
+    w.from_controller(Message::Publication(publish(4, 6)))
+        .unwrap();
+    let (_, outs) = w.take();
+    assert_eq!(deploys(&outs), 1);
+}
