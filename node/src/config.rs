@@ -22,7 +22,7 @@ use crate::ids::Fingerprint;
 use crate::wire::Role;
 
 pub use starter::starter;
-pub use token::{ensure_token, read_token};
+pub use token::{ensure_token, read_join_token, read_token};
 
 /// Where `outpost run` looks for the data directory when the config does not say.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/outpost";

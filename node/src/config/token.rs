@@ -57,3 +57,32 @@ pub fn read_token(data_dir: &Path) -> io::Result<String> {
     }
     Ok(token.to_owned())
 }
+
+/// Longest join token file read; anything larger is not a token.
+const JOIN_TOKEN_BYTES_MAX: u64 = 4096;
+
+/// A join token file's trimmed contents (the controller's `admission.join_token_file` and a
+/// worker's `controller.join_token_file` read it the same way, so both sides agree on the
+/// token); a missing, empty or oversized file is bad config naming `field`.
+pub fn read_join_token(path: &Path, field: &str) -> Result<Vec<u8>, super::ConfigError> {
+    use std::io::Read;
+    let err = |reason: String| super::ConfigError {
+        origin: path.display().to_string(),
+        field: field.to_owned(),
+        reason,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(JOIN_TOKEN_BYTES_MAX + 1).read_to_end(&mut bytes))
+        .map_err(|e| err(format!("cannot read the join token: {e}")))?;
+    if bytes.len() as u64 > JOIN_TOKEN_BYTES_MAX {
+        return Err(err(format!(
+            "larger than {JOIN_TOKEN_BYTES_MAX} bytes; not a join token"
+        )));
+    }
+    let token = bytes.trim_ascii();
+    if token.is_empty() {
+        return Err(err("the join token file is empty".into()));
+    }
+    Ok(token.to_vec())
+}

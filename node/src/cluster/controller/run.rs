@@ -30,9 +30,6 @@ use crate::wire::Role;
 const TICK_EVERY: Duration = Duration::from_millis(100);
 /// How often the supervisor's STATUS line is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
-/// A join token file larger than this is not a token.
-const JOIN_TOKEN_BYTES_MAX: u64 = 4096;
-
 /// Counters for `/metrics`.
 #[derive(Default)]
 pub struct ControllerMetrics {
@@ -155,28 +152,9 @@ pub fn ensure_signing_key(store: &Store) -> anyhow::Result<ControllerKey> {
     Ok(key)
 }
 
-/// Reads `[admission] join_token_file`: its trimmed contents, which must not be empty.
+/// Reads `admission.join_token_file` (see [`crate::config::read_join_token`]).
 pub fn read_join_token(path: &Path) -> Result<Vec<u8>, ConfigError> {
-    use std::io::Read;
-    let err = |reason: String| ConfigError {
-        origin: path.display().to_string(),
-        field: "admission.join_token_file".into(),
-        reason,
-    };
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(JOIN_TOKEN_BYTES_MAX + 1).read_to_end(&mut bytes))
-        .map_err(|e| err(format!("cannot read the join token: {e}")))?;
-    if bytes.len() as u64 > JOIN_TOKEN_BYTES_MAX {
-        return Err(err(format!(
-            "larger than {JOIN_TOKEN_BYTES_MAX} bytes; not a join token"
-        )));
-    }
-    let token = bytes.trim_ascii();
-    if token.is_empty() {
-        return Err(err("the join token file is empty".into()));
-    }
-    Ok(token.to_vec())
+    crate::config::read_join_token(path, "admission.join_token_file")
 }
 
 /// Starts a controller on the current tokio runtime; tells `notify` READY=1 once the database

@@ -72,32 +72,9 @@ pub fn ensure_seal_key(store: &Store) -> anyhow::Result<SealKey> {
     Ok(key)
 }
 
-/// Bytes a join token file may hold.
-const JOIN_TOKEN_BYTES_MAX: u64 = 4096;
-
-/// The join token from `controller.join_token_file`, trimmed as the controller trims its own
-/// copy; a bad file is bad config.
+/// Reads `controller.join_token_file` (see [`crate::config::read_join_token`]).
 fn read_join_token(path: &Path) -> Result<Vec<u8>, ConfigError> {
-    use std::io::Read;
-    let err = |reason: String| ConfigError {
-        origin: path.display().to_string(),
-        field: "controller.join_token_file".into(),
-        reason,
-    };
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(JOIN_TOKEN_BYTES_MAX + 1).read_to_end(&mut bytes))
-        .map_err(|e| err(format!("cannot read the join token: {e}")))?;
-    if bytes.len() as u64 > JOIN_TOKEN_BYTES_MAX {
-        return Err(err(format!(
-            "larger than {JOIN_TOKEN_BYTES_MAX} bytes; not a join token"
-        )));
-    }
-    let token = bytes.trim_ascii();
-    if token.is_empty() {
-        return Err(err("the join token file is empty".into()));
-    }
-    Ok(token.to_vec())
+    crate::config::read_join_token(path, "controller.join_token_file")
 }
 
 /// Counters of the worker runtime (`GET /metrics`).
