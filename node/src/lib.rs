@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 mod demo_cluster;
+pub mod fsmode;
 pub mod ids;
 pub mod model;
 pub mod net;

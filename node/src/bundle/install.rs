@@ -50,7 +50,7 @@ impl Installer {
     /// Opens (and creates if needed) the software directory.
     pub fn new(software_dir: impl Into<PathBuf>) -> io::Result<Installer> {
         let dir = software_dir.into();
-        fs::create_dir_all(&dir)?;
+        crate::fsmode::create_private_dir_all(&dir)?;
         Ok(Installer {
             dir,
             limits: BundleLimits::default(),

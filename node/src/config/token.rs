@@ -15,7 +15,7 @@ pub fn ensure_token(data_dir: &Path) -> io::Result<String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         other => return other,
     }
-    fs::create_dir_all(data_dir)?;
+    crate::fsmode::create_data_dir(data_dir)?;
     let token = hex::encode(rand::random::<[u8; 32]>());
     let path = data_dir.join(TOKEN_FILE);
     let tmp = data_dir.join(format!(".{TOKEN_FILE}.{}.tmp", std::process::id()));

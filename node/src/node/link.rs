@@ -24,8 +24,18 @@ use crate::wire::{
 };
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between dial attempts: doubles from MIN after each failed attempt, up to MAX; back to
+/// MIN after a session. Kept short so that a peer restarting is found within about a second.
 const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
-const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long one dial attempt may take. A handshake whose Initial packet went to a peer that was
+/// down is retransmitted only after QUIC's growing probe timeouts (1 s, 2 s, 4 s, ...), so an
+/// attempt is abandoned early and a fresh one made; the bound doubles after each failure (a
+/// lossy or distant link gets its time) up to MAX, and is back to MIN after a session.
+const DIAL_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+const DIAL_TIMEOUT_MAX: Duration = Duration::from_secs(8);
+const _: () = assert!(DIAL_BACKOFF_MIN.as_millis() <= DIAL_BACKOFF_MAX.as_millis());
+const _: () = assert!(DIAL_TIMEOUT_MIN.as_millis() <= DIAL_TIMEOUT_MAX.as_millis());
 /// Frames in flight between the reader and the writer thread, per connection.
 const PENDING_MAX: usize = 64;
 /// Outgoing control frames (acks) waiting for the sender, per connection.
@@ -332,6 +342,7 @@ async fn accept_loop(shared: Arc<Shared>, ep: quinn::Endpoint) {
 
 async fn dial_loop(shared: Arc<Shared>, ep: quinn::Endpoint, i: usize) {
     let mut backoff = DIAL_BACKOFF_MIN;
+    let mut attempt = DIAL_TIMEOUT_MIN;
     loop {
         let peer = shared.peers.get(i);
         if peer.removed() {
@@ -343,17 +354,26 @@ async fn dial_loop(shared: Arc<Shared>, ep: quinn::Endpoint, i: usize) {
             continue;
         }
         let addr = peer.addr();
-        match net::connect(&ep, addr).await {
-            Ok((conn, fp)) if peer.pins(&fp) => {
+        match tokio::time::timeout(attempt, net::connect(&ep, addr)).await {
+            Ok(Ok((conn, fp))) if peer.pins(&fp) => {
                 if session(shared.clone(), i, conn, true).await {
                     backoff = DIAL_BACKOFF_MIN;
+                    attempt = DIAL_TIMEOUT_MIN;
                 }
             }
-            Ok((conn, fp)) => {
+            Ok(Ok((conn, fp))) => {
                 conn.close(close::UNKNOWN_PEER.into(), b"not the peer dialled");
                 set_error(&shared, i, format!("{addr} answered with certificate {fp}"));
             }
-            Err(e) => set_error(&shared, i, format!("dialling {addr}: {e}")),
+            Ok(Err(e)) => set_error(&shared, i, format!("dialling {addr}: {e}")),
+            Err(_) => {
+                set_error(
+                    &shared,
+                    i,
+                    format!("dialling {addr}: no answer within {attempt:?}"),
+                );
+                attempt = (attempt * 2).min(DIAL_TIMEOUT_MAX);
+            }
         }
         let jitter = Duration::from_millis(rand::random::<u64>() % 100);
         tokio::time::sleep(backoff + jitter).await;
@@ -361,13 +381,27 @@ async fn dial_loop(shared: Arc<Shared>, ep: quinn::Endpoint, i: usize) {
     }
 }
 
+/// Records why the link is not up (for status); logs it when it differs from the last reason,
+/// so a peer that stays down costs one line, not one per attempt.
 fn set_error(shared: &Shared, i: usize, e: String) {
     let peer = shared.peers.get(i);
     let mut info = peer.info.lock().expect("link lock");
     if info.last_error.as_deref() != Some(e.as_str()) {
-        tracing::info!(peer = %peer.cfg.name, "{e}");
+        tracing::info!(peer = %peer.cfg.name, "link not up: {e}");
     }
     info.last_error = Some(e);
+}
+
+/// Records the reason a link ended without logging it (its one log line is written by the
+/// caller).
+fn set_error_quiet(shared: &Shared, i: usize, e: String) {
+    shared
+        .peers
+        .get(i)
+        .info
+        .lock()
+        .expect("link lock")
+        .last_error = Some(e);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -558,24 +592,59 @@ async fn session(shared: Arc<Shared>, i: usize, conn: quinn::Connection, dialled
         }
     }
     match result {
-        Ok(()) => conn.close(close::SHUTDOWN.into(), b"bye"),
+        Ok(()) => {
+            conn.close(close::SHUTDOWN.into(), b"bye");
+            tracing::info!(peer = %peer.cfg.name, "link down: the peer ended the stream");
+        }
         Err(e) => fail(&shared, i, &conn, &e),
     }
-    tracing::info!(peer = %peer.cfg.name, "link down");
     true
 }
 
+/// Why the peer closed the connection, when it did so on purpose with a reason (shutting down,
+/// settings reloaded, removed from its config, a duplicate connection).
+fn closed_cleanly_by_peer(conn: &quinn::Connection) -> Option<String> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if [close::SHUTDOWN, close::DUPLICATE]
+                .iter()
+                .any(|&code| c.error_code == quinn::VarInt::from_u32(code)) =>
+        {
+            Some(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => None,
+    }
+}
+
+/// Ends a connection that failed, with exactly one log line: INFO with the peer's reason when
+/// the peer closed it on purpose, else WARN with what went wrong (hostile input also lands in
+/// the node's last errors).
 fn fail(shared: &Shared, i: usize, conn: &quinn::Connection, e: &SessionError) {
+    let name = shared.peers.get(i).cfg.name.clone();
+    if matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::LocallyClosed)
+    ) {
+        // This node closed it (shutdown, reload, a duplicate replaced) and said why there.
+        tracing::info!(peer = %name, "link down: closed by this node");
+        return;
+    }
+    if let Some(reason) = closed_cleanly_by_peer(conn) {
+        tracing::info!(peer = %name, "link down: the peer closed it: {reason}");
+        set_error_quiet(shared, i, format!("closed by the peer: {reason}"));
+        return;
+    }
     let reason = e.to_string();
     if matches!(e, SessionError::Protocol(_) | SessionError::Frame(_)) {
         shared
             .metrics
             .frames_refused
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        shared.note_error(format!("peer {}: {reason}", shared.peers.get(i).cfg.name));
+        shared.record_error(format!("peer {name}: {reason}"));
     }
+    tracing::warn!(peer = %name, "link down: {reason}");
     conn.close(e.close_code().into(), reason.as_bytes());
-    set_error(shared, i, reason);
+    set_error_quiet(shared, i, reason);
 }
 
 async fn expect_hello(recv: &mut quinn::RecvStream, max: usize) -> Result<Hello, SessionError> {

@@ -201,6 +201,11 @@ impl Shared {
         self.last_errors.note(&e);
     }
 
+    /// Keeps `e` for `outpost status` without logging it (the caller has logged it already).
+    pub fn record_error(&self, e: String) {
+        self.last_errors.record(&e);
+    }
+
     pub fn last_errors(&self) -> Vec<String> {
         self.last_errors.list()
     }

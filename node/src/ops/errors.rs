@@ -14,6 +14,11 @@ impl ErrorLog {
     /// Logs `e` as a warning and keeps it (the oldest goes beyond [`LAST_ERRORS_MAX`]).
     pub fn note(&self, e: &str) {
         tracing::warn!("{e}");
+        self.record(e);
+    }
+
+    /// Keeps `e` without logging it.
+    pub fn record(&self, e: &str) {
         // Only whole strings are pushed and popped, so a poisoned lock holds nothing half-done.
         let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if q.len() == LAST_ERRORS_MAX {

@@ -124,7 +124,9 @@ impl Store {
     /// checks (or, when new, writes) the schema version.
     pub fn open(data_dir: &Path) -> std::result::Result<Store, OpenError> {
         let path = data_dir.join(DB_FILE);
-        std::fs::create_dir_all(data_dir).map_err(|source| OpenError::Io {
+        // Owner-only before redb opens the file: it would otherwise create it with the umask's
+        // mode, and it holds the node's private keys.
+        crate::fsmode::prepare_data_dir(data_dir, DB_FILE).map_err(|source| OpenError::Io {
             path: path.clone(),
             source,
         })?;

@@ -53,8 +53,8 @@ impl BundleStore {
     /// Creates the directories and removes what an interrupted run left behind: partial
     /// uploads and partial sealed files.
     pub(crate) fn prepare(&self) -> io::Result<()> {
-        fs::create_dir_all(self.tmp_dir())?;
-        fs::create_dir_all(self.sealed_dir())?;
+        crate::fsmode::create_private_dir_all(&self.tmp_dir())?;
+        crate::fsmode::create_private_dir_all(&self.sealed_dir())?;
         for entry in fs::read_dir(self.tmp_dir())? {
             let entry = entry?;
             if entry.file_type()?.is_file() {
@@ -225,10 +225,7 @@ async fn receive_into(
 /// The upload's writer thread: what arrives, written and hashed, then fsynced. Returns the
 /// size and the bundle id.
 fn write_upload(part: &Path, mut rx: mpsc::Receiver<Bytes>) -> io::Result<(u64, String)> {
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(part)?;
+    let file = crate::fsmode::private_file_options().open(part)?;
     // The hasher sees the buffer's large writes, not the HTTP body's small chunks.
     let mut w = BufWriter::with_capacity(IO_BUF_BYTES, Hashing::new(file));
     while let Some(chunk) = rx.blocking_recv() {
@@ -340,9 +337,7 @@ fn seal_into(
 ) -> Result<(u64, [u8; 32]), String> {
     let input = File::open(bundle).map_err(|e| format!("opening the bundle: {e}"))?;
     let mut input = BufReader::with_capacity(IO_BUF_BYTES, input);
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
+    let file = crate::fsmode::private_file_options()
         .open(tmp)
         .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
     let write_err = |e: io::Error| format!("writing {}: {e}", tmp.display());

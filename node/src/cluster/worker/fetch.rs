@@ -187,11 +187,11 @@ pub(crate) async fn fetch(
 /// longer than the bundle is started again).
 fn prepare(path: &Path, total: u64) -> io::Result<u64> {
     let dir = path.parent().expect("an incoming file has a directory");
-    std::fs::create_dir_all(dir)?;
+    crate::fsmode::create_private_dir_all(dir)?;
     let len = match std::fs::metadata(path) {
         Ok(m) => m.len(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            File::create(path)?;
+            crate::fsmode::private_file_options().open(path)?;
             File::open(dir)?.sync_all()?;
             0
         }

@@ -59,7 +59,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         std::process::id()
     ));
     let written = (|| {
-        let mut f = fs::File::create(&tmp)?;
+        // Owner-only like everything a node writes (the software reading it is the worker's child).
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(crate::fsmode::PRIVATE_FILE_MODE)
+                .open(&tmp)?
+        };
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)
