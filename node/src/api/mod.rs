@@ -2,7 +2,7 @@
 //! `/metrics`. Every request but `/metrics` needs the bearer token. Bodies are parsed here, not
 //! by axum's extractors, so that every refusal is a JSON `{"error"}` naming the field.
 
-mod backup;
+pub(crate) mod backup;
 mod metrics;
 
 pub use backup::HASH_HEADER as BACKUP_HASH_HEADER;

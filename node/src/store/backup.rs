@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, Key, ReadableDatabase, ReadableTable, TableDefinition, Value};
 
+use super::cluster::{CHANNEL, DEPLOYMENTS, MACHINES};
 use super::tables::{BY_ORIGIN, LOG, MARKS, MESSAGES, META, META_NODE, PEERS, STATE};
 use super::{db_err, decode, NodeMeta, Result, Store, CACHE_BYTES};
 use crate::replication::StoreError;
@@ -47,7 +48,7 @@ impl Store {
             .path
             .parent()
             .map_or_else(|| PathBuf::from(TMP_DIR), |d| d.join(TMP_DIR));
-        fs::create_dir_all(&dir)?;
+        crate::fsmode::create_private_dir_all(&dir)?;
         Ok(dir.join(format!(
             "backup-{}-{}.redb",
             std::process::id(),
@@ -88,6 +89,10 @@ impl Store {
             rows += copy_table(&src, &out, MESSAGES)?;
             rows += copy_table(&src, &out, MARKS)?;
             rows += copy_table(&src, &out, PEERS)?;
+            // The cluster roles' tables (a database holds one role; the others are absent).
+            rows += copy_table(&src, &out, MACHINES)?;
+            rows += copy_table(&src, &out, CHANNEL)?;
+            rows += copy_table(&src, &out, DEPLOYMENTS)?;
         }
         let log_epoch = mark_restored(&out)?;
         drop(out);
@@ -138,7 +143,12 @@ fn copy_table<K: Key + 'static, V: Value + 'static>(
     out: &Database,
     def: TableDefinition<K, V>,
 ) -> Result<u64> {
-    let table = src.open_table(def).map_err(db_err)?;
+    let table = match src.open_table(def) {
+        Ok(t) => t,
+        // Another role's table: nothing to copy.
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(db_err(e)),
+    };
     let mut rows = table.iter().map_err(db_err)?;
     let mut copied = 0;
     loop {

@@ -18,9 +18,9 @@ use crate::cluster::controller::deploy::DeploymentRecord;
 use crate::cluster::worker::core::WorkerRecord;
 use crate::wire::Publication;
 
-const MACHINES: TableDefinition<u128, &[u8]> = TableDefinition::new("machines");
-const CHANNEL: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("channel");
-const DEPLOYMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("deployments");
+pub(super) const MACHINES: TableDefinition<u128, &[u8]> = TableDefinition::new("machines");
+pub(super) const CHANNEL: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("channel");
+pub(super) const DEPLOYMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("deployments");
 const META_WORKER: &str = "worker";
 
 fn enc(v: &impl serde::Serialize) -> Vec<u8> {

@@ -72,7 +72,8 @@ pub(crate) fn router(shared: Arc<ControllerShared>) -> Router {
             "/v1/deployments",
             post(post_deployment).get(get_deployments),
         )
-        .route("/v1/deployments/{id}", get(get_deployment));
+        .route("/v1/deployments/{id}", get(get_deployment))
+        .route("/v1/backup", get(get_backup));
     for path in DATACENTER_ONLY {
         authed = authed.route(path, any(datacenter_only));
     }
@@ -134,6 +135,13 @@ async fn ask<T>(
         }
         KeyCmdError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
     })
+}
+
+/// `GET /v1/backup`: the core thread writes the copy after its current batch; it is streamed
+/// from here.
+async fn get_backup(State(s): S) -> ApiResult<Response> {
+    let copy = ask(&s, |reply| Cmd::Backup { reply }).await?;
+    Ok(crate::api::backup::stream_copy(copy, &s.meta.name, ()))
 }
 
 async fn machines(s: &ControllerShared, name: Option<String>) -> ApiResult<Vec<MachineView>> {

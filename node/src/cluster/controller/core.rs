@@ -731,6 +731,11 @@ impl ControllerCore {
                     "a machine applied more of its channel than this controller remembers publishing; moving the channel forward"
                 );
                 m.pub_seq = resume;
+                // What this controller remembers publishing is older than what the machine
+                // applied: forget it, so that its pool and route are published again below
+                // (with sequences above `resume`) even when they look unchanged from here.
+                m.pool = None;
+                m.route = None;
                 self.dirty_machines.insert(node);
             }
             if resume > self.machines[&node].pub_acked {

@@ -183,6 +183,14 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
     let token = crate::config::ensure_token(&data_dir)
         .with_context(|| format!("creating the API token in {}", data_dir.display()))?;
     let key = ensure_signing_key(&store)?;
+    if store.restored()? {
+        // Nothing to wait for, unlike a datacenter: each machine's channel moves forward when
+        // it reconnects with the sequence it applied (see `ControllerCore::admitted`).
+        tracing::warn!(
+            "this database was restored from a backup: each machine's channel moves forward past what it applied when it reconnects, and its pool and route are published again; machines admitted after the backup must be admitted again (join token or `outpost keys accept`)"
+        );
+        store.clear_restored()?;
+    }
     let mut settings = Settings::new(config.cluster.down_after.as_millis() as u64);
     settings.pending_max = config.cluster.pending_max;
     settings.join_token = join_token;

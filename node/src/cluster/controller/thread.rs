@@ -100,6 +100,10 @@ pub(crate) enum Cmd {
     },
     /// Finish the batch, close every connection, end the thread.
     Stop,
+    /// `GET /v1/backup`: a consistent copy of the database, written after the batch's commit.
+    Backup {
+        reply: oneshot::Sender<Result<crate::api::backup::BackupCopy, KeyCmdError>>,
+    },
 }
 
 /// Why an operator command (or a read of the machines) could not be done.
@@ -163,6 +167,7 @@ enum Reply {
     Key(KeyReply, Result<NodeId, KeyActionError>),
     Machines(MachinesReply, Option<String>),
     Ping(oneshot::Sender<()>),
+    Backup(oneshot::Sender<Result<crate::api::backup::BackupCopy, KeyCmdError>>),
 }
 
 pub(crate) struct CoreThread {
@@ -295,6 +300,7 @@ impl CoreThread {
                         .step(self.core.as_mut(), self.store.as_ref(), *cmd, now)
                 }
                 Cmd::Ping { reply } => replies.push(Reply::Ping(reply)),
+                Cmd::Backup { reply } => replies.push(Reply::Backup(reply)),
                 Cmd::Stop => stop = true,
             }
         }
@@ -409,6 +415,18 @@ impl CoreThread {
         match r {
             Reply::Ping(reply) => {
                 let _ = reply.send(());
+            }
+            Reply::Backup(reply) => {
+                // On this thread: a controller's database is small (machines, channels,
+                // deployments), and the copy sees exactly what the batch committed.
+                let answer = match &self.store {
+                    Some(store) => crate::api::backup::write_copy(store).map_err(|e| {
+                        self.shared.note_error(format!("backup failed: {e}"));
+                        KeyCmdError::Unavailable(format!("backup failed: {e}"))
+                    }),
+                    None => Err(self.unavailable()),
+                };
+                let _ = reply.send(answer);
             }
             Reply::Key(reply, result) => {
                 let answer = if !committed {

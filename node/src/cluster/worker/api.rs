@@ -29,6 +29,7 @@ pub(crate) fn standing_str(s: Standing) -> &'static str {
 pub(crate) fn router(shared: Arc<WorkerShared>) -> Router {
     let authed = Router::new()
         .route("/v1/status", get(get_status))
+        .route("/v1/backup", get(get_backup))
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()
         .merge(authed)
@@ -36,10 +37,28 @@ pub(crate) fn router(shared: Arc<WorkerShared>) -> Router {
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                "no such endpoint on a worker (it serves GET /v1/status and GET /metrics)",
+                "no such endpoint on a worker (it serves GET /v1/status, GET /v1/backup and GET /metrics)",
             )
         })
         .with_state(shared)
+}
+
+/// `GET /v1/backup`: the driver writes a consistent copy between two steps.
+async fn get_backup(State(s): State<Arc<WorkerShared>>) -> Result<Response, ApiError> {
+    match s.backup().await {
+        Some(Ok(copy)) => Ok(crate::api::backup::stream_copy(copy, &s.name, ())),
+        Some(Err(e)) => {
+            s.note_error(format!("backup failed: {e}"));
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("backup failed: {e}"),
+            ))
+        }
+        None => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the worker is shutting down",
+        )),
+    }
 }
 
 async fn auth(State(s): State<Arc<WorkerShared>>, req: Request, next: Next) -> Response {

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::core::{Effect, WorkerCore, WorkerOutput, WorkerRecord, WorkerRefusal};
 use super::{pool_file, relay, WorkerShared};
+use crate::api::backup::BackupCopy;
 use crate::cluster::body::Pool;
 use crate::store::Store;
 use crate::wire::{Join, MachineReport, Message, Publication};
@@ -39,6 +40,8 @@ pub(crate) enum Input {
     Deployed(u64, MachineReport),
     /// Answered after the step it lands in is committed and performed.
     Ping(oneshot::Sender<()>),
+    /// `GET /v1/backup`: a consistent copy of the database, written after the step.
+    Backup(oneshot::Sender<Result<BackupCopy, String>>),
 }
 
 enum Reply {
@@ -47,6 +50,7 @@ enum Reply {
         Result<(), WorkerRefusal>,
     ),
     Ping(oneshot::Sender<()>),
+    Backup(oneshot::Sender<Result<BackupCopy, String>>),
 }
 
 struct Driver {
@@ -116,6 +120,9 @@ pub(crate) async fn run(
                         Reply::Ping(tx) => {
                             let _ = tx.send(());
                         }
+                        Reply::Backup(tx) => {
+                            let _ = tx.send(d.backup().await);
+                        }
                     }
                 }
             }
@@ -146,6 +153,7 @@ impl Driver {
             Input::Report(r) => self.core.report(r),
             Input::Deployed(d, r) => self.core.deployed(d, r),
             Input::Ping(tx) => replies.push(Reply::Ping(tx)),
+            Input::Backup(tx) => replies.push(Reply::Backup(tx)),
         }
     }
 
@@ -173,6 +181,20 @@ impl Driver {
             }
         }
         true
+    }
+
+    /// A consistent copy of the database, written on the blocking pool (the store is lent to
+    /// it and comes back, as for a commit).
+    async fn backup(&mut self) -> Result<BackupCopy, String> {
+        let store = self.store.take().ok_or("the database is closed")?;
+        let (store, res) = tokio::task::spawn_blocking(move || {
+            let res = crate::api::backup::write_copy(&store).map_err(|e| e.to_string());
+            (store, res)
+        })
+        .await
+        .map_err(|e| format!("the backup thread failed: {e}"))?;
+        self.store = Some(store);
+        res
     }
 
     /// Commits `rec` durably, retrying until it succeeds; `None` if stopped first.

@@ -237,6 +237,15 @@ impl WorkerShared {
         self.inputs.send(i).await.is_ok()
     }
 
+    /// A consistent copy of the database; `None` when the worker is shutting down.
+    pub(crate) async fn backup(&self) -> Option<Result<crate::api::backup::BackupCopy, String>> {
+        let (tx, rx) = oneshot::channel();
+        if !self.input(Input::Backup(tx)).await {
+            return None;
+        }
+        rx.await.ok()
+    }
+
     pub(crate) async fn join_frame(&self) -> Option<Join> {
         let (tx, rx) = oneshot::channel();
         if !self.input(Input::Join(tx)).await {
