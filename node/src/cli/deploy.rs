@@ -123,6 +123,9 @@ pub(super) fn deploy(opts: &ApiOpts, req: &Request<'_>) -> i32 {
             return EXIT_FAILED;
         }
     };
+    if !req.json {
+        println!("deployment {id} created");
+    }
     let mut answer = json!({"bundle": up, "deployment": created});
     let code = if req.wait {
         let (code, last) = follow(&conn, &id, req.timeout, !req.json);
@@ -131,9 +134,6 @@ pub(super) fn deploy(opts: &ApiOpts, req: &Request<'_>) -> i32 {
         }
         code
     } else {
-        if !req.json {
-            println!("deployment {id} created");
-        }
         EXIT_OK
     };
     if req.json {
