@@ -21,7 +21,8 @@ use std::time::Duration;
 use crate::ids::Fingerprint;
 use crate::wire::Role;
 
-pub use starter::starter;
+pub use crate::ops::logging::LogFormat;
+pub use starter::{starter, FINGERPRINT_PLACEHOLDER};
 pub use token::{ensure_token, read_join_token, read_token};
 
 /// Where `outpost run` looks for the data directory when the config does not say.
@@ -154,14 +155,17 @@ pub struct ReplicationConfig {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogConfig {
-    /// A tracing `EnvFilter` directive; `RUST_LOG` overrides it.
+    /// A level, or directives each ending in one (`info,outpost=debug`); `RUST_LOG` overrides it.
     pub level: String,
+    /// `text` (default) or `json`, one object per line.
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".to_owned(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -225,6 +229,40 @@ pub struct ConfigError {
 /// Reads and validates the config at `path`; `role_override` (from `--role`) wins over the
 /// file's `role`.
 pub fn load(path: &Path, role_override: Option<Role>) -> Result<Config, ConfigError> {
+    let text = read_text(path)?;
+    parse(&text, &path.display().to_string(), role_override)
+}
+
+/// What a client command (`outpost status`, ...) takes from a node's config: where its API
+/// listens and where its data directory (with the token) is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientView {
+    pub api: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+/// Reads only `api` and `data_dir` (with their defaults) from the config at `path`. The rest is
+/// not validated: an operator may not be able to read, say, the controller's join token file,
+/// and needs none of it to talk to the node.
+pub fn load_client_view(path: &Path) -> Result<ClientView, ConfigError> {
+    let text = read_text(path)?;
+    let origin = path.display().to_string();
+    let raw: raw::RawConfig =
+        toml::from_str(&text).map_err(|e| raw::toml_error(&origin, &text, &e))?;
+    let v = Validator { origin: &origin };
+    let data_dir = match raw.data_dir {
+        Some(d) if d.as_os_str().is_empty() => return Err(v.err("data_dir", "must not be empty")),
+        Some(d) => d,
+        None => PathBuf::from(DEFAULT_DATA_DIR),
+    };
+    Ok(ClientView {
+        api: v.addr("api", raw.api.as_deref().unwrap_or(DEFAULT_API))?,
+        data_dir,
+    })
+}
+
+/// A config file's text, refusing what is too large to be one.
+fn read_text(path: &Path) -> Result<String, ConfigError> {
     let origin = path.display().to_string();
     let err = |reason: String| ConfigError {
         origin: origin.clone(),
@@ -241,8 +279,7 @@ pub fn load(path: &Path, role_override: Option<Role>) -> Result<Config, ConfigEr
             "larger than {CONFIG_BYTES_MAX} bytes; not a config"
         )));
     }
-    let text = String::from_utf8(bytes).map_err(|e| err(format!("not UTF-8: {e}")))?;
-    parse(&text, &origin, role_override)
+    String::from_utf8(bytes).map_err(|e| err(format!("not UTF-8: {e}")))
 }
 
 /// Parses and validates config text; `origin` names it in errors.
@@ -448,6 +485,13 @@ impl Validator<'_> {
     }
 
     fn fingerprint(&self, field: &str, s: &str) -> Result<Fingerprint, ConfigError> {
+        if s == FINGERPRINT_PLACEHOLDER {
+            return Err(self.err(
+                field,
+                "the all-zero placeholder of the starter config; put the peer's real \
+                 fingerprint here (64 hex, as `outpost init` prints it on that node)",
+            ));
+        }
         s.parse::<Fingerprint>()
             .map_err(|e| self.err(field, format!("invalid fingerprint: {e}")))
     }
@@ -602,17 +646,22 @@ impl Validator<'_> {
     }
 
     fn log(&self, raw: raw::RawLog) -> Result<LogConfig, ConfigError> {
-        let level = raw.level.unwrap_or_else(|| LogConfig::default().level);
-        if level.trim().is_empty() {
-            return Err(self.err("log.level", "must not be empty (e.g. \"info\")"));
-        }
-        tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
-            self.err(
-                "log.level",
-                format!("invalid filter {level:?}: {e} (e.g. \"info\" or \"info,outpost=debug\")"),
-            )
-        })?;
-        Ok(LogConfig { level })
+        let d = LogConfig::default();
+        let level = raw.level.unwrap_or(d.level);
+        crate::ops::logging::check_level(&level).map_err(|r| self.err("log.level", r))?;
+        let format = match raw.format {
+            None => d.format,
+            Some(f) => LogFormat::parse(&f).ok_or_else(|| {
+                self.err(
+                    "log.format",
+                    format!(
+                        "unknown {f:?}; expected one of {}",
+                        LogFormat::NAMES.join(", ")
+                    ),
+                )
+            })?,
+        };
+        Ok(LogConfig { level, format })
     }
 
     fn controller(&self, raw: raw::RawController) -> Result<ControllerConfig, ConfigError> {

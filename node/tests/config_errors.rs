@@ -184,3 +184,45 @@ fn role_flag_overrides_the_file() {
         "missing",
     );
 }
+
+#[test]
+fn mistyped_log_level_is_refused_naming_log_level() {
+    // EnvFilter alone takes "infoo" for a target name, and the node would log nothing.
+    assert_refused(
+        "log-level-typo",
+        Some("datacenter"),
+        &datacenter("[log]\nlevel = \"infoo\"\n"),
+        "log.level",
+        "\"infoo\" in \"infoo\" is not a level",
+    );
+    assert_refused(
+        "log-level-directive-typo",
+        Some("datacenter"),
+        &datacenter("[log]\nlevel = \"info,outpost=debgu\"\n"),
+        "log.level",
+        "not a level",
+    );
+    assert_refused(
+        "log-format",
+        Some("datacenter"),
+        &datacenter("[log]\nformat = \"yaml\"\n"),
+        "log.format",
+        "expected one of text, json",
+    );
+}
+
+#[test]
+fn placeholder_controller_fingerprint_is_refused_at_start() {
+    let zeros = "0".repeat(64);
+    let text = format!(
+        "name = \"w1\"\n[controller]\naddr = \"127.0.0.1:7400\"\nfingerprint = \"{zeros}\"\n\
+         [machine]\nservice = \"voice\"\ncomponent = \"proxy\"\n"
+    );
+    assert_refused(
+        "placeholder-fingerprint",
+        Some("worker"),
+        &text,
+        "controller.fingerprint",
+        "placeholder",
+    );
+}

@@ -1,4 +1,5 @@
-//! The systemd units pass `systemd-analyze verify` on an instance (outpost@datacenter.service),
+//! The systemd units pass `systemd-analyze verify` on every role's instance (outpost@datacenter,
+//! outpost@controller, outpost@worker),
 //! with the example drop-in applied, in a root directory of their own: a stub `/usr/bin/outpost`
 //! and `/bin/kill`, and a copy of the host's system unit directory for the targets the unit
 //! pulls in. Unknown keys only warn (exit code 0), so any output line about our unit fails the
@@ -9,6 +10,8 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+const ROLES: [&str; 3] = ["datacenter", "controller", "worker"];
 
 fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
@@ -47,7 +50,9 @@ fn root_dir() -> PathBuf {
     )
     .unwrap();
     fs::create_dir_all(root.join("etc/outpost")).unwrap();
-    fs::write(root.join("etc/outpost/datacenter.toml"), "").unwrap();
+    for role in ROLES {
+        fs::write(root.join(format!("etc/outpost/{role}.toml")), "").unwrap();
+    }
     let host_units = ["/usr/lib/systemd/system", "/lib/systemd/system"]
         .into_iter()
         .find(|d| Path::new(d).join("multi-user.target").exists())
@@ -73,7 +78,7 @@ fn units_pass_systemd_analyze_verify_on_an_instance() {
     let out = Command::new(&analyze)
         .arg("verify")
         .arg(format!("--root={}", root.display()))
-        .arg("outpost@datacenter.service")
+        .args(ROLES.map(|r| format!("outpost@{r}.service")))
         .output()
         .unwrap();
     let text = format!(
@@ -109,4 +114,27 @@ fn units_pass_systemd_analyze_verify_on_an_instance() {
         assert!(score <= 2.0, "exposure {score} (was 1.1):\n{text}");
     }
     let _ = fs::remove_dir_all(&root);
+}
+
+/// Each instance writes only its own `/var/lib/outpost/ROLE` (the unit's StateDirectory, the
+/// only writable path under ProtectSystem=strict), which is the `data_dir` of the config the
+/// package ships for that role.
+#[test]
+fn each_role_instance_owns_the_state_directory_its_shipped_config_names() {
+    let unit = fs::read_to_string(repo_systemd_dir().join("outpost@.service")).unwrap();
+    let keys: Vec<&str> = unit
+        .lines()
+        .filter(|l| l.starts_with("StateDirectory=") || l.starts_with("ReadWritePaths="))
+        .collect();
+    assert_eq!(keys, ["StateDirectory=outpost/%i"], "{unit}");
+    assert!(unit.contains("ProtectSystem=strict"));
+    for role in ROLES {
+        let config =
+            fs::read_to_string(repo_systemd_dir().join(format!("deb/{role}.toml"))).unwrap();
+        let want = format!("data_dir = \"/var/lib/outpost/{role}\"");
+        assert!(
+            config.lines().any(|l| l == want),
+            "deb/{role}.toml lacks {want}"
+        );
+    }
 }

@@ -65,7 +65,7 @@ impl Connection {
             ClientError::Status { status, .. } if status.as_u16() == 401 => {
                 eprintln!(
                     "hint: the token comes from --token, else OUTPOST_TOKEN, else the `token` file \
-                     in --data-dir (default {}); token used: {}",
+                     in --data-dir (else the config's data_dir, else {}); token used: {}",
                     config::DEFAULT_DATA_DIR,
                     self.token_source
                 );
@@ -90,7 +90,13 @@ pub(super) fn text(v: Option<&Value>) -> String {
     }
 }
 
-pub(super) fn event(opts: &ApiOpts, account: &str, event_type: &str, data: Option<&str>) -> i32 {
+pub(super) fn event(
+    opts: &ApiOpts,
+    account: &str,
+    event_type: &str,
+    data: Option<&str>,
+    as_json: bool,
+) -> i32 {
     let data: Value = match data {
         None => json!({}),
         Some(s) => match serde_json::from_str(s) {
@@ -107,6 +113,10 @@ pub(super) fn event(opts: &ApiOpts, account: &str, event_type: &str, data: Optio
     };
     let body = json!({ "account": account, "type": event_type, "data": data });
     match conn.post(&["v1", "events"], &body) {
+        Ok(answer) if as_json => {
+            println!("{}", pretty(&answer));
+            EXIT_OK
+        }
         Ok(answer) => {
             println!("message-id: {}", text(answer.get("message_id")));
             println!("version: {}", text(answer.get("version")));

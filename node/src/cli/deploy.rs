@@ -1,7 +1,7 @@
 //! `outpost deploy`: uploads a bundle to the controller (a progress bar on a terminal), creates
 //! a deployment, and with `--wait` follows it until every target is running or rolled back.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Read};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 
 use super::commands::{connect, text};
 use super::{ApiOpts, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use crate::bundle::manifest::MANIFEST_BYTES_MAX;
+use crate::bundle::{Manifest, MANIFEST_FILE};
 
 /// How often `--wait` asks where the deployment stands.
 const POLL: Duration = Duration::from_millis(250);
@@ -16,14 +18,19 @@ const POLL: Duration = Duration::from_millis(250);
 /// Statuses after which a machine's part of a deployment does not change any more.
 const FINAL: [&str; 3] = ["running", "rolled_back", "failed"];
 
-pub(super) fn deploy(
-    opts: &ApiOpts,
-    service: &str,
-    bundle: &Path,
-    machines: &[String],
-    wait: bool,
-    timeout: Duration,
-) -> i32 {
+/// What `outpost deploy` was asked to do.
+pub(super) struct Request<'a> {
+    pub service: &'a str,
+    pub bundle: &'a Path,
+    pub machines: &'a [String],
+    pub wait: bool,
+    pub timeout: Duration,
+    /// One JSON object on stdout, and no other text there.
+    pub json: bool,
+}
+
+pub(super) fn deploy(opts: &ApiOpts, req: &Request<'_>) -> i32 {
+    let (service, bundle) = (req.service, req.bundle);
     if !crate::config::SERVICES.contains(&service) {
         eprintln!(
             "error: --service: unknown {service:?}; expected one of {}",
@@ -45,6 +52,24 @@ pub(super) fn deploy(
             return EXIT_USAGE;
         }
     };
+    // A bundle for another service would be refused by the controller only after the upload.
+    match manifest_of(bundle) {
+        Ok(m) if m.service == service => {}
+        Ok(m) => {
+            eprintln!(
+                "error: --service: {service:?}, but the bundle {} is for {:?} (its manifest's \
+                 service, version {})",
+                bundle.display(),
+                m.service,
+                m.version
+            );
+            return EXIT_USAGE;
+        }
+        Err(e) => {
+            eprintln!("error: --bundle: {}: {e}", bundle.display());
+            return EXIT_USAGE;
+        }
+    }
     let conn = match connect(opts) {
         Ok(c) => c,
         Err(code) => return code,
@@ -75,14 +100,16 @@ pub(super) fn deploy(
         Err(code) => return code,
     };
     let bundle_id = text(up.get("bundle_id"));
-    println!(
-        "bundle {bundle_id}: {} {} ({len} bytes) uploaded",
-        text(up.get("service")),
-        text(up.get("version"))
-    );
+    if !req.json {
+        println!(
+            "bundle {bundle_id}: {} {} ({len} bytes) uploaded",
+            text(up.get("service")),
+            text(up.get("version"))
+        );
+    }
     let mut body = json!({"service": service, "bundle_id": bundle_id});
-    if !machines.is_empty() {
-        body["machines"] = json!(machines);
+    if !req.machines.is_empty() {
+        body["machines"] = json!(req.machines);
     }
     let created = match conn.post(&["v1", "deployments"], &body) {
         Ok(v) => v,
@@ -96,21 +123,65 @@ pub(super) fn deploy(
             return EXIT_FAILED;
         }
     };
-    println!("deployment {id} created");
-    if !wait {
-        return EXIT_OK;
+    if !req.json {
+        println!("deployment {id} created");
     }
-    follow(&conn, &id, timeout)
+    let mut answer = json!({"bundle": up, "deployment": created});
+    let code = if req.wait {
+        let (code, last) = follow(&conn, &id, req.timeout, !req.json);
+        if let Some(last) = last {
+            answer["result"] = last;
+        }
+        code
+    } else {
+        EXIT_OK
+    };
+    if req.json {
+        println!("{}", super::commands::pretty(&answer));
+    }
+    code
 }
 
-/// Polls the deployment, printing every machine's status when it changes, until all are final.
-fn follow(conn: &super::commands::Connection, id: &str, timeout: Duration) -> i32 {
+/// The manifest inside a bundle file, read without unpacking it (bounded by the manifest's own
+/// size limit).
+fn manifest_of(bundle: &Path) -> Result<Manifest, String> {
+    let file = std::fs::File::open(bundle).map_err(|e| e.to_string())?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    let entries = archive
+        .entries()
+        .map_err(|e| format!("not a bundle (a tar file): {e}"))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("not a bundle (a tar file): {e}"))?;
+        let path = entry.path().map_err(|e| e.to_string())?.into_owned();
+        let path = path.strip_prefix(".").unwrap_or(&path);
+        if path == Path::new(MANIFEST_FILE) {
+            let mut bytes = Vec::new();
+            entry
+                .take(MANIFEST_BYTES_MAX + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| format!("reading {MANIFEST_FILE}: {e}"))?;
+            return Manifest::parse(&bytes).map_err(|e| format!("{MANIFEST_FILE}: {e}"));
+        }
+    }
+    Err(format!(
+        "no {MANIFEST_FILE} in it (pack a directory with `outpost bundle pack DIR -o FILE`)"
+    ))
+}
+
+/// Polls the deployment until every machine's status is final, printing (when `print`) each
+/// machine's status as it changes. Answers the exit code and the deployment's last state.
+fn follow(
+    conn: &super::commands::Connection,
+    id: &str,
+    timeout: Duration,
+    print: bool,
+) -> (i32, Option<Value>) {
     let started = Instant::now();
     let mut shown: std::collections::BTreeMap<String, String> = Default::default();
     loop {
         let d = match conn.get(&["v1", "deployments", id]) {
             Ok(v) => v,
-            Err(code) => return code,
+            Err(code) => return (code, None),
         };
         let list = d["machines"].as_array().cloned().unwrap_or_default();
         let mut done = !list.is_empty();
@@ -122,29 +193,34 @@ fn follow(conn: &super::commands::Connection, id: &str, timeout: Duration) -> i3
                 _ => status.clone(),
             };
             if shown.get(&name) != Some(&line) {
-                println!("  {name:<16} {line}");
+                if print {
+                    println!("  {name:<16} {line}");
+                }
                 shown.insert(name, line);
             }
             done &= FINAL.contains(&status.as_str());
         }
         if done {
             let running = list.iter().filter(|m| m["status"] == "running").count();
-            println!(
-                "deployment {id}: {running} of {} machines run the new bundle",
-                list.len()
-            );
-            return if running == list.len() {
+            if print {
+                println!(
+                    "deployment {id}: {running} of {} machines run the new bundle",
+                    list.len()
+                );
+            }
+            let code = if running == list.len() {
                 EXIT_OK
             } else {
                 EXIT_FAILED
             };
+            return (code, Some(d));
         }
         if started.elapsed() > timeout {
             eprintln!(
                 "error: deployment {id} not finished after {}",
                 humantime::format_duration(timeout)
             );
-            return EXIT_FAILED;
+            return (EXIT_FAILED, Some(d));
         }
         std::thread::sleep(POLL);
     }

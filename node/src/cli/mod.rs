@@ -9,15 +9,19 @@ mod cluster;
 mod commands;
 mod deploy;
 mod files;
+mod manpage;
 mod ops;
+pub mod target;
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Parser, Subcommand};
 
 use crate::config::{self, ConfigError};
 use crate::wire::Role;
+
+pub use target::{ApiArgs, ApiOpts};
 
 /// Exit code: done.
 pub const EXIT_OK: i32 = 0;
@@ -25,6 +29,12 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED: i32 = 1;
 /// Exit code: bad usage or bad config.
 pub const EXIT_USAGE: i32 = 2;
+
+/// The accepted `--role` values, listed in `--help` and checked by clap.
+pub(crate) fn role_parser() -> impl TypedValueParser<Value = Role> {
+    PossibleValuesParser::new(["datacenter", "controller", "worker"])
+        .map(|s| s.parse::<Role>().expect("every listed role parses"))
+}
 
 #[derive(Parser)]
 #[command(
@@ -51,7 +61,7 @@ enum Command {
     },
     /// Create the database, the node identity and the API token; print the node id and fingerprint.
     Init {
-        #[arg(long, value_name = "ROLE")]
+        #[arg(long, value_name = "ROLE", value_parser = role_parser())]
         role: Role,
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
@@ -65,11 +75,16 @@ enum Command {
     /// Run a node.
     Run {
         /// Overrides the config's `role`; may be left out when --config names a config with one.
-        #[arg(long, value_name = "ROLE", required_unless_present = "config")]
+        #[arg(long, value_name = "ROLE", required_unless_present = "config", value_parser = role_parser())]
         role: Option<Role>,
         /// Default: /etc/outpost/ROLE.toml
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+    /// Config files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
     },
     /// Role, identity, peers and their link state, lag, last errors.
     Status {
@@ -77,7 +92,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        api: ApiOpts,
+        api: ApiArgs,
     },
     /// Submit one event; print its message id and the resulting data element.
     Event {
@@ -88,8 +103,11 @@ enum Command {
         /// The event's data, as JSON (default {}).
         #[arg(long, value_name = "JSON")]
         data: Option<String>,
+        /// Print the API's answer as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
-        api: ApiOpts,
+        api: ApiArgs,
     },
     /// Read the state table.
     State {
@@ -105,8 +123,11 @@ enum Command {
         /// Copy a stopped node's database directly (from --data-dir).
         #[arg(long)]
         offline: bool,
+        /// Print what was written (file, bytes, blake3 or rows) as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
-        api: ApiOpts,
+        api: ApiArgs,
     },
     /// Offline database tools.
     Db {
@@ -119,7 +140,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        api: ApiOpts,
+        api: ApiArgs,
     },
     /// Controller: machine keys (pending ones first), and admitting or refusing them.
     Keys {
@@ -144,13 +165,37 @@ enum Command {
         /// How long `--wait` waits.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// Print one JSON object (the bundle, the deployment and, with --wait, where it ended).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
-        api: ApiOpts,
+        api: ApiArgs,
     },
     /// Software bundles.
     Bundle {
         #[command(subcommand)]
         command: BundleCommand,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout; the package installs it as outpost(1).
+    #[command(hide = true)]
+    Man,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config without starting anything: exit 0 with `ok: ...`, or 2 naming the field.
+    Check {
+        /// Overrides the config's `role`, as with `run`.
+        #[arg(long, value_name = "ROLE", required_unless_present = "config", value_parser = role_parser())]
+        role: Option<Role>,
+        /// Default: /etc/outpost/ROLE.toml
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -175,7 +220,7 @@ enum KeysCommand {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        api: ApiOpts,
+        api: ApiArgs,
     },
     /// Admit a pending (or rejected) key; the machine is told at once if connected.
     Accept {
@@ -183,7 +228,7 @@ enum KeysCommand {
         #[arg(value_name = "ID")]
         id: String,
         #[command(flatten)]
-        api: ApiOpts,
+        api: ApiArgs,
     },
     /// Refuse a key from now on; its connection is closed and it leaves any pool.
     Reject {
@@ -191,7 +236,7 @@ enum KeysCommand {
         #[arg(value_name = "ID")]
         id: String,
         #[command(flatten)]
-        api: ApiOpts,
+        api: ApiArgs,
     },
 }
 
@@ -213,27 +258,13 @@ enum StateCommand {
         #[arg(long = "type", value_name = "T")]
         event_type: Option<String>,
         #[command(flatten)]
-        api: ApiOpts,
+        api: ApiArgs,
     },
     /// Print one line: `<digest> <entry count>`.
     Digest {
         #[command(flatten)]
-        api: ApiOpts,
+        api: ApiArgs,
     },
-}
-
-/// How a client command reaches a node's API.
-#[derive(Args, Clone, Debug)]
-pub struct ApiOpts {
-    /// The node's HTTP API.
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7480")]
-    pub api: String,
-    /// The API token (else OUTPOST_TOKEN, else DIR/token).
-    #[arg(long, env = "OUTPOST_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Where the token file is when neither --token nor OUTPOST_TOKEN is given.
-    #[arg(long, value_name = "DIR", default_value = config::DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
 }
 
 /// Runs the command line and exits with the interface's exit code.
@@ -249,6 +280,16 @@ fn run_cli() -> i32 {
             e.exit();
         }
     };
+    // A client command's target: flags, else the node's config, else the defaults.
+    let controller = Some(Role::Controller);
+    macro_rules! target {
+        ($args:expr, $natural:expr) => {
+            match $args.resolve($natural) {
+                Ok(t) => t,
+                Err(e) => return usage(e),
+            }
+        };
+    }
     match cli.command {
         Command::Demo {
             datacenters,
@@ -262,36 +303,56 @@ fn run_cli() -> i32 {
             config,
         } => init(role, &data_dir, name.as_deref(), config.as_deref()),
         Command::Run { role, config } => run(role, config),
-        Command::Status { json, api } => commands::status(&api, json),
+        Command::Config {
+            command: ConfigCommand::Check { role, config },
+        } => config_check(role, config),
+        Command::Status { json, api } => commands::status(&target!(api, None), json),
         Command::Event {
             account,
             event_type,
             data,
+            json,
             api,
-        } => commands::event(&api, &account, &event_type, data.as_deref()),
+        } => commands::event(
+            &target!(api, None),
+            &account,
+            &event_type,
+            data.as_deref(),
+            json,
+        ),
         Command::State { command } => match command {
             StateCommand::Get {
                 account,
                 event_type,
                 api,
-            } => commands::state_get(&api, &account, event_type.as_deref()),
-            StateCommand::Digest { api } => commands::digest(&api),
+            } => commands::state_get(&target!(api, None), &account, event_type.as_deref()),
+            StateCommand::Digest { api } => commands::digest(&target!(api, None)),
         },
-        Command::Backup { out, offline, api } => {
+        Command::Backup {
+            out,
+            offline,
+            json,
+            api,
+        } => {
+            let api = target!(api, None);
             if offline {
-                ops::backup_offline(&api.data_dir, &out)
+                ops::backup_offline(&api.data_dir, &out, json)
             } else {
-                ops::backup_online(&api, &out)
+                ops::backup_online(&api, &out, json)
             }
         }
         Command::Db {
             command: DbCommand::Check { data_dir },
         } => ops::db_check(&data_dir),
-        Command::Machines { json, api } => cluster::machines(&api, json),
+        Command::Machines { json, api } => cluster::machines(&target!(api, controller), json),
         Command::Keys { command } => match command {
-            KeysCommand::List { json, api } => cluster::keys_list(&api, json),
-            KeysCommand::Accept { id, api } => cluster::keys_decide(&api, &id, true),
-            KeysCommand::Reject { id, api } => cluster::keys_decide(&api, &id, false),
+            KeysCommand::List { json, api } => cluster::keys_list(&target!(api, controller), json),
+            KeysCommand::Accept { id, api } => {
+                cluster::keys_decide(&target!(api, controller), &id, true)
+            }
+            KeysCommand::Reject { id, api } => {
+                cluster::keys_decide(&target!(api, controller), &id, false)
+            }
         },
         Command::Deploy {
             service,
@@ -299,8 +360,19 @@ fn run_cli() -> i32 {
             machines,
             wait,
             timeout,
+            json,
             api,
-        } => deploy::deploy(&api, &service, &bundle, &machines, wait, timeout),
+        } => deploy::deploy(
+            &target!(api, controller),
+            &deploy::Request {
+                service: &service,
+                bundle: &bundle,
+                machines: &machines,
+                wait,
+                timeout,
+                json,
+            },
+        ),
         Command::Bundle { command } => match command {
             BundleCommand::Pack { dir, out } => match bundle::pack_command(&dir, &out) {
                 Ok(()) => EXIT_OK,
@@ -311,6 +383,8 @@ fn run_cli() -> i32 {
                 }
             },
         },
+        Command::Completions { shell } => manpage::completions::<Cli>(shell),
+        Command::Man => manpage::man::<Cli>(),
     }
 }
 
@@ -434,17 +508,63 @@ fn host_name() -> String {
     }
 }
 
-fn run(role: Option<Role>, config_path: Option<PathBuf>) -> i32 {
-    let path = match (config_path, role) {
-        (Some(path), _) => path,
-        (None, Some(role)) => PathBuf::from(format!("/etc/outpost/{role}.toml")),
-        (None, None) => return usage("run: give --role, --config or both"),
+/// `--config`, else the role's `/etc/outpost/ROLE.toml`.
+fn config_path(command: &str, role: Option<Role>, path: Option<PathBuf>) -> Result<PathBuf, i32> {
+    match (path, role) {
+        (Some(path), _) => Ok(path),
+        (None, Some(role)) => Ok(target::role_config(role)),
+        (None, None) => Err(usage(format_args!(
+            "{command}: give --role, --config or both"
+        ))),
+    }
+}
+
+/// `outpost config check`: everything `run` validates before it starts, and nothing more.
+fn config_check(role: Option<Role>, path: Option<PathBuf>) -> i32 {
+    let path = match config_path("config check", role, path) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let c = match config::load(&path, role) {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    let mut summary = format!(
+        "ok: {}: {} {:?}, data_dir {}, listen {}, api {}",
+        path.display(),
+        c.role,
+        c.name,
+        c.data_dir.display(),
+        c.listen,
+        c.api
+    );
+    match c.role {
+        Role::Datacenter => summary.push_str(&format!(", {} peers", c.peers.len())),
+        Role::Controller => summary.push_str(if c.admission.is_some() {
+            ", admits workers with the join token"
+        } else {
+            ", admits workers by hand"
+        }),
+        Role::Worker => {
+            if let Some(ctl) = &c.controller {
+                summary.push_str(&format!(", controller {}", ctl.addr));
+            }
+        }
+    }
+    println!("{summary}");
+    EXIT_OK
+}
+
+fn run(role: Option<Role>, config_path_flag: Option<PathBuf>) -> i32 {
+    let path = match config_path("run", role, config_path_flag) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     let config = match config::load(&path, role) {
         Ok(c) => c,
         Err(e) => return usage(e),
     };
-    let log = match init_logging(&config.log.level) {
+    let log = match crate::ops::logging::init(&config.log.level, config.log.format) {
         Ok(log) => log,
         Err(e) => return usage(e),
     };
@@ -465,41 +585,4 @@ fn run(role: Option<Role>, config_path: Option<PathBuf>) -> i32 {
         Ok(()) => EXIT_OK,
         Err(e) => failed(&e),
     }
-}
-
-/// Logs to stderr (the journal, under systemd: then without our own timestamps, since the
-/// journal keeps its own); `RUST_LOG`, when set, overrides the config's `log.level`. The filter
-/// can be changed later through the returned [`crate::ops::LogControl`] (SIGHUP).
-fn init_logging(level: &str) -> Result<crate::ops::LogControl, String> {
-    use tracing_subscriber::prelude::*;
-    use tracing_subscriber::{fmt, reload, EnvFilter};
-    let env = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|e| !e.trim().is_empty());
-    let filter = match &env {
-        Some(env) => {
-            EnvFilter::try_new(env).map_err(|e| format!("RUST_LOG: invalid filter {env:?}: {e}"))?
-        }
-        None => EnvFilter::try_new(level).map_err(|e| format!("log.level: {e}"))?,
-    };
-    let (filter, handle) = reload::Layer::new(filter);
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let out = fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let out = if journal {
-        out.without_time().boxed()
-    } else {
-        out.boxed()
-    };
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(out)
-        .try_init()
-        .map_err(|e| format!("cannot start logging: {e}"))?;
-    let set = move |level: &str| {
-        let f = EnvFilter::try_new(level).map_err(|e| format!("invalid filter {level:?}: {e}"))?;
-        handle.reload(f).map_err(|e| e.to_string())
-    };
-    Ok(crate::ops::LogControl::new(Box::new(set), env.is_some()))
 }

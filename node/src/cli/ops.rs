@@ -8,7 +8,7 @@ use super::{ApiOpts, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use crate::store::{OpenError, Store, DB_FILE};
 
 /// `outpost backup --out FILE`: the node writes a consistent copy and streams it.
-pub(super) fn backup_online(opts: &ApiOpts, out: &Path) -> i32 {
+pub(super) fn backup_online(opts: &ApiOpts, out: &Path, as_json: bool) -> i32 {
     let token = match &opts.token {
         Some(t) => Some(t.clone()),
         None => crate::config::read_token(&opts.data_dir).ok(),
@@ -21,6 +21,13 @@ pub(super) fn backup_online(opts: &ApiOpts, out: &Path) -> i32 {
         }
     };
     match client.download(&["v1", "backup"], out, crate::api::BACKUP_HASH_HEADER) {
+        Ok(d) if as_json => {
+            let answer = serde_json::json!({
+                "file": out.display().to_string(), "bytes": d.bytes, "blake3": d.blake3,
+            });
+            println!("{}", super::commands::pretty(&answer));
+            EXIT_OK
+        }
         Ok(d) => {
             println!(
                 "wrote {} ({} bytes, blake3 {})",
@@ -36,7 +43,8 @@ pub(super) fn backup_online(opts: &ApiOpts, out: &Path) -> i32 {
             {
                 eprintln!(
                     "hint: the token comes from --token, else OUTPOST_TOKEN, else the `token` \
-                     file in --data-dir"
+                     file in --data-dir (else the config's data_dir); token looked for in {}",
+                    opts.data_dir.display()
                 );
             }
             EXIT_FAILED
@@ -58,7 +66,7 @@ fn existing_db(data_dir: &Path) -> Result<(), i32> {
 }
 
 /// `outpost backup --offline --data-dir DIR --out FILE`: copies a stopped node's database.
-pub(super) fn backup_offline(data_dir: &Path, out: &Path) -> i32 {
+pub(super) fn backup_offline(data_dir: &Path, out: &Path, as_json: bool) -> i32 {
     if let Err(code) = existing_db(data_dir) {
         return code;
     }
@@ -85,6 +93,13 @@ pub(super) fn backup_offline(data_dir: &Path, out: &Path) -> i32 {
             Ok(info)
         });
     match written {
+        Ok(info) if as_json => {
+            let answer = serde_json::json!({
+                "file": out.display().to_string(), "bytes": info.bytes, "rows": info.rows,
+            });
+            println!("{}", super::commands::pretty(&answer));
+            EXIT_OK
+        }
         Ok(info) => {
             println!(
                 "wrote {} ({} bytes, {} rows)",

@@ -62,6 +62,7 @@ pub(super) struct RawReplication {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLog {
     pub level: Option<String>,
+    pub format: Option<String>,
 }
 
 #[derive(Deserialize)]

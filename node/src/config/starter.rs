@@ -9,6 +9,11 @@ use std::time::Duration;
 use super::{Limits, DEFAULT_API, DEFAULT_LISTEN};
 use crate::wire::Role;
 
+/// The worker starter's stand-in for the controller's fingerprint. Validation refuses it (at
+/// `config check` and at start), naming the field, so a forgotten edit cannot go unnoticed.
+pub const FINGERPRINT_PLACEHOLDER: &str =
+    "0000000000000000000000000000000000000000000000000000000000000000";
+
 /// A TOML basic string holding `s`.
 fn quote(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
@@ -59,7 +64,15 @@ pub fn starter(role: Role, name: &str, data_dir: &Path) -> String {
     line(w, "[log]");
     line(
         w,
-        "level = \"info\"                     # a tracing filter; RUST_LOG overrides it",
+        "level = \"info\"                     # trace, debug, info, warn, error, off, or e.g.",
+    );
+    line(
+        w,
+        "                                   # \"info,outpost=debug\"; RUST_LOG overrides it",
+    );
+    line(
+        w,
+        "# format = \"text\"                  # text, or json: one JSON object per line",
     );
     out
 }
@@ -117,8 +130,15 @@ fn worker(w: &mut String) {
     for s in [
         "[controller]                       # where this worker's controller is",
         "addr = \"127.0.0.1:7400\"            # REPLACE with the controller's listen address",
-        "# REPLACE with the fingerprint `outpost init` printed on the controller:",
-        "fingerprint = \"0000000000000000000000000000000000000000000000000000000000000000\"",
+        "# REPLACE with the fingerprint `outpost init` printed on the controller (zeros are refused):",
+    ] {
+        line(w, s);
+    }
+    line(
+        w,
+        &format!("fingerprint = {}", quote(FINGERPRINT_PLACEHOLDER)),
+    );
+    for s in [
         "# join_token_file = \"/etc/outpost/join-token\"   # admitted at once with the controller's token",
         "",
         "[machine]                          # what this box is",

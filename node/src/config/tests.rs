@@ -32,6 +32,15 @@ fn starter_config_of_every_role_parses() {
     );
     for role in [Role::Datacenter, Role::Controller, Role::Worker] {
         let text = starter(role, "node-1", Path::new("/srv/outpost data"));
+        // The worker's placeholder fingerprint is refused until the operator replaces it.
+        let text = if role == Role::Worker {
+            let e = fails(&text, None);
+            assert_eq!(e.field, "controller.fingerprint", "{e}");
+            assert!(e.reason.contains("placeholder"), "{e}");
+            text.replace(FINGERPRINT_PLACEHOLDER, FP_A)
+        } else {
+            text
+        };
         let c = parse(&text, "starter", None).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(c.role, role);
         assert_eq!(c.name, "node-1");
@@ -305,16 +314,44 @@ fn token_is_created_once_with_mode_0640() {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The Debian package installs this file as /etc/outpost/datacenter.toml.
-const PACKAGED_DATACENTER: &str = include_str!("../../../systemd/deb/datacenter.toml");
+/// The Debian package installs these as /etc/outpost/ROLE.toml (conffiles): each role's starter
+/// config with `data_dir = "/var/lib/outpost/ROLE"`, the unit's StateDirectory.
+const PACKAGED: [(Role, &str, &str); 3] = [
+    (
+        Role::Datacenter,
+        "dc-1",
+        include_str!("../../../systemd/deb/datacenter.toml"),
+    ),
+    (
+        Role::Controller,
+        "controller-1",
+        include_str!("../../../systemd/deb/controller.toml"),
+    ),
+    (
+        Role::Worker,
+        "worker-1",
+        include_str!("../../../systemd/deb/worker.toml"),
+    ),
+];
 
+/// `UPDATE_PACKAGED_CONFIGS=1 cargo test ... packaged_configs` rewrites them from the starter.
 #[test]
-fn packaged_default_config_is_the_datacenter_starter_and_valid() {
-    let starter = starter(Role::Datacenter, "dc-1", Path::new(DEFAULT_DATA_DIR));
-    assert_eq!(
-        PACKAGED_DATACENTER, starter,
-        "regenerate systemd/deb/datacenter.toml from config::starter"
-    );
-    let c = parse(PACKAGED_DATACENTER, "datacenter.toml", None).unwrap();
-    assert_eq!(c.data_dir, Path::new(DEFAULT_DATA_DIR));
+fn packaged_configs_are_the_role_starters_with_per_role_data_dirs() {
+    for (role, name, shipped) in PACKAGED {
+        let data_dir = Path::new(DEFAULT_DATA_DIR).join(role.as_str());
+        let expected = starter(role, name, &data_dir);
+        if shipped != expected && std::env::var_os("UPDATE_PACKAGED_CONFIGS").is_some() {
+            let path =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../systemd/deb/{role}.toml"));
+            fs::write(&path, &expected).unwrap();
+            continue;
+        }
+        assert_eq!(
+            shipped, expected,
+            "regenerate systemd/deb/{role}.toml: UPDATE_PACKAGED_CONFIGS=1 cargo test packaged_configs"
+        );
+        let shipped = shipped.replace(FINGERPRINT_PLACEHOLDER, FP_A);
+        let c = parse(&shipped, "packaged", None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((c.role, c.data_dir), (role, data_dir));
+    }
 }

@@ -10,7 +10,8 @@ use crate::config::{self, Config, Limits};
 use crate::node::Shared;
 use crate::wire::Role;
 
-/// Sets the log filter at run time (a `tracing_subscriber` reload handle, wrapped by the CLI).
+/// Sets the log filter at run time (a `tracing_subscriber` reload handle, wrapped by
+/// [`super::logging::init`]).
 type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// How the running process's log filter can be changed.
@@ -145,7 +146,7 @@ fn live_limits(old: &Limits, new: &Limits) -> Vec<String> {
 pub fn plan(old: &Config, new: &Config) -> Plan {
     let mut p = Plan {
         applied: live_limits(&old.limits, &new.limits),
-        log_changed: old.log != new.log,
+        log_changed: old.log.level != new.log.level,
         ..Plan::default()
     };
     let mut restart = |changed: bool, what: &str| {
@@ -160,6 +161,8 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     restart(old.data_dir != new.data_dir, "data_dir");
     restart(old.listen != new.listen, "listen");
     restart(old.api != new.api, "api");
+    // The writer and its layout are built once; only the filter has a reload handle.
+    restart(old.log.format != new.log.format, "log.format");
 
     restart(old.replication != new.replication, "replication");
     let (a, b) = (&old.limits, &new.limits);
@@ -197,10 +200,14 @@ mod tests {
         new.limits.log_retention = Duration::from_secs(3600);
         new.limits.frame_bytes_max *= 2;
         new.log.level = "debug".into();
+        new.log.format = config::LogFormat::Json;
         new.api = "127.0.0.1:9999".parse().unwrap();
         let p = plan(&old, &new);
         assert_eq!(p.applied, vec!["limits.log_retention 1day -> 1h"]);
-        assert_eq!(p.restart, vec!["api", "limits.frame_bytes_max"]);
+        assert_eq!(
+            p.restart,
+            vec!["api", "log.format", "limits.frame_bytes_max"]
+        );
         assert!(p.log_changed);
     }
 }
