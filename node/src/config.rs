@@ -129,6 +129,15 @@ pub struct Limits {
     pub api_body_bytes_max: usize,
     /// Most peers in `[[peers]]`.
     pub peers_max: usize,
+    /// Most HTTP API connections open at once; at the bound the oldest idle one is closed to
+    /// make room (see `crate::api::serve`).
+    pub api_connections_max: usize,
+    /// Time a client has to send a whole request head, from its first byte.
+    pub api_header_timeout: Duration,
+    /// An API connection with no request for this long is closed.
+    pub api_idle_timeout: Duration,
+    /// Time a client has to send a whole request body, from the end of its head.
+    pub api_body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -143,6 +152,10 @@ impl Default for Limits {
             in_flight_max: 16_384,
             api_body_bytes_max: 16 * 1024 * 1024,
             peers_max: 64,
+            api_connections_max: 1024,
+            api_header_timeout: Duration::from_secs(10),
+            api_idle_timeout: Duration::from_secs(60),
+            api_body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -540,6 +553,23 @@ impl Validator<'_> {
                 d.api_body_bytes_max,
             )?,
             peers_max: size("peers_max", raw.peers_max, d.peers_max)?,
+            api_connections_max: size(
+                "api_connections_max",
+                raw.api_connections_max,
+                d.api_connections_max,
+            )?,
+            api_header_timeout: match raw.api_header_timeout {
+                Some(s) => self.duration("limits.api_header_timeout", &s)?,
+                None => d.api_header_timeout,
+            },
+            api_idle_timeout: match raw.api_idle_timeout {
+                Some(s) => self.duration("limits.api_idle_timeout", &s)?,
+                None => d.api_idle_timeout,
+            },
+            api_body_timeout: match raw.api_body_timeout {
+                Some(s) => self.duration("limits.api_body_timeout", &s)?,
+                None => d.api_body_timeout,
+            },
         };
         if !(FRAME_BYTES_MAX_LOWEST..=FRAME_BYTES_MAX_HIGHEST).contains(&limits.frame_bytes_max) {
             return Err(self.err(

@@ -3,8 +3,10 @@
 //! parser skips lines it cannot read, so the test looks for those itself): the names of the
 //! interface are there, typed as they should be, and the counters move with traffic.
 
+mod metrics_support;
 mod ops_support;
 
+use metrics_support::{assert_promtool_clean, sample};
 use ops_support::{test_dir, Node};
 use outpost::testkit::{sample_event, Api};
 use prometheus_parse::{LineInfo, Scrape, Value};
@@ -13,7 +15,10 @@ struct Metrics(Scrape);
 
 impl Metrics {
     async fn scrape(api: &Api) -> Metrics {
-        let text = api.metrics().await.expect("GET /metrics");
+        Metrics::parse(&api.metrics().await.expect("GET /metrics"))
+    }
+
+    fn parse(text: &str) -> Metrics {
         for line in text.lines() {
             assert!(
                 !matches!(LineInfo::parse(line), LineInfo::Ignored),
@@ -118,6 +123,53 @@ async fn metrics_parse_and_counters_move_with_traffic() {
     assert_eq!(after.gauge("outpost_entries"), digest.entries as f64);
     assert_eq!(
         after.counter("outpost_elements_applied_total"),
+        0.0,
+        "no peers"
+    );
+
+    // The text passes Prometheus's own linter, and carries what operators graph first.
+    let text = api.metrics().await.unwrap();
+    assert_promtool_clean("datacenter", &text);
+    let m = Metrics::parse(&text);
+    assert!(m.gauge("process_resident_memory_bytes") > 0.0);
+    assert!(m.gauge("process_open_fds") > 0.0);
+    assert!(m.gauge("process_start_time_seconds") > 1.0e9);
+    assert!(m.counter("process_cpu_seconds_total") >= 0.0);
+    // The file only grows here (no compaction): what the scrape saw is at most its size now.
+    let db = std::fs::metadata(node.data_dir.join("outpost.redb"))
+        .unwrap()
+        .len() as f64;
+    let shown = m.gauge("outpost_db_bytes");
+    assert!(
+        shown > 0.0 && shown <= db,
+        "outpost_db_bytes {shown}, file {db}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "outpost_http_requests_total",
+            &[("route", "/v1/events/batch"), ("status", "200")]
+        ),
+        Some(3.0),
+        "requests by route template and status"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "outpost_http_requests_total",
+            &[("route", "/v1/digest"), ("status", "401")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        sample(
+            &text,
+            "outpost_http_request_duration_seconds_count",
+            &[("route", "/v1/events/batch")]
+        ) == Some(3.0)
+    );
+    assert_eq!(
+        m.histogram_count("outpost_replication_latency_seconds"),
         0.0,
         "no peers"
     );

@@ -1,19 +1,122 @@
-//! `GET /metrics` in the Prometheus text format (version 0.0.4). Counters end in `_total`;
+//! `/metrics` of every role in the Prometheus text format (version 0.0.4), encoded by the
+//! `prometheus` crate: [`Scrape`] is one scrape's registry, with what every role shows (build,
+//! process, database size, HTTP requests); each role adds its own. Counters end in `_total`;
 //! every queue is shown beside its bound (`..._max`), so an operator sees how close it runs.
 //! The names in the interface (`outpost_events_ingested_total`, `outpost_elements_applied_total`,
 //! `outpost_copies_received_total`, `outpost_peer_lag`) never change.
 
-use std::fmt::Write;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
 use axum::http::header;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, Opts, Registry, TextEncoder};
 
+use super::serve::HttpStats;
 use crate::ids::NodeId;
 use crate::node::Shared;
 use crate::replication::{LogRead, PeerProgress};
+
+/// One scrape: a fresh registry holding this moment's values and the long-lived histograms.
+pub struct Scrape {
+    reg: Registry,
+}
+
+impl Scrape {
+    /// A scrape with what every role shows: `outpost_build_info`, the process metrics
+    /// (`process_*`, from /proc), `outpost_db_bytes` and the API server's requests.
+    pub fn new(role: &str, name: &str, data_dir: &Path, http: &HttpStats) -> Scrape {
+        let s = Scrape {
+            reg: Registry::new(),
+        };
+        s.labelled(
+            "outpost_build_info",
+            "The running version, role and node name (always 1).",
+            &["version", "role", "name"],
+            [(vec![env!("CARGO_PKG_VERSION"), role, name], 1.0)],
+        );
+        s.add(SelfProcess);
+        let db = std::fs::metadata(data_dir.join(crate::store::DB_FILE)).map_or(0, |m| m.len());
+        s.gauge(
+            "outpost_db_bytes",
+            "Size of the database file (outpost.redb), bytes.",
+            db as f64,
+        );
+        http.register(&s.reg);
+        s
+    }
+
+    /// Adds a collector (a long-lived metric: a histogram, a labelled family).
+    pub fn add(&self, c: impl Collector + 'static) {
+        if let Err(e) = self.reg.register(Box::new(c)) {
+            tracing::error!("metrics: {e}");
+        }
+    }
+
+    pub fn counter(&self, name: &str, help: &str, v: u64) {
+        let c = IntCounter::new(name, help).expect("valid metric");
+        c.inc_by(v);
+        self.add(c);
+    }
+
+    /// A counter read from an atomic.
+    pub fn count(&self, name: &str, help: &str, v: &AtomicU64) {
+        self.counter(name, help, v.load(Ordering::Relaxed));
+    }
+
+    pub fn gauge(&self, name: &str, help: &str, v: f64) {
+        let g = Gauge::new(name, help).expect("valid metric");
+        g.set(v);
+        self.add(g);
+    }
+
+    /// A gauge family: one sample per row of label values.
+    pub fn labelled<'a>(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        rows: impl IntoIterator<Item = (Vec<&'a str>, f64)>,
+    ) {
+        let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+        for (values, v) in rows {
+            g.with_label_values(&values).set(v);
+        }
+        self.add(g);
+    }
+
+    /// The answer to `GET /metrics`.
+    pub fn answer(self) -> Response {
+        let mut out = Vec::with_capacity(8192);
+        if let Err(e) = TextEncoder::new().encode(&self.reg.gather(), &mut out) {
+            tracing::error!("metrics: {e}");
+        }
+        ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], out).into_response()
+    }
+}
+
+/// This process's `process_*` metrics: one collector for the process (its CPU counter is
+/// cumulative), shared by every node the process runs.
+struct SelfProcess;
+
+fn process_collector() -> &'static prometheus::process_collector::ProcessCollector {
+    static P: OnceLock<prometheus::process_collector::ProcessCollector> = OnceLock::new();
+    P.get_or_init(prometheus::process_collector::ProcessCollector::for_self)
+}
+
+impl Collector for SelfProcess {
+    fn desc(&self) -> Vec<&Desc> {
+        process_collector().desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        process_collector().collect()
+    }
+}
 
 /// What one scrape reads from storage, in one read transaction.
 #[derive(Default)]
@@ -24,29 +127,7 @@ struct Stored {
     progress: Vec<(NodeId, PeerProgress)>,
 }
 
-fn write_metric(out: &mut String, kind: &str, name: &str, help: &str, v: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-    );
-}
-
-fn counter(out: &mut String, name: &str, help: &str, v: &AtomicU64) {
-    write_metric(out, "counter", name, help, v.load(Ordering::Relaxed));
-}
-
-fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
-    write_metric(out, "gauge", name, help, v);
-}
-
-/// A label value, escaped as the text format requires.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-pub async fn get_metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+pub async fn get_metrics(State(s): State<Arc<Shared>>) -> Response {
     let s2 = s.clone();
     let stored = tokio::task::spawn_blocking(move || {
         let r = s2.store.read()?;
@@ -59,29 +140,23 @@ pub async fn get_metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     })
     .await;
     let (stored, store_ok) = match stored {
-        Ok(Ok(st)) => (st, 1),
-        _ => (Stored::default(), 0),
+        Ok(Ok(st)) => (st, 1.0),
+        _ => (Stored::default(), 0.0),
     };
     let m = &s.metrics;
     let limits = s.limits();
-    let mut out = String::with_capacity(4096);
-    let o = &mut out;
-    let _ = writeln!(
-        o,
-        "# HELP outpost_build_info The running version.\n# TYPE outpost_build_info gauge\n\
-         outpost_build_info{{version=\"{}\",role=\"{}\",name=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION"),
-        s.meta.role,
-        label(&s.meta.name)
+    let o = Scrape::new(
+        &s.meta.role.to_string(),
+        &s.meta.name,
+        &s.config.data_dir,
+        &m.http,
     );
-    counter(
-        o,
+    o.count(
         "outpost_events_ingested_total",
         "Events processed and committed here.",
         &m.events_ingested,
     );
-    counter(
-        o,
+    o.count(
         "outpost_elements_applied_total",
         "Remote elements applied (first copies).",
         &m.elements_applied,
@@ -89,75 +164,62 @@ pub async fn get_metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     let received = m.elements_applied.load(Ordering::Relaxed)
         + m.copies_counted.load(Ordering::Relaxed)
         + m.copies_duplicate.load(Ordering::Relaxed);
-    write_metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_copies_received_total",
         "Copies of remote elements received (first, counted and duplicate).",
         received,
     );
-    counter(
-        o,
+    o.count(
         "outpost_copies_counted_total",
         "Later copies that raised a message count.",
         &m.copies_counted,
     );
-    counter(
-        o,
+    o.count(
         "outpost_copies_duplicate_total",
         "Copies that changed nothing (retransmissions, own messages, trimmed).",
         &m.copies_duplicate,
     );
-    counter(
-        o,
+    o.count(
         "outpost_elements_sent_total",
         "Elements sent to peers (originated and relayed).",
         &m.elements_sent,
     );
-    counter(
-        o,
+    o.count(
         "outpost_snapshots_sent_total",
         "Snapshots sent to peers behind log retention.",
         &m.snapshots_sent,
     );
-    counter(
-        o,
+    o.count(
         "outpost_commits_total",
         "Write transactions committed.",
         &m.commits,
     );
-    counter(
-        o,
+    o.count(
         "outpost_commit_failures_total",
         "Group commits that failed (disk full, I/O error); their requests were answered with an error.",
         &m.commit_failures,
     );
-    counter(
-        o,
+    o.count(
         "outpost_frames_refused_total",
         "Peer frames refused as malformed or hostile.",
         &m.frames_refused,
     );
-    counter(
-        o,
+    o.count(
         "outpost_api_unauthorized_total",
         "API requests refused for a missing or wrong token.",
         &m.api_refused,
     );
-    counter(
-        o,
+    o.count(
         "outpost_reloads_total",
         "Configuration reloads applied (SIGHUP).",
         &m.reloads,
     );
-    counter(
-        o,
+    o.count(
         "outpost_reload_failures_total",
         "Configuration reloads refused (a bad config; the node kept the previous one).",
         &m.reload_failures,
     );
-    counter(
-        o,
+    o.count(
         "outpost_backups_total",
         "Backups taken through the API.",
         &m.backups,
@@ -165,80 +227,74 @@ pub async fn get_metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 
     // Queues against their bounds.
     let queued = s.writer.max_capacity() - s.writer.capacity();
-    gauge(
-        o,
+    o.gauge(
         "outpost_writer_queue",
         "Requests waiting for the writer thread.",
-        queued as u64,
+        queued as f64,
     );
-    gauge(
-        o,
+    o.gauge(
         "outpost_writer_queue_max",
         "Bound of the writer queue (limits.ingest_queue_max).",
-        s.writer.max_capacity() as u64,
+        s.writer.max_capacity() as f64,
     );
-    gauge(
-        o,
+    o.gauge(
         "outpost_log_records",
         "Records retained in the local log.",
-        stored.log_records,
+        stored.log_records as f64,
     );
-    gauge(
-        o,
+    o.gauge(
         "outpost_log_records_max",
         "Bound of the local log (limits.log_records_max).",
-        limits.log_records_max,
+        limits.log_records_max as f64,
     );
-    gauge(
-        o,
+    o.gauge(
         "outpost_log_retention_seconds",
         "How long log records are kept for catch-up (limits.log_retention).",
-        limits.log_retention.as_secs(),
+        limits.log_retention.as_secs_f64(),
     );
-    gauge(
-        o,
+    o.gauge(
         "outpost_peer_in_flight_max",
         "Log positions unacknowledged per peer before sending pauses (limits.in_flight_max).",
-        s.config.limits.in_flight_max,
+        s.config.limits.in_flight_max as f64,
     );
-    m.commit_latency.render("outpost_commit_seconds", o);
+    o.add(m.commit_latency.0.clone());
+    o.add(m.replication_latency.clone());
 
     // State of the node.
-    gauge(
-        o,
+    o.gauge(
         "outpost_entries",
         "Rows of the state table.",
-        stored.entries,
+        stored.entries as f64,
     );
-    gauge(
-        o,
+    o.gauge(
         "outpost_log_tail",
         "Highest local log position.",
-        stored.tail,
+        stored.tail as f64,
     );
-    gauge(
-        o,
+    o.gauge(
         "outpost_ready",
         "1 once the database is open and the endpoints bound.",
-        u64::from(s.ready.load(Ordering::Relaxed)),
+        f64::from(u8::from(s.ready.load(Ordering::Relaxed))),
     );
-    gauge(
-        o,
+    o.gauge(
         "outpost_disk_full",
         "1 while commits fail for lack of space (ingest answers 503).",
-        u64::from(s.disk_full.load(Ordering::Relaxed)),
+        f64::from(u8::from(s.disk_full.load(Ordering::Relaxed))),
     );
-    gauge(
-        o,
+    o.gauge(
         "outpost_storage_readable",
         "1 when this scrape could read the database.",
         store_ok,
     );
+    o.gauge(
+        "outpost_restoring",
+        "1 while a node restored from a backup recovers its own log from its peers (ingest answers 503).",
+        f64::from(u8::from(s.restore.waiting().is_some())),
+    );
 
     // Peers.
-    let mut lag = String::new();
-    let mut up = String::new();
     let peers = s.peers.active();
+    let mut rows = Vec::with_capacity(peers.len());
     for (_, p) in &peers {
         let (node_id, connected) = {
             let i = p.info.lock().expect("link lock");
@@ -249,34 +305,44 @@ pub async fn get_metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             .map_or(0, |(_, pp)| {
                 pp.acked_in(s.meta.log_epoch, pp.acked_peer_epoch)
             });
-        let name = label(&p.cfg.name);
-        let _ = writeln!(
-            lag,
-            "outpost_peer_lag{{peer=\"{name}\"}} {}",
-            p.lag(stored.tail, acked)
-        );
-        let _ = writeln!(
-            up,
-            "outpost_peer_up{{peer=\"{name}\"}} {}",
-            u8::from(connected)
-        );
+        let contact = p.last_contact_ms.load(Ordering::Relaxed);
+        rows.push((
+            p.cfg.name.clone(),
+            p.lag(stored.tail, acked) as f64,
+            f64::from(u8::from(connected)),
+            contact,
+        ));
     }
-    let _ = write!(
-        o,
-        "# HELP outpost_peer_lag Log positions the peer has not acknowledged.\n\
-         # TYPE outpost_peer_lag gauge\n{lag}\
-         # HELP outpost_peer_up Whether the link to the peer is up.\n\
-         # TYPE outpost_peer_up gauge\n{up}"
+    let by_peer = |f: fn(&(String, f64, f64, u64)) -> f64| {
+        rows.iter()
+            .map(move |r| (vec![r.0.as_str()], f(r)))
+            .collect::<Vec<_>>()
+    };
+    o.labelled(
+        "outpost_peer_lag",
+        "Log positions the peer has not acknowledged.",
+        &["peer"],
+        by_peer(|r| r.1),
     );
-    gauge(o, "outpost_peers", "Configured peers.", peers.len() as u64);
-    gauge(
-        o,
+    o.labelled(
+        "outpost_peer_up",
+        "Whether the link to the peer is up.",
+        &["peer"],
+        by_peer(|r| r.2),
+    );
+    o.labelled(
+        "outpost_peer_last_contact_timestamp_seconds",
+        "When a frame last arrived from the peer, seconds since the Unix epoch (absent: never since start).",
+        &["peer"],
+        rows.iter()
+            .filter(|r| r.3 > 0)
+            .map(|r| (vec![r.0.as_str()], r.3 as f64 / 1000.0)),
+    );
+    o.gauge("outpost_peers", "Configured peers.", peers.len() as f64);
+    o.gauge(
         "outpost_peers_up",
         "Peers whose link is up.",
-        peers
-            .iter()
-            .filter(|(_, p)| p.info.lock().expect("link lock").connected)
-            .count() as u64,
+        rows.iter().filter(|r| r.2 > 0.0).count() as f64,
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    o.answer()
 }

@@ -1,9 +1,11 @@
 //! The local HTTP API (axum): events in, state, digest, status and message lookups out, and
-//! `/metrics`. Every request but `/metrics` needs the bearer token. Bodies are parsed here, not
-//! by axum's extractors, so that every refusal is a JSON `{"error"}` naming the field.
+//! `/metrics`, `/healthz`, `/readyz`. Every request but those three needs the bearer token.
+//! Bodies are parsed here, not by axum's extractors, so that every refusal is a JSON
+//! `{"error"}` naming the field. Every role's API is served by [`serve::serve`].
 
 pub(crate) mod backup;
-mod metrics;
+pub(crate) mod metrics;
+pub mod serve;
 
 pub use backup::HASH_HEADER as BACKUP_HASH_HEADER;
 
@@ -79,9 +81,68 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .merge(authed)
         .route("/metrics", get(metrics::get_metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(get_readyz))
+        .route_layer(middleware::from_fn(serve::record_route))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(body_max))
         .with_state(shared)
+}
+
+/// How long `/readyz` waits for a round trip through the role's core (the writer thread, the
+/// controller's core, the worker's driver) before it answers 503.
+pub const READY_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `GET /healthz` of every role, without a token: 200 while the process serves HTTP at all.
+pub(crate) async fn healthz() -> Json<Value> {
+    Json(json!({ "alive": true }))
+}
+
+/// `GET /readyz` of every role, without a token: 200 `{"ready": true, "role"}` when ready to
+/// serve, else 503 `{"ready": false, "role", "error": reason}`; `extra`'s fields are added.
+pub(crate) fn readiness(
+    role: crate::wire::Role,
+    check: Result<(), String>,
+    extra: Value,
+) -> Response {
+    let mut body = json!({ "ready": check.is_ok(), "role": role });
+    if let Err(reason) = &check {
+        body["error"] = json!(reason);
+    }
+    if let (Some(b), Value::Object(more)) = (body.as_object_mut(), extra) {
+        b.extend(more);
+    }
+    let status = if check.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn get_readyz(State(s): State<Arc<Shared>>) -> Response {
+    readiness(s.meta.role, datacenter_ready(&s).await, json!({}))
+}
+
+/// A datacenter is ready when it has started, its database is open (not being reopened after
+/// a failed write), it is not restoring from a backup, its disk is not full and its writer
+/// thread answers.
+async fn datacenter_ready(s: &Shared) -> Result<(), String> {
+    if !s.ready.load(Ordering::Relaxed) {
+        return Err("starting".into());
+    }
+    s.store.get().map_err(|e| format!("database: {e}"))?;
+    if let Some(left) = s.restore.waiting() {
+        return Err(format!(
+            "restored from a backup: recovering this node's own log from its peers ({left} still to answer)"
+        ));
+    }
+    if s.disk_full.load(Ordering::Relaxed) {
+        return Err("the disk is full: commits fail, events are refused".into());
+    }
+    crate::ops::supervise::ping_writer(s, READY_PING_TIMEOUT)
+        .await
+        .map(|_| ())
 }
 
 async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {

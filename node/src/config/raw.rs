@@ -50,6 +50,10 @@ pub(super) struct RawLimits {
     pub in_flight_max: Option<u64>,
     pub api_body_bytes_max: Option<u64>,
     pub peers_max: Option<u64>,
+    pub api_connections_max: Option<u64>,
+    pub api_header_timeout: Option<String>,
+    pub api_idle_timeout: Option<String>,
+    pub api_body_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -160,7 +160,7 @@ fn limits(w: &mut String) {
         "# Every bound of the node; the values shown are the defaults.",
     );
     line(w, "[limits]");
-    let rows: [(&str, String, &str); 9] = [
+    let rows: [(&str, String, &str); 13] = [
         (
             "log_retention",
             quote(&short_duration(d.log_retention)),
@@ -205,6 +205,26 @@ fn limits(w: &mut String) {
             "peers_max",
             d.peers_max.to_string(),
             "most [[peers]] entries",
+        ),
+        (
+            "api_connections_max",
+            d.api_connections_max.to_string(),
+            "API connections open at once (the oldest idle one makes room)",
+        ),
+        (
+            "api_header_timeout",
+            quote(&short_duration(d.api_header_timeout)),
+            "time to send a request head",
+        ),
+        (
+            "api_idle_timeout",
+            quote(&short_duration(d.api_idle_timeout)),
+            "an API connection idle this long is closed",
+        ),
+        (
+            "api_body_timeout",
+            quote(&short_duration(d.api_body_timeout)),
+            "time to send a whole request body (raise it for big bundles on slow links)",
         ),
     ];
     for (key, value, what) in rows {

@@ -116,6 +116,9 @@ pub struct PeerState {
     live: Mutex<LivePeer>,
     removed: std::sync::atomic::AtomicBool,
     pub info: Mutex<LinkInfo>,
+    /// When a frame last arrived from the peer (ms since the epoch; 0: never), for
+    /// `outpost_peer_last_contact_timestamp_seconds`.
+    pub last_contact_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The configured peers. Grow-only, so a peer's index stays valid for the node's lifetime: a
@@ -238,6 +241,7 @@ impl PeerState {
             live: Mutex::new(live),
             removed: std::sync::atomic::AtomicBool::new(false),
             info: Mutex::new(LinkInfo::default()),
+            last_contact_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -716,6 +720,11 @@ async fn read_loop(
         let Some(msg) = read_frame(&mut recv, max).await? else {
             return Ok(());
         };
+        shared
+            .peers
+            .get(i)
+            .last_contact_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
         match msg {
             Message::Elements(frame) => {
                 let els = Core::check_elements(&frame)

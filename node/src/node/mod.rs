@@ -370,14 +370,16 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
     let (api_stop, api_stop_rx) = tokio::sync::oneshot::channel();
     let api_task = {
         let app = crate::api::router(shared.clone());
-        tokio::spawn(async move {
-            let serve = axum::serve(api_listener, app).with_graceful_shutdown(async move {
+        let limits = crate::api::serve::ApiLimits::from_limits(&shared.config.limits);
+        tokio::spawn(crate::api::serve::serve(
+            api_listener,
+            app,
+            limits,
+            shared.metrics.http.clone(),
+            async move {
                 let _ = api_stop_rx.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!("HTTP API stopped: {e}");
-            }
-        })
+            },
+        ))
     };
     let mut link_tasks = link::spawn_all(shared.clone(), endpoint.clone());
     link_tasks.push(tokio::spawn(retention(shared.clone())));

@@ -304,6 +304,15 @@ fn commit_group(
                             }
                             let _ = reply.send(r);
                         }
+                        (Cmd::Receive { reply, frame, .. }, Outcome::Receive(Ok(got)))
+                            if got.first as usize == frame.items.len() =>
+                        {
+                            // Every copy was a first one: origin ingest (its HLC time) to here.
+                            m.observe_replication(frame.items.iter().map(|(_, e)| e.version.ms));
+                            m.elements_applied
+                                .fetch_add(got.first as u64, Ordering::Relaxed);
+                            let _ = reply.send(Ok(got));
+                        }
                         (
                             Cmd::Receive { reply, .. } | Cmd::Snapshot { reply, .. },
                             Outcome::Receive(r),

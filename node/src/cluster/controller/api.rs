@@ -12,7 +12,6 @@
 //! GET  /v1/deployments        [the same, newest first] (?limit=N, default 20, at most 200)
 //! ```
 
-use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,9 +80,27 @@ pub(crate) fn router(shared: Arc<ControllerShared>) -> Router {
     Router::new()
         .merge(authed)
         .route("/metrics", get(get_metrics))
+        .route("/healthz", get(crate::api::healthz))
+        .route("/readyz", get(get_readyz))
+        .route_layer(middleware::from_fn(crate::api::serve::record_route))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(body_max))
         .with_state(shared)
+}
+
+/// `GET /readyz`: the controller has started, its database is available (not failed after a
+/// write) and its core thread answers.
+async fn get_readyz(State(s): S) -> Response {
+    let check = async {
+        if !s.ready.load(Ordering::Relaxed) {
+            return Err("starting".to_owned());
+        }
+        if !s.summary().available {
+            return Err("the database is unavailable after a failed write".to_owned());
+        }
+        super::run::ping(&s, crate::api::READY_PING_TIMEOUT).await
+    };
+    crate::api::readiness(s.meta.role, check.await, json!({}))
 }
 
 async fn auth(State(s): S, req: Request, next: Next) -> Response {
@@ -557,178 +574,118 @@ pub(crate) fn deployment_json(v: &DeploymentView) -> Value {
     })
 }
 
-fn metric(out: &mut String, kind: &str, name: &str, help: &str, v: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-    );
-}
-
-/// A label value, escaped as the text format requires.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-async fn get_metrics(State(s): S) -> impl IntoResponse {
+async fn get_metrics(State(s): S) -> Response {
     let sum = s.summary();
     let m = &s.metrics;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let mut out = String::with_capacity(2048);
-    let o = &mut out;
-    let _ = writeln!(
-        o,
-        "# HELP outpost_build_info The running version.\n# TYPE outpost_build_info gauge\n\
-         outpost_build_info{{version=\"{}\",role=\"controller\",name=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION"),
-        label(&s.meta.name)
+    let o =
+        crate::api::metrics::Scrape::new("controller", &s.meta.name, &s.config.data_dir, &m.http);
+    o.labelled(
+        "outpost_machines",
+        "Machine keys by status (up and down: admitted).",
+        &["status"],
+        [
+            ("up", sum.up),
+            ("down", sum.down),
+            ("pending", sum.pending),
+            ("rejected", sum.rejected),
+        ]
+        .map(|(status, n)| (vec![status], n as f64)),
     );
-    let _ = writeln!(
-        o,
-        "# HELP outpost_machines Machine keys by status (up and down: admitted).\n\
-         # TYPE outpost_machines gauge"
-    );
-    for (status, n) in [
-        ("up", sum.up),
-        ("down", sum.down),
-        ("pending", sum.pending),
-        ("rejected", sum.rejected),
-    ] {
-        let _ = writeln!(o, "outpost_machines{{status=\"{status}\"}} {n}");
-    }
-    metric(
-        o,
-        "gauge",
+    o.gauge(
         "outpost_publications_unacked",
         "Publications stored and not yet acknowledged, all machines.",
-        sum.unacked as u64,
+        (sum.unacked as u64) as f64,
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_controller_commits_total",
         "Transactions committed by the controller's core.",
         load(&m.commits),
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_controller_commit_failures_total",
         "Commits that failed (every connection was closed and the state reloaded).",
         load(&m.commit_failures),
     );
-    metric(
-        o,
-        "gauge",
+    o.gauge(
         "outpost_controller_connections",
         "Worker connections past their Join.",
-        sum.connections as u64,
+        (sum.connections as u64) as f64,
     );
-    metric(
-        o,
-        "gauge",
+    o.gauge(
         "outpost_controller_connections_max",
         "Most connections open at once.",
-        CONNECTIONS_MAX as u64,
+        (CONNECTIONS_MAX as u64) as f64,
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_controller_connections_refused_total",
         "Connections refused at the connection limits.",
         load(&m.connections_refused),
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_frames_refused_total",
         "Connections closed for a bad or forbidden frame, or a protocol version mismatch.",
         load(&m.refusals),
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_controller_slow_closed_total",
         "Connections closed because their send queue was full.",
         load(&m.slow_closed),
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_api_unauthorized_total",
         "API requests refused for a missing or wrong token.",
         load(&m.api_unauthorized),
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_bundles_uploaded_total",
         "Bundles uploaded (new or already stored).",
         load(&m.bundles_uploaded),
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_deployments_created_total",
         "Deployments created.",
         load(&m.deployments_created),
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_bundle_sealed_bytes_total",
         "Bytes of bundles sealed to machines.",
         load(&m.bundle_bytes_sealed),
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_bundle_seal_failures_total",
         "Bundles that could not be sealed to a machine.",
         load(&m.seal_failures),
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_bundle_served_bytes_total",
         "Sealed bundle bytes sent to workers.",
         load(&m.bundle_bytes_served),
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_bundle_transfers_total",
         "Bundle transfers started (a resumed transfer counts again).",
         load(&m.transfers),
     );
-    metric(
-        o,
-        "gauge",
+    o.gauge(
         "outpost_bundle_transfers_in_flight",
         "Bundle transfers sending now.",
-        load(&m.transfers_in_flight),
+        (load(&m.transfers_in_flight)) as f64,
     );
-    metric(
-        o,
-        "counter",
+    o.counter(
         "outpost_bundle_transfers_refused_total",
         "Bundle requests refused (not authorized, unknown, bad offset).",
         load(&m.transfers_refused),
     );
-    metric(
-        o,
-        "gauge",
+    o.gauge(
         "outpost_ready",
         "1 once the controller serves.",
-        u64::from(s.ready.load(Ordering::Relaxed)),
+        (u64::from(s.ready.load(Ordering::Relaxed))) as f64,
     );
-    metric(
-        o,
-        "gauge",
+    o.gauge(
         "outpost_storage_readable",
         "0 while the database is unavailable after a failed write.",
-        u64::from(sum.available),
+        (u64::from(sum.available)) as f64,
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    o.answer()
 }

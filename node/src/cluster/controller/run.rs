@@ -56,6 +56,8 @@ pub struct ControllerMetrics {
     /// Transfers sending now (a gauge).
     pub transfers_in_flight: AtomicU64,
     pub transfers_refused: AtomicU64,
+    /// The API server's requests and connections.
+    pub http: Arc<crate::api::serve::HttpStats>,
 }
 
 /// What the API, the connections and the core thread share.
@@ -245,14 +247,16 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
     let (api_stop, api_stop_rx) = oneshot::channel();
     let api_task = {
         let app = super::api::router(shared.clone());
-        tokio::spawn(async move {
-            let serve = axum::serve(api_listener, app).with_graceful_shutdown(async move {
+        let limits = crate::api::serve::ApiLimits::from_limits(&shared.config.limits);
+        tokio::spawn(crate::api::serve::serve(
+            api_listener,
+            app,
+            limits,
+            shared.metrics.http.clone(),
+            async move {
                 let _ = api_stop_rx.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!("HTTP API stopped: {e}");
-            }
-        })
+            },
+        ))
     };
     let tasks = vec![
         tokio::spawn(super::conn::accept_loop(shared.clone(), endpoint.clone())),

@@ -1,12 +1,11 @@
 //! The worker's local HTTP API: `GET /v1/status` behind the API token, `GET /metrics` without
 //! it. Read-only: it shows what the driver last published and never touches the database.
 
-use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -34,10 +33,13 @@ pub(crate) fn router(shared: Arc<WorkerShared>) -> Router {
     Router::new()
         .merge(authed)
         .route("/metrics", get(get_metrics))
+        .route("/healthz", get(crate::api::healthz))
+        .route("/readyz", get(get_readyz))
+        .route_layer(middleware::from_fn(crate::api::serve::record_route))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                "no such endpoint on a worker (it serves GET /v1/status, GET /v1/backup and GET /metrics)",
+                "no such endpoint on a worker (it serves GET /v1/status, /v1/backup, /metrics, /healthz and /readyz)",
             )
         })
         .with_state(shared)
@@ -67,6 +69,40 @@ async fn auth(State(s): State<Arc<WorkerShared>>, req: Request, next: Next) -> R
         return e.into_response();
     }
     next.run(req).await
+}
+
+/// `GET /readyz`: the controller has admitted this machine and its driver answers. A worker
+/// admitted earlier stays ready while its controller is out of reach (it keeps running its
+/// software and pool); `controller_connected` says which.
+async fn get_readyz(State(s): State<Arc<WorkerShared>>) -> Response {
+    let standing = s.view().standing;
+    let check = async {
+        match standing {
+            Standing::Admitted => {}
+            Standing::Rejected => {
+                return Err("the controller rejected this machine's key".to_owned());
+            }
+            Standing::Waiting | Standing::Pending => {
+                return Err(format!(
+                    "not admitted yet ({}): waiting for the controller to admit this machine",
+                    standing_str(standing)
+                ));
+            }
+        }
+        match tokio::time::timeout(crate::api::READY_PING_TIMEOUT, s.ping_driver()).await {
+            Ok(true) => Ok(()),
+            _ => Err(format!(
+                "the driver did not answer within {:?}",
+                crate::api::READY_PING_TIMEOUT
+            )),
+        }
+    };
+    let connected = s.controller_connected();
+    crate::api::readiness(
+        crate::wire::Role::Worker,
+        check.await,
+        json!({ "controller_connected": connected }),
+    )
 }
 
 async fn get_status(State(s): State<Arc<WorkerShared>>) -> Json<Value> {
@@ -158,20 +194,13 @@ pub fn status(s: &WorkerShared) -> Value {
     })
 }
 
-fn metric(out: &mut String, kind: &str, name: &str, help: &str, v: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-    );
-}
-
-async fn get_metrics(State(s): State<Arc<WorkerShared>>) -> impl IntoResponse {
+async fn get_metrics(State(s): State<Arc<WorkerShared>>) -> Response {
     let v = s.view();
     let m = &s.metrics;
     let relay_conns = s.relay.lock().expect("relay lock").connections().len() as u64;
     let lb_connected = s.dependent.lock().expect("dependent lock").connected;
     let sw = s.software.view();
-    let mut out = String::new();
+    let o = crate::api::metrics::Scrape::new("worker", &s.name, &s.config.data_dir, &m.http);
     let gauges = [
         (
             "outpost_worker_publications_applied",
@@ -232,7 +261,7 @@ async fn get_metrics(State(s): State<Arc<WorkerShared>>) -> impl IntoResponse {
         ),
     ];
     for (name, help, v) in gauges {
-        metric(&mut out, "gauge", name, help, v);
+        o.gauge(name, help, v as f64);
     }
     let counters = [
         (
@@ -287,7 +316,7 @@ async fn get_metrics(State(s): State<Arc<WorkerShared>>) -> impl IntoResponse {
         ),
     ];
     for (name, help, c) in counters {
-        metric(&mut out, "counter", name, help, c.load(Ordering::Relaxed));
+        o.count(name, help, c);
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    o.answer()
 }

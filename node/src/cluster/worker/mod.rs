@@ -101,6 +101,8 @@ pub struct WorkerMetrics {
     pub deployments_failed: AtomicU64,
     /// Restarts of software that died after it was healthy.
     pub software_restarts: AtomicU64,
+    /// The API server's requests and connections.
+    pub http: Arc<crate::api::serve::HttpStats>,
 }
 
 /// What the API and the heartbeat read of the core, refreshed by the driver after each step.
@@ -467,14 +469,16 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<WorkerRun
     let (api_stop, api_stop_rx) = oneshot::channel();
     let api_task = {
         let app = api::router(shared.clone());
-        tokio::spawn(async move {
-            let serve = axum::serve(api_listener, app).with_graceful_shutdown(async move {
+        let limits = crate::api::serve::ApiLimits::from_limits(&shared.config.limits);
+        tokio::spawn(crate::api::serve::serve(
+            api_listener,
+            app,
+            limits,
+            shared.metrics.http.clone(),
+            async move {
                 let _ = api_stop_rx.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!("HTTP API stopped: {e}");
-            }
-        })
+            },
+        ))
     };
     let mut tasks = vec![
         tokio::spawn(controller_link::run(shared.clone())),
