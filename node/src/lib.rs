@@ -8,6 +8,8 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 mod demo_cluster;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod model;
 pub mod net;
