@@ -116,10 +116,19 @@ pub fn fuzz_controller_deployment(data: &[u8]) {
     }
 }
 
+type FixedMachine = (
+    u128,
+    &'static str,
+    u8,
+    KeyStatus,
+    &'static str,
+    Option<&'static str>,
+);
+
 /// The machines of the controller targets: (node id, name, fingerprint byte, status,
 /// component, load balancer). Two ids share their first 8 hex digits, so that a prefix can be
 /// ambiguous.
-const MACHINES: &[(u128, &str, u8, KeyStatus, &str, Option<&str>)] = &[
+const MACHINES: &[FixedMachine] = &[
     (
         0xaaaa_aaaa_0000_0000_0000_0000_0000_0001,
         "w-adm",
