@@ -9,6 +9,8 @@ pub mod config;
 pub mod demo;
 mod demo_cluster;
 pub mod fsmode;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod model;
 pub mod net;

@@ -1,7 +1,7 @@
-//! Replays the committed seed corpora of the bundle fuzz targets (`fixtures/fuzz/bundle_manifest/`
-//! and `fixtures/fuzz/bundle_archive/`) through the functions the cargo-fuzz targets run, and
-//! checks that each archive seed gets the outcome its name promises. The archive seeds are
-//! written by `regenerate_bundle_archive_corpus` (ignored; run it by name after changing them).
+//! Replays the committed seed corpora of the bundle fuzz targets (`fixtures/fuzz/bundle_manifest/`,
+//! `fixtures/fuzz/bundle_archive/` and `fixtures/fuzz/bundle_paths/`) through the functions the
+//! cargo-fuzz targets run, and checks that each archive seed gets the outcome its name
+//! promises. The archive seeds are written by `regenerate_bundle_archive_corpus` (ignored; run it by name after changing them).
 
 mod bundle_support;
 
@@ -9,7 +9,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use bundle_support::{RawTar, TempDir};
-use outpost::bundle::{fuzz_archive, fuzz_manifest, unpack, BundleError, BundleLimits};
+use outpost::bundle::{
+    fuzz_archive, fuzz_bundle_paths, fuzz_manifest, unpack, BundleError, BundleLimits,
+};
 
 fn corpus(target: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -30,6 +32,7 @@ fn bundle_fuzz_corpus_replays_without_panic() {
     for (target, run) in [
         ("bundle_manifest", fuzz_manifest as fn(&[u8])),
         ("bundle_archive", fuzz_archive as fn(&[u8])),
+        ("bundle_paths", fuzz_bundle_paths as fn(&[u8])),
     ] {
         for path in corpus(target) {
             let data = std::fs::read(&path).unwrap();

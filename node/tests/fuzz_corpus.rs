@@ -9,22 +9,83 @@ use std::path::{Path, PathBuf};
 
 use outpost::cluster::body::{Body, Dependent, DeployOrder, LbRoute, Pool, PoolMember};
 use outpost::cluster::keys::ControllerKey;
+use outpost::fuzzing::{
+    fuzz_api_event, fuzz_api_event_batch, fuzz_config, fuzz_controller_deployment,
+    fuzz_controller_join, fuzz_controller_keys, fuzz_datacenter_hello, fuzz_fingerprints,
+    fuzz_token_proof, fuzz_worker_admission,
+};
 use outpost::ids::{Fingerprint, NodeId};
 use outpost::wire::{
     decode_frame, decode_message, encode_frame, fuzz_cluster_body, fuzz_element_json,
-    fuzz_wire_frame, fuzz_worker, fuzz_worker_publication, FrameError, Message, Publication, Relay,
-    FRAME_BYTES_MAX_DEFAULT,
+    fuzz_seal_key, fuzz_wire_frame, fuzz_worker, fuzz_worker_publication,
+    fuzz_worker_publication_envelope, fuzz_worker_publication_plaintext, Admission, FrameError,
+    Hello, Join, MachineReport, Message, Notify, OriginMark, Publication, Relay, Role,
+    FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION,
 };
+use serde_json::json;
 
 /// A fuzz target's body.
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 4] = [
+/// Every fuzz target but the bundle ones (`bundle_fuzz_corpus.rs`), by name, as
+/// `fuzz/fuzz_targets/<name>.rs` runs it.
+const TARGETS: [(&str, Target); 14] = [
     ("wire_frame", fuzz_wire_frame),
     ("element_json", fuzz_element_json),
     ("cluster_body", fuzz_cluster_body),
     ("worker_publication", fuzz_worker_publication),
+    (
+        "worker_publication_envelope",
+        fuzz_worker_publication_envelope,
+    ),
+    (
+        "worker_publication_plaintext",
+        fuzz_worker_publication_plaintext,
+    ),
+    ("api_event", fuzz_api_event),
+    ("api_event_batch", fuzz_api_event_batch),
+    ("controller_deployment", fuzz_controller_deployment),
+    ("controller_keys", fuzz_controller_keys),
+    ("config_toml", fuzz_config),
+    ("datacenter_hello", fuzz_datacenter_hello),
+    ("controller_join", fuzz_controller_join),
+    ("worker_admission", fuzz_worker_admission),
 ];
+
+/// Every target's `fuzz/fuzz_targets/<name>.rs` exists and is replayed here or in
+/// `bundle_fuzz_corpus.rs`, and every committed corpus belongs to a target.
+#[test]
+fn fuzz_corpus_covers_every_target() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut targets: Vec<String> = std::fs::read_dir(root.join("fuzz/fuzz_targets"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    targets.sort();
+    let mut replayed: Vec<String> = TARGETS
+        .iter()
+        .map(|(t, _)| t.to_string())
+        .chain(["bundle_manifest", "bundle_archive", "bundle_paths"].map(String::from))
+        .collect();
+    replayed.sort();
+    assert_eq!(targets, replayed, "a fuzz target that CI does not replay");
+    let mut corpora: Vec<String> = std::fs::read_dir(root.join("fixtures/fuzz"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    corpora.sort();
+    assert_eq!(
+        corpora, replayed,
+        "a corpus without a target, or a target without one"
+    );
+}
 
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -274,6 +335,171 @@ fn cluster_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("worker_publication", "empty", vec![]),
     ]);
     seeds
+}
+
+fn frame(m: &Message) -> Vec<u8> {
+    encode_frame(m)
+}
+
+fn with(first: u8, rest: &[u8]) -> Vec<u8> {
+    [&[first][..], rest].concat()
+}
+
+/// Seed inputs of the decoder targets (HTTP bodies, config, first frames), valid and broken.
+fn decoder_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    let j = |v: serde_json::Value| v.to_string().into_bytes();
+    let register = json!({"account": "alice", "type": "register",
+        "data": {"contact": "sip:alice@10.1.2.3", "expires_s": 600}});
+    let call = json!({"account": "alice", "type": "call",
+        "data": {"call_id": "call-1", "action": "start"}});
+    let presence = json!({"account": "bob", "type": "presence", "data": {"status": "busy"}});
+    let setting = json!({"account": "bob", "type": "setting", "data": {"key": "k1", "value": 3}});
+    let element = json!({"account": "carol", "type": "element", "data": {"n": 1, "s": [1, "x"]}});
+    let bundle_id = "9f2c4e1a".repeat(8);
+    let w = fuzz_worker();
+    let fps = fuzz_fingerprints();
+    let join = |node: u128, name: &str, proof: Option<[u8; 32]>| {
+        frame(&Message::Join(Join {
+            protocol: PROTOCOL_VERSION,
+            node_id: NodeId(node),
+            name: name.into(),
+            service: "voice".into(),
+            component: "media-processor".into(),
+            load_balancer: Some("lb-1".into()),
+            service_addr: Some("10.0.0.9:5060".into()),
+            relay_addr: None,
+            seal_key: fuzz_seal_key().recipient(),
+            token_proof: proof,
+            resume: 0,
+        }))
+    };
+    let new_fp = fps.len() as u8 - 1;
+    let notify = frame(&Message::Notify(Notify {
+        machine: NodeId(0xaaaa_aaaa_0000_0000_0000_0000_0000_0001),
+        seq: 1,
+        report: MachineReport {
+            state: "running".into(),
+            software: None,
+            detail: None,
+            deployment: None,
+        },
+    }));
+    let hello = |marks: Vec<OriginMark>, resume: Option<(u64, u64)>| {
+        frame(&Message::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            node_id: NodeId(0x99),
+            role: Role::Datacenter,
+            name: "dc2".into(),
+            log_epoch: 3,
+            resume,
+            marks,
+        }))
+    };
+    let own = NodeId(0x00f0_0000_0000_0000_0000_0000_0000_0017);
+    let next = w.publication(&Body::Pool(sample_pool()).encode());
+    let admitted = |key: [u8; 32]| {
+        frame(&Message::Admission(Admission::Admitted {
+            controller_key: key,
+            heartbeat_ms: 1000,
+        }))
+    };
+    let deploy = |n: u64| {
+        Body::Deploy(DeployOrder {
+            deployment: n,
+            bundle_id: bundle_id.clone(),
+            service: "voice".into(),
+            version: "1.4.2".into(),
+            sealed_bytes: 1 << 20,
+            sealed_hash: [0x3c; 32],
+        })
+        .encode()
+    };
+    let config = |role: Role| {
+        outpost::config::starter(role, "node-1", Path::new("/var/lib/outpost")).into_bytes()
+    };
+    vec![
+        ("api_event", "register", j(register.clone())),
+        ("api_event", "call", j(call.clone())),
+        ("api_event", "presence", j(presence.clone())),
+        ("api_event", "setting", j(setting.clone())),
+        ("api_event", "element", j(element.clone())),
+        ("api_event", "bad_type", j(json!({"account": "a", "type": "fax", "data": {}}))),
+        ("api_event", "empty_account", j(json!({"account": "", "type": "presence", "data": {"status": "x"}}))),
+        ("api_event", "extra_field", j(json!({"account": "a", "type": "presence", "data": {"status": "x"}, "x": 1}))),
+        ("api_event", "deep_nesting", format!("{{\"account\":\"a\",\"type\":\"element\",\"data\":{}1{}}}", "[".repeat(200), "]".repeat(200)).into_bytes()),
+        ("api_event", "not_json", b"account=a".to_vec()),
+        ("api_event_batch", "two", j(json!([register, presence]))),
+        ("api_event_batch", "all_types", j(json!([call, setting, element, presence]))),
+        ("api_event_batch", "empty", b"[]".to_vec()),
+        ("api_event_batch", "second_bad", j(json!([presence, {"account": "a", "type": "call", "data": {"call_id": "c"}}]))),
+        ("api_event_batch", "not_an_array", j(presence.clone())),
+        ("controller_deployment", "valid", j(json!({"service": "voice", "bundle_id": bundle_id}))),
+        ("controller_deployment", "machines", j(json!({"service": "video", "bundle_id": bundle_id, "machines": ["w-adm", "lb-1"]}))),
+        ("controller_deployment", "bad_service", j(json!({"service": "fax", "bundle_id": bundle_id}))),
+        ("controller_deployment", "traversal_id", j(json!({"service": "voice", "bundle_id": "../../../../etc/passwd"}))),
+        ("controller_deployment", "unknown_field", j(json!({"service": "voice", "bundle_id": bundle_id, "force": true}))),
+        ("controller_keys", "accept_name", with(0, b"w-pend")),
+        ("controller_keys", "reject_name", with(1, b"w-adm")),
+        ("controller_keys", "accept_id", with(0, NodeId(0xbbbb_0000_0000_0000_0000_0000_0000_0003).to_string().as_bytes())),
+        ("controller_keys", "reject_prefix", with(1, b"cccc0000")),
+        ("controller_keys", "ambiguous_prefix", with(0, b"AAAAAAAA")),
+        ("controller_keys", "short_prefix", with(0, b"cccc")),
+        ("controller_keys", "unknown", with(1, b" nobody ")),
+        ("config_toml", "datacenter", config(Role::Datacenter)),
+        ("config_toml", "controller", config(Role::Controller)),
+        ("config_toml", "worker", config(Role::Worker)),
+        ("config_toml", "peers", [config(Role::Datacenter), format!("\n[[peers]]\nname = \"dc2\"\naddr = \"192.0.2.2:7400\"\nfingerprints = [\"{}\"]\n", "ab".repeat(32)).into_bytes()].concat()),
+        ("config_toml", "bad_role", b"role = \"router\"\nname = \"x\"\n".to_vec()),
+        ("datacenter_hello", "no_marks", hello(vec![], None)),
+        ("datacenter_hello", "resume", hello(vec![OriginMark { origin: NodeId(0x99), contiguous: 10, above: vec![12, 13] }], Some((7, 900)))),
+        ("datacenter_hello", "holds_our_log", hello(vec![OriginMark { origin: own, contiguous: 60, above: vec![70] }], Some((7, 2000)))),
+        ("datacenter_hello", "not_a_hello", frame(&Message::Heartbeat)),
+        ("controller_join", "new_with_token", [with(new_fp, &join(0x77, "w-new", Some(fuzz_token_proof(&fps[new_fp as usize])))), frame(&Message::Heartbeat)].concat()),
+        ("controller_join", "new_without_token", join(0x77, "w-new", None).iter().fold(vec![new_fp], |mut v, b| { v.push(*b); v })),
+        ("controller_join", "new_token_other_cert", with(new_fp, &join(0x77, "w-new", Some(fuzz_token_proof(&fps[0]))))),
+        ("controller_join", "admitted_reconnects", [with(0, &join(0xaaaa_aaaa_0000_0000_0000_0000_0000_0001, "w-adm", None)), notify, frame(&Message::PublicationAck { upto: 0 })].concat()),
+        ("controller_join", "pending_with_token", with(1, &join(0xaaaa_aaaa_0000_0000_0000_0000_0000_0002, "w-pend", Some(fuzz_token_proof(&fps[1]))))),
+        ("controller_join", "rejected_returns", with(2, &join(0xbbbb_0000_0000_0000_0000_0000_0000_0003, "w-rej", None))),
+        ("controller_join", "id_on_another_key", with(new_fp, &join(0xaaaa_aaaa_0000_0000_0000_0000_0000_0001, "w-adm", None))),
+        ("controller_join", "name_squatting", with(new_fp, &join(0x78, "w-adm", None))),
+        ("controller_join", "heartbeat_first", with(0, &frame(&Message::Heartbeat))),
+        ("worker_admission", "pending_then_admitted", [vec![0], frame(&Message::Admission(Admission::Pending)), admitted(w.controller.public()), frame(&Message::Publication(next.clone()))].concat()),
+        ("worker_admission", "known_key_changed", [vec![1], admitted([7; 32])].concat()),
+        ("worker_admission", "known_key_same", [vec![1], admitted(w.controller.public()), frame(&Message::NotifyAck { upto: 0 })].concat()),
+        ("worker_admission", "rejected", [vec![0], frame(&Message::Admission(Admission::Rejected { reason: "no".into() }))].concat()),
+        ("worker_admission", "publication_first", [vec![0], frame(&Message::Publication(next.clone()))].concat()),
+        ("worker_publication_envelope", "frame_next", with(0, &frame(&Message::Publication(next.clone())))),
+        ("worker_publication_envelope", "postcard_next", with(1, &postcard::to_stdvec(&next).unwrap())),
+        ("worker_publication_envelope", "forged", [&[2u8][..], &[0u8; 64], &next.sealed].concat()),
+        ("worker_publication_envelope", "relayed_next", with(3, &frame(&Message::Relay(Relay { to: w.node_id, publication: next.clone() })))),
+        ("worker_publication_plaintext", "pool_on_lb", with(1, &Body::Pool(sample_pool()).encode())),
+        ("worker_publication_plaintext", "route", with(0, &Body::LoadBalancer(Some(sample_route())).encode())),
+        ("worker_publication_plaintext", "route_none", with(4, &Body::LoadBalancer(None).encode())),
+        ("worker_publication_plaintext", "deploy_newer", with(2, &deploy(5))),
+        ("worker_publication_plaintext", "deploy_replayed", with(2, &deploy(3))),
+        ("worker_publication_plaintext", "garbage", vec![0, 9, 9, 9]),
+    ]
+}
+
+/// `OUTPOST_BLESS=1 cargo test -p outpost --test fuzz_corpus` writes the decoder targets'
+/// seeds; otherwise each must be in the committed corpus, and it replays.
+#[test]
+fn fuzz_corpus_holds_the_decoder_seeds() {
+    for (target, name, data) in decoder_seeds() {
+        let path = corpus_dir(target).join(name);
+        if blessing() {
+            std::fs::create_dir_all(corpus_dir(target)).unwrap();
+            std::fs::write(&path, &data).unwrap();
+        } else {
+            assert!(
+                path.exists(),
+                "{} is missing (OUTPOST_BLESS=1 writes it)",
+                path.display()
+            );
+        }
+        let run = TARGETS.iter().find(|(t, _)| *t == target).unwrap().1;
+        run(&data);
+    }
 }
 
 /// `OUTPOST_BLESS=1 cargo test -p outpost --test fuzz_corpus` writes the cluster targets'

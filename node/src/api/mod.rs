@@ -35,6 +35,10 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The status the refusal is answered with.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -175,7 +179,7 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("body: {e}")))
 }
 
@@ -224,15 +228,17 @@ async fn ingest(s: &Shared, events: Vec<Event>) -> ApiResult<Vec<Ingested>> {
     }
 }
 
-async fn post_event(State(s): State<Arc<Shared>>, body: Bytes) -> ApiResult<Json<Value>> {
-    let ev = parse_event(parse_body(&body)?, "")?;
-    let got = ingest(&s, vec![ev]).await?;
-    Ok(Json(answer(&got[0])))
+/// The body of `POST /v1/events` as an event, or the 400 naming the field. Also the body of
+/// the fuzz target `api_event` (`crate::fuzzing`).
+pub(crate) fn parse_event_body(body: &[u8]) -> ApiResult<Event> {
+    parse_event(parse_body(body)?, "")
 }
 
-async fn post_batch(State(s): State<Arc<Shared>>, body: Bytes) -> ApiResult<Json<Value>> {
-    let raws: Vec<RawEvent> = parse_body(&body)?;
-    let max = s.limits().batch_events_max;
+/// The body of `POST /v1/events/batch` (at most `max` events, `limits.batch_events_max`) as
+/// events, or the 400 (413 for too many) naming the field. Also the body of the fuzz target
+/// `api_event_batch`.
+pub(crate) fn parse_batch_body(body: &[u8], max: usize) -> ApiResult<Vec<Event>> {
+    let raws: Vec<RawEvent> = parse_body(body)?;
     if raws.len() > max {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -242,14 +248,23 @@ async fn post_batch(State(s): State<Arc<Shared>>, body: Bytes) -> ApiResult<Json
             ),
         ));
     }
-    if raws.is_empty() {
-        return Ok(Json(json!([])));
-    }
-    let events = raws
-        .into_iter()
+    raws.into_iter()
         .enumerate()
         .map(|(i, r)| parse_event(r, &format!("[{i}].")))
-        .collect::<ApiResult<Vec<_>>>()?;
+        .collect()
+}
+
+async fn post_event(State(s): State<Arc<Shared>>, body: Bytes) -> ApiResult<Json<Value>> {
+    let ev = parse_event_body(&body)?;
+    let got = ingest(&s, vec![ev]).await?;
+    Ok(Json(answer(&got[0])))
+}
+
+async fn post_batch(State(s): State<Arc<Shared>>, body: Bytes) -> ApiResult<Json<Value>> {
+    let events = parse_batch_body(&body, s.limits().batch_events_max)?;
+    if events.is_empty() {
+        return Ok(Json(json!([])));
+    }
     let got = ingest(&s, events).await?;
     Ok(Json(Value::Array(got.iter().map(answer).collect())))
 }

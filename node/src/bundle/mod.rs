@@ -27,7 +27,8 @@ mod unpack;
 
 pub use archive::{bundle_id_of_file, pack, BundleHasher, HashingReader, PackInfo};
 pub use error::BundleError;
-pub use fuzzing::{fuzz_archive, fuzz_manifest};
+#[doc(hidden)]
+pub use fuzzing::{fuzz_archive, fuzz_bundle_paths, fuzz_manifest};
 pub use install::{Installed, Installer, CURRENT_LINK, PREVIOUS_LINK};
 pub use manifest::{Health, HealthCheck, HttpTarget, Manifest, ManifestError, MANIFEST_FILE};
 pub use supervisor::{

@@ -4,6 +4,8 @@
 //! Each takes arbitrary bytes and panics only when a property of the decoders is broken; an
 //! `Err` on bad input is the expected outcome, not a finding.
 
+use std::cell::RefCell;
+
 use serde_json::Value;
 
 use super::{
@@ -12,7 +14,7 @@ use super::{
 };
 use crate::cluster::body::Body;
 use crate::cluster::keys::{publication_digest, ControllerKey, ControllerVerifier, SealKey};
-use crate::cluster::worker::core::{JoinInfo, WorkerCore, WorkerRecord};
+use crate::cluster::worker::core::{JoinInfo, WorkerCore, WorkerRecord, WorkerRefusal};
 use crate::ids::{MsgId, NodeId};
 use crate::model::events::{check_element, merge};
 use crate::model::{to_canonical, ElementRecord, EventType, Version};
@@ -133,11 +135,35 @@ const FUZZ_SEAL_SECRET: &str =
 
 pub fn fuzz_worker() -> FuzzWorker {
     FuzzWorker {
-        node_id: NodeId(0x00f0_0000_0000_0000_0000_0000_0000_0042),
-        seal: SealKey::from_secret(FUZZ_SEAL_SECRET.as_bytes()).expect("fixed seal key"),
+        node_id: FUZZ_WORKER_NODE,
+        seal: fuzz_seal_key(),
         controller: ControllerKey::from_secret(&[0x42; 32]).expect("fixed signing key"),
-        applied: 5,
+        applied: FUZZ_WORKER_APPLIED,
     }
+}
+
+/// The worker's node id and its `applied`, as in [`fuzz_worker`].
+const FUZZ_WORKER_NODE: NodeId = NodeId(0x00f0_0000_0000_0000_0000_0000_0000_0042);
+const FUZZ_WORKER_APPLIED: u64 = 5;
+
+/// The fixed controller's public signing key (what [`fuzz_worker`]'s controller signs with).
+pub fn fuzz_worker_controller_key() -> [u8; 32] {
+    WORKER.with(|w| w.controller.public())
+}
+
+/// The fixed worker's seal key.
+pub fn fuzz_seal_key() -> SealKey {
+    SealKey::from_secret(FUZZ_SEAL_SECRET.as_bytes()).expect("fixed seal key")
+}
+
+thread_local! {
+    /// Deriving the keys is slower than most inputs: once per thread.
+    static WORKER: FuzzWorker = fuzz_worker();
+    static VERIFIER: ControllerVerifier = WORKER
+        .with(|w| ControllerVerifier::from_bytes(&w.controller.public()))
+        .expect("valid key");
+    /// An admitted worker core that no input changed yet (rebuilt after a change).
+    static ENVELOPE_CORE: RefCell<Option<WorkerCore>> = const { RefCell::new(None) };
 }
 
 impl FuzzWorker {
@@ -204,7 +230,10 @@ pub fn fuzz_worker_publication(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let w = fuzz_worker();
+    WORKER.with(|w| worker_publication(w, mode, rest));
+}
+
+fn worker_publication(w: &FuzzWorker, mode: u8, rest: &[u8]) {
     let publications: Vec<Publication> = match mode % 5 {
         0 => match decode_frame(rest, FRAME_BYTES_MAX_DEFAULT) {
             Ok((Message::Publication(p), _)) => vec![p],
@@ -234,7 +263,6 @@ pub fn fuzz_worker_publication(data: &[u8]) {
         }
         _ => vec![w.publication(rest)],
     };
-    let verifier = ControllerVerifier::from_bytes(&w.controller.public()).expect("valid key");
     for p in publications {
         for relayed in [false, true] {
             let mut core = w.core();
@@ -244,56 +272,223 @@ pub fn fuzz_worker_publication(data: &[u8]) {
             } else {
                 core.from_controller(Message::Publication(p.clone()))
             };
-            let after = core.record().clone();
-            let (rec, _outputs) = core.take();
-            if after == before {
-                assert!(rec.is_none(), "nothing changed, yet a record to commit");
-                continue;
+            if let Some(after) = changed(&mut core, &before, &r) {
+                check_applied(w, &p, &before, &after);
             }
-            // Changed: it must have been the real next publication.
-            assert!(r.is_ok(), "the record changed on a refusal: {r:?}");
-            assert_eq!(
-                rec.as_ref(),
-                Some(&after),
-                "a change not offered for commit"
-            );
-            verifier
-                .verify_publication(&p)
-                .expect("accepted a publication the controller did not sign");
-            assert_eq!(
-                p.machine, w.node_id,
-                "accepted another machine's publication"
-            );
-            assert_eq!(
-                after.applied,
-                before.applied + 1,
-                "applied moved by more than one"
-            );
-            assert_eq!(p.seq, after.applied, "accepted out of order");
-            let body = w
-                .seal
-                .open(&p.sealed)
-                .ok()
-                .and_then(|plain| Body::decode(&plain).ok())
-                .expect("accepted a publication whose body does not open and decode");
-            // At most what the body says changed (a worker may ignore a body that is not for
-            // its component, but never makes up another).
-            match body {
-                Body::Pool(pool) => {
-                    assert!(after.pool == before.pool || after.pool == Some(pool));
-                    assert_eq!(after.route, before.route);
-                }
-                Body::LoadBalancer(route) => {
-                    assert!(after.route == before.route || after.route == route);
-                    assert_eq!(after.pool, before.pool);
-                }
-                Body::Deploy(_) => {
-                    assert_eq!(after.pool, before.pool);
-                    assert_eq!(after.route, before.route);
-                }
-            }
-            assert_eq!(after.controller_key, before.controller_key);
-            assert_eq!(after.report, before.report);
         }
+    }
+}
+
+/// The record after an input, if the input changed it: then it was accepted, and the change
+/// is offered for commit. Otherwise nothing is to commit.
+fn changed(
+    core: &mut WorkerCore,
+    before: &WorkerRecord,
+    r: &Result<(), WorkerRefusal>,
+) -> Option<WorkerRecord> {
+    let after = core.record().clone();
+    let (rec, _outputs) = core.take();
+    if &after == before {
+        assert!(rec.is_none(), "nothing changed, yet a record to commit");
+        return None;
+    }
+    assert!(r.is_ok(), "the record changed on a refusal: {r:?}");
+    assert_eq!(
+        rec.as_ref(),
+        Some(&after),
+        "a change not offered for commit"
+    );
+    Some(after)
+}
+
+/// What must hold when a worker applied publication `p`: the controller signed it, for this
+/// machine, as the next one, and its body opens, decodes and explains the change.
+fn check_applied(w: &FuzzWorker, p: &Publication, before: &WorkerRecord, after: &WorkerRecord) {
+    VERIFIER.with(|v| {
+        v.verify_publication(p)
+            .expect("accepted a publication the controller did not sign")
+    });
+    assert_eq!(
+        p.machine, w.node_id,
+        "accepted another machine's publication"
+    );
+    assert_eq!(p.seq, after.applied, "accepted out of order");
+    let plain = w
+        .seal
+        .open(&p.sealed)
+        .expect("accepted a publication that does not open");
+    check_body_applied(&plain, before, after);
+}
+
+/// What must hold when a worker applied the plaintext `plain` as its next publication: it
+/// decodes, `applied` moved by exactly one, and at most what the body says changed (a worker
+/// may ignore a body, but never makes up another).
+fn check_body_applied(plain: &[u8], before: &WorkerRecord, after: &WorkerRecord) {
+    let body = Body::decode(plain).expect("accepted a publication whose body does not decode");
+    assert_eq!(
+        after.applied,
+        before.applied + 1,
+        "applied moved by other than one"
+    );
+    match body {
+        Body::Pool(pool) => {
+            assert!(after.pool == before.pool || after.pool == Some(pool));
+            assert_eq!(after.route, before.route);
+            assert_eq!(after.deploy, before.deploy);
+        }
+        Body::LoadBalancer(route) => {
+            assert!(after.route == before.route || after.route == route);
+            assert_eq!(after.pool, before.pool);
+            assert_eq!(after.deploy, before.deploy);
+        }
+        Body::Deploy(order) => {
+            assert_eq!(after.pool, before.pool);
+            assert_eq!(after.route, before.route);
+            if after.deploy != before.deploy {
+                let newest = before.deploy.as_ref().map_or(before.last_deployment, |d| {
+                    d.deployment.max(before.last_deployment)
+                });
+                assert!(
+                    order.deployment > newest,
+                    "ran a deployment that is not newer"
+                );
+                assert_eq!(after.deploy.as_ref(), Some(&order));
+            }
+        }
+    }
+    assert_eq!(after.controller_key, before.controller_key);
+    assert_eq!(after.report, before.report);
+    assert_eq!(after.last_deployment, before.last_deployment);
+}
+
+/// Target `worker_publication_envelope`: the signed envelope of a publication as an admitted
+/// worker checks it, with the fixed controller key and no per-input key derivation, so that
+/// the fast refusals (decoding, signature shape, machine, sequence) run at full speed. The
+/// first byte picks how the rest is read: 0 a frame (`Publication` or `Relay`), 1 a postcard
+/// `Publication`, 2 the right machine and next sequence with a signature and sealed bytes
+/// from the input. Odd modes arrive relayed, even ones direct. Beyond what
+/// `worker_publication` checks: a signature accepted for a publication is refused for the
+/// same publication with its machine, sequence or sealed bytes changed.
+pub fn fuzz_worker_publication_envelope(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let p = match mode % 3 {
+        0 => match decode_frame(rest, FRAME_BYTES_MAX_DEFAULT) {
+            Ok((Message::Publication(p), _)) => p,
+            Ok((Message::Relay(r), _)) => r.publication,
+            _ => return,
+        },
+        1 => match postcard::from_bytes::<Publication>(rest) {
+            Ok(p) => p,
+            Err(_) => return,
+        },
+        _ => {
+            let cut = rest.len().min(SIGNATURE_BYTES);
+            Publication {
+                machine: FUZZ_WORKER_NODE,
+                seq: FUZZ_WORKER_APPLIED + 1,
+                signature: rest[..cut].to_vec(),
+                sealed: rest[cut..].to_vec(),
+            }
+        }
+    };
+    WORKER.with(|w| {
+        ENVELOPE_CORE.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            let core = slot.get_or_insert_with(|| w.core());
+            let before = core.record().clone();
+            let r = if mode % 2 == 1 {
+                core.from_relay(p.clone())
+            } else {
+                core.from_controller(Message::Publication(p.clone()))
+            };
+            if let Some(after) = changed(core, &before, &r) {
+                check_applied(w, &p, &before, &after);
+                *slot = None;
+            }
+        })
+    });
+    // The signature binds every field.
+    VERIFIER.with(|v| {
+        if v.verify_publication(&p).is_ok() {
+            let mut other = p.clone();
+            other.seq = other.seq.wrapping_add(1);
+            assert!(
+                v.verify_publication(&other).is_err(),
+                "signature ignores seq"
+            );
+            let mut other = p.clone();
+            other.machine = NodeId(other.machine.0 ^ 1);
+            assert!(
+                v.verify_publication(&other).is_err(),
+                "signature ignores machine"
+            );
+            let mut other = p.clone();
+            other.sealed.push(0);
+            assert!(
+                v.verify_publication(&other).is_err(),
+                "signature ignores sealed"
+            );
+        }
+    });
+}
+
+/// Target `worker_publication_plaintext`: the input as the opened plaintext of the next
+/// publication of an admitted worker, through the body decoder and its application
+/// (`WorkerCore::apply_opened`, what follows the signature check and the decryption), without
+/// the crypto. The first byte picks the worker's state before: bit 0 a load balancer
+/// (else a dependent), bit 1 a deployment in progress, bit 2 a pool and a route applied.
+pub fn fuzz_worker_publication_plaintext(data: &[u8]) {
+    let Some((&state, plain)) = data.split_first() else {
+        return;
+    };
+    let lb = state & 1 != 0;
+    let info = JoinInfo {
+        node_id: FUZZ_WORKER_NODE,
+        name: if lb { "lb-fuzz" } else { "fuzz-dep" }.into(),
+        service: "voice".into(),
+        component: if lb {
+            "load-balancer"
+        } else {
+            "media-processor"
+        }
+        .into(),
+        load_balancer: (!lb).then(|| "lb-fuzz".into()),
+        service_addr: Some("10.0.0.2:5060".into()),
+        relay_addr: lb.then(|| "10.0.0.1:7443".into()),
+        token_proof: None,
+    };
+    let mut rec = WorkerRecord {
+        heartbeat_ms: 1000,
+        applied: FUZZ_WORKER_APPLIED,
+        last_deployment: 3,
+        ..WorkerRecord::default()
+    };
+    if state & 2 != 0 {
+        rec.deploy = Some(crate::cluster::body::DeployOrder {
+            deployment: 4,
+            bundle_id: "9f2c4e1a".repeat(8),
+            service: "voice".into(),
+            version: "1.4.2".into(),
+            sealed_bytes: 1 << 20,
+            sealed_hash: [0x3c; 32],
+        });
+    }
+    if state & 4 != 0 {
+        rec.pool = Some(crate::cluster::body::Pool::default());
+        rec.route = None;
+    }
+    let mut core = WorkerCore::open(info, fuzz_seal_key(), rec).expect("no controller key");
+    let _ = core.take();
+    let before = core.record().clone();
+    let r = core.apply_opened(FUZZ_WORKER_APPLIED + 1, plain);
+    assert_eq!(
+        r.is_ok(),
+        Body::decode(plain).is_ok(),
+        "applied iff the body decodes"
+    );
+    if let Some(after) = changed(&mut core, &before, &r) {
+        check_body_applied(plain, &before, &after);
     }
 }

@@ -10,8 +10,9 @@ mod messages;
 pub use frame::*;
 #[doc(hidden)]
 pub use fuzzing::{
-    fuzz_cluster_body, fuzz_element_json, fuzz_wire_frame, fuzz_worker, fuzz_worker_publication,
-    FuzzWorker,
+    fuzz_cluster_body, fuzz_element_json, fuzz_seal_key, fuzz_wire_frame, fuzz_worker,
+    fuzz_worker_controller_key, fuzz_worker_publication, fuzz_worker_publication_envelope,
+    fuzz_worker_publication_plaintext, FuzzWorker,
 };
 pub use messages::*;
 

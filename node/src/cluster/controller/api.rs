@@ -421,17 +421,20 @@ async fn post_bundle(
     ))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeploymentRequest {
-    service: String,
-    bundle_id: String,
-    machines: Option<Vec<String>>,
+pub(crate) struct DeploymentRequest {
+    pub(crate) service: String,
+    pub(crate) bundle_id: String,
+    pub(crate) machines: Option<Vec<String>>,
 }
 
-async fn post_deployment(State(s): S, body: Bytes) -> ApiResult<(StatusCode, Json<Value>)> {
+/// The body of `POST /v1/deployments`, checked as far as it can be without the stored
+/// bundles, or the 400 naming the field. Also the body of the fuzz target
+/// `controller_deployment` (`crate::fuzzing`).
+pub(crate) fn parse_deployment_request(body: &[u8]) -> ApiResult<DeploymentRequest> {
     let req: DeploymentRequest =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("body: {e}")))?;
+        serde_json::from_slice(body).map_err(|e| bad(format!("body: {e}")))?;
     if !SERVICES.contains(&req.service.as_str()) {
         return Err(bad(format!(
             "service: unknown {:?} (one of {})",
@@ -444,6 +447,11 @@ async fn post_deployment(State(s): S, body: Bytes) -> ApiResult<(StatusCode, Jso
             "bundle_id: not a bundle id (64 lowercase hex characters, as POST /v1/bundles answers)",
         ));
     }
+    Ok(req)
+}
+
+async fn post_deployment(State(s): S, body: Bytes) -> ApiResult<(StatusCode, Json<Value>)> {
+    let req = parse_deployment_request(&body)?;
     let path = s.bundles.bundle_path(&req.bundle_id);
     let manifest = tokio::task::spawn_blocking(move || {
         if !path.exists() {

@@ -7,6 +7,7 @@
 //! Nothing outside `core` decides who is admitted or what a machine is sent.
 
 mod api;
+pub(crate) use api::parse_deployment_request;
 mod bundles;
 mod conn;
 pub mod core;

@@ -338,8 +338,16 @@ impl WorkerCore {
             return Ok(());
         }
         let plain = self.seal.open(&p.sealed)?;
-        let body = Body::decode(&plain).map_err(|e| {
-            WorkerRefusal::Hostile(format!("publication {} does not decode: {e}", p.seq))
+        self.apply_opened(p.seq, &plain)
+    }
+
+    /// The rest of [`WorkerCore::accept`]: the opened plaintext of publication `seq`, which
+    /// passed every check before it (signature, machine, sequence `applied + 1`, seal). Its
+    /// own function only so that the fuzz target `worker_publication_plaintext` reaches the
+    /// body's decoder and its application without the crypto; nothing else may call it.
+    pub(crate) fn apply_opened(&mut self, seq: u64, plain: &[u8]) -> Result<(), WorkerRefusal> {
+        let body = Body::decode(plain).map_err(|e| {
+            WorkerRefusal::Hostile(format!("publication {seq} does not decode: {e}"))
         })?;
         match body {
             Body::Pool(pool) => {
@@ -372,11 +380,11 @@ impl WorkerCore {
                 }
             }
         }
-        self.rec.applied = p.seq;
+        self.rec.applied = seq;
         self.dirty = true;
         self.out
             .push(WorkerOutput::ToController(Message::PublicationAck {
-                upto: p.seq,
+                upto: seq,
             }));
         Ok(())
     }
