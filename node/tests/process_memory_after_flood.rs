@@ -29,7 +29,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_returns_near_idle_after_a_connection_flood() {
     let bin = Path::new(env!("CARGO_BIN_EXE_outpost"));
-    let mut c = Cluster::start(bin, ClusterSpec::new("flood-rss", &["dc-1"]))
+    let c = Cluster::start(bin, ClusterSpec::new("flood-rss", &["dc-1"]))
         .await
         .unwrap();
     c.wait_all_ready().await.unwrap();
