@@ -27,14 +27,16 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use outpost::cluster::body::{Body, LbRoute, Pool};
 use outpost::cluster::controller::core::{
-    ConnId, ControllerCore, Dirty, KeyStatus, MachineRecord, Output, Settings,
+    ConnId, ControllerCore, Dirty, KeyStatus, MachineRecord, Output, Peer, Settings,
 };
 use outpost::cluster::keys::{publication_digest, token_proof, ControllerKey, SealKey};
 use outpost::cluster::worker::core::{
     Effect, JoinInfo, Standing, WorkerCore, WorkerOutput, WorkerRecord, WorkerRefusal,
 };
 use outpost::ids::{Fingerprint, NodeId};
-use outpost::wire::{Admission, Join, MachineReport, Message, Notify, Publication, Software};
+use outpost::wire::{
+    Admission, Join, JoinRefusal, MachineReport, Message, Notify, Publication, Software,
+};
 
 /// splitmix64: small, fast, and the same on every platform.
 struct Rng(u64);
@@ -85,10 +87,15 @@ struct CtrlDisk {
 }
 
 impl CtrlDisk {
-    /// Same order as `Store::controller_commit`: records, new publications, then deletions.
+    /// Same order as `Store::controller_commit`: records, removed records, new publications,
+    /// then deletions.
     fn apply(&mut self, d: &Dirty) {
         for m in &d.machines {
             self.machines.insert(m.node_id, m.clone());
+        }
+        for node in &d.removed {
+            self.machines.remove(node);
+            self.pubs.retain(|(m, _), _| m != node);
         }
         for p in &d.publications {
             self.pubs.insert((p.machine, p.seq), p.clone());
@@ -711,7 +718,11 @@ impl Sim {
             return;
         };
         match item {
-            ToCtrl::Join(j) => core.joined(conn, fp, j, now),
+            // The simulated certificate carries the node id the worker joins with.
+            ToCtrl::Join(j) => {
+                let id = j.node_id;
+                core.joined(conn, Peer::new(fp, id), j, now)
+            }
             ToCtrl::Frame(m) => core.frame(conn, m, now),
         }
         self.ctrl_flush();
@@ -1839,7 +1850,19 @@ struct Machine {
 
 impl Machine {
     fn new(n: u128, name: &str, component: &str, lb: Option<&str>, token: bool) -> Machine {
-        let fingerprint = Fingerprint(*blake3::hash(name.as_bytes()).as_bytes());
+        Machine::keyed(n, name, component, lb, token, name)
+    }
+
+    /// With the certificate named by `key` (two machines claiming one name have two keys).
+    fn keyed(
+        n: u128,
+        name: &str,
+        component: &str,
+        lb: Option<&str>,
+        token: bool,
+        key: &str,
+    ) -> Machine {
+        let fingerprint = Fingerprint(*blake3::hash(key.as_bytes()).as_bytes());
         Machine {
             info: JoinInfo {
                 node_id: NodeId(0xabc0_0000_0000_0000_0000_0000_0000_0000 | n),
@@ -1863,6 +1886,11 @@ impl Machine {
 
     fn id(&self) -> NodeId {
         self.info.node_id
+    }
+
+    /// What its certificate proves: its key and its node id.
+    fn peer(&self) -> Peer {
+        Peer::new(self.fingerprint, self.id())
     }
 }
 
@@ -1898,7 +1926,7 @@ fn hostile_pending_worker_may_not_notify_or_ack() {
     let (mut ctrl, _) = controller(100, false);
     let m = Machine::new(1, "dep-1", "media-processor", Some("lb-1"), false);
     let mut w = m.core();
-    ctrl.joined(1, m.fingerprint, w.join(), T0_MS);
+    ctrl.joined(1, Peer::new(m.fingerprint, m.id()), w.join(), T0_MS);
     w.connected();
     let (d, out) = ctrl.take();
     assert_eq!(d.machines.len(), 1, "one pending record");
@@ -1934,7 +1962,7 @@ fn hostile_pending_worker_may_not_notify_or_ack() {
     ];
     for (k, msg) in hostile.into_iter().enumerate() {
         let conn = 10 + k as u64;
-        ctrl.joined(conn, m.fingerprint, w.join(), T0_MS);
+        ctrl.joined(conn, Peer::new(m.fingerprint, m.id()), w.join(), T0_MS);
         let (d, _) = ctrl.take();
         assert!(d.is_empty(), "a pending machine's rejoin stored {d:?}");
         let kind = msg.kind();
@@ -1974,7 +2002,8 @@ fn hostile_flood_of_unknown_joins_is_bounded() {
             token_proof: (n % 2 == 0).then(|| token_proof(b"guess", &fp)),
             resume: 0,
         };
-        ctrl.joined(conn, fp, join, T0_MS + n);
+        let id = join.node_id;
+        ctrl.joined(conn, Peer::new(fp, id), join, T0_MS + n);
         let (d, out) = ctrl.take();
         stored.apply(&d);
         assert!(d.publications.is_empty());
@@ -1984,6 +2013,11 @@ fn hostile_flood_of_unknown_joins_is_bounded() {
         } else {
             assert!(d.is_empty(), "join {n} beyond the bound stored {d:?}");
             assert!(closes(&out, conn), "join {n} beyond the bound: {out:?}");
+            assert_eq!(
+                refused_with(&out, conn),
+                Some(JoinRefusal::TooManyWaiting),
+                "join {n}"
+            );
             assert!(!sends_to(&out, conn)
                 .iter()
                 .any(|m| matches!(m, Message::Admission(Admission::Admitted { .. }))),);
@@ -2001,7 +2035,12 @@ fn hostile_flood_of_unknown_joins_is_bounded() {
     // A machine with the real token still gets in.
     let m = Machine::new(1, "lb-1", "load-balancer", None, true);
     let w = m.core();
-    ctrl.joined(20_000, m.fingerprint, w.join(), T0_MS + 20_000);
+    ctrl.joined(
+        20_000,
+        Peer::new(m.fingerprint, m.id()),
+        w.join(),
+        T0_MS + 20_000,
+    );
     let (d, out) = ctrl.take();
     stored.apply(&d);
     assert!(
@@ -2025,7 +2064,7 @@ fn hostile_rejected_key_is_refused_on_every_later_attempt() {
     let (mut ctrl, _) = controller(100, true);
     let m = Machine::new(2, "dep-2", "routing", Some("lb-1"), false);
     let w = m.core();
-    ctrl.joined(1, m.fingerprint, w.join(), T0_MS);
+    ctrl.joined(1, Peer::new(m.fingerprint, m.id()), w.join(), T0_MS);
     let _ = ctrl.take();
     assert_eq!(ctrl.reject("dep-2", T0_MS), Ok(m.id()));
     let (d, out) = ctrl.take();
@@ -2046,7 +2085,7 @@ fn hostile_rejected_key_is_refused_on_every_later_attempt() {
         (3, m.fingerprint, with_token),
         (4, other_fp, other),
     ] {
-        ctrl.joined(conn, fp, join, T0_MS + 10);
+        ctrl.joined(conn, Peer::new(fp, m.id()), join, T0_MS + 10);
         let (d, out) = ctrl.take();
         assert!(d.is_empty(), "conn {conn}: stored {d:?}");
         assert!(closes(&out, conn), "conn {conn}: {out:?}");
@@ -2065,13 +2104,305 @@ fn hostile_rejected_key_is_refused_on_every_later_attempt() {
     assert_eq!(w.take().0, None);
 }
 
+fn refused_with(out: &[Output], conn: ConnId) -> Option<JoinRefusal> {
+    sends_to(out, conn).iter().find_map(|m| match m {
+        Message::Admission(Admission::Refused(why)) => Some(*why),
+        _ => None,
+    })
+}
+
+fn admitted(out: &[Output], conn: ConnId) -> bool {
+    sends_to(out, conn)
+        .iter()
+        .any(|m| matches!(m, Message::Admission(Admission::Admitted { .. })))
+}
+
+#[test]
+fn hostile_join_with_another_machines_node_id_is_refused_and_stores_nothing() {
+    let (mut ctrl, _) = controller(100, true);
+    let a = Machine::new(5, "router-a", "call-router", None, true);
+    ctrl.joined(1, a.peer(), a.core().join(), T0_MS);
+    let (_, out) = ctrl.take();
+    assert!(admitted(&out, 1));
+    let before = records(&ctrl);
+    // Another machine, with the join token even, speaking for a: its own certificate (which
+    // proves its own id), a certificate proving no node id, and one of its own claiming a's id.
+    let b = Machine::new(6, "router-b", "call-router", None, true);
+    let mut as_a = b.core().join();
+    as_a.node_id = a.id();
+    for (conn, peer, want) in [
+        (2, b.peer(), JoinRefusal::NodeIdNotProven),
+        (
+            3,
+            Peer {
+                fingerprint: b.fingerprint,
+                node_id: None,
+            },
+            JoinRefusal::NodeIdNotProven,
+        ),
+        (
+            4,
+            Peer::new(b.fingerprint, a.id()),
+            JoinRefusal::NodeIdTaken,
+        ),
+    ] {
+        ctrl.joined(conn, peer, as_a.clone(), T0_MS + 1);
+        let (d, out) = ctrl.take();
+        assert!(d.is_empty(), "conn {conn}: stored {d:?}");
+        assert!(closes(&out, conn), "conn {conn}: {out:?}");
+        assert_eq!(refused_with(&out, conn), Some(want), "conn {conn}: {out:?}");
+        assert!(!admitted(&out, conn));
+        assert!(!closes(&out, 1), "a's own connection was touched: {out:?}");
+        assert_eq!(records(&ctrl), before);
+        ctrl.closed(conn, T0_MS + 1);
+    }
+    assert!(ctrl.connected(a.id()));
+}
+
+#[test]
+fn hostile_join_with_the_controllers_own_node_id_is_refused() {
+    let own = NodeId(0xc0ff_ee00_0000_0000_0000_0000_0000_0001);
+    let mut s = Settings::new(2000);
+    s.join_token = Some(TOKEN.to_vec());
+    s.controller_node_id = Some(own);
+    let key = ControllerKey::from_secret(&[0x5a; 32]).unwrap();
+    let mut ctrl = ControllerCore::open(s.clone(), key, vec![], vec![], T0_MS);
+    // Its certificate carries the controller's id, and it has the token.
+    let mut m = Machine::new(7, "ctl", "call-router", None, true);
+    m.info.node_id = own;
+    ctrl.joined(1, m.peer(), m.core().join(), T0_MS);
+    let (d, out) = ctrl.take();
+    assert!(d.is_empty(), "stored {d:?}");
+    assert_eq!(
+        refused_with(&out, 1),
+        Some(JoinRefusal::NodeIdNotProven),
+        "{out:?}"
+    );
+    assert!(closes(&out, 1));
+    assert_eq!(ctrl.machines().count(), 0);
+    // A record of the controller's own id stored before this check is dropped on open.
+    let mut old = CtrlDisk::default();
+    let other = Machine::new(8, "router-8", "call-router", None, true);
+    let mut c2 = ControllerCore::open(
+        Settings {
+            controller_node_id: None,
+            ..s.clone()
+        },
+        ControllerKey::from_secret(&[0x5a; 32]).unwrap(),
+        vec![],
+        vec![],
+        T0_MS,
+    );
+    for (conn, x) in [(1, &m), (2, &other)] {
+        c2.joined(conn, x.peer(), x.core().join(), T0_MS);
+        old.apply(&c2.take().0);
+    }
+    assert_eq!(old.machines.len(), 2);
+    let mut c3 = ControllerCore::open(
+        s,
+        ControllerKey::from_secret(&[0x5a; 32]).unwrap(),
+        old.machines.values().cloned().collect(),
+        vec![],
+        T0_MS,
+    );
+    assert!(c3.machine(own).is_none());
+    assert!(c3.accept(&own.to_string(), T0_MS).is_err());
+    let (d, _) = c3.take();
+    assert_eq!(d.removed, vec![own]);
+    old.apply(&d);
+    assert_eq!(
+        old.machines.keys().copied().collect::<Vec<_>>(),
+        vec![other.id()]
+    );
+}
+
+#[test]
+fn a_pending_name_squatter_gives_way_to_the_real_machine_with_the_token() {
+    let (mut ctrl, _) = controller(100, true);
+    let mut disk = CtrlDisk::default();
+    let squatter = Machine::keyed(9, "w7", "call-router", None, false, "squatter");
+    ctrl.joined(1, squatter.peer(), squatter.core().join(), T0_MS);
+    let (d, out) = ctrl.take();
+    disk.apply(&d);
+    assert_eq!(
+        sends_to(&out, 1),
+        vec![&Message::Admission(Admission::Pending)]
+    );
+    // Another token-less key for the name is refused, and told why.
+    let other = Machine::keyed(10, "w7", "call-router", None, false, "other");
+    ctrl.joined(2, other.peer(), other.core().join(), T0_MS + 1);
+    let (d, out) = ctrl.take();
+    assert!(d.is_empty());
+    assert_eq!(refused_with(&out, 2), Some(JoinRefusal::NameTaken));
+    ctrl.closed(2, T0_MS + 1);
+    // The real w7 presents the token: admitted; the squatter's record is gone and its
+    // connection told and closed.
+    let real = Machine::keyed(11, "w7", "call-router", None, true, "real");
+    ctrl.joined(3, real.peer(), real.core().join(), T0_MS + 2);
+    let (d, out) = ctrl.take();
+    disk.apply(&d);
+    assert!(admitted(&out, 3), "{out:?}");
+    assert_eq!(refused_with(&out, 1), Some(JoinRefusal::NameTaken));
+    assert!(closes(&out, 1));
+    assert_eq!(d.removed, vec![squatter.id()]);
+    assert_eq!(
+        disk.machines.keys().copied().collect::<Vec<_>>(),
+        vec![real.id()]
+    );
+    assert!(!ctrl.connected(squatter.id()));
+    // The squatter coming back finds the name taken by an admitted key, even with a token.
+    let squatter_with_token = Machine::keyed(9, "w7", "call-router", None, true, "squatter");
+    for (conn, m) in [(4, &squatter), (5, &squatter_with_token)] {
+        ctrl.joined(conn, m.peer(), m.core().join(), T0_MS + 3);
+        let (d, out) = ctrl.take();
+        assert!(d.is_empty(), "stored {d:?}");
+        assert_eq!(refused_with(&out, conn), Some(JoinRefusal::NameTaken));
+        ctrl.closed(conn, T0_MS + 3);
+    }
+    assert!(ctrl.connected(real.id()));
+}
+
+#[test]
+fn a_pending_node_id_squatter_gives_way_to_the_real_machine_with_the_token() {
+    let (mut ctrl, _) = controller(100, true);
+    let mut disk = CtrlDisk::default();
+    // A key whose certificate claims the real machine's node id, under another name.
+    let squatter = Machine::keyed(12, "not-w8", "call-router", None, false, "squatter");
+    ctrl.joined(1, squatter.peer(), squatter.core().join(), T0_MS);
+    disk.apply(&ctrl.take().0);
+    let real = Machine::keyed(12, "w8", "call-router", None, true, "real");
+    assert_eq!(real.id(), squatter.id());
+    ctrl.joined(2, real.peer(), real.core().join(), T0_MS + 1);
+    let (d, out) = ctrl.take();
+    disk.apply(&d);
+    assert!(admitted(&out, 2), "{out:?}");
+    assert_eq!(refused_with(&out, 1), Some(JoinRefusal::NodeIdTaken));
+    // Dropped and created again under the same id: written, not deleted.
+    assert!(d.removed.is_empty(), "{d:?}");
+    let rec = &disk.machines[&real.id()];
+    assert_eq!(
+        (rec.name.as_str(), rec.fingerprint, rec.key_status),
+        ("w8", real.fingerprint, KeyStatus::Admitted)
+    );
+    assert_eq!(disk.machines.len(), 1);
+}
+
+/// Machine `n` of many: no service address (it would need `n` to be a byte).
+fn many(n: u128, name: &str, token: bool, key: &str) -> Machine {
+    let mut m = Machine::keyed(
+        n,
+        name,
+        "call-router",
+        None,
+        token,
+        &format!("{key}-{name}"),
+    );
+    m.info.service_addr = None;
+    m
+}
+
+#[test]
+fn a_full_pending_table_holds_no_name_from_a_key_with_the_token() {
+    const PENDING: usize = 1024;
+    let (mut ctrl, _) = controller(PENDING, true);
+    let mut disk = CtrlDisk::default();
+    for n in 0..PENDING {
+        let m = many(0x1_0000 + n as u128, &format!("w{n}"), false, "squatter");
+        ctrl.joined(n as u64 + 1, m.peer(), m.core().join(), T0_MS);
+        disk.apply(&ctrl.take().0);
+    }
+    assert_eq!(disk.machines.len(), PENDING);
+    // One more without the token: the table is full, and it is told so.
+    let late = many(0x2_0000, "late", false, "late");
+    ctrl.joined(9_999, late.peer(), late.core().join(), T0_MS + 1);
+    let (d, out) = ctrl.take();
+    assert!(d.is_empty());
+    assert_eq!(refused_with(&out, 9_999), Some(JoinRefusal::TooManyWaiting));
+    ctrl.closed(9_999, T0_MS + 1);
+    // Every real machine, with the token, gets its name.
+    for n in 0..PENDING {
+        let conn = 10_000 + n as u64;
+        let m = many(0x3_0000 + n as u128, &format!("w{n}"), true, "real");
+        ctrl.joined(conn, m.peer(), m.core().join(), T0_MS + 2);
+        let (d, out) = ctrl.take();
+        disk.apply(&d);
+        assert!(admitted(&out, conn), "w{n}: {out:?}");
+    }
+    assert_eq!(disk.machines.len(), PENDING);
+    assert!(disk
+        .machines
+        .values()
+        .all(|m| m.key_status == KeyStatus::Admitted && m.node_id.0 >= 0x3_0000));
+}
+
+#[test]
+fn a_token_that_is_not_accepted_is_said_to_the_worker() {
+    for controller_has_token in [true, false] {
+        let (mut ctrl, _) = controller(100, controller_has_token);
+        let m = Machine::new(13, "w13", "call-router", None, false);
+        let mut wrong = m.core().join();
+        wrong.token_proof = Some(token_proof(b"not the token", &m.fingerprint));
+        ctrl.joined(1, m.peer(), wrong.clone(), T0_MS);
+        let (d, out) = ctrl.take();
+        assert_eq!(d.machines.len(), 1);
+        assert_eq!(d.machines[0].key_status, KeyStatus::Pending);
+        assert_eq!(
+            sends_to(&out, 1),
+            vec![&Message::Admission(Admission::PendingTokenNotAccepted)],
+            "controller_has_token {controller_has_token}"
+        );
+        // Without a proof it is plain pending.
+        ctrl.joined(2, m.peer(), m.core().join(), T0_MS + 1);
+        let (_, out) = ctrl.take();
+        assert_eq!(
+            sends_to(&out, 2),
+            vec![&Message::Admission(Admission::Pending)]
+        );
+    }
+    // The worker takes it as pending, and a refusal as not answered yet.
+    let m = Machine::new(13, "w13", "call-router", None, false);
+    let mut w = m.core();
+    w.connected();
+    w.from_controller(Message::Admission(Admission::PendingTokenNotAccepted))
+        .unwrap();
+    assert_eq!(w.standing(), Standing::Pending);
+    w.connected();
+    w.from_controller(Message::Admission(Admission::Refused(
+        JoinRefusal::NameTaken,
+    )))
+    .unwrap();
+    assert_eq!(w.standing(), Standing::Waiting);
+    assert_eq!(w.take().0, None);
+}
+
+#[test]
+fn join_refusals_say_the_documented_words() {
+    assert_eq!(
+        JoinRefusal::NameTaken.to_string(),
+        "name taken by another key"
+    );
+    assert_eq!(
+        JoinRefusal::TooManyWaiting.to_string(),
+        "too many machines waiting"
+    );
+    assert_eq!(
+        outpost::wire::TOKEN_NOT_ACCEPTED,
+        "join token not accepted: waiting for an operator"
+    );
+}
+
 /// Two admitted machines on connections 1 and 2.
 fn two_admitted() -> (ControllerCore, Machine, Machine) {
     let (mut ctrl, _) = controller(100, true);
     let a = Machine::new(3, "router-a", "call-router", None, true);
     let b = Machine::new(4, "router-b", "call-router", None, true);
     for (conn, m) in [(1, &a), (2, &b)] {
-        ctrl.joined(conn, m.fingerprint, m.core().join(), T0_MS);
+        ctrl.joined(
+            conn,
+            Peer::new(m.fingerprint, m.id()),
+            m.core().join(),
+            T0_MS,
+        );
         let (_, out) = ctrl.take();
         assert!(sends_to(&out, conn)
             .iter()
@@ -2134,7 +2465,12 @@ fn hostile_notify_for_another_machine_is_refused() {
     .enumerate()
     {
         let conn = 10 + k as u64;
-        ctrl.joined(conn, a.fingerprint, a.core().join(), T0_MS + 3);
+        ctrl.joined(
+            conn,
+            Peer::new(a.fingerprint, a.id()),
+            a.core().join(),
+            T0_MS + 3,
+        );
         let _ = ctrl.take();
         let before = records(&ctrl);
         let kind = msg.kind();

@@ -15,9 +15,9 @@ use outpost::model::{to_canonical, ElementRecord, EventType, Version};
 use outpost::replication::Core;
 use outpost::wire::{
     decode_frame, encode_frame, Admission, BundleHeader, BundleRequest, CatchUpBatch,
-    CatchUpRequest, Elements, Goodbye, Hello, Join, MachineReport, Message, Notify, OriginMark,
-    Publication, Relay, RelayHello, Role, SnapshotChunk, SnapshotEnd, SnapshotEntry, Software,
-    FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION,
+    CatchUpRequest, Elements, Goodbye, Hello, Join, JoinRefusal, MachineReport, Message, Notify,
+    OriginMark, Publication, Relay, RelayHello, Role, SnapshotChunk, SnapshotEnd, SnapshotEntry,
+    Software, FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION,
 };
 use serde_json::json;
 
@@ -295,6 +295,31 @@ fn samples() -> Vec<(&'static str, &'static str, Message)> {
             Message::Admission(Admission::Rejected {
                 reason: "key rejected by an operator".into(),
             }),
+        ),
+        (
+            "admission_pending_token_not_accepted",
+            "Admission: recorded as pending; the join token it presented was not accepted",
+            Message::Admission(Admission::PendingTokenNotAccepted),
+        ),
+        (
+            "admission_refused_name_taken",
+            "Admission: refused for now, the name belongs to another key",
+            Message::Admission(Admission::Refused(JoinRefusal::NameTaken)),
+        ),
+        (
+            "admission_refused_too_many_waiting",
+            "Admission: refused for now, too many machines wait for an operator",
+            Message::Admission(Admission::Refused(JoinRefusal::TooManyWaiting)),
+        ),
+        (
+            "admission_refused_node_id_not_proven",
+            "Admission: refused, the node id is not the one its certificate carries",
+            Message::Admission(Admission::Refused(JoinRefusal::NodeIdNotProven)),
+        ),
+        (
+            "admission_refused_node_id_taken",
+            "Admission: refused, the node id belongs to another key",
+            Message::Admission(Admission::Refused(JoinRefusal::NodeIdTaken)),
         ),
         (
             "publication",

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::body::Pool;
-use super::controller::core::{ControllerCore, KeyStatus, Output, Settings};
+use super::controller::core::{ControllerCore, KeyStatus, Output, Peer, Settings};
 use super::keys::{token_proof, ControllerKey, SealKey};
 use super::worker::core::{Effect, JoinInfo, Standing, WorkerCore, WorkerOutput, WorkerRecord};
 use crate::ids::{Fingerprint, NodeId};
@@ -76,7 +76,7 @@ impl Net {
         let join = w.core.join();
         w.core.connected();
         let (conn, fp) = (w.conn, w.fp);
-        self.ctl.joined(conn, fp, join, self.now);
+        self.ctl.joined(conn, Peer::new(fp, id), join, self.now);
         self.pump();
     }
 

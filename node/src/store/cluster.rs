@@ -84,6 +84,9 @@ impl Store {
                 m.insert(rec.node_id.0, enc(rec).as_slice())
                     .map_err(db_err)?;
             }
+            for node in &dirty.removed {
+                m.remove(node.0).map_err(db_err)?;
+            }
             let mut c = txn.txn.open_table(CHANNEL).map_err(db_err)?;
             for p in &dirty.publications {
                 c.insert((p.machine.0, p.seq), enc(p).as_slice())
@@ -91,6 +94,10 @@ impl Store {
             }
             for (node, upto) in &dirty.acked {
                 c.retain_in((node.0, 0)..=(node.0, *upto), |_, _| false)
+                    .map_err(db_err)?;
+            }
+            for node in &dirty.removed {
+                c.retain_in((node.0, 0)..=(node.0, u64::MAX), |_, _| false)
                     .map_err(db_err)?;
             }
         }
@@ -189,19 +196,25 @@ mod tests {
             signature: vec![0; 64],
         };
         let dirty = Dirty {
-            machines: vec![],
             publications: vec![p(1, 1), p(1, 2), p(1, 3), p(2, 1)],
-            acked: vec![],
+            ..Dirty::default()
         };
         store.controller_commit(&dirty).unwrap();
         let dirty = Dirty {
-            machines: vec![],
-            publications: vec![],
             acked: vec![(NodeId(1), 2)],
+            ..Dirty::default()
         };
         store.controller_commit(&dirty).unwrap();
         let (_, pubs) = store.controller_load().unwrap();
         assert_eq!(pubs, vec![p(1, 3), p(2, 1)]);
+        // A removed machine takes its channel with it.
+        let dirty = Dirty {
+            removed: vec![NodeId(2)],
+            ..Dirty::default()
+        };
+        store.controller_commit(&dirty).unwrap();
+        let (_, pubs) = store.controller_load().unwrap();
+        assert_eq!(pubs, vec![p(1, 3)]);
 
         // Deployments: stored whole, replaced by id, listed newest first.
         assert_eq!(store.deployment_last_id().unwrap(), 0);

@@ -57,7 +57,50 @@ pub enum Admission {
     },
     /// Refused; the connection closes after this.
     Rejected { reason: String },
+    /// Recorded as pending, like [`Admission::Pending`], and the join token it presented was not
+    /// accepted: it waits for an operator. (Appended: older variants keep their bytes.)
+    PendingTokenNotAccepted,
+    /// Not recorded, for now; the connection closes after this and the worker asks again later.
+    /// Says only what the worker can fix or wait out, nothing about other machines.
+    Refused(JoinRefusal),
 }
+
+/// Why a Join was refused without recording anything ([`Admission::Refused`]). New reasons go
+/// at the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinRefusal {
+    /// The name belongs to another machine key (admitted, or pending while this one has no
+    /// valid join token).
+    NameTaken,
+    /// The controller records no more machines waiting for an operator.
+    TooManyWaiting,
+    /// The Join's node id is not the one the worker's certificate carries, or it is the
+    /// controller's own.
+    NodeIdNotProven,
+    /// The node id belongs to another machine key.
+    NodeIdTaken,
+}
+
+impl JoinRefusal {
+    /// What the refused worker's status and log say.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinRefusal::NameTaken => "name taken by another key",
+            JoinRefusal::TooManyWaiting => "too many machines waiting",
+            JoinRefusal::NodeIdNotProven => "node id not proven by this machine's certificate",
+            JoinRefusal::NodeIdTaken => "node id taken by another key",
+        }
+    }
+}
+
+impl std::fmt::Display for JoinRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a pending worker whose join token was not accepted shows in its status and log.
+pub const TOKEN_NOT_ACCEPTED: &str = "join token not accepted: waiting for an operator";
 
 /// One publication of a machine's channel, sealed to that machine and signed by the
 /// controller over `keys::publication_digest(machine, seq, sealed)`. A relay sees only

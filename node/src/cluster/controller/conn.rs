@@ -4,28 +4,39 @@
 //! Join of this protocol version. Every connection is bounded: in number, in the time it may
 //! take to say who it is, in the frames it may queue. Bundle transfers arrive on further
 //! streams of the same connection and are served beside the control loop (`transfer`).
+//!
+//! A connection costs little until its Join: a handshake and one task, at most
+//! [`JOINING_MAX`] at once. When a new one arrives at that bound, the one that has waited
+//! longest without a Join is cut, so a flood of handshakes that never send anything cannot
+//! keep a real worker out (a real worker sends its Join one round trip after its handshake).
+//! The open-connection permit, the queues, the writer and the core's attention come only with
+//! a Join.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::VarInt;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::core::ConnId;
+use super::core::{ConnId, Peer};
 use super::run::ControllerShared;
 use super::thread::{cut, Cmd, ConnHandle, Out};
-use crate::net::{self, close};
+use crate::net::{self, cert_id, close};
 use crate::wire::{encode_frame, read_frame, FrameError, Join, Message, PROTOCOL_VERSION};
 
-/// Connections open at once. A constant rather than a config field: each costs a few tasks and
-/// two small queues, and the target is 1,000 workers per controller with room to spare.
+/// Connections open at once, past their Join. A constant rather than a config field: each
+/// costs a few tasks and two small queues, and the target is 1,000 workers per controller with
+/// room to spare.
 pub(crate) const CONNECTIONS_MAX: usize = 4096;
 /// Connections still in their handshake or before their Join, at once: a flood of strangers
-/// costs at most this many handshakes in flight.
+/// costs at most this many handshakes in flight. At the bound the oldest is cut.
 pub(crate) const JOINING_MAX: usize = 1024;
-/// From the first packet to the Join frame.
-pub(crate) const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// From the first packet to the end of the handshake.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// From the end of the handshake to the Join frame: a worker sends it at once, one round trip.
+pub(crate) const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(2);
 /// Messages queued for one connection before it counts as not keeping up and is closed.
 pub(crate) const OUTBOUND_MAX: usize = 256;
 /// How long a closing connection may take to deliver what was queued before it.
@@ -36,27 +47,81 @@ const WRITE_CHUNK_BYTES: usize = 64 * 1024;
 /// Accepts until the endpoint closes.
 pub(crate) async fn accept_loop(shared: Arc<ControllerShared>, endpoint: quinn::Endpoint) {
     let open = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    let joining = Arc::new(Semaphore::new(JOINING_MAX));
+    let joining = Joining::default();
     let next_id = AtomicU64::new(1);
     while let Some(incoming) = endpoint.accept().await {
-        let (Ok(open_permit), Ok(join_permit)) = (
-            open.clone().try_acquire_owned(),
-            joining.clone().try_acquire_owned(),
-        ) else {
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let max = shared.joining_max.load(Ordering::Relaxed).max(1);
+        let (slot, cut) = joining.enter(id, max);
+        if cut > 0 {
             shared
                 .metrics
                 .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(remote = %incoming.remote_address(), "refusing a connection: at the limit");
-            incoming.refuse();
-            continue;
-        };
-        let id = next_id.fetch_add(1, Ordering::Relaxed);
+                .fetch_add(cut, Ordering::Relaxed);
+        }
         let shared = shared.clone();
+        let open = open.clone();
         tokio::spawn(async move {
-            let _open = open_permit;
-            connection(shared, id, incoming, join_permit).await;
+            connection(shared, id, incoming, slot, open).await;
         });
+    }
+}
+
+/// The connections before their Join, oldest first (ids only grow), each with the sender that
+/// cuts it.
+#[derive(Clone, Default)]
+struct Joining(Arc<Mutex<BTreeMap<ConnId, oneshot::Sender<()>>>>);
+
+/// One connection's place among the joining; leaving it (drop) frees the place.
+struct JoinSlot {
+    id: ConnId,
+    joining: Joining,
+    cut: oneshot::Receiver<()>,
+}
+
+impl Joining {
+    /// A place for connection `id`; at `max`, the oldest are cut to make room. Returns the
+    /// place and how many were cut.
+    fn enter(&self, id: ConnId, max: usize) -> (JoinSlot, u64) {
+        let (tx, rx) = oneshot::channel();
+        let mut cut = 0;
+        {
+            let mut map = self.0.lock().expect("joining lock");
+            while map.len() >= max {
+                let Some((_, oldest)) = map.pop_first() else {
+                    break;
+                };
+                let _ = oldest.send(());
+                cut += 1;
+            }
+            map.insert(id, tx);
+        }
+        let slot = JoinSlot {
+            id,
+            joining: self.clone(),
+            cut: rx,
+        };
+        (slot, cut)
+    }
+}
+
+impl JoinSlot {
+    /// Resolves when this connection is cut to make room for a newer one.
+    async fn cut(&mut self) {
+        // A dropped sender (the place was freed some other way) never cuts.
+        if (&mut self.cut).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for JoinSlot {
+    fn drop(&mut self) {
+        self.joining
+            .0
+            .lock()
+            .expect("joining lock")
+            .remove(&self.id);
     }
 }
 
@@ -69,6 +134,8 @@ enum ConnError {
     Version(String),
     #[error("no Join within {0:?}")]
     Timeout(Duration),
+    #[error("too many connections without a Join; this one waited longest")]
+    Cut,
     #[error("bad frame: {0}")]
     Frame(FrameError),
     #[error("{0}")]
@@ -81,6 +148,7 @@ impl ConnError {
             ConnError::Protocol(_) | ConnError::Frame(_) | ConnError::Timeout(_) => {
                 Some(close::PROTOCOL)
             }
+            ConnError::Cut => Some(close::OVERLOADED),
             ConnError::Version(_) => Some(close::VERSION),
             // The connection is already gone; nothing to say.
             ConnError::Gone(_) => None,
@@ -100,12 +168,20 @@ async fn connection(
     shared: Arc<ControllerShared>,
     id: ConnId,
     incoming: quinn::Incoming,
-    join_permit: tokio::sync::OwnedSemaphorePermit,
+    mut slot: JoinSlot,
+    open: Arc<Semaphore>,
 ) {
     let remote = incoming.remote_address();
     let max = shared.config.limits.frame_bytes_max;
-    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
-    let (conn, fingerprint) = match tokio::time::timeout_at(deadline, net::accept(incoming)).await {
+    // Dropping the handshake when cut or late abandons it; nothing was said yet.
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, net::accept(incoming)) => r,
+        _ = slot.cut() => {
+            tracing::debug!(%remote, "incoming handshake cut: too many connections without a Join");
+            return;
+        }
+    };
+    let (conn, fingerprint) = match handshake {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::debug!(%remote, "incoming handshake failed: {e}");
@@ -116,19 +192,35 @@ async fn connection(
             return;
         }
     };
-    let first = tokio::time::timeout_at(deadline, first_frame(&conn, max)).await;
+    let first = tokio::select! {
+        r = tokio::time::timeout(FIRST_FRAME_TIMEOUT, first_frame(&conn, max)) => {
+            r.unwrap_or(Err(ConnError::Timeout(FIRST_FRAME_TIMEOUT)))
+        }
+        _ = slot.cut() => Err(ConnError::Cut),
+    };
     let (send, mut recv, join) = match first {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
+        Ok(x) => x,
+        Err(e) => {
             refuse(&shared, &conn, &e, remote);
             return;
         }
-        Err(_) => {
-            refuse(&shared, &conn, &ConnError::Timeout(JOIN_TIMEOUT), remote);
-            return;
-        }
     };
-    drop(join_permit);
+    drop(slot);
+    let Ok(_open) = open.try_acquire_owned() else {
+        shared
+            .metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        conn.close(
+            VarInt::from_u32(close::OVERLOADED),
+            b"the controller is at its connection limit; try again later",
+        );
+        return;
+    };
+    let peer = Peer {
+        fingerprint,
+        node_id: cert_id::peer_node_id(&conn),
+    };
     let (out_tx, out_rx) = mpsc::channel(OUTBOUND_MAX);
     let handle = ConnHandle {
         conn: conn.clone(),
@@ -140,7 +232,7 @@ async fn connection(
         .cmd
         .send(Cmd::Joined {
             conn: id,
-            fingerprint,
+            peer,
             join: Box::new(join),
             handle,
         })
@@ -239,8 +331,80 @@ fn refuse(
     };
     shared.metrics.refusals.fetch_add(1, Ordering::Relaxed);
     let reason = cut(e.to_string());
-    shared.note_error(format!("refused {remote}: {reason}"));
+    let kind = match e {
+        ConnError::Timeout(_) => "no Join in time",
+        ConnError::Cut => "cut before its Join",
+        ConnError::Version(_) => "protocol version",
+        _ => "bad first frame",
+    };
+    shared.note_refusal(kind, format!("refused {remote}: {reason}"));
     conn.close(VarInt::from_u32(code), reason.as_bytes());
+}
+
+/// How often refused connections are summed up in the log: in each interval the first of each
+/// kind is logged in full, the rest only counted, and one line at the end of the interval says
+/// how many of each were not logged. A flood then costs a few lines per interval, not one per
+/// connection.
+pub(crate) const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Kinds of refusal counted apart in one interval; more are counted as "other".
+const REFUSAL_KINDS_MAX: usize = 16;
+
+/// The rate limit of refusal log lines (see [`REFUSAL_LOG_EVERY`]). Pure: the caller passes
+/// the time.
+#[derive(Debug)]
+pub(crate) struct RefusalLog {
+    every: Duration,
+    /// When the current interval began (None: nothing refused since the last summary).
+    since: Option<tokio::time::Instant>,
+    /// Refusals of each kind in the current interval.
+    counts: BTreeMap<String, u64>,
+}
+
+impl RefusalLog {
+    pub(crate) fn new(every: Duration) -> RefusalLog {
+        RefusalLog {
+            every,
+            since: None,
+            counts: BTreeMap::new(),
+        }
+    }
+
+    /// One refusal of `kind`. Returns whether to log it in full (the first of its kind in the
+    /// interval) and the summary of the interval that just ended, if any.
+    pub(crate) fn note(&mut self, kind: &str, now: tokio::time::Instant) -> (bool, Option<String>) {
+        let summary = self.flush(now);
+        self.since.get_or_insert(now);
+        let kind = if self.counts.contains_key(kind) || self.counts.len() < REFUSAL_KINDS_MAX {
+            kind
+        } else {
+            "other"
+        };
+        let n = self.counts.entry(kind.to_owned()).or_insert(0);
+        *n += 1;
+        (*n == 1, summary)
+    }
+
+    /// The summary of the interval, once it has ended: `None` when it has not, or when every
+    /// refusal in it was logged in full.
+    pub(crate) fn flush(&mut self, now: tokio::time::Instant) -> Option<String> {
+        let since = self.since?;
+        if now.duration_since(since) < self.every {
+            return None;
+        }
+        self.since = None;
+        let counts = std::mem::take(&mut self.counts);
+        let held: u64 = counts.values().map(|n| n - 1).sum();
+        if held == 0 {
+            return None;
+        }
+        let total: u64 = counts.values().sum();
+        let kinds: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        Some(format!(
+            "refused {total} connections in the last {:?} ({}); {held} of them not logged one by one",
+            self.every,
+            kinds.join(", ")
+        ))
+    }
 }
 
 /// Drains the connection's queue into frames, coalescing what is queued into larger writes.

@@ -21,7 +21,9 @@ use crate::cluster::keys::{self, ControllerKey};
 use crate::config;
 use crate::ids::{Fingerprint, NodeId};
 use crate::net::close;
-use crate::wire::{Admission, Join, MachineReport, Message, Publication, Relay, PROTOCOL_VERSION};
+use crate::wire::{
+    Admission, Join, JoinRefusal, MachineReport, Message, Publication, Relay, PROTOCOL_VERSION,
+};
 
 /// A connection, numbered by the runtime (never reused within a run).
 pub type ConnId = u64;
@@ -41,6 +43,8 @@ pub struct Settings {
     pub resend_after_ms: u64,
     /// The join token, if the controller has one.
     pub join_token: Option<Vec<u8>>,
+    /// The controller's own node id: never admitted as a machine.
+    pub controller_node_id: Option<NodeId>,
 }
 
 impl Settings {
@@ -51,6 +55,7 @@ impl Settings {
             pending_max: 1024,
             resend_after_ms: 1000,
             join_token: None,
+            controller_node_id: None,
         }
     }
 }
@@ -138,11 +143,36 @@ pub struct Dirty {
     pub publications: Vec<Publication>,
     /// Publications to delete: every seq <= upto of the machine.
     pub acked: Vec<(NodeId, u64)>,
+    /// Records to delete (pending keys that gave way to a key with the join token). Applied
+    /// after `machines`.
+    pub removed: Vec<NodeId>,
 }
 
 impl Dirty {
     pub fn is_empty(&self) -> bool {
-        self.machines.is_empty() && self.publications.is_empty() && self.acked.is_empty()
+        self.machines.is_empty()
+            && self.publications.is_empty()
+            && self.acked.is_empty()
+            && self.removed.is_empty()
+    }
+}
+
+/// Who the TLS handshake proved a connection's machine to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// blake3 of its certificate.
+    pub fingerprint: Fingerprint,
+    /// The node id its certificate carries (`net::cert_id::node_id_of_cert`); `None`: none.
+    pub node_id: Option<NodeId>,
+}
+
+impl Peer {
+    /// A certificate `fingerprint` that carries `node_id`.
+    pub fn new(fingerprint: Fingerprint, node_id: NodeId) -> Peer {
+        Peer {
+            fingerprint,
+            node_id: Some(node_id),
+        }
     }
 }
 
@@ -213,7 +243,17 @@ impl ControllerCore {
         now_ms: u64,
     ) -> ControllerCore {
         let mut map = BTreeMap::new();
+        let mut dirty = Dirty::default();
         for mut m in machines {
+            if Some(m.node_id) == settings.controller_node_id {
+                // Recorded before the controller refused its own id; never a machine.
+                tracing::warn!(
+                    name = %m.name,
+                    "removing a machine record that carries the controller's own node id"
+                );
+                dirty.removed.push(m.node_id);
+                continue;
+            }
             if m.up {
                 m.last_seen_ms = m.last_seen_ms.max(now_ms);
             }
@@ -237,15 +277,20 @@ impl ControllerCore {
             by_node: BTreeMap::new(),
             sent_at: BTreeMap::new(),
             dirty_machines: BTreeSet::new(),
-            dirty: Dirty::default(),
+            dirty,
             out: Vec::new(),
         }
     }
 
-    /// A worker completed the handshake (with certificate `fingerprint`) and sent its Join.
-    /// Admits it (join token), records it as pending, or refuses it; an admitted machine is
-    /// sent its Admission and every publication above `join.resume`.
-    pub fn joined(&mut self, conn: ConnId, fingerprint: Fingerprint, join: Join, now_ms: u64) {
+    /// A worker completed the handshake (its certificate proved `peer`) and sent its Join.
+    /// Admits it (join token), records it as pending, or refuses it (and tells it why, in an
+    /// [`Admission::Refused`] before the close); an admitted machine is sent its Admission and
+    /// every publication above `join.resume`.
+    ///
+    /// A pending key never blocks a key with a valid join token: a pending record holding the
+    /// name or the node id of a Join with the token is dropped (its connection told and
+    /// closed), and the pending table's bound does not apply to it.
+    pub fn joined(&mut self, conn: ConnId, peer: Peer, join: Join, now_ms: u64) {
         if self.conns.contains_key(&conn) {
             return self.close(conn, close::PROTOCOL, "a second Join on one connection");
         }
@@ -253,20 +298,37 @@ impl ControllerCore {
             return self.close(conn, close::PROTOCOL, &format!("bad Join: {reason}"));
         }
         let node = join.node_id;
+        let fingerprint = peer.fingerprint;
+        if peer.node_id != Some(node) {
+            return self.refuse_join(
+                conn,
+                JoinRefusal::NodeIdNotProven,
+                &format!("the Join says node id {node}, its certificate does not"),
+            );
+        }
+        if self.settings.controller_node_id == Some(node) {
+            return self.refuse_join(
+                conn,
+                JoinRefusal::NodeIdNotProven,
+                "the Join carries the controller's own node id",
+            );
+        }
         let token_ok = match (&self.settings.join_token, &join.token_proof) {
             (Some(token), Some(proof)) => keys::token_proof_matches(token, &fingerprint, proof),
             _ => false,
         };
-        let name_taken = self.machines.values().any(|m| {
-            m.node_id != node && m.name == join.name && m.key_status != KeyStatus::Rejected
-        });
+        // Pending keys that give way if this Join carries the token.
+        let mut squatters = Vec::new();
         match self.machines.get(&node) {
             Some(m) if m.fingerprint != fingerprint => {
-                return self.close(
-                    conn,
-                    close::UNKNOWN_PEER,
-                    &format!("node id {node} belongs to another key"),
-                );
+                if !(token_ok && m.key_status == KeyStatus::Pending) {
+                    return self.refuse_join(
+                        conn,
+                        JoinRefusal::NodeIdTaken,
+                        &format!("node id {node} belongs to another key"),
+                    );
+                }
+                squatters.push((node, JoinRefusal::NodeIdTaken));
             }
             Some(m) if m.key_status == KeyStatus::Rejected => {
                 self.send(
@@ -279,15 +341,21 @@ impl ControllerCore {
             }
             _ => {}
         }
-        if name_taken {
-            return self.close(
-                conn,
-                close::UNKNOWN_PEER,
-                &format!(
-                    "the name {:?} belongs to another machine key; reject that key first",
-                    join.name
-                ),
-            );
+        for m in self.machines.values() {
+            if m.node_id == node || m.name != join.name || m.key_status == KeyStatus::Rejected {
+                continue;
+            }
+            if m.key_status == KeyStatus::Admitted || !token_ok {
+                return self.refuse_join(
+                    conn,
+                    JoinRefusal::NameTaken,
+                    &format!("the name {:?} belongs to another machine key", join.name),
+                );
+            }
+            squatters.push((m.node_id, JoinRefusal::NameTaken));
+        }
+        for (squatter, why) in squatters {
+            self.drop_pending(squatter, why);
         }
         // A previous connection of the same machine is replaced by this one.
         if let Some(old) = self.by_node.insert(node, conn) {
@@ -312,12 +380,10 @@ impl ControllerCore {
                 if !token_ok && pending >= self.settings.pending_max {
                     self.conns.remove(&conn);
                     self.by_node.remove(&node);
-                    return self.close(
+                    return self.refuse_join(
                         conn,
-                        close::UNKNOWN_PEER,
-                        &format!(
-                            "too many machines wait for admission ({pending}); try again later"
-                        ),
+                        JoinRefusal::TooManyWaiting,
+                        &format!("{pending} machines wait for an operator already"),
                     );
                 }
                 let rec = MachineRecord {
@@ -378,6 +444,11 @@ impl ControllerCore {
         match status {
             KeyStatus::Admitted => self.admitted(node, join.resume, now_ms),
             KeyStatus::Pending if token_ok => self.admit(node, join.resume, now_ms),
+            // A proof that does not match (a wrong token, or none configured here) is no proof;
+            // the machine is told, so that its operator can fix the token.
+            _ if join.token_proof.is_some() => {
+                self.send(conn, Message::Admission(Admission::PendingTokenNotAccepted))
+            }
             _ => self.send(conn, Message::Admission(Admission::Pending)),
         }
     }
@@ -596,6 +667,9 @@ impl ControllerCore {
     /// What changed since the last call (commit it), and what to send (after the commit).
     pub fn take(&mut self) -> (Dirty, Vec<Output>) {
         let mut dirty = std::mem::take(&mut self.dirty);
+        // A record dropped and created again (a squatter's node id, now the real machine's)
+        // is written, not deleted.
+        dirty.removed.retain(|id| !self.machines.contains_key(id));
         for id in std::mem::take(&mut self.dirty_machines) {
             if let Some(m) = self.machines.get(&id) {
                 dirty.machines.push(m.clone());
@@ -654,6 +728,37 @@ impl ControllerCore {
             code,
             reason: reason.to_owned(),
         });
+    }
+
+    /// A Join refused before anything is recorded: the worker is told `why` (only that), and
+    /// the connection is closed with `why` and `detail` (which repeats only what the Join said).
+    fn refuse_join(&mut self, conn: ConnId, why: JoinRefusal, detail: &str) {
+        self.send(conn, Message::Admission(Admission::Refused(why)));
+        self.close(conn, close::UNKNOWN_PEER, &format!("{why}: {detail}"));
+    }
+
+    /// A pending key gives way to a key with the join token: its record is deleted and its
+    /// connection, if any, told `why` and closed. It was never admitted, so nothing was
+    /// published to it and it is in no pool.
+    fn drop_pending(&mut self, node: NodeId, why: JoinRefusal) {
+        let Some(m) = self.machines.remove(&node) else {
+            return;
+        };
+        debug_assert_eq!(m.key_status, KeyStatus::Pending);
+        tracing::info!(
+            name = %m.name,
+            node_id = %node,
+            fingerprint = %m.fingerprint,
+            "a pending key gives way to a key with the join token ({why})"
+        );
+        self.dirty_machines.remove(&node);
+        self.dirty.removed.push(node);
+        self.unacked.remove(&node);
+        self.sent_at.retain(|(n, _), _| *n != node);
+        if let Some(conn) = self.by_node.remove(&node) {
+            self.conns.remove(&conn);
+            self.refuse_join(conn, why, "a machine with the join token took its place");
+        }
     }
 
     /// A frame the machine may not send: its connection is closed, nothing is stored.

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
 use super::bundles::{BundleStore, UPLOADS_MAX, UPLOAD_BYTES_MAX};
+use super::conn::{RefusalLog, JOINING_MAX, REFUSAL_LOG_EVERY};
 use super::core::{ControllerCore, Settings};
 use super::thread::{Cmd, CoreThread, Summary, CMD_QUEUE_MAX};
 use crate::cluster::keys::{ControllerKey, SIGNING_SECRET};
@@ -38,7 +39,7 @@ pub struct ControllerMetrics {
     pub commit_failures: AtomicU64,
     /// Connections closed for a bad frame, a wrong first frame or a version mismatch.
     pub refusals: AtomicU64,
-    /// Connections refused at `CONNECTIONS_MAX` / `JOINING_MAX`.
+    /// Connections refused at `CONNECTIONS_MAX`, or cut at `JOINING_MAX` before their Join.
     pub connections_refused: AtomicU64,
     /// Connections closed because their send queue was full.
     pub slow_closed: AtomicU64,
@@ -80,6 +81,10 @@ pub struct ControllerShared {
     pub(crate) upload_bytes_max: AtomicU64,
     /// Uploads at once.
     pub(crate) uploads: tokio::sync::Semaphore,
+    /// Connections before their Join at once (`conn::JOINING_MAX`; tests lower it).
+    pub(crate) joining_max: AtomicUsize,
+    /// Rate limit of the refusal log lines.
+    pub(crate) refusal_log: Mutex<RefusalLog>,
     /// Tests: every commit fails while set.
     #[cfg(test)]
     pub(crate) fail_commits: AtomicBool,
@@ -88,6 +93,34 @@ pub struct ControllerShared {
 impl ControllerShared {
     pub fn note_error(&self, e: String) {
         self.last_errors.note(&e);
+    }
+
+    /// A refused connection or Join: logged in full if it is the first of its `kind` in this
+    /// interval, else only counted (see `conn::REFUSAL_LOG_EVERY`).
+    pub(crate) fn note_refusal(&self, kind: &str, line: String) {
+        let (full, summary) = self
+            .refusal_log
+            .lock()
+            .expect("refusal log lock")
+            .note(kind, tokio::time::Instant::now());
+        if let Some(s) = summary {
+            self.note_error(s);
+        }
+        if full {
+            self.note_error(line);
+        }
+    }
+
+    /// The refusal summary of an interval that ended with nothing refused after it.
+    fn flush_refusals(&self) {
+        let summary = self
+            .refusal_log
+            .lock()
+            .expect("refusal log lock")
+            .flush(tokio::time::Instant::now());
+        if let Some(s) = summary {
+            self.note_error(s);
+        }
     }
 
     pub fn last_errors(&self) -> Vec<String> {
@@ -196,6 +229,7 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
     let mut settings = Settings::new(config.cluster.down_after.as_millis() as u64);
     settings.pending_max = config.cluster.pending_max;
     settings.join_token = join_token;
+    settings.controller_node_id = Some(meta.node_id);
     let bundles = BundleStore::new(&data_dir);
     bundles.prepare().with_context(|| {
         format!(
@@ -234,6 +268,8 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
         bundles,
         upload_bytes_max: AtomicU64::new(UPLOAD_BYTES_MAX),
         uploads: tokio::sync::Semaphore::new(UPLOADS_MAX),
+        joining_max: AtomicUsize::new(JOINING_MAX),
+        refusal_log: Mutex::new(RefusalLog::new(REFUSAL_LOG_EVERY)),
         #[cfg(test)]
         fail_commits: AtomicBool::new(false),
     });
@@ -297,6 +333,7 @@ async fn tick(shared: Arc<ControllerShared>) {
     every.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         every.tick().await;
+        shared.flush_refusals();
         match shared.cmd.try_send(Cmd::Tick) {
             Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
             Err(mpsc::error::TrySendError::Closed(_)) => return,

@@ -14,7 +14,8 @@ use crate::ids::NodeId;
 use crate::net::{self, close, Identity, PinSet, TransportLimits};
 use crate::ops::Notifier;
 use crate::wire::{
-    read_frame, write_frame, Admission, Join, MachineReport, Message, Notify, PROTOCOL_VERSION,
+    read_frame, write_frame, Admission, Join, JoinRefusal, MachineReport, Message, Notify,
+    PROTOCOL_VERSION,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -286,7 +287,11 @@ async fn nobody_unadmitted_token_pending_accept_reject_and_restart() {
     // Without one (or with a wrong one) a machine waits, and gets nothing more.
     let mp = Worker::new("mp-1", "media-processor", Some("lb-1"));
     let (mut mp_link, a) = mp.joined(&ctl, Some("wrong token")).await;
-    assert_eq!(a, Admission::Pending);
+    assert_eq!(
+        a,
+        Admission::PendingTokenNotAccepted,
+        "a wrong token is said"
+    );
     let keys = api.get("/v1/keys").await;
     assert_eq!(keys[0]["name"], "mp-1", "pending first: {keys}");
     assert_eq!(key_status(&keys, "mp-1"), "pending");
@@ -589,4 +594,188 @@ async fn durable_ack_a_failed_commit_sends_nothing_and_reloads() {
     assert_eq!(status, 200, "{v}");
     ctl.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_for_a_node_id_its_certificate_does_not_carry_is_refused() {
+    let dir = temp_dir("node-id");
+    let token_file = dir.join("join-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let ctl = start(
+        config(&dir.join("data"), Some(token_file)),
+        Notifier::disabled(),
+    )
+    .await
+    .unwrap();
+    let api = Http::of(&ctl);
+    let a = Worker::new("router-a", "call-router", None);
+    let (_a_link, adm) = a.joined(&ctl, Some(TOKEN)).await;
+    assert!(matches!(adm, Admission::Admitted { .. }), "{adm:?}");
+    let before = api.get("/v1/keys").await;
+
+    // b, with the token, speaks for a; then for the controller itself.
+    let b = Worker::new("router-b", "call-router", None);
+    for claimed in [a.node, ctl.shared.meta.node_id] {
+        let mut link = b.dial(&ctl).await;
+        let mut join = b.join(Some(TOKEN));
+        join.node_id = claimed;
+        link.send(&Message::Join(join)).await;
+        assert_eq!(
+            link.admission().await,
+            Admission::Refused(JoinRefusal::NodeIdNotProven)
+        );
+        let (code, reason) = link.close_reason().await.unwrap();
+        assert_eq!(code, close::UNKNOWN_PEER, "{reason}");
+        assert!(reason.starts_with("node id not proven"), "{reason}");
+    }
+    // The controller's own certificate proves its own id: still never a machine.
+    let own = Worker {
+        id: Identity::generate(ctl.shared.meta.node_id, "router-c").unwrap(),
+        node: ctl.shared.meta.node_id,
+        ..Worker::new("router-c", "call-router", None)
+    };
+    let mut link = own.dial(&ctl).await;
+    link.send(&Message::Join(own.join(Some(TOKEN)))).await;
+    assert_eq!(
+        link.admission().await,
+        Admission::Refused(JoinRefusal::NodeIdNotProven)
+    );
+    assert_eq!(api.get("/v1/keys").await, before, "nothing stored");
+    ctl.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_worker_gets_in_during_a_flood_of_silent_handshakes() {
+    /// Connections before their Join, lowered so that the flood overflows it many times.
+    const SLOTS: usize = 16;
+    /// Silent handshakes, all held open while the workers join.
+    const FLOOD: usize = SLOTS * 4;
+    let dir = temp_dir("flood");
+    let token_file = dir.join("join-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let ctl = start(
+        config(&dir.join("data"), Some(token_file)),
+        Notifier::disabled(),
+    )
+    .await
+    .unwrap();
+    ctl.shared
+        .joining_max
+        .store(SLOTS, std::sync::atomic::Ordering::Relaxed);
+    // An admitted worker, away during the flood.
+    let old = Worker::new("router-old", "call-router", None);
+    let (old_link, adm) = old.joined(&ctl, Some(TOKEN)).await;
+    assert!(matches!(adm, Admission::Admitted { .. }), "{adm:?}");
+    drop(old_link);
+
+    // Handshakes that never open a stream nor send a frame, kept open.
+    let stranger = Identity::generate(NodeId::random(), "stranger").unwrap();
+    let ep = net::endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &stranger,
+        PinSet::new([ctl.shared.fingerprint]),
+        TransportLimits::default(),
+    )
+    .unwrap();
+    let mut silent = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        if let Ok((conn, _)) = net::connect(&ep, ctl.quic_addr).await {
+            silent.push(conn);
+        }
+    }
+    assert_eq!(silent.len(), FLOOD, "every handshake completes");
+
+    // Every place before a Join is held by the flood; a worker with the token still gets in,
+    // and so does the admitted one.
+    let new = Worker::new("router-new", "call-router", None);
+    let (_new_link, adm) = new.joined(&ctl, Some(TOKEN)).await;
+    assert!(matches!(adm, Admission::Admitted { .. }), "{adm:?}");
+    let (_old_link, adm) = old.joined(&ctl, None).await;
+    assert!(matches!(adm, Admission::Admitted { .. }), "{adm:?}");
+
+    // The flood was cut down to the bound, oldest first, and logged once, not per connection.
+    let cut = ctl
+        .shared
+        .metrics
+        .connections_refused
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(cut >= (FLOOD - SLOTS) as u64, "{cut} cut");
+    // The oldest is closed by the controller (with OVERLOADED when it was past its handshake,
+    // silently when it was cut inside it).
+    tokio::time::timeout(WAIT, silent[0].closed())
+        .await
+        .expect("the oldest silent connection is cut");
+    let lines = ctl
+        .shared
+        .last_errors()
+        .into_iter()
+        .filter(|e| e.contains("without a Join"))
+        .count();
+    assert!(lines <= 1, "{:?}", ctl.shared.last_errors());
+    drop(silent);
+    ctl.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_closed_at_the_first_frame_deadline() {
+    let dir = temp_dir("silent");
+    let ctl = start(config(&dir, None), Notifier::disabled())
+        .await
+        .unwrap();
+    let w = Worker::new("w-1", "proxy", None);
+    let link = w.dial(&ctl).await;
+    let started = std::time::Instant::now();
+    let (code, reason) = link.close_reason().await.unwrap();
+    assert_eq!(code, close::PROTOCOL, "{reason}");
+    assert_eq!(
+        reason,
+        format!("no Join within {:?}", super::conn::FIRST_FRAME_TIMEOUT)
+    );
+    assert!(started.elapsed() < WAIT);
+    ctl.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn refusal_log_writes_the_first_of_each_kind_and_one_summary_per_interval() {
+    use super::conn::RefusalLog;
+    let every = Duration::from_secs(10);
+    let mut log = RefusalLog::new(every);
+    let t0 = tokio::time::Instant::now();
+    let mut full = 0;
+    for i in 0..1_000u64 {
+        let kind = if i % 4 == 0 {
+            "no Join in time"
+        } else {
+            "too many machines waiting"
+        };
+        let (f, summary) = log.note(kind, t0 + Duration::from_millis(i));
+        assert_eq!(summary, None, "no summary inside the interval");
+        full += usize::from(f);
+    }
+    assert_eq!(full, 2, "the first of each kind in full");
+    assert_eq!(log.flush(t0 + every - Duration::from_millis(1)), None);
+    let summary = log
+        .flush(t0 + every)
+        .expect("a summary at the interval's end");
+    assert_eq!(
+        summary,
+        "refused 1000 connections in the last 10s (250 no Join in time, 750 too many machines \
+         waiting); 998 of them not logged one by one"
+    );
+    assert_eq!(log.flush(t0 + every * 3), None, "said once");
+    // The next interval starts over: its first refusal is logged in full again, and an
+    // interval whose refusals were all logged needs no summary.
+    let (f, summary) = log.note("too many machines waiting", t0 + every * 4);
+    assert!(f);
+    assert_eq!(summary, None);
+    assert_eq!(log.flush(t0 + every * 6), None);
+    // Kinds are bounded.
+    for k in 0..100 {
+        log.note(&format!("kind {k}"), t0 + every * 7);
+    }
+    let summary = log.flush(t0 + every * 8).unwrap();
+    assert!(summary.contains("84 other"), "{summary}");
 }

@@ -18,7 +18,7 @@ use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::core::{
-    ConnId, ControllerCore, KeyActionError, KeyStatus, MachineRecord, Output, Settings,
+    ConnId, ControllerCore, KeyActionError, KeyStatus, MachineRecord, Output, Peer, Settings,
 };
 use super::deploy::{DeployBook, DeployCmd, SealJob};
 use super::run::ControllerShared;
@@ -67,7 +67,8 @@ pub(crate) enum Cmd {
     /// A worker finished its handshake and sent its Join (protocol version already checked).
     Joined {
         conn: ConnId,
-        fingerprint: Fingerprint,
+        /// What its certificate proved.
+        peer: Peer,
         join: Box<Join>,
         handle: ConnHandle,
     },
@@ -245,13 +246,13 @@ impl CoreThread {
             match cmd {
                 Cmd::Joined {
                     conn,
-                    fingerprint,
+                    peer,
                     join,
                     handle,
                 } => match self.core.as_mut() {
                     Some(core) => {
                         self.handles.insert(conn, handle);
-                        core.joined(conn, fingerprint, *join, now);
+                        core.joined(conn, peer, *join, now);
                     }
                     None => handle.conn.close(
                         VarInt::from_u32(close::SHUTDOWN),
@@ -392,8 +393,18 @@ impl CoreThread {
                 };
                 if code == close::PROTOCOL || code == close::VERSION {
                     self.shared.metrics.refusals.fetch_add(1, Ordering::Relaxed);
+                    let kind = if code == close::VERSION {
+                        "protocol version"
+                    } else {
+                        "protocol violation"
+                    };
                     self.shared
-                        .note_error(format!("connection {conn} refused: {reason}"));
+                        .note_refusal(kind, format!("connection {conn} refused: {reason}"));
+                } else if code == close::UNKNOWN_PEER {
+                    // A refused Join: the kind is the reason the worker was told.
+                    let kind = reason.split(':').next().unwrap_or_default();
+                    self.shared
+                        .note_refusal(kind, format!("connection {conn} refused: {reason}"));
                 } else {
                     tracing::info!(conn, code, "closing connection: {reason}");
                 }

@@ -14,12 +14,17 @@ use tokio::time::Instant;
 use super::core::{Standing, WorkerRefusal};
 use super::{relay, WorkerShared};
 use crate::net::{self, close};
-use crate::wire::{read_frame, write_frame, FrameError, Message};
+use crate::wire::{
+    read_frame, write_frame, Admission, FrameError, JoinRefusal, Message, TOKEN_NOT_ACCEPTED,
+};
 
 pub(crate) const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub(crate) const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A controller that refuses this machine is asked again this rarely.
 const REJECTED_RETRY: Duration = Duration::from_secs(30);
+/// A controller that refused this Join for now (name taken, too many waiting) is asked again
+/// after this long.
+const REFUSED_RETRY: Duration = Duration::from_secs(10);
 /// Opening the stream after the handshake.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames waiting for the connection's writer.
@@ -37,6 +42,8 @@ enum End {
     Hostile(String),
     /// The controller refuses this machine.
     Rejected(String),
+    /// The controller refused this Join for now, and said why.
+    Refused(JoinRefusal),
     Shutdown,
 }
 
@@ -62,6 +69,18 @@ pub(crate) async fn run(shared: Arc<WorkerShared>) {
                     l.last_error = Some(format!("rejected: {reason}"));
                 });
                 REJECTED_RETRY
+            }
+            End::Refused(why) => {
+                let line = format!("the controller refused this machine: {why}");
+                set_state(&shared, |l| {
+                    // Said once while it lasts, not on every attempt.
+                    if l.last_error.as_deref() != Some(line.as_str()) {
+                        shared.note_error(format!("{line}; asking again every {REFUSED_RETRY:?}"));
+                    }
+                    l.last_error = Some(line.clone());
+                });
+                backoff = DIAL_BACKOFF_MIN;
+                REFUSED_RETRY
             }
             End::Hostile(e) => {
                 shared.note_error(format!("controller: {e}; connection closed"));
@@ -162,6 +181,7 @@ async fn session(shared: &Arc<WorkerShared>, answered: &AtomicBool) -> End {
             conn.close(close::PROTOCOL.into(), e.as_bytes());
         }
         End::Rejected(_) => conn.close(close::SHUTDOWN.into(), b"rejected"),
+        End::Refused(_) => conn.close(close::SHUTDOWN.into(), b"refused"),
         End::Shutdown => conn.close(close::SHUTDOWN.into(), b"worker shutting down"),
         End::Closed(e) => conn.close(close::SHUTDOWN.into(), e.as_bytes()),
     }
@@ -175,6 +195,9 @@ async fn read_loop(
     answered: &AtomicBool,
 ) -> End {
     let max = shared.config.limits.frame_bytes_max;
+    // What the controller said about this machine's admission, shown as its last error while
+    // it waits (a token the controller did not accept).
+    let mut note: Option<&'static str> = None;
     loop {
         let msg = match read_frame(&mut recv, max).await {
             Ok(Some(m)) => m,
@@ -183,6 +206,17 @@ async fn read_loop(
             Err(e) => return End::Hostile(format!("frame from the controller: {e}")),
         };
         answered.store(true, Ordering::Relaxed);
+        match &msg {
+            Message::Admission(Admission::PendingTokenNotAccepted) => {
+                if note.is_none() {
+                    shared.note_error(format!("the controller says: {TOKEN_NOT_ACCEPTED}"));
+                }
+                note = Some(TOKEN_NOT_ACCEPTED);
+            }
+            Message::Admission(Admission::Refused(why)) => return End::Refused(*why),
+            Message::Admission(_) => note = None,
+            _ => {}
+        }
         match msg {
             Message::Relay(r) => relay::forward(shared, r),
             Message::Goodbye(g) => {
@@ -196,7 +230,7 @@ async fn read_loop(
             },
         }
         set_state(shared, |l| {
-            l.last_error = None;
+            l.last_error = note.map(str::to_owned);
             l.rejected = None;
         });
     }

@@ -166,8 +166,15 @@ impl WorkerCore {
     /// A frame from the controller: Admission, Publication, NotifyAck.
     pub fn from_controller(&mut self, msg: Message) -> Result<(), WorkerRefusal> {
         match msg {
-            Message::Admission(Admission::Pending) => {
+            Message::Admission(Admission::Pending | Admission::PendingTokenNotAccepted) => {
                 self.standing = Standing::Pending;
+                Ok(())
+            }
+            // Refused for now (the connection closes): as if not yet answered.
+            Message::Admission(Admission::Refused(_)) => {
+                if self.standing != Standing::Rejected {
+                    self.standing = Standing::Waiting;
+                }
                 Ok(())
             }
             Message::Admission(Admission::Admitted {

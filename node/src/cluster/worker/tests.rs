@@ -14,7 +14,9 @@ use crate::cluster::body::{Body, Dependent, LbRoute, Pool, PoolMember};
 use crate::cluster::keys::ControllerKey;
 use crate::config::{ControllerConfig, MachineConfig};
 use crate::net::{Identity, PinPolicy};
-use crate::wire::{read_frame, write_frame, Admission, Relay, FRAME_BYTES_MAX_DEFAULT};
+use crate::wire::{
+    read_frame, write_frame, Admission, JoinRefusal, Relay, FRAME_BYTES_MAX_DEFAULT,
+};
 
 pub(super) const WAIT: Duration = Duration::from_secs(20);
 
@@ -482,5 +484,77 @@ fn join_token_file_errors_name_the_field() {
     let ok = dir.join("ok");
     std::fs::write(&ok, "  secret\n").unwrap();
     assert_eq!(read_join_token(&ok).unwrap(), b"secret");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_worker_shows_why_in_its_status_and_log() {
+    let ctl = FakeController::new();
+    let dir = temp_dir("refused");
+    let w = start(
+        worker_config(&dir, "w7", &ctl, "call-router", None),
+        Notifier::disabled(),
+    )
+    .await
+    .unwrap();
+    let status = || async {
+        let (code, text) = get_json(&w, "/v1/status", Some(&w.shared.token)).await;
+        assert_eq!(code, 200, "{text}");
+        serde_json::from_str::<Value>(&text).unwrap()
+    };
+    let last_error = |s: &Value| s["controller"]["last_error"].as_str().map(str::to_owned);
+    let logged = |s: &Value, what: &str| {
+        s["last_errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str().unwrap().contains(what))
+    };
+
+    // Pending, and the token it presented was not accepted.
+    let mut c = ctl.accept().await;
+    c.send(Message::Admission(Admission::PendingTokenNotAccepted))
+        .await;
+    wait_until("pending, and why", || {
+        w.shared.standing() == Standing::Pending
+            && w.shared.controller.lock().unwrap().last_error.is_some()
+    })
+    .await;
+    let s = status().await;
+    assert_eq!(s["standing"], "pending", "{s}");
+    assert_eq!(
+        last_error(&s).as_deref(),
+        Some("join token not accepted: waiting for an operator"),
+        "{s}"
+    );
+    assert!(
+        logged(&s, "join token not accepted: waiting for an operator"),
+        "{s}"
+    );
+
+    // Refused: the name belongs to another key. The controller closes after saying so.
+    c.send(Message::Admission(Admission::Refused(
+        JoinRefusal::NameTaken,
+    )))
+    .await;
+    let _ = c.send.finish();
+    wait_until("refused shown", || {
+        w.shared.controller.lock().unwrap().last_error.as_deref()
+            == Some("the controller refused this machine: name taken by another key")
+    })
+    .await;
+    c.conn
+        .close(close::UNKNOWN_PEER.into(), b"name taken by another key");
+    let s = status().await;
+    assert_eq!(s["controller"]["connected"], false, "{s}");
+    assert_eq!(
+        s["controller"]["rejected"],
+        Value::Null,
+        "not rejected: {s}"
+    );
+    assert!(logged(&s, "name taken by another key"), "{s}");
+
+    w.shutdown().await;
+    ctl.ep.close(0u32.into(), b"done");
     let _ = std::fs::remove_dir_all(&dir);
 }
