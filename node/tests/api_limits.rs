@@ -268,3 +268,31 @@ async fn a_body_over_the_limit_is_refused_413_as_json() {
     n.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_api_bounds_have_defaults_and_a_bad_one_is_refused_naming_its_field() {
+    let base = "role = \"datacenter\"\nname = \"dc\"\ndata_dir = \"/tmp/x\"\n";
+    let c = outpost::config::parse(base, "test", None).unwrap();
+    assert_eq!(c.limits.api_connections_max, 1024);
+    assert_eq!(c.limits.api_header_timeout, Duration::from_secs(10));
+    assert_eq!(c.limits.api_idle_timeout, Duration::from_secs(60));
+    assert_eq!(c.limits.api_body_timeout, Duration::from_secs(30));
+    let set = format!(
+        "{base}[limits]\napi_connections_max = 8\napi_header_timeout = \"2s\"\n\
+         api_idle_timeout = \"90s\"\napi_body_timeout = \"5m\"\n"
+    );
+    let c = outpost::config::parse(&set, "test", None).unwrap();
+    assert_eq!(c.limits.api_connections_max, 8);
+    assert_eq!(c.limits.api_idle_timeout, Duration::from_secs(90));
+    assert_eq!(c.limits.api_body_timeout, Duration::from_secs(300));
+    for (line, field) in [
+        ("api_connections_max = 0", "limits.api_connections_max"),
+        ("api_header_timeout = \"soon\"", "limits.api_header_timeout"),
+        ("api_idle_timeout = \"0s\"", "limits.api_idle_timeout"),
+        ("api_body_timeout = \"-1s\"", "limits.api_body_timeout"),
+    ] {
+        let e = outpost::config::parse(&format!("{base}[limits]\n{line}\n"), "test", None)
+            .expect_err(line);
+        assert_eq!(e.field, field, "{line}: {e}");
+    }
+}

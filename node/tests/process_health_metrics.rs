@@ -28,15 +28,21 @@ const COMMON: [&str; 7] = [
     "outpost_build_info",
 ];
 
-async fn get(base: &str, path: &str) -> (u16, Value) {
+async fn try_get(base: &str, path: &str) -> Option<(u16, Value)> {
     let r = reqwest::Client::new()
         .get(format!("{base}{path}"))
         .timeout(Duration::from_secs(10))
         .send()
         .await
-        .unwrap();
+        .ok()?;
     let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    Some((status, r.json().await.unwrap_or(Value::Null)))
+}
+
+async fn get(base: &str, path: &str) -> (u16, Value) {
+    try_get(base, path)
+        .await
+        .unwrap_or_else(|| panic!("GET {base}{path}: no answer"))
 }
 
 fn check_common(role: &str, text: &str) {
@@ -87,9 +93,19 @@ async fn every_role_answers_health_readiness_and_clean_metrics() {
     let ctl = fleet.controller().base.clone();
     let admitted = fleet.worker("lb-1").base.clone();
     let pending = fleet.worker("lb-2").base.clone();
+    // The processes start in the background: /healthz answers 200 once each serves HTTP.
     for base in [&ctl, &admitted, &pending] {
-        let (status, v) = get(base, "/healthz").await;
-        assert_eq!(status, 200, "{base}: {v}");
+        wait_for("/healthz answers", WAIT, || {
+            let b = base.clone();
+            async move {
+                match try_get(&b, "/healthz").await {
+                    Some((200, v)) if v["alive"] == true => Check::Done(()),
+                    other => Check::NotYet(format!("{other:?}")),
+                }
+            }
+        })
+        .await
+        .unwrap();
     }
     let (status, v) = get(&ctl, "/readyz").await;
     assert_eq!(

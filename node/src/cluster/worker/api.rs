@@ -255,7 +255,8 @@ async fn get_metrics(State(s): State<Arc<WorkerShared>>) -> Response {
                 .map_or(0, |d| d.fetched.load(Ordering::Relaxed)),
         ),
         (
-            "outpost_worker_deployment_bytes_total",
+            // A gauge: no `_total` (promtool refuses the suffix on a non-counter).
+            "outpost_worker_deployment_bundle_bytes",
             "Size of the sealed bundle of the deployment in progress.",
             sw.deploying.as_ref().map_or(0, |d| d.total),
         ),
