@@ -409,7 +409,10 @@ pub fn fuzz_controller_join(data: &[u8]) {
     let token_ok = join
         .token_proof
         .is_some_and(|p| token_proof_matches(FUZZ_JOIN_TOKEN, &fp, &p));
-    core.joined(conn, fp, join.clone(), NOW_MS);
+    // The certificate carries the Join's node id (the refusal of one that does not is tested
+    // in the simulation), so the fuzzer reaches admission itself.
+    let peer = crate::cluster::controller::core::Peer::new(fp, join.node_id);
+    core.joined(conn, peer, join.clone(), NOW_MS);
     let mut frames = 0;
     while let Some(msg) = frame(&mut rest) {
         core.frame(conn, msg, NOW_MS + frames);
