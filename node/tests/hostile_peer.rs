@@ -1,6 +1,6 @@
 //! Invariant 7 at the QUIC level: a pinned peer that sends a hostile frame (an element whose id
 //! does not match its contents, a frame claiming 2 GiB, a protocol version we do not speak, a
-//! second Hello) loses that one connection, with a reason, and nothing is stored. The node goes
+//! second Hello, a node id its certificate does not prove) loses that one connection, with a reason, and nothing is stored. The node goes
 //! on serving: the same peer reconnecting with a valid element is applied.
 
 use std::time::Duration;
@@ -167,6 +167,22 @@ async fn hostile_frames_close_one_connection_and_store_nothing() {
     assert_eq!(code, close::VERSION);
     assert!(reason.contains("protocol 99"), "reason: {reason}");
     assert_eq!(entries(&node), 0, "nothing stored from any hostile frame");
+
+    // 5. A pinned peer naming a node id its certificate does not prove (another peer's): refused,
+    // and that id is never listed for the peer, so it can move nobody's acks, marks or counts.
+    let (conn, _) = net::connect(&evil.ep, node.quic_addr).await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let other = NodeId::random();
+    let mut claim = evil.hello(PROTOCOL_VERSION);
+    claim.node_id = other;
+    send.write_all(&encode_frame(&Message::Hello(claim)))
+        .await
+        .unwrap();
+    let (code, reason) = closed_with(&conn).await;
+    assert_eq!(code, close::PROTOCOL);
+    assert!(reason.contains("certificate proves"), "reason: {reason}");
+    let listed = node.shared.peers.get(0).info.lock().unwrap().node_id;
+    assert_ne!(listed, Some(other), "the claimed id is never believed");
 
     // The node goes on: the same peer with a valid element is applied and acknowledged.
     let (conn, mut send, mut recv) = evil.session(&node).await;

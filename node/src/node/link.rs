@@ -461,7 +461,10 @@ fn hello_for(shared: &Shared, peer: Option<NodeId>) -> Result<Hello, StoreError>
     })
 }
 
-fn check_hello(shared: &Shared, h: &Hello) -> Result<(), SessionError> {
+/// Checks a peer's Hello. `proven` is the node id the peer's pinned certificate carries (its
+/// CN, see `net::cert_id`): a Hello naming any other id is a peer speaking for another, and
+/// would move that peer's acknowledgements, marks and copy counts.
+fn check_hello(shared: &Shared, h: &Hello, proven: Option<NodeId>) -> Result<(), SessionError> {
     if h.protocol != PROTOCOL_VERSION {
         return Err(SessionError::Version(format!(
             "peer speaks protocol {}, this node speaks {PROTOCOL_VERSION}",
@@ -473,6 +476,18 @@ fn check_hello(shared: &Shared, h: &Hello) -> Result<(), SessionError> {
             "peer is a {}, not a datacenter",
             h.role
         )));
+    }
+    if proven != Some(h.node_id) {
+        return Err(SessionError::Protocol(match proven {
+            Some(p) => format!(
+                "Hello names node id {} but the peer's certificate proves {p}",
+                h.node_id
+            ),
+            None => format!(
+                "Hello names node id {} but the peer's certificate carries no node id",
+                h.node_id
+            ),
+        }));
     }
     if h.node_id == shared.meta.node_id {
         return Err(SessionError::Protocol("peer has this node's own id".into()));
@@ -488,6 +503,7 @@ async fn session(shared: Arc<Shared>, i: usize, conn: quinn::Connection, dialled
     let peer = shared.peers.get(i);
     let max = shared.config.limits.frame_bytes_max;
     let known = peer.info.lock().expect("link lock").node_id;
+    let proven = net::cert_id::peer_node_id(&conn);
     let handshake = async {
         if dialled {
             let (mut send, mut recv) = conn.open_bi().await?;
@@ -497,7 +513,7 @@ async fn session(shared: Arc<Shared>, i: usize, conn: quinn::Connection, dialled
         } else {
             let (mut send, mut recv) = conn.accept_bi().await?;
             let theirs = expect_hello(&mut recv, max).await?;
-            check_hello(&shared, &theirs)?;
+            check_hello(&shared, &theirs, proven)?;
             write_frame(
                 &mut send,
                 &Message::Hello(hello_for(&shared, Some(theirs.node_id))?),
@@ -517,7 +533,7 @@ async fn session(shared: Arc<Shared>, i: usize, conn: quinn::Connection, dialled
             return false;
         }
     };
-    if let Err(e) = check_hello(&shared, &theirs) {
+    if let Err(e) = check_hello(&shared, &theirs, proven) {
         fail(&shared, i, &conn, &e);
         return false;
     }
