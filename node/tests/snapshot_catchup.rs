@@ -86,6 +86,17 @@ async fn a_node_behind_retention_catches_up_by_snapshot() {
     );
     drop(first);
 
+    // The stopped node's QUIC socket is released once its endpoint has drained its
+    // connections (its peers keep dialling it meanwhile); wait for the port, then restart.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::UdpSocket::bind(configs[2].listen).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "port {} never freed",
+            configs[2].listen
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let c = node::start(configs[2].clone()).await.unwrap();
     wait_converged(&[&a, &b, &c]).await;
     let snapshots = a.shared.metrics.snapshots_sent.load(Ordering::Relaxed)
