@@ -85,4 +85,7 @@ async fn deploy_json_is_one_object_alone_on_stdout() {
         .unwrap_or_else(|| panic!("{v}"));
     assert_eq!(machines.len(), 1, "{v}");
     assert_eq!(machines[0]["status"], "running", "{v}");
+    // Stops the worker cleanly, so that it stops its software (dropping the fleet would kill
+    // the worker and leave the software running).
+    f.finish().await.unwrap();
 }
