@@ -7,6 +7,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// How long the demo waits for a stopped node's QUIC port (its endpoint drains first).
+const PORT_FREE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
@@ -168,6 +171,17 @@ async fn demo(dir: &Path, opts: &DemoOpts) -> anyhow::Result<bool> {
     );
     let batch: Vec<Value> = (0..200).map(|j| sample_event(opts.events + j)).collect();
     post_batch(&http, &dcs[0], &Value::Array(batch)).await?;
+    // In this process the stopped node's QUIC socket is released only once its endpoint has
+    // drained (peers keep dialling it meanwhile): wait for the port before starting it again.
+    let listen = dcs[last].config.listen;
+    let freed_by = std::time::Instant::now() + PORT_FREE_WAIT;
+    while std::net::UdpSocket::bind(listen).is_err() {
+        anyhow::ensure!(
+            std::time::Instant::now() < freed_by,
+            "port {listen} still in use {PORT_FREE_WAIT:?} after the node stopped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let running = node::start(dcs[last].config.clone()).await?;
     dcs[last].running = Some(running);
     println!("   {} restarted", dcs[last].config.name);
