@@ -77,6 +77,44 @@ async fn bad_requests_get_a_reason_and_change_nothing() {
     .await
     .unwrap();
     assert_eq!(ok.status().as_u16(), 200);
+    let ack: Value = ok.json().await.unwrap();
+    let id = ack["message_id"].as_str().unwrap();
+    let origin = ack["origin"].as_str().unwrap();
+    let oseq = ack["oseq"].as_u64().unwrap();
+    // The acknowledgement's locator finds the message directly; a wrong or half locator does not.
+    let lookup = |query: String| {
+        http.get(format!("{base}/v1/messages/{id}{query}"))
+            .bearer_auth(&token)
+            .send()
+    };
+    let by_id: Value = lookup(String::new()).await.unwrap().json().await.unwrap();
+    let at = lookup(format!("?origin={origin}&oseq={oseq}"))
+        .await
+        .unwrap();
+    assert_eq!(at.status().as_u16(), 200);
+    assert_eq!(at.json::<Value>().await.unwrap(), by_id);
+    assert_eq!(by_id["oseq"].as_u64(), Some(oseq));
+    for (query, want, names) in [
+        (format!("?origin={origin}"), 400, "give both"),
+        (format!("?oseq={oseq}"), 400, "give both"),
+        (format!("?origin={origin}&oseq=x"), 400, "oseq"),
+        (format!("?origin=zz&oseq={oseq}"), 400, "origin"),
+        (
+            format!("?origin={origin}&oseq={}", oseq + 1),
+            404,
+            "not known",
+        ),
+    ] {
+        let resp = lookup(query.clone()).await.unwrap();
+        let status = resp.status().as_u16();
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!(status, want, "{query}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(names),
+            "{query}: {error:?} should name {names:?}"
+        );
+    }
     n.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

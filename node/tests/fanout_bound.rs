@@ -60,7 +60,10 @@ async fn relays_are_bounded_by_fanout_and_everything_converges() {
     for n in &nodes {
         let r = n.shared.store.read().unwrap();
         for id in &ids {
-            let m = r.message(id).unwrap().expect("every message everywhere");
+            let m = r
+                .find_message(id)
+                .unwrap()
+                .expect("every message everywhere");
             if m.origin != n.shared.meta.node_id {
                 *counts.entry(m.senders.len()).or_insert(0) += 1;
                 assert!(

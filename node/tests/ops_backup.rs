@@ -204,14 +204,15 @@ fn corrupt_copy(dir: &Path, db: &Path, name: &str, f: impl FnOnce(&redb::Databas
 }
 
 #[test]
-fn db_check_finds_a_deleted_index_row_a_bad_row_and_overwritten_pages() {
+fn db_check_finds_a_deleted_message_row_a_bad_row_and_overwritten_pages() {
     let (dir, db) = stopped_node_db("ops-check");
 
-    let index: TableDefinition<(u128, u64), u64> = TableDefinition::new("log_by_origin");
-    let copy = corrupt_copy(&dir, &db, "no-index", |d| {
+    let messages: TableDefinition<(u128, u64, u64), &[u8]> =
+        TableDefinition::new("messages_by_origin");
+    let copy = corrupt_copy(&dir, &db, "no-message", |d| {
         let txn = d.begin_write().unwrap();
         {
-            let mut t = txn.open_table(index).unwrap();
+            let mut t = txn.open_table(messages).unwrap();
             let first = t.first().unwrap().map(|(k, _)| k.value()).unwrap();
             t.remove(first).unwrap();
         }
@@ -219,7 +220,7 @@ fn db_check_finds_a_deleted_index_row_a_bad_row_and_overwritten_pages() {
     });
     let (code, out, _) = db_check(&copy);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("no log_by_origin index row"), "{out}");
+    assert!(out.contains("has no record"), "{out}");
 
     let log: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
     let copy = corrupt_copy(&dir, &db, "bad-row", |d| {

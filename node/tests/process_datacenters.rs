@@ -39,11 +39,15 @@ const KILL_AFTER_ACKED: u64 = 400;
 const ACKED_WHILE_DOWN: u64 = 200;
 /// After its restart, the victim acknowledges at least this many events before clients stop.
 const ACKED_AFTER_RESTART: u64 = 100;
+/// One acknowledged message in this many is also looked up by its id alone.
+const SCAN_EVERY: usize = 16;
 
 #[derive(Clone, Debug)]
 struct Acked {
     id: String,
     origin: usize,
+    /// The origin sequence its acknowledgement named: with the origin's node id, where it is stored.
+    oseq: u64,
     /// At the victim: answered by the process started after the kill (`Some(true)`), by the
     /// killed one (`Some(false)`), or not known for sure (sent before, answered after the kill
     /// was decided).
@@ -115,6 +119,7 @@ async fn submitter(
                     .extend(acks.into_iter().map(|a| Acked {
                         id: a.message_id,
                         origin: node,
+                        oseq: a.oseq,
                         restarted: which,
                     }));
                 shared.counts[node].fetch_add(len, Ordering::SeqCst);
@@ -308,8 +313,21 @@ async fn acknowledged_events_survive_kill9_and_converge() {
         lookups.spawn(async move {
             let mut problems = Vec::new();
             let mut oseqs: BTreeMap<(usize, Option<bool>), Vec<u64>> = BTreeMap::new();
-            for a in &acked {
-                let m = match api.message(&a.id).await {
+            for (k, a) in acked.iter().enumerate() {
+                let found = api.message_at(&a.id, &node_ids[a.origin], a.oseq).await;
+                // A sample is also found by its id alone (a scan of the log): the same answer.
+                if k % SCAN_EVERY == 0 {
+                    let scanned = api.message(&a.id).await;
+                    if let (Ok(x), Ok(y)) = (&found, &scanned) {
+                        if x != y {
+                            problems.push(format!(
+                                "{} at {at_name}: by locator {x:?}, by id {y:?}",
+                                a.id
+                            ));
+                        }
+                    }
+                }
+                let m = match found {
                     Ok(Some(m)) => m,
                     Ok(None) => {
                         problems.push(format!(

@@ -13,7 +13,7 @@ use outpost::model::{Event, RawEvent};
 use outpost::replication::core::{goes_to, resume_point};
 use outpost::replication::link::{LinkLimits, Outbound};
 use outpost::replication::mem::MemStore;
-use outpost::replication::{digest, Core, LogRead, Tables};
+use outpost::replication::{digest, Core, LogRead, MsgKey, MsgRecord, Tables};
 use outpost::wire::{CatchUpRequest, Elements, Message};
 use serde_json::json;
 
@@ -80,7 +80,8 @@ struct Sim {
     cut: BTreeSet<(NodeId, NodeId)>,
     limits: LinkLimits,
     /// Every acknowledged event: message id -> origin.
-    acked: BTreeMap<MsgId, NodeId>,
+    /// Acknowledged messages, and where their records are.
+    acked: BTreeMap<MsgId, MsgKey>,
     faults: Faults,
     restores: u64,
     /// Acknowledged events that a restore may have lost.
@@ -222,12 +223,12 @@ impl Sim {
         let lost: Vec<MsgId> = self
             .acked
             .iter()
-            .filter(|(id, _)| {
-                !b.messages.contains_key(*id)
+            .filter(|(id, key)| {
+                held(&b, **key, id).is_none()
                     && self
                         .nodes
                         .iter()
-                        .all(|n| n.id == me || !n.store.messages.contains_key(*id))
+                        .all(|n| n.id == me || held(&n.store, **key, id).is_none())
             })
             .map(|(id, _)| *id)
             .collect();
@@ -333,7 +334,8 @@ impl Sim {
         }
         let got = core.ingest(&mut node.store, now, &ev).unwrap();
         // Commit is instant in the model, so this is the acknowledgement.
-        self.acked.insert(got.msg_id, node.id);
+        self.acked
+            .insert(got.msg_id, MsgKey::new(node.id, got.oseq, &got.msg_id));
     }
 
     fn pump_senders(&mut self) {
@@ -354,7 +356,7 @@ impl Sim {
                         .unwrap()
                         .into_iter()
                         .filter(|(_, r)| {
-                            let senders = node.store.messages.get(&r.msg_id);
+                            let senders = held(&node.store, MsgKey::of(r), &r.msg_id);
                             goes_to(peer, r, senders.map(|m| m.senders.as_slice()))
                         })
                         .collect();
@@ -580,12 +582,13 @@ impl Sim {
         }
         for node in &self.nodes {
             // Invariant 1: every acknowledged event is everywhere.
-            for (id, origin) in &self.acked {
-                let Some(m) = node.store.messages.get(id) else {
+            for (id, key) in &self.acked {
+                let origin = &key.origin;
+                let Some(m) = held(&node.store, *key, id) else {
                     let holders: Vec<_> = self
                         .nodes
                         .iter()
-                        .filter(|n| n.store.messages.contains_key(id))
+                        .filter(|n| held(&n.store, *key, id).is_some())
                         .map(|n| n.id)
                         .collect();
                     let oseqs: Vec<_> = self
@@ -644,6 +647,11 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// The record of message `id` at `store`, found where its key says.
+fn held<'a>(store: &'a MemStore, key: MsgKey, id: &MsgId) -> Option<&'a MsgRecord> {
+    store.messages.get(&key).filter(|m| m.msg_id == *id)
 }
 
 fn run_seed(seed: u64) -> Result<(u64, u64), String> {
@@ -731,7 +739,7 @@ fn simulation_detects_a_lost_element() {
     }
     sim.check().unwrap();
     // Lose one message at one node behind the protocol's back.
-    let id = *sim.acked.keys().next().unwrap();
-    sim.nodes[1].store.messages.remove(&id);
+    let key = *sim.acked.values().next().unwrap();
+    sim.nodes[1].store.messages.remove(&key);
     assert!(sim.check().is_err());
 }

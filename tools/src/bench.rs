@@ -756,10 +756,15 @@ async fn sample_latencies(apis: &[Api], samples: &[load::Sample], r: &mut Replic
         for (i, api) in apis.iter().enumerate() {
             let api = api.clone();
             let id = s.message_id.clone();
+            let locator = s.locator.clone();
             let sem = sem.clone();
             set.spawn(async move {
                 let _permit = sem.acquire_owned().await;
-                (k, i, api.message(&id).await)
+                let info = match locator {
+                    Some((origin, oseq)) => api.message_at(&id, &origin, oseq).await,
+                    None => api.message(&id).await,
+                };
+                (k, i, info)
             });
         }
     }

@@ -49,6 +49,8 @@ pub struct Spec {
 pub struct Sample {
     pub node: usize,
     pub message_id: String,
+    /// Where the message is stored (`origin`, `oseq` from the answer), for a direct lookup.
+    pub locator: Option<(String, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -140,6 +142,21 @@ fn push_event(out: &mut String, rng: &mut Rng, n: u64) {
 #[derive(Deserialize)]
 struct IdOnly {
     message_id: String,
+    #[serde(default)]
+    origin: Option<String>,
+    #[serde(default)]
+    oseq: Option<u64>,
+}
+
+impl IdOnly {
+    fn sample(self, node: usize) -> Sample {
+        let locator = self.origin.zip(self.oseq);
+        Sample {
+            node,
+            message_id: self.message_id,
+            locator,
+        }
+    }
 }
 
 /// Runs the load and gathers what every task saw.
@@ -281,19 +298,13 @@ fn sample_ids(bytes: &[u8], kind: Kind, node: usize, samples: &mut Vec<Sample>) 
     match kind {
         Kind::Single => {
             if let Ok(a) = serde_json::from_slice::<IdOnly>(bytes) {
-                samples.push(Sample {
-                    node,
-                    message_id: a.message_id,
-                });
+                samples.push(a.sample(node));
             }
         }
         Kind::Batch(_) => {
             if let Ok(v) = serde_json::from_slice::<Vec<IdOnly>>(bytes) {
                 if let Some(a) = v.into_iter().last() {
-                    samples.push(Sample {
-                        node,
-                        message_id: a.message_id,
-                    });
+                    samples.push(a.sample(node));
                 }
             }
         }

@@ -13,21 +13,23 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use crate::ids::MsgId;
+use crate::ids::{MsgId, NodeId};
 use crate::model::events::view;
 use crate::model::{Event, EventType, RawEvent};
 use crate::node::writer::Cmd;
 use crate::node::{now_ms, Shared};
-use crate::replication::{IngestError, Ingested, LogRead, StoreError};
+use crate::replication::{IngestError, Ingested, LogRead, MsgKey, StoreError};
 
 pub struct ApiError {
     status: StatusCode,
@@ -187,9 +189,11 @@ fn parse_event(raw: RawEvent, at: &str) -> ApiResult<Event> {
     Event::from_raw(raw).map_err(|e| ApiError::bad(format!("{at}{}: {}", e.field, e.reason)))
 }
 
-fn answer(a: &Ingested) -> Value {
+fn answer(s: &Shared, a: &Ingested) -> Value {
     json!({
         "message_id": a.msg_id.to_string(),
+        "origin": s.meta.node_id.to_string(),
+        "oseq": a.oseq,
         "element": a.element,
         "version": a.version.to_string(),
     })
@@ -257,7 +261,7 @@ pub(crate) fn parse_batch_body(body: &[u8], max: usize) -> ApiResult<Vec<Event>>
 async fn post_event(State(s): State<Arc<Shared>>, body: Bytes) -> ApiResult<Json<Value>> {
     let ev = parse_event_body(&body)?;
     let got = ingest(&s, vec![ev]).await?;
-    Ok(Json(answer(&got[0])))
+    Ok(Json(answer(&s, &got[0])))
 }
 
 async fn post_batch(State(s): State<Arc<Shared>>, body: Bytes) -> ApiResult<Json<Value>> {
@@ -266,7 +270,9 @@ async fn post_batch(State(s): State<Arc<Shared>>, body: Bytes) -> ApiResult<Json
         return Ok(Json(json!([])));
     }
     let got = ingest(&s, events).await?;
-    Ok(Json(Value::Array(got.iter().map(answer).collect())))
+    Ok(Json(Value::Array(
+        got.iter().map(|a| answer(&s, a)).collect(),
+    )))
 }
 
 async fn read<T: Send + 'static>(
@@ -333,14 +339,45 @@ async fn get_digest(State(s): State<Arc<Shared>>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({ "digest": digest, "entries": entries })))
 }
 
+/// `?origin=NODE&oseq=N`: where the message's record is (the answer to its POST says), so it is
+/// found at once; without them the retained log is scanned for the id.
+#[derive(Deserialize)]
+struct MessageAt {
+    origin: Option<String>,
+    oseq: Option<u64>,
+}
+
 async fn get_message(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
+    at: Result<Query<MessageAt>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
+    let Query(at) = at.map_err(|e| ApiError::bad(format!("query: {}", e.body_text())))?;
     let id: MsgId = id
         .parse()
         .map_err(|e| ApiError::bad(format!("message id: {e}")))?;
-    let rec = read(&s, move |s| s.store.read()?.message(&id)).await?;
+    let key = match (at.origin, at.oseq) {
+        (Some(o), Some(oseq)) => {
+            let origin: NodeId = o
+                .parse()
+                .map_err(|e| ApiError::bad(format!("origin: {e}")))?;
+            Some(MsgKey::new(origin, oseq, &id))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::bad(
+                "origin and oseq: give both (where the message's record is) or neither",
+            ))
+        }
+    };
+    let rec = read(&s, move |s| {
+        let r = s.store.read()?;
+        match key {
+            Some(k) => r.message(k, &id),
+            None => r.find_message(&id),
+        }
+    })
+    .await?;
     let Some(m) = rec else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -17,7 +17,7 @@ use crate::model::EventType;
 use crate::net::{self, close};
 use crate::replication::core::{goes_to, resume_point};
 use crate::replication::link::{LinkLimits, Outbound};
-use crate::replication::{Core, LogRead, Received, StoreError};
+use crate::replication::{Core, LogRead, MsgKey, Received, StoreError};
 use crate::wire::{
     read_frame, write_frame, CatchUpRequest, Elements, Hello, Message, Role, SnapshotChunk,
     SnapshotEnd, SnapshotEntry, PROTOCOL_VERSION,
@@ -949,7 +949,7 @@ fn build_elements(
             break;
         }
         if rec.origin == peer_id {
-            let m = r.message(&rec.msg_id)?;
+            let m = r.message(MsgKey::of(&rec), &rec.msg_id)?;
             if !goes_to(peer_id, &rec, m.as_ref().map(|m| m.senders.as_slice())) {
                 continue;
             }

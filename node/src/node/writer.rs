@@ -412,6 +412,7 @@ fn try_group(
             outcomes.push(outcome);
         }
         tail = Tables::log_tail(&t)?;
+        t.finish()?;
     }
     txn.commit()?;
     Ok((outcomes, tail))

@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use super::tables::{Entry, LogRead, Mark, MsgRecord, PeerProgress, StoreError, Tables};
+use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError, Tables};
 use crate::ids::{MsgId, NodeId};
 use crate::model::events::{self, ElementError, ELEMENT_BYTES_MAX};
 use crate::model::{to_canonical, ElementRecord, Event, EventError, EventType, Hlc, Version};
@@ -48,6 +48,8 @@ impl From<ElementError> for ApplyError {
 #[derive(Clone, Debug)]
 pub struct Ingested {
     pub msg_id: MsgId,
+    /// Where the message's record is: this node's origin sequence for it.
+    pub oseq: u64,
     pub version: Version,
     pub element: Value,
     pub lseq: u64,
@@ -139,7 +141,10 @@ impl Core {
             .into());
         }
         let mut own = t.mark(self.node_id)?;
-        let oseq = own.highest() + 1;
+        // A peer's snapshot can raise our own mark; at u64::MAX we refuse rather than wrap.
+        let oseq = own.highest().checked_add(1).ok_or_else(|| {
+            StoreError::Corrupt("this node's origin sequence is exhausted (u64::MAX)".into())
+        })?;
         let rec = ElementRecord {
             origin: self.node_id,
             oseq,
@@ -156,27 +161,28 @@ impl Core {
         let entry = Entry {
             version,
             origin: self.node_id,
+            oseq,
             msg_id: rec.msg_id,
             element: rec.element.clone(),
         };
         t.put_entry(&ev.account, ev.etype, &entry)?;
         let lseq = t.log_tail()? + 1;
         t.append_log(lseq, &rec)?;
-        t.put_message(
-            &rec.msg_id,
-            &MsgRecord {
-                origin: self.node_id,
-                oseq,
-                first_seen_ms: now_ms,
-                senders: Vec::new(),
-            },
-        )?;
+        t.put_message(&MsgRecord {
+            msg_id: rec.msg_id,
+            origin: self.node_id,
+            oseq,
+            lseq,
+            first_seen_ms: now_ms,
+            senders: Vec::new(),
+        })?;
         own.insert(oseq);
         t.put_mark(self.node_id, &own)?;
         t.set_hlc(hlc.state())?;
         self.hlc = hlc;
         Ok(Ingested {
             msg_id: rec.msg_id,
+            oseq,
             version,
             element,
             lseq,
@@ -209,13 +215,13 @@ impl Core {
         rec: &ElementRecord,
         el: &Value,
     ) -> Result<Applied, StoreError> {
-        if let Some(mut m) = t.message(&rec.msg_id)? {
+        if let Some(mut m) = t.message(MsgKey::of(rec), &rec.msg_id)? {
             // At the origin the count stays 0; elsewhere each distinct sender counts once.
             if rec.origin == self.node_id || from == self.node_id || m.senders.contains(&from) {
                 return Ok(Applied::Duplicate);
             }
             m.senders.push(from);
-            t.put_message(&rec.msg_id, &m)?;
+            t.put_message(&m)?;
             return Ok(Applied::Counted);
         }
         // No record: a first copy. (Even if the origin's mark covers this sequence: the record
@@ -231,6 +237,7 @@ impl Core {
             &Entry {
                 version: rec.version,
                 origin: rec.origin,
+                oseq: rec.oseq,
                 msg_id: rec.msg_id,
                 element: rec.element.clone(),
             },
@@ -243,15 +250,14 @@ impl Core {
         } else {
             vec![from]
         };
-        t.put_message(
-            &rec.msg_id,
-            &MsgRecord {
-                origin: rec.origin,
-                oseq: rec.oseq,
-                first_seen_ms: now_ms,
-                senders,
-            },
-        )?;
+        t.put_message(&MsgRecord {
+            msg_id: rec.msg_id,
+            origin: rec.origin,
+            oseq: rec.oseq,
+            lseq,
+            first_seen_ms: now_ms,
+            senders,
+        })?;
         mark.insert(rec.oseq);
         t.put_mark(rec.origin, &mark)?;
         t.set_hlc(self.hlc.state())?;
@@ -362,6 +368,9 @@ impl Core {
                 &Entry {
                     version: e.version,
                     origin: e.origin,
+                    // Snapshots carry no message records: the entry's message is not found
+                    // here (its count shows 0), as before the layout keyed them by sequence.
+                    oseq: 0,
                     msg_id: e.msg_id,
                     element: e.element.clone(),
                 },
@@ -573,6 +582,7 @@ fn merge_entry(
             Entry {
                 version: cur.version.max(inc.version),
                 origin: if newer { inc.origin } else { cur.origin },
+                oseq: if newer { inc.oseq } else { cur.oseq },
                 msg_id: if newer { inc.msg_id } else { cur.msg_id },
                 element: to_canonical(&merged),
             }

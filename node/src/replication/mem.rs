@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::tables::{Entry, LogRead, Mark, MsgRecord, PeerProgress, Result, Tables};
+use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, Result, Tables};
 use crate::ids::{MsgId, NodeId};
 use crate::model::{ElementRecord, EventType};
 
@@ -12,11 +12,10 @@ pub struct MemStore {
     pub hlc: (u64, u32),
     pub epoch: u64,
     pub entries: BTreeMap<(String, u8), Entry>,
-    pub messages: BTreeMap<MsgId, MsgRecord>,
+    pub messages: BTreeMap<MsgKey, MsgRecord>,
     pub marks: BTreeMap<NodeId, Mark>,
     pub tail: u64,
     pub log: BTreeMap<u64, ElementRecord>,
-    pub by_origin: BTreeMap<(NodeId, u64), u64>,
     pub peers: BTreeMap<NodeId, PeerProgress>,
 }
 
@@ -62,11 +61,11 @@ impl Tables for MemStore {
             .insert((account.to_string(), etype.code()), entry.clone());
         Ok(())
     }
-    fn message(&self, id: &MsgId) -> Result<Option<MsgRecord>> {
-        Ok(self.messages.get(id).cloned())
+    fn message(&self, key: MsgKey, id: &MsgId) -> Result<Option<MsgRecord>> {
+        Ok(self.messages.get(&key).filter(|m| m.msg_id == *id).cloned())
     }
-    fn put_message(&mut self, id: &MsgId, rec: &MsgRecord) -> Result<()> {
-        self.messages.insert(*id, rec.clone());
+    fn put_message(&mut self, rec: &MsgRecord) -> Result<()> {
+        self.messages.insert(rec.key(), rec.clone());
         Ok(())
     }
     fn mark(&self, origin: NodeId) -> Result<Mark> {
@@ -86,7 +85,6 @@ impl Tables for MemStore {
         assert_eq!(lseq, self.tail + 1, "log appends are contiguous");
         self.tail = lseq;
         self.log.insert(lseq, rec.clone());
-        self.by_origin.insert((rec.origin, rec.oseq), lseq);
         Ok(())
     }
     fn peer(&self, peer: NodeId) -> Result<PeerProgress> {
@@ -111,7 +109,7 @@ impl LogRead for MemStore {
     fn log_range(&self, after: u64, max: usize) -> Result<Vec<(u64, ElementRecord)>> {
         Ok(self
             .log
-            .range(after + 1..)
+            .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
             .take(max)
             .map(|(l, r)| (*l, r.clone()))
             .collect())
@@ -122,11 +120,24 @@ impl LogRead for MemStore {
         after_oseq: u64,
         max: usize,
     ) -> Result<Vec<ElementRecord>> {
+        let Some(from) = after_oseq.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let lo = MsgKey {
+            origin,
+            oseq: from,
+            id_prefix: 0,
+        };
+        let hi = MsgKey {
+            origin,
+            oseq: u64::MAX,
+            id_prefix: u64::MAX,
+        };
         Ok(self
-            .by_origin
-            .range((origin, after_oseq + 1)..=(origin, u64::MAX))
+            .messages
+            .range(lo..=hi)
             .take(max)
-            .filter_map(|(_, l)| self.log.get(l).cloned())
+            .filter_map(|(_, m)| self.log.get(&m.lseq).cloned())
             .collect())
     }
 }

@@ -8,4 +8,6 @@ pub mod mem;
 pub mod tables;
 
 pub use self::core::{digest, Applied, ApplyError, Core, IngestError, Ingested, Received};
-pub use tables::{Entry, LogRead, Mark, MsgRecord, PeerProgress, StoreError, Tables};
+pub use tables::{
+    id_prefix, Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError, Tables,
+};

@@ -26,23 +26,70 @@ pub enum StoreError {
 }
 
 /// One row of the state table: the merged element of (account, type) and which message last
-/// set its version.
+/// set its version (its id, and where its record is: origin and origin sequence).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub version: Version,
     pub origin: NodeId,
+    pub oseq: u64,
     pub msg_id: MsgId,
     pub element: Vec<u8>,
 }
 
-/// What a node remembers of one message id.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MsgRecord {
+impl Entry {
+    /// Where the record of the message that set this entry is kept.
+    pub fn msg_key(&self) -> MsgKey {
+        MsgKey::new(self.origin, self.oseq, &self.msg_id)
+    }
+}
+
+/// The key of a message record: (origin, origin sequence, the id's first 8 bytes). Ordered by
+/// origin then sequence, so a node writes its message records at the end of each origin's range
+/// (sequentially), never at a random place as a key by id would. The id prefix tells apart two
+/// messages an origin numbered the same (a node restored from an old backup can do that).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MsgKey {
     pub origin: NodeId,
     pub oseq: u64,
+    pub id_prefix: u64,
+}
+
+impl MsgKey {
+    pub fn new(origin: NodeId, oseq: u64, id: &MsgId) -> MsgKey {
+        MsgKey {
+            origin,
+            oseq,
+            id_prefix: id_prefix(id),
+        }
+    }
+
+    pub fn of(rec: &ElementRecord) -> MsgKey {
+        MsgKey::new(rec.origin, rec.oseq, &rec.msg_id)
+    }
+}
+
+/// The first 8 bytes of a message id, big-endian: the last component of [`MsgKey`].
+pub fn id_prefix(id: &MsgId) -> u64 {
+    u64::from_be_bytes(id.0[..8].try_into().expect("32-byte id"))
+}
+
+/// What a node remembers of one message, found by its [`MsgKey`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsgRecord {
+    pub msg_id: MsgId,
+    pub origin: NodeId,
+    pub oseq: u64,
+    /// Where its record is in the local log.
+    pub lseq: u64,
     pub first_seen_ms: u64,
     /// Distinct peers a copy came from; its length is the message count (empty at the origin).
     pub senders: Vec<NodeId>,
+}
+
+impl MsgRecord {
+    pub fn key(&self) -> MsgKey {
+        MsgKey::new(self.origin, self.oseq, &self.msg_id)
+    }
 }
 
 /// Durable progress with one peer, in both directions.
@@ -92,16 +139,25 @@ impl Mark {
         if self.contains(oseq) {
             return;
         }
-        if oseq == self.contiguous + 1 {
+        if Some(oseq) == self.contiguous.checked_add(1) {
             self.contiguous = oseq;
-            while self.above.remove(&(self.contiguous + 1)) {
-                self.contiguous += 1;
-            }
+            self.absorb_above();
         } else {
             self.above.insert(oseq);
             while self.above.len() > MARK_ABOVE_MAX {
                 self.above.pop_last();
             }
+        }
+    }
+
+    /// Moves sequences that now follow the contiguous mark into it. Stops at `u64::MAX` (a
+    /// hostile peer may claim it) instead of overflowing.
+    fn absorb_above(&mut self) {
+        while let Some(next) = self.contiguous.checked_add(1) {
+            if !self.above.remove(&next) {
+                break;
+            }
+            self.contiguous = next;
         }
     }
 
@@ -111,9 +167,7 @@ impl Mark {
             self.contiguous = other.contiguous;
             let c = self.contiguous;
             self.above.retain(|&s| s > c);
-            while self.above.remove(&(self.contiguous + 1)) {
-                self.contiguous += 1;
-            }
+            self.absorb_above();
         }
         for &s in &other.above {
             self.insert(s);
@@ -153,8 +207,10 @@ pub trait Tables {
     fn entry(&self, account: &str, etype: EventType) -> Result<Option<Entry>>;
     fn put_entry(&mut self, account: &str, etype: EventType, entry: &Entry) -> Result<()>;
 
-    fn message(&self, id: &MsgId) -> Result<Option<MsgRecord>>;
-    fn put_message(&mut self, id: &MsgId, rec: &MsgRecord) -> Result<()>;
+    /// The record of message `key`, if its full id is `id` (another message numbered the same
+    /// by its origin shares the row only by accident of a prefix collision: `None` then).
+    fn message(&self, key: MsgKey, id: &MsgId) -> Result<Option<MsgRecord>>;
+    fn put_message(&mut self, rec: &MsgRecord) -> Result<()>;
 
     fn mark(&self, origin: NodeId) -> Result<Mark>;
     fn put_mark(&mut self, origin: NodeId, mark: &Mark) -> Result<()>;
@@ -163,7 +219,8 @@ pub trait Tables {
     /// Highest local log sequence ever appended (0 when empty). Never goes down, even when
     /// retention trims the log.
     fn log_tail(&self) -> Result<u64>;
-    /// Appends at `lseq` (always `log_tail() + 1`) and indexes it by (origin, oseq).
+    /// Appends at `lseq` (always `log_tail() + 1`). The message record written with it (by
+    /// [`Tables::put_message`]) is what finds it by origin.
     fn append_log(&mut self, lseq: u64, rec: &ElementRecord) -> Result<()>;
 
     fn peer(&self, peer: NodeId) -> Result<PeerProgress>;
@@ -185,4 +242,48 @@ pub trait LogRead {
         after_oseq: u64,
         max: usize,
     ) -> Result<Vec<ElementRecord>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bounded memory and no overflow: a mark at or near `u64::MAX` (a hostile peer can claim
+    /// one in its Hello) neither wraps nor panics, and still answers `contains` correctly.
+    #[test]
+    fn mark_at_u64_max_neither_wraps_nor_panics() {
+        let mut m = Mark::default();
+        m.insert(u64::MAX);
+        m.insert(u64::MAX - 1);
+        assert!(m.contains(u64::MAX) && m.contains(u64::MAX - 1) && !m.contains(1));
+        assert_eq!(m.highest(), u64::MAX);
+
+        let mut full = Mark {
+            contiguous: u64::MAX - 1,
+            above: BTreeSet::new(),
+        };
+        full.insert(u64::MAX);
+        assert_eq!(full.contiguous, u64::MAX);
+        assert!(full.above.is_empty());
+        full.insert(7);
+        assert_eq!(full.contiguous, u64::MAX, "everything is already held");
+
+        let mut joined = Mark::default();
+        joined.insert(3);
+        joined.join(&Mark::from_wire(&full.to_wire(NodeId(1))));
+        assert_eq!(joined.contiguous, u64::MAX);
+        assert!(joined.above.is_empty());
+    }
+
+    /// The contiguous mark absorbs the sequences above it as the gap closes.
+    #[test]
+    fn mark_closes_gaps() {
+        let mut m = Mark::default();
+        for s in [3, 5, 2, 4] {
+            m.insert(s);
+        }
+        assert_eq!((m.contiguous, m.above.len()), (0, 4));
+        m.insert(1);
+        assert_eq!((m.contiguous, m.above.len()), (5, 0));
+    }
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use redb::{Database, Durability, Key, ReadableDatabase, ReadableTable, TableDefinition, Value};
 
 use super::cluster::{CHANNEL, DEPLOYMENTS, MACHINES};
-use super::tables::{BY_ORIGIN, LOG, MARKS, MESSAGES, META, META_NODE, PEERS, STATE};
+use super::tables::{LOG, MARKS, MESSAGES, META, META_NODE, PEERS, STATE};
 use super::{db_err, decode, NodeMeta, Result, Store, CACHE_BYTES};
 use crate::replication::StoreError;
 
@@ -85,7 +85,6 @@ impl Store {
             rows += copy_table(&src, &out, META)?;
             rows += copy_table(&src, &out, STATE)?;
             rows += copy_table(&src, &out, LOG)?;
-            rows += copy_table(&src, &out, BY_ORIGIN)?;
             rows += copy_table(&src, &out, MESSAGES)?;
             rows += copy_table(&src, &out, MARKS)?;
             rows += copy_table(&src, &out, PEERS)?;

@@ -1,7 +1,7 @@
 //! `outpost db check`: verifies a stopped node's database offline and says what is wrong. First
 //! redb's own integrity check (page checksums, allocator state), then, in one read transaction,
 //! what the code relies on: the schema version and node identity, every row of every table
-//! decodes, the by-origin index and the log agree both ways, the log tail covers the log, the
+//! decodes, the message records and the log agree both ways, the log tail covers the log, the
 //! marks cover every logged sequence, message records match their log records and state
 //! entries, and each log record's id matches its contents.
 //!
@@ -14,15 +14,15 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
 use super::tables::{
-    BY_ORIGIN, LOG, MARKS, MESSAGES, META, META_HLC, META_LOG_TAIL, META_NODE, META_SCHEMA_VERSION,
-    PEERS, STATE,
+    msg_key, StoredMsg, LOG, MARKS, MESSAGES, META, META_HLC, META_LOG_TAIL, META_NODE,
+    META_SCHEMA_VERSION, PEERS, STATE,
 };
 use super::{open_err, NodeMeta, OpenError, CACHE_BYTES, DB_FILE, SCHEMA_VERSION};
 use crate::ids::NodeId;
 use crate::model::{ElementRecord, EventType};
 use crate::replication::core::Digester;
 use crate::replication::tables::MARK_ABOVE_MAX;
-use crate::replication::{Entry, Mark, MsgRecord, PeerProgress};
+use crate::replication::{Entry, Mark, MsgKey, PeerProgress};
 
 /// Problems listed one by one; beyond this many only counted.
 pub const PROBLEMS_SHOWN_MAX: usize = 100;
@@ -168,10 +168,9 @@ fn check_rows(db: &Database, r: &mut Report) {
         return;
     };
     check_meta(&meta, r);
-    let (Some(state), Some(log), Some(by_origin), Some(messages), Some(marks), Some(peers)) = (
+    let (Some(state), Some(log), Some(messages), Some(marks), Some(peers)) = (
         open(&txn, STATE, r),
         open(&txn, LOG, r),
-        open(&txn, BY_ORIGIN, r),
         open(&txn, MESSAGES, r),
         open(&txn, MARKS, r),
         open(&txn, PEERS, r),
@@ -195,17 +194,36 @@ fn check_rows(db: &Database, r: &mut Report) {
             r.problem(format!("peers[{}]: does not decode: {e}", NodeId(k)));
         }
     });
-    each(&messages, "messages", r, |r, k: &[u8; 32], v| {
-        r.messages += 1;
-        if let Err(e) = postcard::from_bytes::<MsgRecord>(v) {
-            r.problem(format!(
-                "messages[{}]: does not decode: {e}",
-                hex::encode(k)
-            ));
-        }
-    });
+    // Message records, against the log they point into.
+    each(
+        &messages,
+        "messages",
+        r,
+        |r, (origin, oseq, prefix): (u128, u64, u64), v| {
+            r.messages += 1;
+            let at = format!("messages[({}, {oseq}, {prefix:016x})]", NodeId(origin));
+            let m = match postcard::from_bytes::<StoredMsg>(v) {
+                Ok(m) => m,
+                Err(e) => return r.problem(format!("{at}: does not decode: {e}")),
+            };
+            if crate::replication::id_prefix(&m.msg_id) != prefix {
+                r.problem(format!("{at}: holds message {}, of another key", m.msg_id));
+            }
+            match log_record(&log, m.lseq) {
+                Some(rec) if rec.msg_id == m.msg_id => {}
+                Some(rec) => r.problem(format!(
+                    "{at}: points at log[{}], which is message {}",
+                    m.lseq, rec.msg_id
+                )),
+                None => r.problem(format!(
+                    "{at}: points at log[{}], which does not exist or does not decode",
+                    m.lseq
+                )),
+            }
+        },
+    );
 
-    // The log, against its index, its message records and the marks.
+    // The log, against its message records and the marks.
     let mut highest = 0;
     each(&log, "log", r, |r, lseq: u64, v| {
         r.log_records += 1;
@@ -221,26 +239,18 @@ fn check_rows(db: &Database, r: &mut Report) {
                 rec.msg_id
             ));
         }
-        match by_origin.get((rec.origin.0, rec.oseq)) {
-            Ok(None) => r.problem(format!("{at}: no log_by_origin index row")),
-            Ok(Some(i)) if i.value() == lseq => {}
-            // The same (origin, oseq) logged twice: the index names the later record.
-            Ok(Some(i)) => match log_origin(&log, i.value()) {
-                Some(o) if o == (rec.origin, rec.oseq) => {}
-                _ => r.problem(format!(
-                    "{at}: its index row points at log[{}], which is another record",
-                    i.value()
-                )),
-            },
-            Err(e) => r.problem(format!("{at}: reading its index row: {e}")),
-        }
-        match messages.get(&rec.msg_id.0) {
-            Ok(Some(m)) => match postcard::from_bytes::<MsgRecord>(m.value()) {
-                Ok(m) if m.origin == rec.origin && m.oseq == rec.oseq => {}
-                Ok(m) => r.problem(format!(
-                    "{at}: its message record says origin {}, oseq {}",
-                    m.origin, m.oseq
-                )),
+        match messages.get(msg_key(MsgKey::of(&rec))) {
+            Ok(Some(m)) => match postcard::from_bytes::<StoredMsg>(m.value()) {
+                Ok(m) if m.lseq == lseq => {}
+                // The same message logged twice (applied again after a restore): its record
+                // names the later copy, which must be the same message.
+                Ok(m) => match log_record(&log, m.lseq) {
+                    Some(o) if o.msg_id == rec.msg_id => {}
+                    _ => r.problem(format!(
+                        "{at}: its message record points at log[{}], another record",
+                        m.lseq
+                    )),
+                },
                 Err(_) => {} // reported with the messages table
             },
             Ok(None) => r.problem(format!("{at}: message {} has no record", rec.msg_id)),
@@ -265,25 +275,6 @@ fn check_rows(db: &Database, r: &mut Report) {
         ));
     }
 
-    // The index, against the log.
-    each(
-        &by_origin,
-        "log_by_origin",
-        r,
-        |r, (origin, oseq): (u128, u64), lseq: u64| {
-            let origin = NodeId(origin);
-            match log_origin(&log, lseq) {
-            Some(o) if o == (origin, oseq) => {}
-            Some((o, s)) => r.problem(format!(
-                "log_by_origin[({origin}, {oseq})]: points at log[{lseq}], which is origin {o}, oseq {s}"
-            )),
-            None => r.problem(format!(
-                "log_by_origin[({origin}, {oseq})]: points at log[{lseq}], which does not exist"
-            )),
-        }
-        },
-    );
-
     // The state table, and the digest over it.
     let mut digest = Digester::default();
     each(&state, "state", r, |r, (account, code): (&str, u8), v| {
@@ -299,13 +290,13 @@ fn check_rows(db: &Database, r: &mut Report) {
         if serde_json::from_slice::<serde_json::Value>(&entry.element).is_err() {
             r.problem(format!("{at}: element is not JSON"));
         }
-        match messages.get(&entry.msg_id.0) {
+        match messages.get(msg_key(entry.msg_key())) {
             Ok(Some(m)) => {
-                if let Ok(m) = postcard::from_bytes::<MsgRecord>(m.value()) {
-                    if m.origin != entry.origin {
+                if let Ok(m) = postcard::from_bytes::<StoredMsg>(m.value()) {
+                    if m.msg_id != entry.msg_id {
                         r.problem(format!(
-                            "{at}: set by message {} of origin {}, whose record says origin {}",
-                            entry.msg_id, entry.origin, m.origin
+                            "{at}: set by message {}, but its key holds message {}",
+                            entry.msg_id, m.msg_id
                         ));
                     }
                 }
@@ -340,11 +331,10 @@ where
     }
 }
 
-/// The (origin, oseq) of log record `lseq`, if it exists and decodes.
-fn log_origin(log: &redb::ReadOnlyTable<u64, &'static [u8]>, lseq: u64) -> Option<(NodeId, u64)> {
+/// Log record `lseq`, if it exists and decodes.
+fn log_record(log: &redb::ReadOnlyTable<u64, &'static [u8]>, lseq: u64) -> Option<ElementRecord> {
     let v = log.get(lseq).ok()??;
-    let rec: ElementRecord = postcard::from_bytes(v.value()).ok()?;
-    Some((rec.origin, rec.oseq))
+    postcard::from_bytes(v.value()).ok()
 }
 
 fn check_meta(meta: &redb::ReadOnlyTable<&'static str, &'static [u8]>, r: &mut Report) {

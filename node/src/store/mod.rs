@@ -9,9 +9,17 @@
 //! write transaction at a time and `begin`/`commit` block: only the writer thread calls
 //! [`Store::begin`], never a tokio worker.
 //!
-//! Layout (schema version 1). Keys are redb-native so that redb's key order is the order the
+//! Layout (schema version 2). Keys are redb-native so that redb's key order is the order the
 //! code relies on; values are postcard unless marked. `meta`'s own key and value types never
 //! change, so any version can read `schema_version` before touching anything else.
+//!
+//! What an acknowledgement waits for writes the log and the message records, both at the end of
+//! their key order (the log by local sequence; message records by origin then origin
+//! sequence: one append point per origin), and the state entry of the account. Version 1 keyed
+//! message records by their random blake3 id, plus an index by origin: two rows per event at
+//! random places, written and later deleted. A message is still named by its id: the state entry
+//! and the log record say where its record is, and a lookup by id alone scans the retained log.
+//! Version 1 databases are migrated when opened (one transaction, one log line).
 //!
 //! ```text
 //! table          key                          value
@@ -24,8 +32,9 @@
 //!                &str "secret/NAME"           raw bytes (identity material)
 //! state          (&str account, u8 etype)     Entry          order = MemStore's (String, u8)
 //! log            u64 lseq                     ElementRecord  local log, trimmed at the head
-//! log_by_origin  (u128 origin, u64 oseq)      u64 lseq       index of `log`
-//! messages       [u8; 32] message id          MsgRecord      deleted with its log record
+//! messages_by_origin                          StoredMsg      {id, lseq, first seen, senders};
+//!                (u128 origin, u64 oseq,                     deleted with its log record
+//!                 u64 first 8 bytes of id BE)
 //! marks          u128 origin                  Mark
 //! peers          u128 peer                    PeerProgress
 //! ```
@@ -51,7 +60,7 @@ use crate::replication::StoreError;
 use crate::wire::Role;
 use tables::{META, META_NODE, META_SCHEMA_VERSION};
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 pub const DB_FILE: &str = "outpost.redb";
 /// redb's page cache. The default (1 GiB) is too much for a small edge box; the working set
 /// (state table + log head + indexes) of a busy node fits comfortably in this.
@@ -147,6 +156,23 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens a database over any redb storage backend (the fault-injecting one of the store's
+    /// tests); `path` only names it in errors.
+    #[cfg(test)]
+    pub(crate) fn open_backend(
+        backend: impl redb::StorageBackend,
+        path: &Path,
+    ) -> std::result::Result<Store, OpenError> {
+        let path = path.to_path_buf();
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create_with_backend(backend)
+            .map_err(|e| open_err(&path, e))?;
+        let store = Store { db, path };
+        store.check_schema()?;
+        Ok(store)
+    }
+
     fn check_schema(&self) -> std::result::Result<(), OpenError> {
         let path = &self.path;
         let txn = self.db.begin_write().map_err(|e| open_err(path, e))?;
@@ -165,7 +191,18 @@ impl Store {
                         supported: SCHEMA_VERSION,
                     });
                 }
-                // No migrations exist yet: 1 is the first version.
+                Some(Ok(1)) => {
+                    let done = tables::migrate_v1(&txn).map_err(|e| corrupt_open(path, e))?;
+                    meta.insert(META_SCHEMA_VERSION, &SCHEMA_VERSION.to_le_bytes()[..])
+                        .map_err(|e| open_err(path, e))?;
+                    tracing::info!(
+                        "migrated the database {} from schema version 1 to {SCHEMA_VERSION}: \
+                         {} message records rekeyed by origin, {} state entries",
+                        path.display(),
+                        done.messages,
+                        done.entries
+                    );
+                }
                 Some(Ok(v)) if v < SCHEMA_VERSION => {
                     return Err(OpenError::Corrupt {
                         path: path.clone(),
@@ -264,6 +301,24 @@ impl Store {
         txn.commit().map_err(db_err)
     }
 
+    /// Runs `f` in one write transaction over every table and commits it (with an fsync) if
+    /// `f` succeeds; on an error nothing of it is kept. The way to write through [`Tables`]:
+    /// it flushes what [`RedbTables`] keeps back before the commit.
+    pub fn write<R, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&mut RedbTables<'_>) -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
+        let txn = self.begin()?;
+        let r = {
+            let mut t = txn.tables()?;
+            let r = f(&mut t)?;
+            t.finish()?;
+            r
+        };
+        txn.commit()?;
+        Ok(r)
+    }
+
     /// Begins the (only) write transaction; blocks while another is open. Its commit fsyncs.
     pub fn begin(&self) -> Result<WriteTxn> {
         let mut txn = self.db.begin_write().map_err(db_err)?;
@@ -286,7 +341,9 @@ pub struct WriteTxn {
 
 impl WriteTxn {
     /// Opens every table once for this transaction. Only one [`RedbTables`] may be alive per
-    /// transaction at a time (redb refuses to open a table twice).
+    /// transaction at a time (redb refuses to open a table twice). What it keeps back is
+    /// written by [`RedbTables::finish`]: call it before [`WriteTxn::commit`] (or use
+    /// [`Store::write`], which does).
     pub fn tables(&self) -> Result<RedbTables<'_>> {
         RedbTables::open(&self.txn)
     }

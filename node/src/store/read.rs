@@ -4,15 +4,15 @@
 use redb::{ReadOnlyTable, ReadableTable, ReadableTableMetadata};
 
 use super::tables::{
-    all_by_node, epoch_or_err, get_by_node, get_entry, get_message, log_first, log_range,
-    origin_range, read_log_epoch, read_log_tail, BY_ORIGIN, LOG, MARKS, MESSAGES, META, PEERS,
+    all_by_node, epoch_or_err, find_message, get_by_node, get_entry, get_message, log_first,
+    log_range, origin_range, read_log_epoch, read_log_tail, LOG, MARKS, MESSAGES, META, PEERS,
     STATE,
 };
 use super::{db_err, decode, Result};
 use crate::ids::{MsgId, NodeId};
 use crate::model::{ElementRecord, EventType};
 use crate::replication::core::Digester;
-use crate::replication::{Entry, LogRead, Mark, MsgRecord, PeerProgress, StoreError};
+use crate::replication::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError};
 
 /// One row of the state table, with the message count of the message that last set it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,8 +30,7 @@ pub struct ReadTxn {
     meta: ReadOnlyTable<&'static str, &'static [u8]>,
     state: ReadOnlyTable<(&'static str, u8), &'static [u8]>,
     log: ReadOnlyTable<u64, &'static [u8]>,
-    by_origin: ReadOnlyTable<(u128, u64), u64>,
-    messages: ReadOnlyTable<&'static [u8; 32], &'static [u8]>,
+    messages: ReadOnlyTable<(u128, u64, u64), &'static [u8]>,
     marks: ReadOnlyTable<u128, &'static [u8]>,
     peers: ReadOnlyTable<u128, &'static [u8]>,
 }
@@ -42,7 +41,6 @@ impl ReadTxn {
             meta: txn.open_table(META).map_err(db_err)?,
             state: txn.open_table(STATE).map_err(db_err)?,
             log: txn.open_table(LOG).map_err(db_err)?,
-            by_origin: txn.open_table(BY_ORIGIN).map_err(db_err)?,
             messages: txn.open_table(MESSAGES).map_err(db_err)?,
             marks: txn.open_table(MARKS).map_err(db_err)?,
             peers: txn.open_table(PEERS).map_err(db_err)?,
@@ -72,7 +70,7 @@ impl ReadTxn {
     }
 
     fn row(&self, account: String, etype: EventType, entry: Entry) -> Result<StateRow> {
-        let message_count = get_message(&self.messages, &entry.msg_id)?
+        let message_count = get_message(&self.messages, entry.msg_key(), &entry.msg_id)?
             .map_or(0, |m| u32::try_from(m.senders.len()).unwrap_or(u32::MAX));
         Ok(StateRow {
             account,
@@ -154,8 +152,15 @@ impl ReadTxn {
         self.log.len().map_err(db_err)
     }
 
-    pub fn message(&self, id: &MsgId) -> Result<Option<MsgRecord>> {
-        get_message(&self.messages, id)
+    /// The record of the message `key` names, if its id is `id`.
+    pub fn message(&self, key: MsgKey, id: &MsgId) -> Result<Option<MsgRecord>> {
+        get_message(&self.messages, key, id)
+    }
+
+    /// The record of message `id` without knowing its origin and sequence: a scan of the
+    /// retained log, newest first (see [`super::tables::find_message`]).
+    pub fn find_message(&self, id: &MsgId) -> Result<Option<MsgRecord>> {
+        find_message(&self.log, &self.messages, id)
     }
 }
 
@@ -187,6 +192,6 @@ impl LogRead for ReadTxn {
         after_oseq: u64,
         max: usize,
     ) -> Result<Vec<ElementRecord>> {
-        origin_range(&self.log, &self.by_origin, origin, after_oseq, max)
+        origin_range(&self.log, &self.messages, origin, after_oseq, max)
     }
 }

@@ -50,6 +50,11 @@ impl Event {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Ack {
     pub message_id: String,
+    /// The origin node and its sequence: where the message is stored (`GET /v1/messages` locator).
+    #[serde(default)]
+    pub origin: String,
+    #[serde(default)]
+    pub oseq: u64,
     pub element: Value,
     pub version: Value,
 }
@@ -175,6 +180,28 @@ impl Api {
     pub async fn message(&self, message_id: &str) -> Result<Option<MessageInfo>, ApiError> {
         match self
             .get_json(&format!("/v1/messages/{}", encode_segment(message_id)))
+            .await
+        {
+            Ok(m) => Ok(Some(m)),
+            Err(ApiError::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The same as [`Api::message`], found directly by where it is stored (the `origin` and
+    /// `oseq` of its acknowledgement) instead of a scan of the log.
+    pub async fn message_at(
+        &self,
+        message_id: &str,
+        origin: &str,
+        oseq: u64,
+    ) -> Result<Option<MessageInfo>, ApiError> {
+        match self
+            .get_json(&format!(
+                "/v1/messages/{}?origin={}&oseq={oseq}",
+                encode_segment(message_id),
+                encode_segment(origin)
+            ))
             .await
         {
             Ok(m) => Ok(Some(m)),
