@@ -580,7 +580,8 @@ fn compare_growth(runs: &mut [RunFigures]) {
 /// Every run's events/s and p99 over NATS's msg/s and publish-to-ack p99.
 fn compare_nats(runs: &mut [RunFigures], n: &nats::NatsFigures) {
     for r in runs.iter_mut() {
-        if r.problem.is_some() || n.msgs_per_sec <= 0.0 {
+        // A recovery run's rate (entries into a restarted node) is not a publish rate.
+        if r.problem.is_some() || r.growth.is_some() || n.msgs_per_sec <= 0.0 {
             continue;
         }
         r.vs_nats = Some(r.events_per_sec / n.msgs_per_sec);
@@ -589,7 +590,7 @@ fn compare_nats(runs: &mut [RunFigures], n: &nats::NatsFigures) {
             None => r.latency_p99_ms,
         };
         r.p99_vs_nats = match (p99, n.ack_p99_ms) {
-            (Some(a), Some(b)) if b > 0.0 && r.growth.is_none() => Some(a / b),
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
             _ => None,
         };
     }
@@ -1485,7 +1486,12 @@ fn table_text(
         "where the CPU went (busiest threads of each node over the window, in cores):"
     );
     for f in runs {
-        for n in &f.node {
+        // Recovery runs measure only the recovering node's CPU.
+        for n in f
+            .node
+            .iter()
+            .filter(|n| f.growth.is_none() || !n.top_threads.is_empty())
+        {
             let threads = n
                 .top_threads
                 .iter()

@@ -15,7 +15,7 @@ use outpost::testkit::{Api, Cluster, ClusterSpec};
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::Serialize;
 
-use crate::{load, nodes, procstat, Ctx, NodeFigures, RunDef, RunFigures};
+use crate::{load, nodes, procstat, Ctx, NodeFigures, RunDef, RunFigures, ThreadCpu};
 
 /// Events per fill request.
 pub const FILL_BATCH: u64 = 1000;
@@ -349,6 +349,12 @@ async fn run_in(
     })
     .await?;
     let secs = recovered.duration_since(restart).as_secs_f64();
+    // Everything the restarted process has used is the recovery's: it started with it.
+    let recover_cpu = procstat::process_cpu_secs(pid).unwrap_or(0.0);
+    let recover_threads = procstat::threads_delta(
+        &std::collections::BTreeMap::new(),
+        &procstat::threads_cpu_secs(pid),
+    );
     g.recover_secs = Some(secs);
     g.recover_per_sec = Some(elements as f64 / secs.max(1e-9));
     let rss_max = rss.finish();
@@ -370,12 +376,24 @@ async fn run_in(
         }
     };
     for i in 0..def.nodes {
-        fig.node.push(NodeFigures {
+        let mut n = NodeFigures {
             name: cluster.node(i).name.clone(),
             pid: cluster.pid(i).unwrap_or(0),
             rss_max_mib: rss_of(i) as f64 / 1024.0,
             ..NodeFigures::default()
-        });
+        };
+        if i == down {
+            n.cpu_cores = recover_cpu / secs.max(1e-9);
+            n.top_threads = recover_threads
+                .iter()
+                .take(6)
+                .map(|(thread, cpu)| ThreadCpu {
+                    thread: thread.clone(),
+                    cores: cpu / secs.max(1e-9),
+                })
+                .collect();
+        }
+        fig.node.push(n);
     }
     fig.events = elements;
     fig.window_secs = secs;
