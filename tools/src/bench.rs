@@ -5,8 +5,15 @@
 //!
 //! The load generator runs in this process on the same machine as the nodes, so it competes with
 //! them for the cores; each run shows how much CPU the benchmark itself used.
+//!
+//! `--compare nats` also runs NATS JetStream (bench/nats.rs) and prints each figure as a ratio of
+//! its own; `--growth` adds the long runs over a million accounts or entries (bench/growth.rs).
 
+#[path = "bench/growth.rs"]
+mod growth;
 mod load;
+#[path = "bench/nats.rs"]
+mod nats;
 mod nodes;
 mod procstat;
 
@@ -28,6 +35,17 @@ const TARGET_SINGLE256_EPS: f64 = 20_000.0;
 const TARGET_3DC_EPS: f64 = 25_000.0;
 const TARGET_3DC_P99_MS: f64 = 100.0;
 const TARGET_RSS_MIB: f64 = 128.0;
+/// Catch-up into a datacenter that was down, elements per second.
+const TARGET_CATCHUP_EPS: f64 = 200_000.0;
+/// How far events/s over 1,000,000 accounts may fall below the 10,000-account run.
+const TARGET_GROWTH_EPS_RATIO: f64 = 0.8;
+/// How much more peak RSS the 1,000,000-account run may use than the 10,000-account one
+/// ("unchanged", with room for sampling noise).
+const TARGET_GROWTH_RSS_RATIO: f64 = 1.1;
+/// Accounts of the growth ingest run, and entries written in the recovery runs.
+const GROWTH_ACCOUNTS: u64 = 1_000_000;
+/// The run a growth ingest run is compared with.
+const GROWTH_BASELINE: &str = "batch1000";
 /// How often the nodes' VmRSS is sampled.
 const RSS_EVERY: Duration = Duration::from_millis(200);
 /// How long the three datacenters may take to converge after the load stops.
@@ -68,6 +86,22 @@ struct Args {
     /// The nodes' `[log] level`.
     #[arg(long, default_value = "warn")]
     log_level: String,
+    /// Also run the long growth runs (batch1000-1m, catchup-1m, snapshot-1m; minutes each).
+    /// `--only` can name them without this.
+    #[arg(long)]
+    growth: bool,
+    /// Also measure another system in the same sitting and print each figure as a ratio of its.
+    #[arg(long, value_enum, value_name = "SYSTEM")]
+    compare: Option<Compare>,
+    /// The `nats-server` binary for `--compare nats` (default: the one on PATH).
+    #[arg(long, value_name = "PATH")]
+    nats_server: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Compare {
+    /// A 3-node NATS JetStream cluster on 127.0.0.1: file storage, R3, `sync_interval: always`.
+    Nats,
 }
 
 struct Ctx {
@@ -154,12 +188,32 @@ struct RunFigures {
     other_cpu_cores: f64,
     node: Vec<NodeFigures>,
     replication: Option<Replication>,
+    /// Accounts the load was spread over.
+    accounts: u64,
+    /// Entries the (first) node holds at the end of the run.
+    entries_end: u64,
+    /// The recovery runs' figures (catchup-1m, snapshot-1m).
+    growth: Option<growth::GrowthFigures>,
+    /// events/s of this run over NATS JetStream's msg/s (with `--compare nats`).
+    vs_nats: Option<f64>,
+    /// p99 (ingest to everywhere for 3 DC runs, client-side otherwise) over NATS's publish-to-ack p99.
+    p99_vs_nats: Option<f64>,
+    /// For a growth ingest run: its figures over those of [`GROWTH_BASELINE`] in the same sitting.
+    vs_baseline: Option<BaselineRatios>,
     target: String,
     target_met: Option<bool>,
     problem: Option<String>,
     /// Observations that do not invalidate the figures (e.g. a slow shutdown).
     notes: Vec<String>,
     kept_dir: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+struct BaselineRatios {
+    baseline: String,
+    events_per_sec: f64,
+    p99: Option<f64>,
+    rss: Option<f64>,
 }
 
 struct RunDef {
@@ -169,6 +223,20 @@ struct RunDef {
     nodes: usize,
     clients_per_node: usize,
     kind: Kind,
+    /// Accounts the load is spread over.
+    accounts: u64,
+    shape: Shape,
+    /// Only with `--growth` (or named by `--only`).
+    growth: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    /// Closed-loop load for the run's duration (load.rs).
+    Load,
+    /// The last node stopped, this many entries written at the others, the node restarted and
+    /// timed until it holds them (growth.rs).
+    Recover(growth::Recovery, u64),
 }
 
 const RUNS: &[RunDef] = &[
@@ -179,6 +247,9 @@ const RUNS: &[RunDef] = &[
         nodes: 1,
         clients_per_node: 4,
         kind: Kind::Batch(1000),
+        accounts: load::ACCOUNTS,
+        shape: Shape::Load,
+        growth: false,
     },
     RunDef {
         name: "batch10000",
@@ -187,6 +258,9 @@ const RUNS: &[RunDef] = &[
         nodes: 1,
         clients_per_node: 4,
         kind: Kind::Batch(10_000),
+        accounts: load::ACCOUNTS,
+        shape: Shape::Load,
+        growth: false,
     },
     RunDef {
         name: "single1",
@@ -195,6 +269,9 @@ const RUNS: &[RunDef] = &[
         nodes: 1,
         clients_per_node: 1,
         kind: Kind::Single,
+        accounts: load::ACCOUNTS,
+        shape: Shape::Load,
+        growth: false,
     },
     RunDef {
         name: "single16",
@@ -203,6 +280,9 @@ const RUNS: &[RunDef] = &[
         nodes: 1,
         clients_per_node: 16,
         kind: Kind::Single,
+        accounts: load::ACCOUNTS,
+        shape: Shape::Load,
+        growth: false,
     },
     RunDef {
         name: "single256",
@@ -211,6 +291,9 @@ const RUNS: &[RunDef] = &[
         nodes: 1,
         clients_per_node: 256,
         kind: Kind::Single,
+        accounts: load::ACCOUNTS,
+        shape: Shape::Load,
+        growth: false,
     },
     RunDef {
         name: "3dc-single",
@@ -219,6 +302,9 @@ const RUNS: &[RunDef] = &[
         nodes: 3,
         clients_per_node: 64,
         kind: Kind::Single,
+        accounts: load::ACCOUNTS,
+        shape: Shape::Load,
+        growth: false,
     },
     RunDef {
         name: "3dc-batch",
@@ -227,6 +313,42 @@ const RUNS: &[RunDef] = &[
         nodes: 3,
         clients_per_node: 2,
         kind: Kind::Batch(1000),
+        accounts: load::ACCOUNTS,
+        shape: Shape::Load,
+        growth: false,
+    },
+    RunDef {
+        name: "batch1000-1m",
+        section: "5",
+        description: "1 DC, batches of 1,000 over 1,000,000 accounts",
+        nodes: 1,
+        clients_per_node: 4,
+        kind: Kind::Batch(1000),
+        accounts: GROWTH_ACCOUNTS,
+        shape: Shape::Load,
+        growth: true,
+    },
+    RunDef {
+        name: "catchup-1m",
+        section: "5",
+        description: "3 DCs, one down while 1,000,000 entries are written, then restarted",
+        nodes: 3,
+        clients_per_node: 2,
+        kind: Kind::Batch(growth::FILL_BATCH as usize),
+        accounts: GROWTH_ACCOUNTS,
+        shape: Shape::Recover(growth::Recovery::Log, GROWTH_ACCOUNTS),
+        growth: true,
+    },
+    RunDef {
+        name: "snapshot-1m",
+        section: "5",
+        description: "2 DCs, one down while 1,000,000 entries are written past log retention",
+        nodes: 2,
+        clients_per_node: 2,
+        kind: Kind::Batch(growth::FILL_BATCH as usize),
+        accounts: GROWTH_ACCOUNTS,
+        shape: Shape::Recover(growth::Recovery::Snapshot, GROWTH_ACCOUNTS),
+        growth: true,
     },
 ];
 
@@ -260,6 +382,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    let selected = select_runs(only.as_deref(), args.growth);
+    // Find the comparison's server before anything runs: without it the bench says how to get it
+    // and goes on without the comparison.
+    let nats_bin = match args.compare {
+        Some(Compare::Nats) => match nats::find_server(args.nats_server.as_deref()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("outpost-bench: skipping --compare nats: {e}");
+                None
+            }
+        },
+        None => None,
+    };
     let ctx = Ctx {
         bin,
         base: base.clone(),
@@ -280,13 +415,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let mut runs = Vec::new();
-    for def in RUNS {
-        if only
-            .as_ref()
-            .is_some_and(|o| !o.iter().any(|n| n == def.name))
-        {
-            continue;
-        }
+    for def in selected {
         eprintln!(
             "outpost-bench: running {} ({}, {} client(s) per node) ...",
             def.name, def.description, def.clients_per_node
@@ -299,6 +428,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 description: def.description.to_owned(),
                 nodes: def.nodes,
                 clients: def.clients_per_node * def.nodes,
+                accounts: def.accounts,
                 problem: Some(format!("{e:#}")),
                 loadavg_before: procstat::loadavg(),
                 ..RunFigures::default()
@@ -308,7 +438,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
         runs.push(fig);
     }
 
-    let table = table_text(&runs);
+    let mut nats_fig: Option<nats::NatsFigures> = None;
+    let mut nats_problem: Option<String> = None;
+    if let Some(bin) = &nats_bin {
+        eprintln!(
+            "outpost-bench: running nats ({} servers, R{}, {} publishes in flight, {} s + {} s warm-up) ...",
+            nats::SERVERS,
+            nats::SERVERS,
+            nats::IN_FLIGHT,
+            ctx.duration.as_secs_f64(),
+            ctx.warmup.as_secs_f64()
+        );
+        match nats::run(bin, &ctx.base, ctx.warmup, ctx.duration).await {
+            Ok(f) => {
+                eprintln!(
+                    "  nats: {} msg/s, ack p50 {} ms, p99 {} ms",
+                    thousands(f.msgs_per_sec),
+                    opt_ms(f.ack_p50_ms),
+                    opt_ms(f.ack_p99_ms)
+                );
+                nats_fig = Some(f);
+            }
+            Err(e) => {
+                eprintln!("  nats: PROBLEM: {e:#}");
+                nats_problem = Some(format!("{e:#}"));
+            }
+        }
+    }
+    compare_growth(&mut runs);
+    if let Some(n) = &nats_fig {
+        compare_nats(&mut runs, n);
+    }
+
+    let table = table_text(&runs, nats_fig.as_ref(), nats_problem.as_deref());
     println!("{table}");
 
     if let Some(path) = &args.json {
@@ -338,16 +500,100 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "rss_mib_per_node": TARGET_RSS_MIB,
             },
             "runs": runs,
+            "nats": nats_fig,
+            "nats_problem": nats_problem,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("outpost-bench: wrote {}", path.display());
     }
-    if runs.iter().any(|r| r.problem.is_some()) {
+    if runs.iter().any(|r| r.problem.is_some()) || nats_problem.is_some() {
         eprintln!("outpost-bench: some runs had problems (see the table)");
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// The runs to make: those named by `--only` (growth runs too), else the default set, with the
+/// growth runs when `--growth` is given. A growth ingest run brings its baseline along.
+fn select_runs(only: Option<&[String]>, growth: bool) -> Vec<&'static RunDef> {
+    let mut chosen: Vec<&'static RunDef> = RUNS
+        .iter()
+        .filter(|d| match only {
+            Some(o) => o.iter().any(|n| n == d.name),
+            None => !d.growth || growth,
+        })
+        .collect();
+    let needs_baseline = chosen.iter().any(|d| d.growth && d.shape == Shape::Load);
+    if needs_baseline && !chosen.iter().any(|d| d.name == GROWTH_BASELINE) {
+        eprintln!("outpost-bench: running {GROWTH_BASELINE} too, as the baseline of batch1000-1m");
+        chosen.insert(
+            0,
+            RUNS.iter()
+                .find(|d| d.name == GROWTH_BASELINE)
+                .expect("the baseline is a run"),
+        );
+    }
+    chosen
+}
+
+/// Each growth ingest run over its baseline's figures, and its target judged on them.
+fn compare_growth(runs: &mut [RunFigures]) {
+    let Some(base) = runs
+        .iter()
+        .find(|r| r.name == GROWTH_BASELINE && r.problem.is_none())
+        .cloned()
+    else {
+        return;
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let rss = |f: &RunFigures| f.node.iter().map(|n| n.rss_max_mib).reduce(f64::max);
+    for r in runs.iter_mut() {
+        if r.accounts <= base.accounts
+            || r.growth.is_some()
+            || r.events_per_request != base.events_per_request
+        {
+            continue;
+        }
+        let v = BaselineRatios {
+            baseline: base.name.clone(),
+            events_per_sec: r.events_per_sec / base.events_per_sec.max(1e-9),
+            p99: ratio(r.latency_p99_ms, base.latency_p99_ms),
+            rss: ratio(rss(r), rss(&base)),
+        };
+        r.target = format!(
+            "ev/s >= {TARGET_GROWTH_EPS_RATIO}x {b}, RSS <= {TARGET_GROWTH_RSS_RATIO}x {b}",
+            b = base.name
+        );
+        r.target_met = Some(
+            r.target_met.unwrap_or(true)
+                && v.events_per_sec >= TARGET_GROWTH_EPS_RATIO
+                && v.rss.is_some_and(|x| x <= TARGET_GROWTH_RSS_RATIO),
+        );
+        r.vs_baseline = Some(v);
+    }
+}
+
+/// Every run's events/s and p99 over NATS's msg/s and publish-to-ack p99.
+fn compare_nats(runs: &mut [RunFigures], n: &nats::NatsFigures) {
+    for r in runs.iter_mut() {
+        // A recovery run's rate (entries into a restarted node) is not a publish rate.
+        if r.problem.is_some() || r.growth.is_some() || n.msgs_per_sec <= 0.0 {
+            continue;
+        }
+        r.vs_nats = Some(r.events_per_sec / n.msgs_per_sec);
+        let p99 = match &r.replication {
+            Some(rep) => rep.everywhere_p99_ms,
+            None => r.latency_p99_ms,
+        };
+        r.p99_vs_nats = match (p99, n.ack_p99_ms) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+    }
 }
 
 /// The directory the clusters go in: the system temp dir unless it is tmpfs (a RAM disk says
@@ -425,6 +671,9 @@ fn header_text(
 }
 
 async fn run_one(ctx: &Ctx, def: &RunDef) -> anyhow::Result<RunFigures> {
+    if let Shape::Recover(recovery, elements) = def.shape {
+        return growth::run(ctx, def, recovery, elements).await;
+    }
     let names: Vec<String> = (1..=def.nodes).map(|i| format!("dc{i}")).collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut spec = ClusterSpec::new(&format!("bench-{}", def.name), &name_refs);
@@ -458,6 +707,7 @@ async fn run_one(ctx: &Ctx, def: &RunDef) -> anyhow::Result<RunFigures> {
         nodes: def.nodes,
         clients: def.clients_per_node * def.nodes,
         events_per_request: per,
+        accounts: def.accounts,
         loadavg_before: procstat::loadavg(),
         ..RunFigures::default()
     };
@@ -482,6 +732,7 @@ async fn run_one(ctx: &Ctx, def: &RunDef) -> anyhow::Result<RunFigures> {
         } else {
             0
         },
+        accounts: def.accounts,
     };
 
     // A fresh client per run: its pooled connections go with it.
@@ -526,6 +777,7 @@ async fn run_one(ctx: &Ctx, def: &RunDef) -> anyhow::Result<RunFigures> {
         repl = Some(r);
     }
     let after = nodes::snapshot(&apis, &pids).await?;
+    fig.entries_end = after.counters[0].entries;
     let rss_max = rss.finish();
     let writer_states = states.finish();
 
@@ -823,6 +1075,121 @@ async fn sample_latencies(apis: &[Api], samples: &[load::Sample], r: &mut Replic
     r.everywhere_max_ms = f(everywhere.last().copied());
 }
 
+/// The growth section: the many-account ingest run beside its baseline, and the recovery runs.
+fn growth_text(runs: &[RunFigures]) -> String {
+    let mut s = String::new();
+    let rss = |f: &RunFigures| f.node.iter().map(|n| n.rss_max_mib).reduce(f64::max);
+    let x = |v: Option<f64>| v.map_or("-".to_owned(), |r| format!("{r:.2}x"));
+    let ingest: Vec<&RunFigures> = runs.iter().filter(|f| f.vs_baseline.is_some()).collect();
+    if !ingest.is_empty() {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "growth: the same load over more accounts (ratio: this run over the baseline in the same sitting)"
+        );
+        let _ = writeln!(
+            s,
+            "{:<12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "run",
+            "accounts",
+            "entries",
+            "events/s",
+            "ratio",
+            "p99 ms",
+            "ratio",
+            "RSS MiB",
+            "ratio"
+        );
+        for f in ingest {
+            let v = f.vs_baseline.as_ref().expect("filtered");
+            if let Some(b) = runs.iter().find(|r| r.name == v.baseline) {
+                let _ = writeln!(
+                    s,
+                    "{:<12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                    b.name,
+                    thousands(b.accounts as f64),
+                    thousands(b.entries_end as f64),
+                    thousands(b.events_per_sec),
+                    "1.00x",
+                    opt_ms(b.latency_p99_ms),
+                    "1.00x",
+                    rss(b).map_or("-".into(), |m| format!("{m:.0}")),
+                    "1.00x",
+                );
+            }
+            let _ = writeln!(
+                s,
+                "{:<12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                f.name,
+                thousands(f.accounts as f64),
+                thousands(f.entries_end as f64),
+                thousands(f.events_per_sec),
+                x(Some(v.events_per_sec)),
+                opt_ms(f.latency_p99_ms),
+                x(v.p99),
+                rss(f).map_or("-".into(), |m| format!("{m:.0}")),
+                x(v.rss),
+            );
+        }
+    }
+    let rec: Vec<&RunFigures> = runs.iter().filter(|f| f.growth.is_some()).collect();
+    if !rec.is_empty() {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "recovery: the last node stopped, entries written at the others, the node restarted and timed until it holds them"
+        );
+        let _ = writeln!(
+            s,
+            "{:<12} {:>10} {:>8} {:>10} {:>9} {:>12} {:>9} {:>8} {:>13}",
+            "run",
+            "entries",
+            "write s",
+            "written/s",
+            "recover s",
+            "recovered/s",
+            "snapshots",
+            "digests",
+            "RSS MiB"
+        );
+        for f in rec {
+            let g = f.growth.as_ref().expect("filtered");
+            let rss = f
+                .node
+                .iter()
+                .map(|n| format!("{:.0}", n.rss_max_mib))
+                .collect::<Vec<_>>()
+                .join("/");
+            let _ = writeln!(
+                s,
+                "{:<12} {:>10} {:>8.1} {:>10} {:>9} {:>12} {:>9} {:>8} {:>13}",
+                f.name,
+                thousands(g.elements as f64),
+                g.write_secs,
+                thousands(g.write_per_sec),
+                g.recover_secs.map_or("-".into(), |v| format!("{v:.1}")),
+                g.recover_per_sec.map_or("-".into(), thousands),
+                g.snapshots_sent,
+                match g.digests_equal {
+                    Some(true) => "equal",
+                    Some(false) => "DIFFER",
+                    None => "-",
+                },
+                rss,
+            );
+        }
+        let _ = writeln!(
+            s,
+            "recover s: from the restart (process start included) until the node holds every entry; RSS: each node's peak"
+        );
+        let _ = writeln!(
+            s,
+            "(the writers' over the whole run, the restarted node's while it recovers)."
+        );
+    }
+    s
+}
+
 /// Sets the run's target text and whether it was met.
 fn judge(f: &mut RunFigures) {
     let rss_ok = f.node.iter().all(|n| n.rss_max_mib <= TARGET_RSS_MIB);
@@ -848,6 +1215,10 @@ fn judge(f: &mut RunFigures) {
                 ),
             )
         }
+        "catchup-1m" => (
+            format!(">= {} elements/s", thousands(TARGET_CATCHUP_EPS)),
+            Some(f.events_per_sec >= TARGET_CATCHUP_EPS),
+        ),
         _ => ("-".to_owned(), None),
     };
     f.target = format!("{target}; RSS <= {TARGET_RSS_MIB} MiB");
@@ -893,8 +1264,14 @@ fn one_line(f: &RunFigures) -> String {
     }
 }
 
-fn table_text(runs: &[RunFigures]) -> String {
+fn table_text(
+    runs: &[RunFigures],
+    nats: Option<&nats::NatsFigures>,
+    nats_problem: Option<&str>,
+) -> String {
     let mut s = String::new();
+    let x = |v: Option<f64>| v.map_or("-".to_owned(), |r| format!("{r:.2}x"));
+    let vs_head = if nats.is_some() { " vs NATS" } else { "" };
     let mark = |m: Option<bool>| match m {
         Some(true) => "ok",
         Some(false) => "MISSED",
@@ -903,13 +1280,13 @@ fn table_text(runs: &[RunFigures]) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "{:<11} {:>4} {:>5} {:>10} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>11} {:>5} {:>14} {:>5} {:>15}  target",
-        "run", "nodes", "clnts", "events/s", "p50 ms", "p99 ms", "max ms", "commits/s", "ev/cmt", "cmt ms", "RSS MiB", "bench", "node cpu", "other", "loadavg"
+        "{:<12} {:>4} {:>5} {:>10}{} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>11} {:>5} {:>14} {:>5} {:>15}  target",
+        "run", "nodes", "clnts", "events/s", vs_head, "p50 ms", "p99 ms", "max ms", "commits/s", "ev/cmt", "cmt ms", "RSS MiB", "bench", "node cpu", "other", "loadavg"
     );
     for f in runs {
         if let Some(p) = &f.problem {
             if f.events == 0 && f.node.is_empty() {
-                let _ = writeln!(s, "{:<11} PROBLEM: {p}", f.name);
+                let _ = writeln!(s, "{:<12} PROBLEM: {p}", f.name);
                 continue;
             }
         }
@@ -927,11 +1304,12 @@ fn table_text(runs: &[RunFigures]) -> String {
             .join("/");
         let _ = writeln!(
             s,
-            "{:<11} {:>4} {:>5} {:>10} {:>8} {:>8} {:>8} {:>9} {:>8.1} {:>8} {:>11} {:>5.2} {:>14} {:>5.2} {:>15}  {} {}",
+            "{:<12} {:>4} {:>5} {:>10}{} {:>8} {:>8} {:>8} {:>9} {:>8.1} {:>8} {:>11} {:>5.2} {:>14} {:>5.2} {:>15}  {} {}",
             f.name,
             f.nodes,
             f.clients,
             thousands(f.events_per_sec),
+            if nats.is_some() { format!(" {:>7}", x(f.vs_nats)) } else { String::new() },
             opt_ms(f.latency_p50_ms),
             opt_ms(f.latency_p99_ms),
             opt_ms(f.latency_max_ms),
@@ -956,6 +1334,56 @@ fn table_text(runs: &[RunFigures]) -> String {
             }
         }
     }
+    if let Some(n) = nats {
+        let rss = n
+            .rss_max_mib
+            .iter()
+            .map(|m| format!("{m:.0}"))
+            .collect::<Vec<_>>()
+            .join("/");
+        let cpu = n
+            .cpu_cores
+            .iter()
+            .map(|c| format!("{c:.2}"))
+            .collect::<Vec<_>>()
+            .join("/");
+        let _ = writeln!(
+            s,
+            "{:<12} {:>4} {:>5} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>11} {:>5.2} {:>14} {:>5} {:>15}  {} (R{}, sync_interval: always, {} in flight, {}-byte payloads)",
+            "nats-r3",
+            n.servers,
+            n.in_flight,
+            thousands(n.msgs_per_sec),
+            "1.00x",
+            opt_ms(n.ack_p50_ms),
+            opt_ms(n.ack_p99_ms),
+            opt_ms(n.ack_max_ms),
+            "-",
+            "-",
+            "-",
+            rss,
+            n.bench_cpu_cores,
+            cpu,
+            "-",
+            n.loadavg_before,
+            n.server_version,
+            n.replicas,
+            n.in_flight,
+            n.payload_bytes,
+        );
+        if n.errors > 0 || n.duplicates > 0 {
+            let _ = writeln!(
+                s,
+                "    nats: {} failed publish(es), {} duplicate ack(s); e.g. {}",
+                n.errors,
+                n.duplicates,
+                n.error_examples.first().cloned().unwrap_or_default()
+            );
+        }
+    }
+    if let Some(p) = nats_problem {
+        let _ = writeln!(s, "{:<12} PROBLEM: {p}", "nats-r3");
+    }
     let _ = writeln!(s);
     let _ = writeln!(
         s,
@@ -976,6 +1404,16 @@ fn table_text(runs: &[RunFigures]) -> String {
         s,
         "other: cores used by everything else on the machine meanwhile (/proc/stat; other engineers' work = noise)."
     );
+    if nats.is_some() {
+        let _ = writeln!(
+            s,
+            "vs NATS: the run's events/s over NATS JetStream's acknowledged msg/s in the same sitting (nats-r3: one client,"
+        );
+        let _ = writeln!(
+            s,
+            "         async publishes with a unique Nats-Msg-Id each; p50/p99/max: publish to ack, i.e. stored on 2 of 3 servers)."
+        );
+    }
 
     let repl: Vec<&RunFigures> = runs.iter().filter(|f| f.replication.is_some()).collect();
     if !repl.is_empty() {
@@ -986,7 +1424,7 @@ fn table_text(runs: &[RunFigures]) -> String {
         );
         let _ = writeln!(
             s,
-            "{:<11} {:>9} {:>8} {:>8} {:>9} {:>12} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+            "{:<12} {:>9} {:>8} {:>8} {:>9} {:>12} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}{}",
             "run",
             "events",
             "load s",
@@ -999,14 +1437,15 @@ fn table_text(runs: &[RunFigures]) -> String {
             "all p99",
             "all max",
             "samples",
-            "count ok"
+            "count ok",
+            if nats.is_some() { " p99 vs NATS" } else { "" }
         );
         for f in repl {
             let r = f.replication.as_ref().expect("filtered");
             let o = |v: Option<f64>| v.map_or("-".to_owned(), |x| format!("{x:.2}"));
             let _ = writeln!(
                 s,
-                "{:<11} {:>9} {:>8.2} {:>8} {:>9} {:>12} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+                "{:<12} {:>9} {:>8.2} {:>8} {:>9} {:>12} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}{}",
                 f.name,
                 thousands(r.total_events as f64),
                 r.load_secs,
@@ -1020,6 +1459,7 @@ fn table_text(runs: &[RunFigures]) -> String {
                 opt_ms(r.everywhere_max_ms),
                 r.samples,
                 format!("{}/{}", r.full_count_samples, r.samples - r.missing_samples),
+                if nats.is_some() { format!(" {:>11}", x(f.p99_vs_nats)) } else { String::new() },
             );
             if r.missing_samples > 0 {
                 let _ = writeln!(
@@ -1036,7 +1476,14 @@ fn table_text(runs: &[RunFigures]) -> String {
             s,
             "all p50/p99/max: per message, the slowest peer (ingest to everywhere). count ok: samples with message_count n-1 at each peer."
         );
+        if nats.is_some() {
+            let _ = writeln!(
+                s,
+                "p99 vs NATS: all p99 over NATS's publish-to-ack p99 (NATS acks once 2 of 3 servers hold a message; Outpost's figure is all 3)."
+            );
+        }
     }
+    s.push_str(&growth_text(runs));
 
     let _ = writeln!(s);
     let _ = writeln!(
@@ -1044,7 +1491,12 @@ fn table_text(runs: &[RunFigures]) -> String {
         "where the CPU went (busiest threads of each node over the window, in cores):"
     );
     for f in runs {
-        for n in &f.node {
+        // Recovery runs measure only the recovering node's CPU.
+        for n in f
+            .node
+            .iter()
+            .filter(|n| f.growth.is_none() || !n.top_threads.is_empty())
+        {
             let threads = n
                 .top_threads
                 .iter()
@@ -1053,13 +1505,13 @@ fn table_text(runs: &[RunFigures]) -> String {
                 .join(", ");
             let _ = writeln!(
                 s,
-                "  {:<11} {:<4} total {:.2}: {threads}",
+                "  {:<12} {:<4} total {:.2}: {threads}",
                 f.name, n.name, n.cpu_cores
             );
             if let Some(w) = &n.writer_states {
                 let _ = writeln!(
                     s,
-                    "  {:<11} {:<4}   writer thread: running/runnable {:.0}%, disk wait {:.0}%, waiting for work {:.0}%",
+                    "  {:<12} {:<4}   writer thread: running/runnable {:.0}%, disk wait {:.0}%, waiting for work {:.0}%",
                     "", "", w.running * 100.0, w.disk * 100.0, w.sleeping * 100.0
                 );
             }

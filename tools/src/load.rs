@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
 
-/// Accounts the load is spread over.
+/// Accounts the load is spread over, unless a run says otherwise (`Spec::accounts`).
 pub const ACCOUNTS: u64 = 10_000;
 /// Error messages kept per run (the rest are only counted).
 const ERRORS_KEPT: usize = 8;
@@ -42,6 +42,8 @@ pub struct Spec {
     pub duration: Duration,
     /// Keep the message id of about one acknowledged event in this many (0: none).
     pub sample_every: u64,
+    /// Accounts the events are spread over (uniformly at random).
+    pub accounts: u64,
 }
 
 /// A message id kept for the replication latency, with the node it was posted to.
@@ -108,9 +110,14 @@ pub fn client(max_clients: usize) -> reqwest::Client {
 }
 
 /// A small xorshift generator per task: accounts and values without a shared lock.
-struct Rng(u64);
+pub struct Rng(u64);
 
 impl Rng {
+    /// A generator from a seed (any value; 0 is made odd so the sequence does not stick at 0).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
     fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
@@ -122,9 +129,9 @@ impl Rng {
 }
 
 /// One event as JSON: three in four are `presence`, one in four `register` (bounded contacts).
-fn push_event(out: &mut String, rng: &mut Rng, n: u64) {
+pub fn push_event(out: &mut String, rng: &mut Rng, n: u64, accounts: u64) {
     let r = rng.next();
-    let account = r % ACCOUNTS;
+    let account = r % accounts.max(1);
     if r % 4 == 3 {
         let _ = write!(
             out,
@@ -184,6 +191,7 @@ pub async fn run(http: &reqwest::Client, spec: &Spec) -> Outcome {
             let node = t.node;
             let kind = spec.kind;
             let sample_every = spec.sample_every;
+            let accounts = spec.accounts;
             tasks.spawn(async move {
                 let mut out = TaskOut::default();
                 let mut n: u64 = c as u64 * 1_000_000_000;
@@ -196,7 +204,7 @@ pub async fn run(http: &reqwest::Client, spec: &Spec) -> Outcome {
                     }
                     body.clear();
                     if kind == Kind::Single {
-                        push_event(&mut body, &mut rng, n);
+                        push_event(&mut body, &mut rng, n, accounts);
                         n += 1;
                     } else {
                         body.push('[');
@@ -204,7 +212,7 @@ pub async fn run(http: &reqwest::Client, spec: &Spec) -> Outcome {
                             if i > 0 {
                                 body.push(',');
                             }
-                            push_event(&mut body, &mut rng, n);
+                            push_event(&mut body, &mut rng, n, accounts);
                             n += 1;
                         }
                         body.push(']');
@@ -340,7 +348,7 @@ mod tests {
         let mut rng = Rng(12345);
         for n in 0..100 {
             let mut s = String::new();
-            push_event(&mut s, &mut rng, n);
+            push_event(&mut s, &mut rng, n, ACCOUNTS);
             let v: serde_json::Value = serde_json::from_str(&s).unwrap();
             assert!(v["account"].as_str().unwrap().starts_with("acct-"));
         }

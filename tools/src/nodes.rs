@@ -46,6 +46,9 @@ pub struct Counters {
     pub commits: u64,
     pub commit_seconds_sum: f64,
     pub commit_seconds_count: u64,
+    pub snapshots_sent: u64,
+    /// Rows of the state table (a gauge).
+    pub entries: u64,
 }
 
 pub fn parse_metrics(text: &str) -> Counters {
@@ -64,6 +67,8 @@ pub fn parse_metrics(text: &str) -> Counters {
             "outpost_commits_total" => c.commits = v as u64,
             "outpost_commit_seconds_sum" => c.commit_seconds_sum = v,
             "outpost_commit_seconds_count" => c.commit_seconds_count = v as u64,
+            "outpost_snapshots_sent_total" => c.snapshots_sent = v as u64,
+            "outpost_entries" => c.entries = v as u64,
             _ => {}
         }
     }
@@ -121,10 +126,11 @@ mod tests {
 
     #[test]
     fn metrics_text_is_read() {
-        let text = "# HELP outpost_events_ingested_total x\n# TYPE outpost_events_ingested_total counter\noutpost_events_ingested_total 42\noutpost_elements_applied_total 7\noutpost_commits_total 3\noutpost_commit_seconds_bucket{le=\"0.001\"} 1\noutpost_commit_seconds_sum 0.25\noutpost_commit_seconds_count 3\noutpost_peer_lag{peer=\"b\"} 5\n";
+        let text = "# HELP outpost_events_ingested_total x\n# TYPE outpost_events_ingested_total counter\noutpost_events_ingested_total 42\noutpost_elements_applied_total 7\noutpost_commits_total 3\noutpost_commit_seconds_bucket{le=\"0.001\"} 1\noutpost_commit_seconds_sum 0.25\noutpost_commit_seconds_count 3\noutpost_snapshots_sent_total 2\noutpost_entries 9\noutpost_peer_lag{peer=\"b\"} 5\n";
         let c = parse_metrics(text);
         assert_eq!((c.ingested, c.applied, c.commits), (42, 7, 3));
         assert_eq!(c.commit_seconds_count, 3);
+        assert_eq!((c.snapshots_sent, c.entries), (2, 9));
         assert!((c.commit_seconds_sum - 0.25).abs() < 1e-12);
     }
 }
