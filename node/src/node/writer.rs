@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::ids::NodeId;
 use crate::model::Event;
 use crate::replication::{Core, IngestError, Ingested, LogRead, Received, StoreError, Tables};
-use crate::store::Store;
+use crate::store::{StateCache, StateWrites, Store};
 use crate::wire::{CatchUpBatch, CatchUpRequest, Elements, SnapshotChunk};
 
 use super::Shared;
@@ -89,6 +89,8 @@ enum Outcome {
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// How long a reopen waits for readers to let go of the old database.
 const REOPEN_WAIT_MAX: Duration = Duration::from_secs(5);
+/// Bound on the writer's cache of committed state entries (accounts, elements and overhead).
+pub const STATE_CACHE_BYTES: usize = 16 << 20;
 
 /// Runs until every sender of `rx` is gone and the queue is drained: in-flight commits finish.
 pub fn run(
@@ -99,6 +101,7 @@ pub fn run(
     tail_tx: watch::Sender<u64>,
 ) {
     let mut store = Some(store);
+    let mut cache = StateCache::new(STATE_CACHE_BYTES);
     let mut failed: Option<(Instant, StoreError)> = None;
     let mut stopping = false;
     while !stopping {
@@ -147,6 +150,7 @@ pub fn run(
                 Some((at, e)) if at.elapsed() < RETRY_AFTER_FAILURE => answer_failed(group, e),
                 _ => {
                     if store.is_none() {
+                        cache.clear();
                         reopen(&shared, &mut store, &mut core);
                     }
                     match &store {
@@ -157,17 +161,19 @@ pub fn run(
                                 |(_, e)| e.clone(),
                             ),
                         ),
-                        Some(s) => match commit_group(&shared, s, &mut core, group, &tail_tx) {
-                            Some((e, group)) => {
-                                // redb refuses everything after a failed write until reopened.
-                                // Reopened before the requests are answered, so that a client
-                                // told 503 can read again at once.
-                                reopen(&shared, &mut store, &mut core);
-                                answer_failed(group, &e);
-                                failed = Some((Instant::now(), e));
+                        Some(s) => {
+                            match commit_group(&shared, s, &mut core, &mut cache, group, &tail_tx) {
+                                Some((e, group)) => {
+                                    // redb refuses everything after a failed write until reopened.
+                                    // Reopened before the requests are answered, so that a client
+                                    // told 503 can read again at once.
+                                    reopen(&shared, &mut store, &mut core);
+                                    answer_failed(group, &e);
+                                    failed = Some((Instant::now(), e));
+                                }
+                                None => failed = None,
                             }
-                            None => failed = None,
-                        },
+                        }
                     }
                 }
             }
@@ -247,13 +253,14 @@ fn commit_group(
     shared: &Shared,
     store: &Store,
     core: &mut Core,
+    cache: &mut StateCache,
     mut group: Vec<Cmd>,
     tail_tx: &watch::Sender<u64>,
 ) -> Option<(StoreError, Vec<Cmd>)> {
     loop {
         let started = Instant::now();
         let now_ms = super::now_ms();
-        match try_group(store, core, now_ms, &group) {
+        match try_group(store, core, cache, now_ms, &group) {
             // A request refused for its own content is answered alone, and the group is
             // redone without it, so nothing of that request is committed.
             Err(GroupError::Refused(i, e)) => {
@@ -271,6 +278,8 @@ fn commit_group(
                 continue;
             }
             Err(GroupError::Store(e)) => {
+                // Whether the commit reached the disk may be unknown: remember nothing.
+                cache.clear();
                 shared.note_error(format!("commit failed: {e}"));
                 shared
                     .metrics
@@ -290,7 +299,8 @@ fn commit_group(
                 answer_failed(group, &e);
                 return None;
             }
-            Ok((outcomes, tail)) => {
+            Ok((outcomes, tail, writes)) => {
+                cache.apply(writes);
                 shared.disk_full.store(false, Ordering::Relaxed);
                 let m = &shared.metrics;
                 m.commit_latency.observe(started.elapsed());
@@ -358,14 +368,16 @@ impl From<StoreError> for GroupError {
 fn try_group(
     store: &Store,
     core: &mut Core,
+    cache: &StateCache,
     now_ms: u64,
     group: &[Cmd],
-) -> Result<(Vec<Outcome>, u64), GroupError> {
+) -> Result<(Vec<Outcome>, u64, StateWrites), GroupError> {
     let txn = store.begin()?;
     let mut outcomes = Vec::with_capacity(group.len());
     let tail;
+    let writes;
     {
-        let mut t = txn.tables()?;
+        let mut t = txn.tables_cached(cache)?;
         for (i, cmd) in group.iter().enumerate() {
             let outcome = match cmd {
                 Cmd::Ingest { events, .. } => {
@@ -412,10 +424,10 @@ fn try_group(
             outcomes.push(outcome);
         }
         tail = Tables::log_tail(&t)?;
-        t.finish()?;
+        writes = t.finish()?;
     }
     txn.commit()?;
-    Ok((outcomes, tail))
+    Ok((outcomes, tail, writes))
 }
 
 /// Convenience for LogRead users that need the tail of a read transaction.

@@ -53,7 +53,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 pub use read::{ReadTxn, StateRow};
-pub use tables::RedbTables;
+pub use tables::{RedbTables, StateCache, StateWrites};
 
 use crate::ids::NodeId;
 use crate::replication::StoreError;
@@ -323,7 +323,10 @@ impl Store {
     pub fn begin(&self) -> Result<WriteTxn> {
         let mut txn = self.db.begin_write().map_err(db_err)?;
         txn.set_durability(Durability::Immediate).map_err(db_err)?;
-        Ok(WriteTxn { txn })
+        Ok(WriteTxn {
+            txn,
+            opened: std::cell::Cell::new(false),
+        })
     }
 
     /// A snapshot of what is committed. Finish it promptly: it pins old pages.
@@ -337,6 +340,9 @@ impl Store {
 /// becomes visible.
 pub struct WriteTxn {
     txn: redb::WriteTransaction,
+    /// Whether a table session was opened: a later one may not trust a cache of committed
+    /// entries (an earlier session of this transaction may have written them).
+    opened: std::cell::Cell<bool>,
 }
 
 impl WriteTxn {
@@ -345,7 +351,15 @@ impl WriteTxn {
     /// written by [`RedbTables::finish`]: call it before [`WriteTxn::commit`] (or use
     /// [`Store::write`], which does).
     pub fn tables(&self) -> Result<RedbTables<'_>> {
-        RedbTables::open(&self.txn)
+        self.opened.set(true);
+        RedbTables::open(&self.txn, None)
+    }
+
+    /// The same, reading state entries through the writer's cache of committed entries (only
+    /// in the transaction's first table session: a later one reads the table).
+    pub fn tables_cached<'a>(&'a self, cache: &'a StateCache) -> Result<RedbTables<'a>> {
+        let first = !self.opened.replace(true);
+        RedbTables::open(&self.txn, first.then_some(cache))
     }
 
     /// Commits and fsyncs.

@@ -1,7 +1,7 @@
 //! The table definitions, the readers shared by write and read transactions, and
 //! [`RedbTables`]: the replication [`Tables`] over one redb write transaction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, TableError};
 use serde::{Deserialize, Serialize};
@@ -289,12 +289,115 @@ pub struct RedbTables<'txn> {
     tail_dirty: bool,
     /// Marks read or written in this transaction; `true` when written.
     mark_cache: BTreeMap<NodeId, (Mark, bool)>,
+    /// State entries written in this transaction, written to the table in key order by
+    /// [`RedbTables::finish`]: each leaf page is visited once per commit, in order.
+    state_dirty: BTreeMap<(String, u8), Entry>,
+    /// Committed state entries the writer remembers between transactions (none for other
+    /// transactions): a hit saves a random-key lookup in the state table.
+    state_cache: Option<&'txn StateCache>,
     /// Reused encoding buffer, so a put does not allocate.
     buf: Vec<u8>,
 }
 
+/// The state entries a transaction wrote, in key order: after its commit succeeds, the writer
+/// gives them to its [`StateCache`] (after a failure, it drops them and clears the cache).
+#[derive(Debug, Default)]
+pub struct StateWrites(Vec<((String, u8), Entry)>);
+
+/// Bytes a cached entry is counted for beyond its account and element: the key's type code,
+/// version, origin, oseq, message id and the map's own overhead.
+const STATE_CACHE_ENTRY_OVERHEAD: usize = 128;
+
+/// The writer thread's cache of committed state entries, bounded by bytes (the writer's
+/// `STATE_CACHE_BYTES`). Only the writer writes the state table while the
+/// node runs, and it updates this cache only with what it committed, so a hit is always the
+/// committed entry. Eviction drops an arbitrary eighth until under the bound.
+#[derive(Debug)]
+pub struct StateCache {
+    map: HashMap<(String, u8), Entry>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl StateCache {
+    pub fn new(max_bytes: usize) -> StateCache {
+        StateCache {
+            map: HashMap::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    fn cost(account: &str, e: &Entry) -> usize {
+        account.len() + e.element.len() + STATE_CACHE_ENTRY_OVERHEAD
+    }
+
+    fn get(&self, key: &(String, u8)) -> Option<&Entry> {
+        self.map.get(key)
+    }
+
+    /// Takes in what a transaction committed.
+    pub fn apply(&mut self, writes: StateWrites) {
+        for ((account, code), e) in writes.0 {
+            let cost = Self::cost(&account, &e);
+            if cost > self.max_bytes / 8 {
+                // Too large to be worth a place; keep no stale copy of it either.
+                if let Some(old) = self.map.remove(&(account.clone(), code)) {
+                    self.bytes -= Self::cost(&account, &old);
+                }
+                continue;
+            }
+            let old = self.map.insert((account.clone(), code), e);
+            if let Some(old) = old {
+                self.bytes -= Self::cost(&account, &old);
+            }
+            self.bytes += cost;
+        }
+        while self.bytes > self.max_bytes {
+            let mut i = 0u32;
+            let mut freed = 0usize;
+            self.map.retain(|(a, _), e| {
+                i += 1;
+                let keep = i % 8 != 0;
+                if !keep {
+                    freed += Self::cost(a, e);
+                }
+                keep
+            });
+            self.bytes -= freed;
+            if freed == 0 {
+                self.map.clear();
+                self.bytes = 0;
+            }
+        }
+        debug_assert!(self.bytes <= self.max_bytes);
+    }
+
+    /// Forgets everything (after a failed commit or a reopened database).
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// What the cached entries are counted for (at most the bound).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
 impl<'txn> RedbTables<'txn> {
-    pub(super) fn open(txn: &'txn redb::WriteTransaction) -> Result<Self> {
+    pub(super) fn open(
+        txn: &'txn redb::WriteTransaction,
+        state_cache: Option<&'txn StateCache>,
+    ) -> Result<Self> {
         let meta = txn.open_table(META).map_err(db_err)?;
         let epoch = read_log_epoch(&meta)?;
         let hlc = read_hlc(&meta)?;
@@ -312,13 +415,25 @@ impl<'txn> RedbTables<'txn> {
             tail,
             tail_dirty: false,
             mark_cache: BTreeMap::new(),
+            state_dirty: BTreeMap::new(),
+            state_cache,
             buf: Vec::with_capacity(1024),
         })
     }
 
-    /// Writes what this transaction kept back (clock, tail, marks). Called once, last, before
-    /// the commit; nothing kept back survives a commit without it.
-    pub fn finish(mut self) -> Result<()> {
+    /// Writes what this transaction kept back (clock, tail, marks, state entries). Called
+    /// once, last, before the commit; nothing kept back survives a commit without it. Returns
+    /// the state entries written, for the writer's [`StateCache`] once the commit succeeded.
+    pub fn finish(mut self) -> Result<StateWrites> {
+        let dirty = std::mem::take(&mut self.state_dirty);
+        let mut written = Vec::with_capacity(dirty.len());
+        for ((account, code), entry) in dirty {
+            let buf = self.encode(&entry);
+            let r = self.state.insert((account.as_str(), code), buf.as_slice());
+            self.buf = buf;
+            r.map_err(db_err)?;
+            written.push(((account, code), entry));
+        }
         if self.hlc_dirty {
             let (ms, logical) = self.hlc;
             let mut b = [0u8; 12];
@@ -340,7 +455,7 @@ impl<'txn> RedbTables<'txn> {
                 r.map_err(db_err)?;
             }
         }
-        Ok(())
+        Ok(StateWrites(written))
     }
 
     /// Encodes `v` into the reused buffer, which the caller takes back with `put_buf`.
@@ -400,14 +515,20 @@ impl Tables for RedbTables<'_> {
     }
 
     fn entry(&self, account: &str, etype: EventType) -> Result<Option<Entry>> {
+        let key = (account.to_owned(), etype.code());
+        if let Some(e) = self.state_dirty.get(&key) {
+            return Ok(Some(e.clone()));
+        }
+        if let Some(e) = self.state_cache.and_then(|c| c.get(&key)) {
+            return Ok(Some(e.clone()));
+        }
         get_entry(&self.state, account, etype)
     }
 
     fn put_entry(&mut self, account: &str, etype: EventType, entry: &Entry) -> Result<()> {
-        let buf = self.encode(entry);
-        let r = self.state.insert((account, etype.code()), buf.as_slice());
-        self.buf = buf;
-        r.map(drop).map_err(db_err)
+        self.state_dirty
+            .insert((account.to_owned(), etype.code()), entry.clone());
+        Ok(())
     }
 
     fn message(&self, key: MsgKey, id: &MsgId) -> Result<Option<MsgRecord>> {

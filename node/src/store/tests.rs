@@ -377,13 +377,17 @@ fn run_model(seed: u64) {
     let epoch = rng.random_range(1..u64::MAX);
     let mut store = open_init(&dir, epoch);
     let mut model = MemStore::new(epoch);
+    // The writer's cache of committed entries, small enough to evict: what it answers must be
+    // what is committed, after commits, aborts and reopens.
+    let mut cache = StateCache::new(rng.random_range(0..4096));
     for _ in 0..8 {
         let commit = rng.random_bool(0.75);
         let mut scratch = model.clone();
         let txn = store.begin().unwrap();
+        let mut writes = Vec::new();
         // Sometimes two table sessions in one transaction: the second must see the first.
         for _ in 0..rng.random_range(1..3) {
-            let mut r = txn.tables().unwrap();
+            let mut r = txn.tables_cached(&cache).unwrap();
             check_tables(seed, &scratch, &r);
             for _ in 0..rng.random_range(1..30) {
                 random_write(seed, &mut rng, &mut scratch, &mut r).unwrap();
@@ -392,11 +396,14 @@ fn run_model(seed: u64) {
                 }
             }
             check_tables(seed, &scratch, &r);
-            r.finish().unwrap();
+            writes.push(r.finish().unwrap());
         }
         if commit {
             txn.commit().unwrap();
             model = scratch;
+            for w in writes {
+                cache.apply(w);
+            }
         } else {
             // redb aborts on drop: nothing of it may be visible.
             drop(txn);
@@ -1016,4 +1023,46 @@ fn store_survives_injected_io_faults() {
         total * 2 > rounds,
         "faults hit in only {total} of {rounds} rounds: {hit:?}"
     );
+}
+
+/// Bounded memory: the writer's state cache never holds more than its byte bound, whatever is
+/// committed through it, and keeps no copy of an entry too large to be worth a place.
+#[test]
+fn state_cache_stays_within_its_bound() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let max = 64 << 10;
+    let mut cache = StateCache::new(max);
+    let dir = TempDir::new("cache");
+    let store = open_init(&dir, 1);
+    for round in 0..50 {
+        let txn = store.begin().unwrap();
+        let mut t = txn.tables_cached(&cache).unwrap();
+        for i in 0..200 {
+            let mut e = rand_entry(&mut rng);
+            e.element = vec![b'x'; rng.random_range(0..2048)];
+            t.put_entry(&format!("acct-{round}-{i}"), EventType::Presence, &e)
+                .unwrap();
+        }
+        let big = Entry {
+            element: vec![b'y'; max],
+            ..rand_entry(&mut rng)
+        };
+        t.put_entry("big", EventType::Presence, &big).unwrap();
+        let writes = t.finish().unwrap();
+        txn.commit().unwrap();
+        cache.apply(writes);
+        assert!(
+            cache.bytes() <= max,
+            "round {round}: {} > {max}",
+            cache.bytes()
+        );
+        assert!(
+            !cache.is_empty(),
+            "round {round}: the cache keeps something"
+        );
+        let txn = store.begin().unwrap();
+        let t = txn.tables_cached(&cache).unwrap();
+        // Still the committed entry, from the table (it was not cached).
+        assert_eq!(t.entry("big", EventType::Presence).unwrap(), Some(big));
+    }
 }
