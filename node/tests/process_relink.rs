@@ -63,7 +63,7 @@ async fn clean_restart_of_the_accepting_side_relinks_at_once_with_one_info_line(
         new.join("\n")
     );
     assert!(
-        down[0].contains("INFO") && down[0].contains("node shutting down"),
+        down[0].contains("INFO") && down[0].contains(outpost::net::close::SHUTDOWN_REASON),
         "a clean shutdown is INFO with its reason: {}",
         down[0]
     );

@@ -43,6 +43,9 @@ pub mod close {
     pub const DUPLICATE: u32 = 2;
     /// The node is shutting down.
     pub const SHUTDOWN: u32 = 3;
+    /// The reason sent with [`SHUTDOWN`], whichever path closes the connection first (the
+    /// endpoint closing every connection, or a link task that saw the writer stop).
+    pub const SHUTDOWN_REASON: &str = "the node is shutting down";
     /// The peer completed the handshake but is not (or no longer) known.
     pub const UNKNOWN_PEER: u32 = 4;
     /// The peer speaks a protocol version this node does not.

@@ -654,6 +654,12 @@ fn fail(shared: &Shared, i: usize, conn: &quinn::Connection, e: &SessionError) {
         set_error_quiet(shared, i, format!("closed by the peer: {reason}"));
         return;
     }
+    if matches!(e, SessionError::Shutdown) {
+        // This node is stopping on purpose: the peer is told why, and it is not a warning.
+        conn.close(close::SHUTDOWN.into(), close::SHUTDOWN_REASON.as_bytes());
+        tracing::info!(peer = %name, "link down: {}", close::SHUTDOWN_REASON);
+        return;
+    }
     let reason = e.to_string();
     if matches!(e, SessionError::Protocol(_) | SessionError::Frame(_)) {
         shared

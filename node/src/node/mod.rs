@@ -254,7 +254,7 @@ impl Running {
         }
         self.endpoint.close(
             quinn::VarInt::from_u32(crate::net::close::SHUTDOWN),
-            b"node shutting down",
+            crate::net::close::SHUTDOWN_REASON.as_bytes(),
         );
         for t in &self.link_tasks {
             t.abort();
