@@ -6,7 +6,7 @@
 // Every function reads its inputs from $var(...) and writes its outputs to $var(...) or
 // $avp(...), as the comments say.
 
-// The register events of one REGISTER, after save() (reference 9.2): every binding of the
+// The register events of one REGISTER, after save() (reference 14.2): every binding of the
 // account now held, with its remaining expiry, and `expires_s: 0` for every binding that was
 // held before the REGISTER and is not any more (expiry 0, `Contact: *`, a replaced contact).
 //   in:  $var(account); contact profiles "before" and "after" from reg_fetch_contacts

@@ -213,6 +213,16 @@ async fn demo(dir: &Path, opts: &DemoOpts) -> anyhow::Result<bool> {
             "NOT converged: digests differ".to_string()
         }
     );
+    let sip_ok = {
+        let (a, b) = (sip_site(&dcs[0]), sip_site(&dcs[1]));
+        match crate::demo_sip::run(&dir.join("sip"), &a, &b, &http).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                println!("   real SIP part FAILED: {e:#}");
+                false
+            }
+        }
+    };
     for dc in &mut dcs {
         if let Some(r) = dc.running.take() {
             r.shutdown().await;
@@ -223,7 +233,15 @@ async fn demo(dir: &Path, opts: &DemoOpts) -> anyhow::Result<bool> {
     } else {
         true
     };
-    Ok(converged && cluster_ok)
+    Ok(converged && sip_ok && cluster_ok)
+}
+
+fn sip_site(d: &Dc) -> crate::demo_sip::Site<'_> {
+    crate::demo_sip::Site {
+        name: &d.config.name,
+        api: &d.api,
+        token: &d.token,
+    }
 }
 
 fn sample_event(i: usize) -> Value {
