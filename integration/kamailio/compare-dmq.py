@@ -35,6 +35,7 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILDREN = []  # Popen objects, each the leader of its own process group
+SIPPS = []  # pids of running SIPp processes (asyncio children, each its own group)
 PROBE_INTERVAL = 0.005
 PROBE_TIMEOUT = 0.05
 MAX_PROBE_RATE = 4000.0
@@ -89,6 +90,11 @@ def killpg(p, sig=signal.SIGKILL):
 
 
 def kill_all():
+    for pid in list(SIPPS):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     for p in list(CHILDREN):
         killpg(p)
 
@@ -380,6 +386,7 @@ class Prober(asyncio.DatagramProtocol):
         self.tokens = MAX_PROBE_RATE / 100
         self.last_fill = time.time()
         self.sent = 0
+        self.sweep_codes = {}  # answers of the sweeps: code (None: no answer) -> count
 
     async def open(self):
         loop = asyncio.get_running_loop()
@@ -388,6 +395,7 @@ class Prober(asyncio.DatagramProtocol):
         self.port = self.tr.get_extra_info("sockname")[1]
         proto = AckProto(self)
         self.ack_tr, _ = await loop.create_datagram_endpoint(lambda: proto, local_addr=("127.0.0.1", 0))
+        self.ack_tr.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         self.ack_port = self.ack_tr.get_extra_info("sockname")[1]
 
     def take_token(self):
@@ -505,6 +513,8 @@ class Prober(asyncio.DatagramProtocol):
             if i % 50 == 49:
                 await asyncio.sleep(50 / rate)
         await done
+        for c in res.values():
+            self.sweep_codes[c] = self.sweep_codes.get(c, 0) + 1
         return {u for u, c in res.items() if c != 200}
 
 
@@ -539,7 +549,9 @@ async def sipp_load(d, prober, target_port, prefix, n, rate, tag):
     out = open(os.path.join(d, "sipp-%s.log" % tag), "wb")
     p = await asyncio.create_subprocess_exec(*args, stdin=subprocess.DEVNULL, stdout=out,
                                              stderr=out, start_new_session=True)
+    SIPPS.append(p.pid)
     rc = await p.wait()
+    SIPPS.remove(p.pid)
     return rc
 
 
@@ -669,6 +681,14 @@ async def run_one(setup_name, scen_name, fn, a, base):
         prober = Prober()
         await prober.open()
         r = await fn(setup, prober, a)
+        r["sweep answers (code: count)"] = ", ".join(
+            "%s: %d" % ("none" if c is None else c, n) for c, n in sorted(prober.sweep_codes.items(), key=str))
+        ok = 0
+        for f in sorted(os.listdir(d)):
+            if f.startswith("sipp-"):
+                m = re.findall(r"Successful call\s*\|\s*\d+\s*\|\s*(\d+)", open(os.path.join(d, f)).read())
+                ok += int(m[-1]) if m else 0
+        r["SIPp successful REGISTERs / 200s the prober was told of"] = "%d / %d" % (ok, len(prober.acked))
         extra = setup.extra_report()
         if extra:
             r["note"] = extra
