@@ -20,6 +20,7 @@ Python 3 standard library only. Every child is killed on exit (also on Ctrl-C).
 """
 import argparse
 import asyncio
+import collections
 import json
 import os
 import re
@@ -38,7 +39,7 @@ CHILDREN = []  # Popen objects, each the leader of its own process group
 SIPPS = []  # pids of running SIPp processes (asyncio children, each its own group)
 PROBE_INTERVAL = 0.005
 PROBE_TIMEOUT = 0.05
-MAX_PROBE_RATE = 4000.0
+MAX_PROBE_RATE = 1500.0
 
 
 def log(msg):
@@ -387,6 +388,7 @@ class Prober(asyncio.DatagramProtocol):
         self.last_fill = time.time()
         self.sent = 0
         self.sweep_codes = {}  # answers of the sweeps: code (None: no answer) -> count
+        self.queue = collections.deque()  # chase probes due, sent at MAX_PROBE_RATE at most
 
     async def open(self):
         loop = asyncio.get_running_loop()
@@ -397,6 +399,21 @@ class Prober(asyncio.DatagramProtocol):
         self.ack_tr, _ = await loop.create_datagram_endpoint(lambda: proto, local_addr=("127.0.0.1", 0))
         self.ack_tr.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         self.ack_port = self.ack_tr.get_extra_info("sockname")[1]
+        self.drainer = asyncio.ensure_future(self.drain())
+
+    async def drain(self):
+        """Sends the due chase probes, at most MAX_PROBE_RATE a second: when more users wait
+        than that allows, each one's re-probe interval stretches (reported as the interval p99)."""
+        last = time.time()
+        budget = 0.0
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.time()
+            budget = min(MAX_PROBE_RATE / 50, budget + (now - last) * MAX_PROBE_RATE)
+            last = now
+            while self.queue and budget >= 1:
+                budget -= 1
+                self.queue.popleft()()
 
     def take_token(self):
         now = time.time()
@@ -442,9 +459,10 @@ class Prober(asyncio.DatagramProtocol):
         def fire():
             if st["done"]:
                 return
-            wait = self.take_token()
-            if wait > 0:
-                loop.call_later(wait, fire)
+            self.queue.append(send_now)
+
+        def send_now():
+            if st["done"]:
                 return
             now = time.time()
             if st["last"] is not None:
@@ -476,7 +494,7 @@ class Prober(asyncio.DatagramProtocol):
         fire()
         return st
 
-    async def sweep(self, port, users, rate=2000.0):
+    async def sweep(self, port, users, rate=500.0):
         """Probes every user once (again on timeout, up to 5 times): the users not routable."""
         loop = asyncio.get_running_loop()
         res = {}
