@@ -40,6 +40,7 @@ SIPPS = []  # pids of running SIPp processes (asyncio children, each its own gro
 PROBE_INTERVAL = 0.005
 PROBE_TIMEOUT = 0.05
 MAX_PROBE_RATE = 1500.0
+SHM_MB = 64  # Kamailio's shared memory (-m); 64 MB is Kamailio's default
 
 
 def log(msg):
@@ -215,7 +216,7 @@ class Kamailio:
         self.p = None
 
     def spawn(self):
-        self.p = spawn(["kamailio", "-f", self.cfg, "-DD", "-E", "-Y",
+        self.p = spawn(["kamailio", "-f", self.cfg, "-DD", "-E", "-m", str(SHM_MB), "-Y",
                         os.path.join(self.d, "run"), "-w", self.d],
                        os.path.join(self.d, "kamailio.log"))
         self.started = time.time()
@@ -451,7 +452,7 @@ class Prober(asyncio.DatagramProtocol):
             cb(code, time.time())
 
     # chase: probe one user at one Kamailio until it answers 200
-    def chase(self, port, user, t0, results):
+    def chase(self, port, user, t0, results, priority=False):
         loop = asyncio.get_running_loop()
         st = {"t0": t0, "last": None, "intervals": [], "pid": None, "done": False, "n": 0}
         results["outstanding"] += 1
@@ -459,7 +460,10 @@ class Prober(asyncio.DatagramProtocol):
         def fire():
             if st["done"]:
                 return
-            self.queue.append(send_now)
+            if priority:
+                send_now()
+            else:
+                self.queue.append(send_now)
 
         def send_now():
             if st["done"]:
@@ -627,7 +631,8 @@ async def scen_restart(setup, prober, a):
     # A routes again: the first and the last user acknowledged before the kill
     back = results_new()
     for u in (before[0], before[-1]):
-        prober.chase(setup.ka.port, u, t_restart, back)
+        # not behind the queue of B's chases: these few go out at once
+        prober.chase(setup.ka.port, u, t_restart, back, priority=True)
     keepalive = t_restart + await wait_until("restarted A", lambda: sip_request(setup.ka.port, wait=0.05) == 200, 60, 0.01)
     await wait_quiet(back, quiet=60, deadline=120)
     await load
@@ -787,10 +792,13 @@ def main():
     ap.add_argument("--deadline", type=int, default=120, help="convergence deadline after healing (s)")
     ap.add_argument("--setups", default="outpost,dmq")
     ap.add_argument("--scenarios", default="", help="comma-separated subset of steady,restart,cut")
+    ap.add_argument("--shm", type=int, default=64, help="Kamailio shared memory, MB (-m; default 64, Kamailio's)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = ap.parse_args()
     if a.quick:
         a.users, a.cut, a.cut_load, a.deadline = 1500, 10, 20, 60
+    global SHM_MB
+    SHM_MB = a.shm
     a.setups = a.setups.split(",")
     a.scenarios = [s for s in a.scenarios.split(",") if s]
 
