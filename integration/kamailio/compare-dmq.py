@@ -36,6 +36,7 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILDREN = []  # Popen objects, each the leader of its own process group
+KAMAILIO_CHILDREN = 4  # --children: UDP worker processes of every Kamailio, both setups
 SIPPS = []  # pids of running SIPp processes (asyncio children, each its own group)
 PROBE_INTERVAL = 0.005
 PROBE_TIMEOUT = 0.05
@@ -308,8 +309,8 @@ class OutpostSetup(Setup):
         os.makedirs(d)
         port = free_port()
         text = ('#!define LISTEN udp:127.0.0.1:%d\n#!define OUTPOST_API "http://%s"\n'
-                '#!define OUTPOST_TOKEN "%s"\n#!define OUTPOST_JS "%s"\n#!define CHILDREN 4\n'
-                % (port, self.api[i], self.tokens[i], os.path.join(d, "outpost.js")))
+                '#!define OUTPOST_TOKEN "%s"\n#!define OUTPOST_JS "%s"\n#!define CHILDREN %d\n'
+                % (port, self.api[i], self.tokens[i], os.path.join(d, "outpost.js"), KAMAILIO_CHILDREN))
         k = Kamailio(d, "kamailio-outpost.cfg", "outpost-local.cfg", text, ["outpost.js"])
         k.port = port
         k.spawn()
@@ -359,8 +360,8 @@ class DmqSetup(Setup):
                     '#!define DMQ_PORT %d\n#!define DMQ_ADVERTISE 127.0.0.1:%d\n'
                     '#!define DMQ_SERVER_ADDRESS "sip:127.0.0.1:%d"\n'
                     '#!define DMQ_SERVER_SOCKET "udp:127.0.0.1:%d"\n'
-                    '#!define DMQ_NOTIFICATION_ADDRESS "sip:127.0.0.1:%d"\n#!define CHILDREN 4\n'
-                    % (port, dmq[i], dmq[i], front[i], front[i], dmq[i], front[j]))
+                    '#!define DMQ_NOTIFICATION_ADDRESS "sip:127.0.0.1:%d"\n#!define CHILDREN %d\n'
+                    % (port, dmq[i], dmq[i], front[i], front[i], dmq[i], front[j], KAMAILIO_CHILDREN))
             k = Kamailio(kd, "kamailio-dmq.cfg", "dmq-local.cfg", text, [])
             k.port = port
             k.spawn()
@@ -793,12 +794,14 @@ def main():
     ap.add_argument("--setups", default="outpost,dmq")
     ap.add_argument("--scenarios", default="", help="comma-separated subset of steady,restart,cut")
     ap.add_argument("--shm", type=int, default=64, help="Kamailio shared memory, MB (-m; default 64, Kamailio's)")
+    ap.add_argument("--children", type=int, default=4, help="Kamailio UDP worker processes, both setups")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = ap.parse_args()
     if a.quick:
         a.users, a.cut, a.cut_load, a.deadline = 1500, 10, 20, 60
-    global SHM_MB
+    global SHM_MB, KAMAILIO_CHILDREN
     SHM_MB = a.shm
+    KAMAILIO_CHILDREN = a.children
     a.setups = a.setups.split(",")
     a.scenarios = [s for s in a.scenarios.split(",") if s]
 
