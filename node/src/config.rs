@@ -194,6 +194,13 @@ pub struct ClusterConfig {
     pub down_after: Duration,
     /// Most machine keys waiting as pending; beyond it unknown machines are refused unrecorded.
     pub pending_max: usize,
+    /// Most publications stored unacknowledged for one machine; at the bound its pool and
+    /// route changes wait (only the newest is sent once it acknowledges) and deployments to it
+    /// fail with the reason.
+    pub channel_max: usize,
+    /// An uploaded bundle that no deployment needs is deleted once it is this old (by its
+    /// upload time): upload first and deploy within this, or upload again.
+    pub bundle_keep_unused: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -201,6 +208,8 @@ impl Default for ClusterConfig {
         ClusterConfig {
             down_after: Duration::from_secs(15),
             pending_max: 1024,
+            channel_max: crate::cluster::controller::core::CHANNEL_MAX,
+            bundle_keep_unused: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -434,6 +443,21 @@ impl Validator<'_> {
                     ));
                 }
                 cluster.pending_max = n;
+            }
+            if let Some(n) = c.channel_max {
+                if !(8..=65_536).contains(&n) {
+                    return Err(self.err("cluster.channel_max", "must be between 8 and 65536"));
+                }
+                cluster.channel_max = n;
+            }
+            if let Some(s) = c.bundle_keep_unused {
+                cluster.bundle_keep_unused = self.duration("cluster.bundle_keep_unused", &s)?;
+                if cluster.bundle_keep_unused < Duration::from_secs(60) {
+                    return Err(self.err(
+                        "cluster.bundle_keep_unused",
+                        "must be at least 1m (an upload needs time to be deployed)",
+                    ));
+                }
             }
         }
         let controller = match raw.controller {

@@ -213,3 +213,56 @@ async fn a_rejected_key_stays_out() {
     assert!(err.contains("no-such-machine"), "{err}");
     f.finish().await.unwrap();
 }
+
+/// Invariant (`outpost machines remove`, real processes): the removed machine leaves its load
+/// balancer's pool file, and after it restarts it stays out (its key refused) while the rest of
+/// the pool is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_machine_leaves_the_pool_file_and_stays_out() {
+    let spec = FleetSpec::new(
+        "remove",
+        vec![
+            WorkerSpec::load_balancer("lb-1"),
+            WorkerSpec::dependent("media-a", "lb-1"),
+            WorkerSpec::dependent("media-b", "lb-1"),
+        ],
+    );
+    let mut f = Fleet::start(bin(), spec).await.unwrap();
+    wait_pool(&f, "lb-1", &["media-a", "media-b"]).await;
+    let out = cli(&f, &["machines", "remove", "media-b"]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("removed: media-b"), "{said}");
+    wait_pool(&f, "lb-1", &["media-a"]).await;
+    wait_key(&f, "media-b", "removed").await;
+    assert!(f.machine("media-b").await.unwrap().is_none());
+    // It comes back (a restart, still holding the join token): refused, nothing changes.
+    let r = f.index("media-b");
+    f.cluster.kill9(r).unwrap();
+    f.cluster.restart(r).unwrap();
+    let api = f.worker("media-b");
+    // Restarted, it has tried the controller (an error is on record) and is not admitted.
+    let status = wait_for("the removed worker to be refused", WAIT, || {
+        let api = api.clone();
+        async move {
+            match api.get_json::<Value>("/v1/status").await {
+                Ok(s) if !s["controller"]["last_error"].is_null() => Check::Done(s),
+                other => Check::NotYet(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status["controller"]["connected"], false, "{status}");
+    assert_ne!(status["standing"], "admitted", "{status}");
+    assert_eq!(
+        f.key("media-b").await.unwrap().unwrap()["status"],
+        "removed"
+    );
+    assert_eq!(f.pool_names("lb-1").unwrap().unwrap(), vec!["media-a"]);
+    // Removing an unknown machine fails with the reason.
+    let out = cli(&f, &["machines", "remove", "no-such-machine"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-machine"));
+    f.finish().await.unwrap();
+}

@@ -27,7 +27,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use outpost::cluster::body::{Body, LbRoute, Pool};
 use outpost::cluster::controller::core::{
-    ConnId, ControllerCore, Dirty, KeyStatus, MachineRecord, Output, Peer, Settings,
+    ConnId, ControllerCore, Dirty, KeyActionError, KeyStatus, MachineRecord, NotPublished, Output,
+    Peer, Settings,
 };
 use outpost::cluster::keys::{publication_digest, token_proof, ControllerKey, SealKey};
 use outpost::cluster::worker::core::{
@@ -1466,11 +1467,16 @@ impl Sim {
             }
         };
         let now = self.now;
-        self.ctrl
+        let published = self
+            .ctrl
             .core
             .as_mut()
             .expect("up")
             .publish(m.node_id, &body, now);
+        // A machine away for long may have a full channel: a defined outcome, nothing stored.
+        if let Err(e) = published {
+            assert!(matches!(e, NotPublished::ChannelFull(_)), "{}: {e}", m.name);
+        }
         self.ctrl_flush();
     }
 
@@ -2546,7 +2552,7 @@ fn publish_through_lb(sim: &mut Sim, d: usize) -> Publication {
     let now = sim.now;
     let ctrl = sim.ctrl.core.as_mut().unwrap();
     // A route goes directly; anything else through the load balancer.
-    ctrl.publish(id, &Body::Pool(Pool::default()), now);
+    let _ = ctrl.publish(id, &Body::Pool(Pool::default()), now);
     let (dirty, out) = ctrl.take();
     sim.ctrl.disk.apply(&dirty);
     assert_eq!(dirty.publications.len(), 1);
@@ -2720,7 +2726,8 @@ fn rejected_then_accepted_machine_resumes_its_channel() {
             .core
             .as_mut()
             .unwrap()
-            .publish(id, &Body::Pool(Pool::default()), now);
+            .publish(id, &Body::Pool(Pool::default()), now)
+            .unwrap();
     }
     sim.ctrl_flush();
     sim.ctrl
@@ -2743,7 +2750,8 @@ fn rejected_then_accepted_machine_resumes_its_channel() {
         .core
         .as_mut()
         .unwrap()
-        .publish(id, &Body::Pool(Pool::default()), now);
+        .publish(id, &Body::Pool(Pool::default()), now)
+        .unwrap();
     sim.ctrl_flush();
     let until = sim.now + 20_000;
     while sim.now < until {
@@ -2758,4 +2766,180 @@ fn rejected_then_accepted_machine_resumes_its_channel() {
         m.pub_seq,
         m.pub_acked
     );
+}
+
+fn lb_pool_names(ctrl: &ControllerCore, lb: NodeId) -> (Vec<String>, Vec<String>) {
+    let pool = ctrl.machine(lb).unwrap().pool.clone().unwrap_or_default();
+    (
+        pool.members.iter().map(|m| m.name.clone()).collect(),
+        pool.dependents.iter().map(|d| d.name.clone()).collect(),
+    )
+}
+
+/// Invariant (`outpost machines remove`): a removed machine is refused for good (with or
+/// without the token, `keys accept` included), keeps no stored publication, is in no pool,
+/// and its name is free for another key.
+#[test]
+fn a_removed_machine_is_refused_for_good_its_channel_dropped_and_its_pool_updated() {
+    let (mut ctrl, _) = controller(100, true);
+    let lb = Machine::new(1, "lb-1", "load-balancer", None, true);
+    let dep = Machine::new(2, "dep-2", "routing", Some("lb-1"), true);
+    let other = Machine::new(3, "dep-3", "routing", Some("lb-1"), true);
+    for (conn, m) in [(1, &lb), (2, &dep), (3, &other)] {
+        ctrl.joined(conn, m.peer(), m.core().join(), T0_MS);
+        let (_, out) = ctrl.take();
+        assert!(admitted(&out, conn), "{}: {out:?}", m.info.name);
+    }
+    assert_eq!(
+        lb_pool_names(&ctrl, lb.id()).1,
+        vec!["dep-2".to_string(), "dep-3".to_string()]
+    );
+    let rec = ctrl.machine(dep.id()).unwrap().clone();
+    assert!(
+        rec.pub_seq > rec.pub_acked,
+        "dep-2 has unacknowledged publications"
+    );
+    let unacked_before = ctrl.unacked_len();
+    let lb_seq = ctrl.machine(lb.id()).unwrap().pub_seq;
+
+    assert_eq!(ctrl.remove("dep-2", T0_MS + 1), Ok(dep.id()));
+    let (d, out) = ctrl.take();
+    // Its channel is deleted (every seq up to what was published), in the same commit.
+    assert!(d.acked.contains(&(dep.id(), rec.pub_seq)), "{:?}", d.acked);
+    assert_eq!(
+        ctrl.unacked_len(),
+        unacked_before - (rec.pub_seq - rec.pub_acked) as usize + 1,
+        "dep-2's publications dropped, one new pool for lb-1"
+    );
+    let tomb = d.machines.iter().find(|m| m.node_id == dep.id()).unwrap();
+    assert_eq!(tomb.key_status, KeyStatus::Removed);
+    assert_eq!(
+        (
+            &tomb.report,
+            &tomb.route,
+            &tomb.load_balancer,
+            tomb.deploys.len()
+        ),
+        (&None, &None, &None, 0)
+    );
+    // Its load balancer is sent a pool without it, in the same commit.
+    assert!(d
+        .publications
+        .iter()
+        .any(|p| p.machine == lb.id() && p.seq == lb_seq + 1));
+    assert_eq!(lb_pool_names(&ctrl, lb.id()).1, vec!["dep-3".to_string()]);
+    assert_eq!(lb_pool_names(&ctrl, lb.id()).0, vec!["dep-3".to_string()]);
+    // Its connection is told and closed; the handshake refuses its key from now on.
+    assert!(sends_to(&out, 2).iter().any(|m| matches!(
+        m,
+        Message::Admission(Admission::Rejected { reason }) if reason.contains("removed")
+    )));
+    assert!(closes(&out, 2));
+    ctrl.closed(2, T0_MS + 1);
+    assert_eq!(ctrl.rejected_fingerprints(), vec![dep.fingerprint]);
+
+    // Coming back, with the token, stores nothing and admits nothing; an operator cannot
+    // accept it; rejecting or removing it again changes nothing.
+    let before = records(&ctrl);
+    ctrl.joined(4, dep.peer(), dep.core().join(), T0_MS + 2);
+    let (d, out) = ctrl.take();
+    assert!(d.is_empty(), "{d:?}");
+    assert!(closes(&out, 4) && !admitted(&out, 4), "{out:?}");
+    ctrl.closed(4, T0_MS + 2);
+    assert_eq!(
+        ctrl.accept("dep-2", T0_MS + 3),
+        Err(KeyActionError::Removed("dep-2".into()))
+    );
+    assert_eq!(ctrl.reject("dep-2", T0_MS + 3), Ok(dep.id()));
+    assert_eq!(ctrl.remove(&dep.id().to_string(), T0_MS + 3), Ok(dep.id()));
+    let (d, _) = ctrl.take();
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(records(&ctrl), before);
+
+    // A new key under the same name joins with the token and is the one the name means.
+    let fresh = Machine::keyed(9, "dep-2", "routing", Some("lb-1"), true, "dep-2 again");
+    ctrl.joined(5, fresh.peer(), fresh.core().join(), T0_MS + 4);
+    let (_, out) = ctrl.take();
+    assert!(admitted(&out, 5), "{out:?}");
+    assert_eq!(ctrl.machine_by_name("dep-2").unwrap().node_id, fresh.id());
+    assert_eq!(
+        lb_pool_names(&ctrl, lb.id()).1,
+        vec!["dep-2".to_string(), "dep-3".to_string()]
+    );
+    // Removing a load balancer tells its dependents they have none.
+    assert_eq!(ctrl.remove("lb-1", T0_MS + 5), Ok(lb.id()));
+    let (d, _) = ctrl.take();
+    for id in [other.id(), fresh.id()] {
+        assert_eq!(ctrl.machine(id).unwrap().route, None);
+        assert!(d.publications.iter().any(|p| p.machine == id));
+    }
+}
+
+/// Invariant (a machine's channel is bounded): a machine that stops acknowledging holds at
+/// most `channel_max` stored publications; pool changes beyond it wait and only the newest is
+/// sent once it acknowledges; a deployment to it is refused with the reason.
+#[test]
+fn a_full_channel_holds_its_bound_and_sends_only_the_newest_pool_once_acknowledged() {
+    let mut s = Settings::new(2000);
+    s.join_token = Some(TOKEN.to_vec());
+    s.channel_max = 4;
+    let key = ControllerKey::from_secret(&[0x5a; 32]).unwrap();
+    let mut ctrl = ControllerCore::open(s, key, vec![], vec![], T0_MS);
+    let lb = Machine::new(1, "lb-1", "load-balancer", None, true);
+    ctrl.joined(1, lb.peer(), lb.core().join(), T0_MS);
+    let _ = ctrl.take();
+    // Ten dependents join one after another; the load balancer acknowledges nothing.
+    let deps: Vec<Machine> = (0..10)
+        .map(|i| {
+            let name = format!("dep-{i}");
+            Machine::new(10 + i, &name, "routing", Some("lb-1"), true)
+        })
+        .collect();
+    for (i, m) in deps.iter().enumerate() {
+        ctrl.joined(10 + i as u64, m.peer(), m.core().join(), T0_MS + i as u64);
+        let (d, _) = ctrl.take();
+        let lb_rec = ctrl.machine(lb.id()).unwrap();
+        assert!(
+            lb_rec.pub_seq - lb_rec.pub_acked <= 4,
+            "channel over its bound: {} unacked",
+            lb_rec.pub_seq - lb_rec.pub_acked
+        );
+        assert!(d
+            .publications
+            .iter()
+            .all(|p| p.machine != lb.id() || p.seq <= 4));
+    }
+    let lb_rec = ctrl.machine(lb.id()).unwrap().clone();
+    assert_eq!((lb_rec.pub_seq, lb_rec.pub_acked), (4, 0));
+    // What it was last sent is what the controller remembers: three dependents in.
+    assert_eq!(lb_pool_names(&ctrl, lb.id()).1.len(), 3);
+    // A deployment cannot go out to it.
+    let order = outpost::cluster::body::DeployOrder {
+        deployment: 1,
+        bundle_id: "00".repeat(32),
+        service: "voice".into(),
+        version: "1".into(),
+        sealed_bytes: 1,
+        sealed_hash: [0; 32],
+    };
+    assert_eq!(
+        ctrl.publish(lb.id(), &Body::Deploy(order), T0_MS + 20),
+        Err(NotPublished::ChannelFull(4))
+    );
+    let (d, _) = ctrl.take();
+    assert!(d.publications.iter().all(|p| p.machine != lb.id()));
+    // It acknowledges everything: exactly one publication follows, the whole current pool.
+    ctrl.frame(1, Message::PublicationAck { upto: 4 }, T0_MS + 30);
+    let (d, _) = ctrl.take();
+    let to_lb: Vec<&Publication> = d
+        .publications
+        .iter()
+        .filter(|p| p.machine == lb.id())
+        .collect();
+    assert_eq!(to_lb.len(), 1, "{to_lb:?}");
+    assert_eq!(to_lb[0].seq, 5);
+    let (members, dependents) = lb_pool_names(&ctrl, lb.id());
+    let all: Vec<String> = (0..10).map(|i| format!("dep-{i}")).collect();
+    assert_eq!(dependents, all);
+    assert_eq!(members, all);
 }

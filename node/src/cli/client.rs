@@ -83,6 +83,10 @@ impl ApiClient {
         self.request(Method::POST, segments, Some(body))
     }
 
+    pub fn delete_json(&self, segments: &[&str]) -> Result<Value, ClientError> {
+        self.request(Method::DELETE, segments, None)
+    }
+
     fn request(
         &self,
         method: Method,

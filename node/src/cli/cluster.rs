@@ -1,4 +1,5 @@
-//! The controller's client commands: `outpost machines` and `outpost keys list|accept|reject`.
+//! The controller's client commands: `outpost machines [remove NAME]` and
+//! `outpost keys list|accept|reject`.
 //! Like the other client commands they only talk to the node's HTTP API and read its answers
 //! leniently (a missing field shows as `-`).
 
@@ -70,6 +71,25 @@ pub(super) fn keys_decide(opts: &ApiOpts, id: &str, accept: bool) -> i32 {
                 text(k.get("name")),
                 text(k.get("id")),
                 text(k.get("status"))
+            );
+            EXIT_OK
+        }
+        Err(code) => code,
+    }
+}
+
+/// `outpost machines remove NAME`.
+pub(super) fn machines_remove(opts: &ApiOpts, name: &str) -> i32 {
+    let conn = match connect(opts) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match conn.delete(&["v1", "machines", name]) {
+        Ok(k) => {
+            println!(
+                "removed: {} ({}); its key is refused from now on",
+                text(k.get("name")),
+                text(k.get("id"))
             );
             EXIT_OK
         }

@@ -59,6 +59,12 @@ impl Connection {
             .map_err(|e| self.report(e))
     }
 
+    pub(super) fn delete(&self, segments: &[&str]) -> Result<Value, i32> {
+        self.client
+            .delete_json(segments)
+            .map_err(|e| self.report(e))
+    }
+
     fn report(&self, e: ClientError) -> i32 {
         eprintln!("error: {e}");
         match e {

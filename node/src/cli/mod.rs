@@ -134,8 +134,12 @@ enum Command {
         #[command(subcommand)]
         command: DbCommand,
     },
-    /// Controller: admitted machines and their state, as a table.
+    /// Controller: admitted machines and their state, as a table; `machines remove NAME`
+    /// takes one out of the cluster for good.
+    #[command(args_conflicts_with_subcommands = true)]
     Machines {
+        #[command(subcommand)]
+        command: Option<MachinesCommand>,
         /// Print the API's answer as JSON.
         #[arg(long)]
         json: bool,
@@ -235,6 +239,19 @@ enum KeysCommand {
         /// The node id (or a unique prefix of at least 8 hex characters) or the machine name.
         #[arg(value_name = "ID")]
         id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum MachinesCommand {
+    /// Take a machine out of the cluster for good: its key is refused from then on, its
+    /// stored publications and records are dropped, and its load balancer's pool is updated.
+    Remove {
+        /// The machine name (or its node id, or a unique prefix of at least 8 hex characters).
+        #[arg(value_name = "NAME")]
+        name: String,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -344,7 +361,15 @@ fn run_cli() -> i32 {
         Command::Db {
             command: DbCommand::Check { data_dir },
         } => ops::db_check(&data_dir),
-        Command::Machines { json, api } => cluster::machines(&target!(api, controller), json),
+        Command::Machines {
+            command: Some(MachinesCommand::Remove { name, api }),
+            ..
+        } => cluster::machines_remove(&target!(api, controller), &name),
+        Command::Machines {
+            command: None,
+            json,
+            api,
+        } => cluster::machines(&target!(api, controller), json),
         Command::Keys { command } => match command {
             KeysCommand::List { json, api } => cluster::keys_list(&target!(api, controller), json),
             KeysCommand::Accept { id, api } => {

@@ -80,6 +80,8 @@ pub(super) struct RawAdmission {
 pub(super) struct RawCluster {
     pub down_after: Option<String>,
     pub pending_max: Option<usize>,
+    pub channel_max: Option<usize>,
+    pub bundle_keep_unused: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -120,6 +120,8 @@ fn controller(w: &mut String) {
         "",
         "[cluster]",
         "down_after = \"15s\"                 # a worker silent this long is marked down and leaves its pool",
+        "# channel_max = 256                # unacknowledged publications kept per machine",
+        "# bundle_keep_unused = \"24h\"       # an upload no deployment needs is deleted this long after",
         "",
     ] {
         line(w, s);

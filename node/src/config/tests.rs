@@ -74,6 +74,8 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(c.replication.fanout, 0);
     assert_eq!(c.log.level, "info");
     assert_eq!(c.cluster.down_after, Duration::from_secs(15));
+    assert_eq!(c.cluster.channel_max, 256);
+    assert_eq!(c.cluster.bundle_keep_unused, Duration::from_secs(24 * 3600));
     assert!(c.admission.is_none() && c.controller.is_none() && c.machine.is_none());
     let l = &c.limits;
     assert_eq!(l.log_retention, Duration::from_secs(24 * 3600));
@@ -353,5 +355,32 @@ fn packaged_configs_are_the_role_starters_with_per_role_data_dirs() {
         let shipped = shipped.replace(FINGERPRINT_PLACEHOLDER, FP_A);
         let c = parse(&shipped, "packaged", None).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((c.role, c.data_dir), (role, data_dir));
+    }
+}
+
+#[test]
+fn cluster_bounds_are_read_and_bad_ones_name_their_field() {
+    let ctl = |extra: &str| format!("role = \"controller\"\nname = \"ctl\"\n[cluster]\n{extra}");
+    let c = parse(
+        &ctl("channel_max = 64\nbundle_keep_unused = \"2h\"\n"),
+        "t",
+        None,
+    )
+    .unwrap();
+    assert_eq!(c.cluster.channel_max, 64);
+    assert_eq!(c.cluster.bundle_keep_unused, Duration::from_secs(7200));
+    for (text, field) in [
+        ("channel_max = 4\n", "cluster.channel_max"),
+        ("channel_max = 1000000\n", "cluster.channel_max"),
+        (
+            "bundle_keep_unused = \"10s\"\n",
+            "cluster.bundle_keep_unused",
+        ),
+        (
+            "bundle_keep_unused = \"soon\"\n",
+            "cluster.bundle_keep_unused",
+        ),
+    ] {
+        fails_on(&ctl(text), field);
     }
 }

@@ -58,7 +58,10 @@ pub(crate) fn router(shared: Arc<ControllerShared>) -> Router {
     let mut authed = Router::new()
         .route("/v1/status", get(get_status))
         .route("/v1/machines", get(get_machines))
-        .route("/v1/machines/{name}", get(get_machine))
+        .route(
+            "/v1/machines/{name}",
+            get(get_machine).delete(delete_machine),
+        )
         .route("/v1/keys", get(get_keys))
         .route("/v1/keys/{id}/accept", post(post_accept))
         .route("/v1/keys/{id}/reject", post(post_reject))
@@ -147,7 +150,7 @@ async fn ask<T>(
         KeyCmdError::Key(k @ KeyActionError::NotFound(_)) => {
             ApiError::new(StatusCode::NOT_FOUND, k.to_string())
         }
-        KeyCmdError::Key(k @ KeyActionError::Ambiguous(_)) => {
+        KeyCmdError::Key(k @ (KeyActionError::Ambiguous(_) | KeyActionError::Removed(_))) => {
             ApiError::new(StatusCode::CONFLICT, k.to_string())
         }
         KeyCmdError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
@@ -181,6 +184,7 @@ async fn get_status(State(s): S) -> Json<Value> {
             "down": sum.down,
             "pending": sum.pending,
             "rejected": sum.rejected,
+            "removed": sum.removed,
         },
         "connections": sum.connections,
         "publications_unacked": sum.unacked,
@@ -307,6 +311,7 @@ fn key_order(s: KeyStatus) -> u8 {
         KeyStatus::Pending => 0,
         KeyStatus::Admitted => 1,
         KeyStatus::Rejected => 2,
+        KeyStatus::Removed => 3,
     }
 }
 
@@ -331,6 +336,14 @@ async fn get_keys(State(s): S) -> ApiResult<Json<Value>> {
 async fn post_accept(State(s): S, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let k = ask(&s, |reply| Cmd::Accept { key: id, reply }).await?;
     tracing::info!(name = %k.name, node_id = %k.node_id, "key accepted by an operator");
+    Ok(Json(key_json(&k)))
+}
+
+/// `DELETE /v1/machines/{name}`: the machine leaves the cluster for good (its key refused from
+/// then on, its channel and records dropped, its load balancer's pool updated).
+async fn delete_machine(State(s): S, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let k = ask(&s, |reply| Cmd::Remove { key: name, reply }).await?;
+    tracing::info!(name = %k.name, node_id = %k.node_id, "machine removed by an operator");
     Ok(Json(key_json(&k)))
 }
 
@@ -486,6 +499,7 @@ async fn post_deployment(State(s): S, body: Bytes) -> ApiResult<(StatusCode, Jso
         )));
     }
     let new = NewDeployment {
+        bundle_path: s.bundles.bundle_path(&req.bundle_id),
         service: req.service,
         bundle_id: req.bundle_id,
         version: manifest.version,
@@ -597,6 +611,7 @@ async fn get_metrics(State(s): S) -> Response {
             ("down", sum.down),
             ("pending", sum.pending),
             ("rejected", sum.rejected),
+            ("removed", sum.removed),
         ]
         .map(|(status, n)| (vec![status], n as f64)),
     );
@@ -649,6 +664,11 @@ async fn get_metrics(State(s): S) -> Response {
         "outpost_bundles_uploaded_total",
         "Bundles uploaded (new or already stored).",
         load(&m.bundles_uploaded),
+    );
+    o.counter(
+        "outpost_bundles_deleted_total",
+        "Uploaded bundles deleted because no deployment needed them (cluster.bundle_keep_unused).",
+        load(&m.bundles_deleted),
     );
     o.counter(
         "outpost_deployments_created_total",

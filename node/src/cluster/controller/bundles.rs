@@ -90,6 +90,23 @@ impl BundleStore {
             .join(format!("{deployment}-{machine}.age"))
     }
 
+    /// Every uploaded bundle, as (bundle id, when it was uploaded).
+    pub(crate) fn bundle_files(&self) -> io::Result<Vec<(String, std::time::SystemTime)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".bundle")) else {
+                continue;
+            };
+            if is_bundle_id(id) && entry.file_type()?.is_file() {
+                out.push((id.to_owned(), entry.metadata()?.modified()?));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Every complete sealed file, as (deployment, machine).
     pub(crate) fn sealed_files(&self) -> io::Result<Vec<(u64, NodeId)>> {
         let mut out = Vec::new();
@@ -208,6 +225,12 @@ async fn receive_into(
         let dest = store.bundle_path(&bundle_id);
         if dest.exists() {
             fs::remove_file(&part).map_err(UploadError::Io)?;
+            // Uploaded again: its time to be deployed before the sweep takes it starts anew.
+            File::options()
+                .write(true)
+                .open(&dest)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                .map_err(UploadError::Io)?;
         } else {
             fs::rename(&part, &dest).map_err(UploadError::Io)?;
             sync_dir(&store.dir).map_err(UploadError::Io)?;

@@ -31,6 +31,11 @@ pub type ConnId = u64;
 /// The component that load-balances for others.
 pub const LOAD_BALANCER: &str = "load-balancer";
 
+/// Default bound of a machine's channel of unacknowledged publications ([`Settings::channel_max`]).
+/// A machine that applies what it is sent holds a few; one that stopped acknowledging (hung,
+/// or replaying an old database) would otherwise grow the controller's table without end.
+pub const CHANNEL_MAX: usize = 256;
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// A machine silent this long is marked down and leaves its pool.
@@ -45,6 +50,10 @@ pub struct Settings {
     pub join_token: Option<Vec<u8>>,
     /// The controller's own node id: never admitted as a machine.
     pub controller_node_id: Option<NodeId>,
+    /// Most publications stored unacknowledged for one machine (its channel's bound). At the
+    /// bound, pool and route changes for it wait (recomputed once it acknowledges, so only
+    /// the newest is sent) and a deployment to it fails with the reason.
+    pub channel_max: usize,
 }
 
 impl Settings {
@@ -56,6 +65,7 @@ impl Settings {
             resend_after_ms: 1000,
             join_token: None,
             controller_node_id: None,
+            channel_max: CHANNEL_MAX,
         }
     }
 }
@@ -65,6 +75,10 @@ pub enum KeyStatus {
     Pending,
     Admitted,
     Rejected,
+    /// `outpost machines remove`: gone for good. Only a tombstone stays (id, name,
+    /// fingerprint) so that the key stays refused; `keys accept` does not take it back.
+    /// (Postcard: variants only ever added at the end.)
+    Removed,
 }
 
 impl KeyStatus {
@@ -73,6 +87,7 @@ impl KeyStatus {
             KeyStatus::Pending => "pending",
             KeyStatus::Admitted => "admitted",
             KeyStatus::Rejected => "rejected",
+            KeyStatus::Removed => "removed",
         }
     }
 }
@@ -200,6 +215,27 @@ pub enum KeyActionError {
     NotFound(String),
     #[error("{0:?} matches more than one key; use the full id")]
     Ambiguous(String),
+    #[error(
+        "machine {0:?} was removed from the cluster for good; to bring it back, give it a new \
+         key (`outpost init` on a fresh data directory) and admit that"
+    )]
+    Removed(String),
+}
+
+/// Why [`ControllerCore::publish`] stored nothing.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NotPublished {
+    #[error("the machine is not known")]
+    Unknown,
+    #[error("the machine's key is {0}")]
+    NotAdmitted(&'static str),
+    #[error(
+        "the machine's publication channel is full ({0} unacknowledged publications): it is \
+         not applying what it is sent"
+    )]
+    ChannelFull(usize),
+    #[error("cannot seal a publication to it: {0}")]
+    Seal(String),
 }
 
 /// Why a frame from a machine was refused (the connection is closed, nothing is stored).
@@ -223,6 +259,8 @@ pub struct ControllerCore {
     dirty_machines: BTreeSet<NodeId>,
     dirty: Dirty,
     out: Vec<Output>,
+    /// Machines whose channel reached its bound (in memory only: logged once per episode).
+    full: BTreeSet<NodeId>,
 }
 
 #[derive(Debug, Clone)]
@@ -279,6 +317,7 @@ impl ControllerCore {
             dirty_machines: BTreeSet::new(),
             dirty,
             out: Vec::new(),
+            full: BTreeSet::new(),
         }
     }
 
@@ -339,10 +378,22 @@ impl ControllerCore {
                 );
                 return self.close(conn, close::UNKNOWN_PEER, "key rejected");
             }
+            Some(m) if m.key_status == KeyStatus::Removed => {
+                self.send(
+                    conn,
+                    Message::Admission(Admission::Rejected {
+                        reason: "this machine was removed from the cluster".into(),
+                    }),
+                );
+                return self.close(conn, close::UNKNOWN_PEER, "key removed");
+            }
             _ => {}
         }
         for m in self.machines.values() {
-            if m.node_id == node || m.name != join.name || m.key_status == KeyStatus::Rejected {
+            if m.node_id == node
+                || m.name != join.name
+                || matches!(m.key_status, KeyStatus::Rejected | KeyStatus::Removed)
+            {
                 continue;
             }
             if m.key_status == KeyStatus::Admitted || !token_ok {
@@ -483,7 +534,7 @@ impl ControllerCore {
                         ),
                     );
                 }
-                self.acked(node, upto);
+                self.acked(node, upto, now_ms);
             }
             Message::Notify(n) => {
                 if n.machine != node {
@@ -570,7 +621,11 @@ impl ControllerCore {
     /// characters) or a machine name.
     pub fn accept(&mut self, key: &str, now_ms: u64) -> Result<NodeId, KeyActionError> {
         let node = self.resolve(key)?;
-        if self.machines[&node].key_status != KeyStatus::Admitted {
+        let m = &self.machines[&node];
+        if m.key_status == KeyStatus::Removed {
+            return Err(KeyActionError::Removed(m.name.clone()));
+        }
+        if m.key_status != KeyStatus::Admitted {
             let resume = self.machines[&node].pub_acked;
             self.admit(node, resume, now_ms);
         }
@@ -582,7 +637,7 @@ impl ControllerCore {
     pub fn reject(&mut self, key: &str, now_ms: u64) -> Result<NodeId, KeyActionError> {
         let node = self.resolve(key)?;
         let m = self.machines.get_mut(&node).expect("resolved");
-        if m.key_status == KeyStatus::Rejected {
+        if matches!(m.key_status, KeyStatus::Rejected | KeyStatus::Removed) {
             return Ok(node);
         }
         let was = m.key_status;
@@ -616,28 +671,96 @@ impl ControllerCore {
         Ok(node)
     }
 
+    /// `outpost machines remove`: the machine leaves the cluster for good. Its key is refused
+    /// from then on (in the handshake like a rejected key, and `keys accept` does not take it
+    /// back), its channel is dropped (every stored publication deleted), what it reported and
+    /// what was published to it are forgotten, it leaves its load balancer's pool, and a load
+    /// balancer's dependents are told they have none. A tombstone stays (node id, name,
+    /// fingerprint): the name is free for another key.
+    pub fn remove(&mut self, key: &str, now_ms: u64) -> Result<NodeId, KeyActionError> {
+        let node = self.resolve(key)?;
+        let m = self.machines.get_mut(&node).expect("resolved");
+        if m.key_status == KeyStatus::Removed {
+            return Ok(node);
+        }
+        let was = m.key_status;
+        let lb = m.load_balancer.take();
+        let is_lb = m.is_load_balancer();
+        let name = m.name.clone();
+        m.key_status = KeyStatus::Removed;
+        m.up = false;
+        m.report = None;
+        m.pool = None;
+        m.route = None;
+        m.route_seq = 0;
+        m.deploys.clear();
+        m.service_addr = None;
+        m.relay_addr = None;
+        if m.pub_seq > m.pub_acked {
+            self.dirty.acked.push((node, m.pub_seq));
+        }
+        m.pub_acked = m.pub_seq;
+        self.dirty_machines.insert(node);
+        self.unacked.remove(&node);
+        self.sent_at.retain(|(n, _), _| *n != node);
+        self.full.remove(&node);
+        if let Some(conn) = self.by_node.remove(&node) {
+            self.conns.remove(&conn);
+            self.send(
+                conn,
+                Message::Admission(Admission::Rejected {
+                    reason: "removed from the cluster by an operator".into(),
+                }),
+            );
+            self.close(conn, close::UNKNOWN_PEER, "key removed");
+        }
+        if was == KeyStatus::Admitted {
+            if let Some(lb) = lb {
+                self.recompute_pool(&lb, now_ms);
+            }
+            if is_lb {
+                self.reroute_dependents(&name, now_ms);
+            }
+        }
+        Ok(node)
+    }
+
     /// Publishes `body` to `machine`: stored in its channel with the next sequence and sent
     /// (through its load balancer when that is up and connected, else directly). Many calls
-    /// between two `take`s commit together.
-    pub fn publish(&mut self, machine: NodeId, body: &Body, now_ms: u64) {
-        let Some(m) = self.machines.get(&machine) else {
-            return;
-        };
+    /// between two `take`s commit together. Returns the publication's sequence, or why
+    /// nothing was stored (a channel at its bound among them).
+    pub fn publish(
+        &mut self,
+        machine: NodeId,
+        body: &Body,
+        now_ms: u64,
+    ) -> Result<u64, NotPublished> {
+        let m = self.machines.get(&machine).ok_or(NotPublished::Unknown)?;
         if m.key_status != KeyStatus::Admitted {
-            return;
+            return Err(NotPublished::NotAdmitted(m.key_status.as_str()));
+        }
+        let held = self.unacked.get(&machine).map_or(0, |c| c.len());
+        if held >= self.settings.channel_max {
+            if self.full.insert(machine) {
+                tracing::warn!(
+                    name = %m.name,
+                    node_id = %machine,
+                    unacknowledged = held,
+                    "a machine's publication channel is at its bound: its pool and route \
+                     changes wait until it acknowledges, deployments to it fail"
+                );
+            }
+            return Err(NotPublished::ChannelFull(held));
         }
         let seq = m.pub_seq + 1;
-        let p = match self
+        let p = self
             .key
             .publication(machine, seq, &m.seal_key, &body.encode())
-        {
-            Ok(p) => p,
-            Err(e) => {
+            .map_err(|e| {
                 // The seal key was checked at Join; this cannot happen with a stored record.
                 tracing::error!(machine = %machine, "cannot seal a publication: {e}");
-                return;
-            }
-        };
+                NotPublished::Seal(e.to_string())
+            })?;
         let m = self.machines.get_mut(&machine).expect("exists");
         m.pub_seq = seq;
         match body {
@@ -656,12 +779,16 @@ impl ControllerCore {
                     m.deploys.remove(0);
                 }
             }
+            // What a load balancer was last sent is its pool (`recompute_pool` compares with
+            // it); a pool sent to anyone else changes nothing here.
+            Body::Pool(pool) if m.is_load_balancer() => m.pool = Some(pool.clone()),
             Body::Pool(_) => {}
         }
         self.dirty_machines.insert(machine);
         self.dirty.publications.push(p.clone());
         self.unacked.entry(machine).or_default().insert(seq, p);
         self.send_publication(machine, seq, false, now_ms);
+        Ok(seq)
     }
 
     /// What changed since the last call (commit it), and what to send (after the commit).
@@ -686,15 +813,20 @@ impl ControllerCore {
         self.machines.get(&node)
     }
 
+    /// The machine named `name` (a removed machine's tombstone only when no other key has
+    /// the name).
     pub fn machine_by_name(&self, name: &str) -> Option<&MachineRecord> {
-        self.machines.values().find(|m| m.name == name)
+        self.machines
+            .values()
+            .filter(|m| m.name == name)
+            .min_by_key(|m| m.key_status == KeyStatus::Removed)
     }
 
     /// Fingerprints of rejected keys: the handshake refuses them.
     pub fn rejected_fingerprints(&self) -> Vec<Fingerprint> {
         self.machines
             .values()
-            .filter(|m| m.key_status == KeyStatus::Rejected)
+            .filter(|m| matches!(m.key_status, KeyStatus::Rejected | KeyStatus::Removed))
             .map(|m| m.fingerprint)
             .collect()
     }
@@ -778,7 +910,13 @@ impl ControllerCore {
                 return Ok(id);
             }
         }
-        if let Some(m) = self.machines.values().find(|m| m.name == key) {
+        // A name a removed machine had may belong to a newer key now: that one is meant.
+        if let Some(m) = self
+            .machines
+            .values()
+            .filter(|m| m.name == key)
+            .min_by_key(|m| m.key_status == KeyStatus::Removed)
+        {
             return Ok(m.node_id);
         }
         let lower = key.to_ascii_lowercase();
@@ -844,7 +982,7 @@ impl ControllerCore {
                 self.dirty_machines.insert(node);
             }
             if resume > self.machines[&node].pub_acked {
-                self.acked(node, resume);
+                self.acked(node, resume, now_ms);
             }
             // Everything still unacknowledged, directly and in order.
             let seqs: Vec<u64> = self
@@ -899,7 +1037,7 @@ impl ControllerCore {
         }
     }
 
-    fn acked(&mut self, node: NodeId, upto: u64) {
+    fn acked(&mut self, node: NodeId, upto: u64, now_ms: u64) {
         let m = self.machines.get_mut(&node).expect("known");
         if upto <= m.pub_acked {
             return;
@@ -919,6 +1057,22 @@ impl ControllerCore {
             }
         }
         self.sent_at.retain(|(n, seq), _| *n != node || *seq > upto);
+        if self.full.remove(&node) {
+            // Its channel has room again: what waited is computed now, once.
+            let m = &self.machines[&node];
+            tracing::info!(name = %m.name, "a machine's publication channel has room again");
+            let (name, is_lb, has_lb) = (
+                m.name.clone(),
+                m.is_load_balancer(),
+                m.load_balancer.is_some(),
+            );
+            if is_lb {
+                self.recompute_pool(&name, now_ms);
+            }
+            if has_lb {
+                self.update_route(node, now_ms);
+            }
+        }
     }
 
     /// The load balancer named `lb`, if admitted.
@@ -961,8 +1115,9 @@ impl ControllerCore {
         if self.machines[&lb_id].pool.as_ref() == Some(&pool) {
             return;
         }
-        self.machines.get_mut(&lb_id).expect("known").pool = Some(pool.clone());
-        self.publish(lb_id, &Body::Pool(pool), now_ms);
+        // At the channel's bound the pool waits: `acked` recomputes it, so only the newest
+        // is sent.
+        let _ = self.publish(lb_id, &Body::Pool(pool), now_ms);
     }
 
     /// Publishes a dependent's route to its load balancer when it changed.
@@ -978,7 +1133,8 @@ impl ControllerCore {
             })
         });
         if m.route != route {
-            self.publish(node, &Body::LoadBalancer(route), now_ms);
+            // At the channel's bound the route waits, like a pool.
+            let _ = self.publish(node, &Body::LoadBalancer(route), now_ms);
         }
     }
 

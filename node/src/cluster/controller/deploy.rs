@@ -67,6 +67,9 @@ pub struct NewDeployment {
     pub version: String,
     /// None: every admitted machine.
     pub machines: Option<Vec<String>>,
+    /// The uploaded bundle's file: checked again on the core thread, where the sweep of
+    /// unused bundles runs, so that no deployment is created for a bundle just deleted.
+    pub bundle_path: std::path::PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +157,14 @@ pub(crate) enum DeployCmd {
     Sweep {
         files: Vec<(u64, NodeId)>,
         reply: oneshot::Sender<Vec<(u64, NodeId)>>,
+    },
+    /// Deletes the uploaded bundles no deployment needs that were uploaded longer than
+    /// `keep_unused` ago (on the core thread, so that no deployment is created meanwhile);
+    /// answers the ids deleted.
+    SweepBundles {
+        bundles: bundles::BundleStore,
+        keep_unused: Duration,
+        reply: oneshot::Sender<Vec<String>>,
     },
 }
 
@@ -327,6 +338,13 @@ impl DeployBook {
         req: NewDeployment,
         now_ms: u64,
     ) -> Result<(DeploymentRecord, SealJob), DeployError> {
+        if !req.bundle_path.is_file() {
+            return Err(DeployError::Invalid(format!(
+                "bundle_id: no bundle {} is stored (unused bundles are deleted after \
+                 cluster.bundle_keep_unused); upload it again",
+                req.bundle_id
+            )));
+        }
         let admitted = |m: &&MachineRecord| m.key_status == KeyStatus::Admitted;
         let mut targets: Vec<&MachineRecord> = match &req.machines {
             None => core.machines().filter(admitted).collect(),
@@ -427,17 +445,12 @@ impl DeployBook {
             );
             return self.fail(store, deployment, node, reason);
         }
-        core.publish(node, &Body::Deploy(order), now_ms);
-        let published = core
-            .machine(node)
-            .and_then(|m| m.deploys.last())
-            .is_some_and(|d| d.deployment == deployment);
-        if !published {
+        if let Err(e) = core.publish(node, &Body::Deploy(order), now_ms) {
             self.fail(
                 store,
                 deployment,
                 node,
-                "the order could not be published (see the controller's log)".into(),
+                format!("the order could not be published: {e}"),
             );
         }
     }
@@ -632,6 +645,17 @@ fn read(core: Option<&ControllerCore>, store: Option<&Store>, cmd: DeployCmd) {
             };
             let _ = reply.send(answer);
         }
+        DeployCmd::SweepBundles {
+            bundles,
+            keep_unused,
+            reply,
+        } => {
+            let deleted = match (core, store) {
+                (Some(core), Some(store)) => sweep_bundles(core, store, &bundles, keep_unused),
+                _ => Vec::new(),
+            };
+            let _ = reply.send(deleted);
+        }
         DeployCmd::Create { .. } | DeployCmd::Sealed { .. } | DeployCmd::SealFailed { .. } => {}
     }
 }
@@ -689,6 +713,70 @@ fn sweepable(core: &ControllerCore, store: &Store, files: &[(u64, NodeId)]) -> V
         }
     }
     out
+}
+
+/// The bundles a deployment still needs: the newest deployment's of each service (so that it
+/// can be sent to more machines), and every recent deployment's with a target not yet sealed
+/// and sent (a restart resumes those from the plaintext bundle). Sealed copies are served on
+/// their own; workers keep what they installed.
+pub(crate) fn bundles_needed(
+    core: &ControllerCore,
+    store: &Store,
+) -> Result<BTreeSet<String>, crate::replication::StoreError> {
+    let mut needed = BTreeSet::new();
+    let mut services = BTreeSet::new();
+    for rec in store.deployments_newest(RESUME_MAX)? {
+        let unfinished = rec.targets.iter().any(|(n, _)| !settled(core, &rec, *n));
+        if services.insert(rec.service.clone()) || unfinished {
+            needed.insert(rec.bundle_id);
+        }
+    }
+    Ok(needed)
+}
+
+/// [`DeployCmd::SweepBundles`]: deletes what no deployment needs and is older than
+/// `keep_unused`; any doubt (a table or a directory that cannot be read) keeps everything.
+fn sweep_bundles(
+    core: &ControllerCore,
+    store: &Store,
+    bundles: &bundles::BundleStore,
+    keep_unused: Duration,
+) -> Vec<String> {
+    let needed = match bundles_needed(core, store) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("cannot read the deployments; no uploaded bundle is deleted: {e}");
+            return Vec::new();
+        }
+    };
+    let files = match bundles.bundle_files() {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!("cannot list the uploaded bundles: {e}");
+            return Vec::new();
+        }
+    };
+    let now = std::time::SystemTime::now();
+    let mut deleted = Vec::new();
+    for (id, uploaded) in files {
+        let age = now.duration_since(uploaded).unwrap_or_default();
+        if needed.contains(&id) || age < keep_unused {
+            continue;
+        }
+        match std::fs::remove_file(bundles.bundle_path(&id)) {
+            Ok(()) => {
+                tracing::info!(
+                    bundle_id = %id,
+                    uploaded_ago = %humantime::format_duration(Duration::from_secs(age.as_secs())),
+                    "deleted an uploaded bundle no deployment needs"
+                );
+                deleted.push(id);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(bundle_id = %id, "cannot delete an unused bundle: {e}"),
+        }
+    }
+    deleted
 }
 
 /// Sends a deployment command to the core thread and waits for its answer.
@@ -803,8 +891,25 @@ pub(crate) async fn sweep_loop(shared: Arc<ControllerShared>) {
     }
 }
 
-/// One sweep; returns how many files it deleted.
+/// One sweep; returns how many files it deleted (sealed copies and uploaded bundles).
 pub(crate) async fn sweep_once(shared: &Arc<ControllerShared>) -> usize {
+    let keep_unused = shared.config.cluster.bundle_keep_unused;
+    let bundles = shared.bundles.clone();
+    let unused = ask_core(shared, |reply| DeployCmd::SweepBundles {
+        bundles,
+        keep_unused,
+        reply,
+    })
+    .await
+    .map_or(0, |d| d.len());
+    shared
+        .metrics
+        .bundles_deleted
+        .fetch_add(unused as u64, Ordering::Relaxed);
+    unused + sweep_sealed(shared).await
+}
+
+async fn sweep_sealed(shared: &Arc<ControllerShared>) -> usize {
     let store = shared.bundles.clone();
     let files = match tokio::task::spawn_blocking(move || store.sealed_files()).await {
         Ok(Ok(f)) => f,

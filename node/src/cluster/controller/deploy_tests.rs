@@ -728,6 +728,106 @@ async fn a_deployment_is_sealed_published_fetched_resumed_and_reported() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The voice fixture at another version: another bundle id.
+fn pack_version(dir: &Path, version: &str) -> (Vec<u8>, crate::bundle::PackInfo) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bundles/voice");
+    let copy = dir.join(format!("voice-{version}"));
+    std::fs::create_dir_all(copy.join("bin")).unwrap();
+    std::fs::copy(src.join("bin/start"), copy.join("bin/start")).unwrap();
+    let manifest = std::fs::read_to_string(src.join("outpost-bundle.toml"))
+        .unwrap()
+        .replace("version = \"1.0.0\"", &format!("version = \"{version}\""));
+    std::fs::write(copy.join("outpost-bundle.toml"), manifest).unwrap();
+    let out = dir.join(format!("voice-{version}.bundle"));
+    let info = crate::bundle::pack(&copy, &out).unwrap();
+    (std::fs::read(&out).unwrap(), info)
+}
+
+/// Makes an uploaded bundle look uploaded `ago` before now.
+fn age(ctl: &ControllerRunning, bundle_id: &str, ago: Duration) {
+    let f = std::fs::File::options()
+        .write(true)
+        .open(ctl.shared.bundles.bundle_path(bundle_id))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() - ago).unwrap();
+}
+
+/// Invariant (bundle garbage collection): an uploaded bundle is deleted only when no
+/// deployment needs it (the newest of its service, or one with a target not yet sent) and it
+/// was uploaded longer than `cluster.bundle_keep_unused` ago; a deployment is never created
+/// for a deleted bundle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploaded_bundles_no_deployment_needs_are_deleted_after_their_keep_time() {
+    let dir = temp_dir("gc");
+    let mut c = config(&dir);
+    c.cluster.bundle_keep_unused = Duration::from_secs(3600);
+    let ctl = start(c, Notifier::disabled()).await.unwrap();
+    let api = Http::of(&ctl);
+    let (v1, b1) = pack_version(&dir, "1.0.0");
+    let (v2, b2) = pack_version(&dir, "2.0.0");
+    assert_ne!(b1.bundle_id, b2.bundle_id);
+    for bytes in [&v1, &v2] {
+        let (status, v) = api.post("/v1/bundles", bytes.clone()).await;
+        assert_eq!(status, 201, "{v}");
+    }
+    let exists = |id: &str| ctl.shared.bundles.bundle_path(id).exists();
+    // Fresh uploads stay, needed or not.
+    assert_eq!(sweep_once(&ctl.shared).await, 0);
+    assert!(exists(&b1.bundle_id) && exists(&b2.bundle_id));
+    // Unused and old: deleted; deploying it then says to upload it again.
+    age(&ctl, &b2.bundle_id, Duration::from_secs(7200));
+    assert_eq!(sweep_once(&ctl.shared).await, 1);
+    assert!(!exists(&b2.bundle_id) && exists(&b1.bundle_id));
+    let (status, v) = api
+        .deploy(json!({"service": "voice", "bundle_id": b2.bundle_id}))
+        .await;
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("bundle_id"), "{v}");
+    // Uploaded again, it is fresh again.
+    let (status, _) = api.post("/v1/bundles", v2.clone()).await;
+    assert_eq!(status, 201);
+    assert_eq!(sweep_once(&ctl.shared).await, 0);
+    assert!(exists(&b2.bundle_id));
+
+    // The newest deployment's bundle is needed however old it is.
+    let w = Worker::new("cr-1", "call-router", None);
+    let (mut link, _) = w.joined(&ctl, Some(TOKEN)).await;
+    let (status, v) = api
+        .deploy(json!({"service": "voice", "bundle_id": b1.bundle_id}))
+        .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(link.next_deploy(&w.seal).await.deployment, 1);
+    age(&ctl, &b1.bundle_id, Duration::from_secs(7200));
+    age(&ctl, &b2.bundle_id, Duration::from_secs(7200));
+    // (b2 is unused and old: it goes; b1 is deployment 1's, the newest: it stays.)
+    sweep_once(&ctl.shared).await;
+    assert!(
+        exists(&b1.bundle_id),
+        "the newest deployment's bundle was deleted"
+    );
+    assert!(!exists(&b2.bundle_id));
+    // A newer deployment, sent to its only target: deployment 1's bundle is needed no more.
+    let (status, _) = api.post("/v1/bundles", v2.clone()).await;
+    assert_eq!(status, 201);
+    let (status, v) = api
+        .deploy(json!({"service": "voice", "bundle_id": b2.bundle_id}))
+        .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(link.next_deploy(&w.seal).await.deployment, 2);
+    age(&ctl, &b1.bundle_id, Duration::from_secs(7200));
+    age(&ctl, &b2.bundle_id, Duration::from_secs(7200));
+    sweep_once(&ctl.shared).await;
+    assert!(!exists(&b1.bundle_id));
+    assert!(
+        exists(&b2.bundle_id),
+        "the newest deployment's bundle was deleted"
+    );
+    let text = api.metrics().await;
+    assert_eq!(metric(&text, "outpost_bundles_deleted_total"), 3);
+    ctl.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_finishes_a_deployment_left_unsent() {
     let dir = temp_dir("resume");

@@ -46,6 +46,8 @@ pub struct ControllerMetrics {
     pub api_unauthorized: AtomicU64,
     /// Bundles uploaded (new or already stored).
     pub bundles_uploaded: AtomicU64,
+    /// Uploaded bundles deleted because no deployment needed them.
+    pub bundles_deleted: AtomicU64,
     pub deployments_created: AtomicU64,
     /// Bytes of sealed bundles written.
     pub bundle_bytes_sealed: AtomicU64,
@@ -228,6 +230,7 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
     }
     let mut settings = Settings::new(config.cluster.down_after.as_millis() as u64);
     settings.pending_max = config.cluster.pending_max;
+    settings.channel_max = config.cluster.channel_max;
     settings.join_token = join_token;
     settings.controller_node_id = Some(meta.node_id);
     let bundles = BundleStore::new(&data_dir);

@@ -84,6 +84,22 @@ impl Http {
         self.call(true, path, true).await
     }
 
+    async fn delete(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
     async fn metrics(&self) -> String {
         let (status, v) = self.call(false, "/metrics", false).await;
         assert_eq!(status, 200);
@@ -520,6 +536,102 @@ async fn startup_refuses_an_empty_or_missing_join_token_file() {
     }
     // Refused before anything was created.
     assert!(!dir.join("data").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Invariant: a machine removed for good is refused from then on (across a restart), is in no
+/// pool, keeps no stored publication, and its name is free for a new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_machine_is_refused_for_good_and_leaves_its_pool() {
+    let dir = temp_dir("remove");
+    let token_file = dir.join("join-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let data = dir.join("data");
+    let ctl = start(
+        config(&data, Some(token_file.clone())),
+        Notifier::disabled(),
+    )
+    .await
+    .unwrap();
+    let api = Http::of(&ctl);
+    let lb = Worker::new("lb-1", "load-balancer", None);
+    let (_lb_link, a) = lb.joined(&ctl, Some(TOKEN)).await;
+    assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
+    let mp = Worker::new("mp-1", "media-processor", Some("lb-1"));
+    let (mut mp_link, a) = mp.joined(&ctl, Some(TOKEN)).await;
+    assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
+    mp_link.send(&mp.notify(mp.node, 1)).await;
+    assert_eq!(
+        mp_link.next_control().await,
+        Some(Message::NotifyAck { upto: 1 })
+    );
+    until("mp-1 in lb-1's pool", || async {
+        let lb = api.get("/v1/machines/lb-1").await;
+        (lb["pool"].as_array().unwrap().len() == 1).then_some(())
+    })
+    .await;
+
+    // Unknown names answer 404 with a JSON reason; nothing changes.
+    let (status, v) = api.delete("/v1/machines/nobody").await;
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("nobody"), "{v}");
+
+    let (status, k) = api.delete("/v1/machines/mp-1").await;
+    assert_eq!(status, 200, "{k}");
+    assert_eq!(k["status"], "removed");
+    assert_eq!(k["id"], mp.node.to_string());
+    // Its connection is told and closed.
+    loop {
+        match mp_link.next().await {
+            Some(Message::Admission(Admission::Rejected { reason })) => {
+                assert!(reason.contains("removed"), "{reason}");
+                break;
+            }
+            None => break,
+            Some(_) => {}
+        }
+    }
+    assert_eq!(mp_link.close_reason().await.unwrap().0, close::UNKNOWN_PEER);
+    // It leaves its load balancer's pool, and /v1/machines.
+    let lb_view = api.get("/v1/machines/lb-1").await;
+    assert_eq!(lb_view["pool"], serde_json::json!([]), "{lb_view}");
+    let machines = api.get("/v1/machines").await;
+    assert_eq!(machines.as_array().unwrap().len(), 1, "{machines}");
+    let keys = api.get("/v1/keys").await;
+    assert_eq!(key_status(&keys, "mp-1"), "removed");
+    // Accepting it again is refused with the reason.
+    let (status, v) = api.post("/v1/keys/mp-1/accept").await;
+    assert_eq!(status, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("removed"), "{v}");
+    let text = api.metrics().await;
+    assert_eq!(metric(&text, "outpost_machines{status=\"removed\"}"), 1);
+    ctl.shutdown().await;
+
+    // After a restart the key is still refused, even with the join token.
+    let ctl = start(config(&data, Some(token_file)), Notifier::disabled())
+        .await
+        .unwrap();
+    let api = Http::of(&ctl);
+    match mp.try_dial(&ctl).await {
+        Err(e) => assert!(e.contains("certificate"), "{e}"),
+        Ok(mut again) => {
+            let _ = tokio::time::timeout(
+                WAIT,
+                write_frame(&mut again.send, &Message::Join(mp.join(Some(TOKEN)))),
+            )
+            .await;
+            assert_eq!(again.next().await, None, "a removed key gets nothing");
+        }
+    }
+    let keys = api.get("/v1/keys").await;
+    assert_eq!(key_status(&keys, "mp-1"), "removed");
+    // The name is free: a new key called mp-1 joins with the token and is the one meant.
+    let fresh = Worker::new("mp-1", "media-processor", Some("lb-1"));
+    let (_fresh_link, a) = fresh.joined(&ctl, Some(TOKEN)).await;
+    assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
+    let m = api.get("/v1/machines/mp-1").await;
+    assert_eq!(m["node_id"], fresh.node.to_string(), "{m}");
+    ctl.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

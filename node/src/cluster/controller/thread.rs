@@ -87,6 +87,11 @@ pub(crate) enum Cmd {
         key: String,
         reply: KeyReply,
     },
+    /// `outpost machines remove`: the machine leaves the cluster for good.
+    Remove {
+        key: String,
+        reply: KeyReply,
+    },
     /// Every machine record (all key statuses), or only the one named.
     Machines {
         name: Option<String>,
@@ -156,6 +161,8 @@ pub struct Summary {
     pub down: usize,
     pub pending: usize,
     pub rejected: usize,
+    /// Tombstones of machines removed for good.
+    pub removed: usize,
     /// Publications stored and not yet acknowledged, all machines.
     pub unacked: usize,
     /// Connections past their Join.
@@ -273,7 +280,11 @@ impl CoreThread {
                         }
                     }
                 }
-                Cmd::Accept { key, reply } | Cmd::Reject { key, reply } if self.core.is_none() => {
+                Cmd::Accept { key, reply }
+                | Cmd::Reject { key, reply }
+                | Cmd::Remove { key, reply }
+                    if self.core.is_none() =>
+                {
                     let _ = key;
                     let _ = reply.send(Err(self.unavailable()));
                 }
@@ -286,6 +297,11 @@ impl CoreThread {
                     let core = self.core.as_mut().expect("checked above");
                     keys_changed = true;
                     replies.push(Reply::Key(reply, core.reject(&key, now)));
+                }
+                Cmd::Remove { key, reply } => {
+                    let core = self.core.as_mut().expect("checked above");
+                    keys_changed = true;
+                    replies.push(Reply::Key(reply, core.remove(&key, now)));
                 }
                 Cmd::Machines { name, reply } => replies.push(Reply::Machines(reply, name)),
                 Cmd::Tick => match self.core.as_mut() {
@@ -541,6 +557,7 @@ impl CoreThread {
                     KeyStatus::Admitted => s.down += 1,
                     KeyStatus::Pending => s.pending += 1,
                     KeyStatus::Rejected => s.rejected += 1,
+                    KeyStatus::Removed => s.removed += 1,
                 }
             }
             s.unacked = core.unacked_len();
