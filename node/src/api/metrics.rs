@@ -205,6 +205,16 @@ pub async fn get_metrics(State(s): State<Arc<Shared>>) -> Response {
         &m.frames_refused,
     );
     o.count(
+        "outpost_watchers_slow_closed_total",
+        "GET /v1/watch clients disconnected because they did not read for 10 s.",
+        &m.watchers_slow_closed,
+    );
+    o.gauge(
+        "outpost_watchers",
+        "GET /v1/watch streams open.",
+        super::watch::watchers() as f64,
+    );
+    o.count(
         "outpost_api_unauthorized_total",
         "API requests refused for a missing or wrong token.",
         &m.api_refused,

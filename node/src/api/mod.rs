@@ -6,6 +6,7 @@
 pub(crate) mod backup;
 pub(crate) mod metrics;
 pub mod serve;
+pub mod watch;
 
 pub use backup::HASH_HEADER as BACKUP_HASH_HEADER;
 
@@ -83,6 +84,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(get_status))
         .route("/v1/messages/{id}", get(get_message))
         .route("/v1/backup", get(backup::get_backup))
+        .route("/v1/watch", get(watch::get_watch))
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()
         .merge(authed)

@@ -87,6 +87,55 @@ impl ApiClient {
         self.request(Method::DELETE, segments, None)
     }
 
+    /// A streamed answer (`GET /v1/watch`), handed to `on_line` line by line until the stream
+    /// ends or `on_line` returns false. No overall timeout: the stream is meant to go on.
+    pub fn stream_lines(
+        &self,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        mut on_line: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
+        let mut url = self.url(segments);
+        url.query_pairs_mut().extend_pairs(query);
+        let mut req = self
+            .http
+            .get(url.clone())
+            .timeout(Duration::from_secs(100 * 365 * 86_400));
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let base = self.base.as_str().trim_end_matches('/').to_owned();
+        self.runtime.block_on(async move {
+            let mut resp = req
+                .send()
+                .await
+                .map_err(|e| transport_error(&base, &url, e))?;
+            let status = resp.status();
+            if !status.is_success() {
+                let bytes = resp.bytes().await.unwrap_or_default();
+                return Err(ClientError::Status {
+                    status,
+                    message: error_message(&bytes),
+                });
+            }
+            let mut buf: Vec<u8> = Vec::new();
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| transport_error(&base, &url, e))?
+            {
+                buf.extend_from_slice(&chunk);
+                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    if !on_line(String::from_utf8_lossy(&line).trim_end()) {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn request(
         &self,
         method: Method,

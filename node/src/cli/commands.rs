@@ -37,7 +37,76 @@ pub(super) fn connect(opts: &ApiOpts) -> Result<Connection, i32> {
     }
 }
 
+/// `outpost watch`: prints a datacenter's changes as they are applied (see `GET /v1/watch`).
+pub(super) fn watch(
+    opts: &ApiOpts,
+    account: Option<&str>,
+    etype: Option<&str>,
+    cursor: Option<&str>,
+    oldest: bool,
+    as_json: bool,
+) -> i32 {
+    let conn = match connect(opts) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut query = Vec::new();
+    if let Some(a) = account {
+        query.push(("account", a));
+    }
+    if let Some(t) = etype {
+        query.push(("type", t));
+    }
+    if let Some(c) = cursor {
+        query.push(("cursor", c));
+    }
+    if oldest {
+        query.push(("from", "oldest"));
+    }
+    let mut failed = false;
+    let streamed = conn.client.stream_lines(&["v1", "watch"], &query, |line| {
+        let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
+        if let Some(e) = v.get("error") {
+            eprintln!(
+                "error: {} (last cursor: {})",
+                text(Some(e)),
+                text(v.get("cursor"))
+            );
+            failed = true;
+            return false;
+        }
+        if as_json {
+            println!("{line}");
+        } else if v.get("reset").is_some() {
+            println!(
+                "reset: {}; going on from {}",
+                text(v.get("reason")),
+                text(v.get("cursor"))
+            );
+        } else if v.get("account").is_some() {
+            println!(
+                "{} {} {} {} {}",
+                text(v.get("cursor")),
+                text(v.get("account")),
+                text(v.get("type")),
+                text(v.get("version")),
+                v.get("element").map(Value::to_string).unwrap_or_default()
+            );
+        }
+        true
+    });
+    match streamed {
+        Err(e) => conn.report_error(e),
+        Ok(()) if failed => EXIT_FAILED,
+        Ok(()) => EXIT_OK,
+    }
+}
+
 impl Connection {
+    pub(super) fn report_error(&self, e: ClientError) -> i32 {
+        self.report(e)
+    }
+
     pub(super) fn get(&self, segments: &[&str]) -> Result<Value, i32> {
         self.client.get_json(segments).map_err(|e| self.report(e))
     }

@@ -109,6 +109,27 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Datacenter: print state changes as they are applied, each with its cursor (resume
+    /// with --cursor; see `GET /v1/watch`). Runs until interrupted.
+    Watch {
+        /// Only this account's changes.
+        #[arg(long, value_name = "A")]
+        account: Option<String>,
+        /// Only this event type's changes.
+        #[arg(long = "type", value_name = "T")]
+        event_type: Option<String>,
+        /// Go on after this cursor (the first column, or `cursor` with --json).
+        #[arg(long, value_name = "CURSOR", conflicts_with = "oldest")]
+        cursor: Option<String>,
+        /// Start at the oldest change the node retains (default: only what comes next).
+        #[arg(long)]
+        oldest: bool,
+        /// Print the stream's NDJSON lines as they are (heartbeats included).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Read the state table.
     State {
         #[command(subcommand)]
@@ -335,6 +356,21 @@ fn run_cli() -> i32 {
             &account,
             &event_type,
             data.as_deref(),
+            json,
+        ),
+        Command::Watch {
+            account,
+            event_type,
+            cursor,
+            oldest,
+            json,
+            api,
+        } => commands::watch(
+            &target!(api, None),
+            account.as_deref(),
+            event_type.as_deref(),
+            cursor.as_deref(),
+            oldest,
             json,
         ),
         Command::State { command } => match command {

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub replication_latency: Histogram,
     pub writer_queue: AtomicU64,
     pub frames_refused: AtomicU64,
+    /// `GET /v1/watch` clients disconnected for not reading.
+    pub watchers_slow_closed: AtomicU64,
     pub snapshots_sent: AtomicU64,
     pub api_refused: AtomicU64,
     /// SIGHUP reloads applied, and refused (a bad config).
@@ -82,6 +84,7 @@ impl Default for Metrics {
             ),
             writer_queue: AtomicU64::new(0),
             frames_refused: AtomicU64::new(0),
+            watchers_slow_closed: AtomicU64::new(0),
             snapshots_sent: AtomicU64::new(0),
             api_refused: AtomicU64::new(0),
             reloads: AtomicU64::new(0),

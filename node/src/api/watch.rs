@@ -1,0 +1,466 @@
+//! `GET /v1/watch` on a datacenter: a stream of state changes for outside systems, in the
+//! manner of Consul's blocking queries and Corrosion's subscriptions.
+//!
+//! Every element this datacenter applies (its own and its peers') is appended to its local log
+//! under a local sequence (`lseq`), so the log *is* the change feed: a watcher reads it after a
+//! cursor, filters by account and event type, and waits on the writer's tail for more. A cursor
+//! is `EPOCH-LSEQ` (the log's epoch changes when the log is replaced: a snapshot, a restore), so
+//! a client that reconnects with its last cursor gets every change the node still retains,
+//! in order, once. When the records after its cursor were trimmed (retention) or the epoch is
+//! another, it is told to re-read from scratch: one `reset` line with the cursor to go on from.
+//!
+//! Bounded: each watcher holds at most [`QUEUE`] chunks of at most about [`CHUNK_BYTES`]; one
+//! that does not read for [`SLOW_AFTER`] is disconnected with a last line saying why (a slot is
+//! always kept free for it), and at most [`WATCHERS_MAX`] watch at once (503 beyond).
+//!
+//! Lines (NDJSON, or with `?format=sse` / `Accept: text/event-stream` server-sent events whose
+//! `id` is the cursor, so that `Last-Event-ID` resumes):
+//!
+//! ```text
+//! {"cursor","account","type","origin","oseq","version","message_id","element"}   a change
+//! {"reset":true,"reason","cursor"}   re-read state (GET /v1/state/...), then go on from cursor
+//! {"heartbeat":true,"cursor"}        nothing matched for a while; the cursor still moves
+//! {"error","cursor"}                 the last line: why the stream ends
+//! ```
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::{ApiError, ApiResult};
+use crate::model::events::view;
+use crate::model::{ElementRecord, EventType};
+use crate::node::{now_ms, Shared};
+use crate::replication::LogRead;
+
+/// Log records read per page.
+pub const PAGE: usize = 512;
+/// A chunk is sent once it holds this many bytes (or the page ends).
+pub const CHUNK_BYTES: usize = 64 * 1024;
+/// Chunks queued for one watcher; one slot is kept for the last line.
+pub const QUEUE: usize = 8;
+/// A watcher whose queue stays full this long is disconnected.
+pub const SLOW_AFTER: Duration = Duration::from_secs(10);
+/// A heartbeat line is sent after this long without a change that matched.
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
+/// Watchers at once, per node.
+pub const WATCHERS_MAX: usize = 64;
+
+static WATCHERS: AtomicUsize = AtomicUsize::new(0);
+
+/// One watcher's place among [`WATCHERS_MAX`]; given back when the stream ends.
+struct Slot;
+
+impl Slot {
+    fn take() -> Option<Slot> {
+        let n = WATCHERS.fetch_add(1, Ordering::AcqRel);
+        if n >= WATCHERS_MAX {
+            WATCHERS.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        WATCHERS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Watchers streaming now (for `/metrics`).
+pub fn watchers() -> usize {
+    WATCHERS.load(Ordering::Relaxed)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WatchQuery {
+    account: Option<String>,
+    #[serde(rename = "type")]
+    etype: Option<String>,
+    cursor: Option<String>,
+    /// `oldest`: from the oldest retained record; `now` (default): only what comes next.
+    from: Option<String>,
+    format: Option<String>,
+}
+
+/// A position in the change feed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub lseq: u64,
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.epoch, self.lseq)
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cursor, String> {
+        let bad = || format!("{s:?} is not a cursor (EPOCH-LSEQ, as a change line gives it)");
+        let (e, l) = s.trim().split_once('-').ok_or_else(bad)?;
+        Ok(Cursor {
+            epoch: e.parse().map_err(|_| bad())?,
+            lseq: l.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Ndjson,
+    Sse,
+}
+
+struct Filter {
+    account: Option<String>,
+    etype: Option<EventType>,
+}
+
+impl Filter {
+    fn matches(&self, r: &ElementRecord) -> bool {
+        self.account.as_ref().is_none_or(|a| *a == r.account)
+            && self.etype.is_none_or(|t| t == r.etype)
+    }
+}
+
+pub(super) async fn get_watch(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    q: Result<Query<WatchQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|e| ApiError::bad(format!("query: {}", e.body_text())))?;
+    if let Some(a) = &q.account {
+        crate::model::events::validate_account(a)
+            .map_err(|e| ApiError::bad(format!("account: {e}")))?;
+    }
+    let etype = match &q.etype {
+        None => None,
+        Some(t) => Some(
+            t.parse::<EventType>()
+                .map_err(|e| ApiError::bad(format!("type: {e}")))?,
+        ),
+    };
+    let accept_sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    let format = match q.format.as_deref() {
+        Some("ndjson") => Format::Ndjson,
+        Some("sse") => Format::Sse,
+        None if accept_sse => Format::Sse,
+        None => Format::Ndjson,
+        Some(other) => return Err(ApiError::bad(format!("format: {other:?} (ndjson or sse)"))),
+    };
+    // The cursor: `?cursor=`, else SSE's Last-Event-ID.
+    let cursor_text = q.cursor.clone().or_else(|| {
+        headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
+    let cursor = match cursor_text {
+        None => None,
+        Some(c) => Some(
+            c.parse::<Cursor>()
+                .map_err(|e| ApiError::bad(format!("cursor: {e}")))?,
+        ),
+    };
+    let oldest = match q.from.as_deref() {
+        None | Some("now") => false,
+        Some("oldest") => true,
+        Some(other) => return Err(ApiError::bad(format!("from: {other:?} (now or oldest)"))),
+    };
+    if cursor.is_some() && q.from.is_some() {
+        return Err(ApiError::bad(
+            "from: give a cursor or where to start, not both",
+        ));
+    }
+    let slot = Slot::take().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{WATCHERS_MAX} watchers already; retry later"),
+        )
+    })?;
+    // Where to start, read now so that an error is an answer, not a broken stream.
+    let (epoch, first, tail) = super::read(&s, |s| {
+        let r = s.store.read()?;
+        Ok((r.log_epoch()?, r.log_first()?, r.log_tail()?))
+    })
+    .await?;
+    let start = match cursor {
+        Some(c) => Start::Cursor(c),
+        None if oldest => Start::At(Cursor {
+            epoch,
+            lseq: first.map_or(tail, |f| f - 1),
+        }),
+        None => Start::At(Cursor { epoch, lseq: tail }),
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
+    let filter = Filter {
+        account: q.account,
+        etype,
+    };
+    tokio::spawn(async move {
+        let _slot = slot;
+        Watcher {
+            s,
+            filter,
+            format,
+            tx,
+        }
+        .run(start)
+        .await;
+    });
+    let content_type = match format {
+        Format::Ndjson => "application/x-ndjson",
+        Format::Sse => "text/event-stream",
+    };
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
+    }));
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+enum Start {
+    /// The client's cursor.
+    Cursor(Cursor),
+    /// A position read just now.
+    At(Cursor),
+}
+
+struct Watcher {
+    s: Arc<Shared>,
+    filter: Filter,
+    format: Format,
+    tx: mpsc::Sender<Bytes>,
+}
+
+/// What one read of the log found.
+struct Page {
+    epoch: u64,
+    first: Option<u64>,
+    tail: u64,
+    records: Vec<(u64, ElementRecord)>,
+}
+
+impl Watcher {
+    async fn run(mut self, start: Start) {
+        let mut tail_rx = self.s.tail.clone();
+        let mut pos = match start {
+            Start::Cursor(c) | Start::At(c) => c,
+        };
+        let mut buf = Vec::new();
+        loop {
+            let after = pos.lseq;
+            let page = super::read(&self.s, move |s| {
+                let r = s.store.read()?;
+                Ok(Page {
+                    epoch: r.log_epoch()?,
+                    first: r.log_first()?,
+                    tail: r.log_tail()?,
+                    records: r.log_range(after, PAGE)?,
+                })
+            })
+            .await;
+            let page = match page {
+                Ok(p) => p,
+                Err(e) => {
+                    let line = json!({"error": format!("reading the log: {}", e.message), "cursor": pos.to_string()});
+                    let _ = self.tx.try_send(self.line("error", &pos, &line));
+                    return;
+                }
+            };
+            // Records after the cursor are gone (another log, trimmed, or a cursor from the
+            // future): say so, and go on from the tail.
+            let lost = if page.epoch != pos.epoch {
+                Some(format!(
+                    "the log was replaced (epoch {} is now {}): re-read the state",
+                    pos.epoch, page.epoch
+                ))
+            } else if pos.lseq > page.tail {
+                Some(format!(
+                    "the cursor is ahead of this node's log ({} > {}): re-read the state",
+                    pos.lseq, page.tail
+                ))
+            } else if page.first.map_or(page.tail, |f| f - 1) > pos.lseq {
+                Some(format!(
+                    "the changes after {pos} are no longer retained (retention trimmed them): re-read the state"
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = lost {
+                pos = Cursor {
+                    epoch: page.epoch,
+                    lseq: page.tail,
+                };
+                let line = json!({"reset": true, "reason": reason, "cursor": pos.to_string()});
+                buf.extend_from_slice(&self.line("reset", &pos, &line));
+                if !self.flush(&mut buf, &pos).await {
+                    return;
+                }
+                continue;
+            }
+            let now = now_ms();
+            let full = page.records.len() == PAGE;
+            let mut matched = false;
+            for (lseq, r) in &page.records {
+                pos.lseq = *lseq;
+                if !self.filter.matches(r) {
+                    continue;
+                }
+                matched = true;
+                let el: Value = serde_json::from_slice(&r.element).unwrap_or(Value::Null);
+                let line = json!({
+                    "cursor": pos.to_string(),
+                    "account": r.account,
+                    "type": r.etype,
+                    "origin": r.origin.to_string(),
+                    "oseq": r.oseq,
+                    "version": r.version.to_string(),
+                    "message_id": r.msg_id.to_string(),
+                    "element": view(r.etype, &el, now),
+                });
+                buf.extend_from_slice(&self.line("change", &pos, &line));
+                if buf.len() >= CHUNK_BYTES && !self.flush(&mut buf, &pos).await {
+                    return;
+                }
+            }
+            if !self.flush(&mut buf, &pos).await {
+                return;
+            }
+            if full {
+                continue;
+            }
+            // Caught up: wait for the writer's next commit, or send a heartbeat (which also
+            // finds out whether the client is still there).
+            let want = pos.lseq;
+            let moved = tokio::time::timeout(HEARTBEAT, async {
+                tail_rx.wait_for(|t| *t != want).await.map(|_| ())
+            })
+            .await;
+            match moved {
+                Ok(Ok(_)) => {}
+                // The node is shutting down.
+                Ok(Err(_)) => {
+                    let line =
+                        json!({"error": "the node is shutting down", "cursor": pos.to_string()});
+                    let _ = self.tx.try_send(self.line("error", &pos, &line));
+                    return;
+                }
+                Err(_) if !matched => {
+                    let line = json!({"heartbeat": true, "cursor": pos.to_string()});
+                    buf.extend_from_slice(&self.line("heartbeat", &pos, &line));
+                    if !self.flush(&mut buf, &pos).await {
+                        return;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// One line of the stream in the watcher's format.
+    fn line(&self, event: &str, pos: &Cursor, v: &Value) -> Bytes {
+        let mut out = Vec::new();
+        match self.format {
+            Format::Ndjson => {
+                serde_json::to_writer(&mut out, v).expect("a Value always encodes");
+                out.push(b'\n');
+            }
+            Format::Sse => {
+                out.extend_from_slice(format!("id: {pos}\nevent: {event}\ndata: ").as_bytes());
+                serde_json::to_writer(&mut out, v).expect("a Value always encodes");
+                out.extend_from_slice(b"\n\n");
+            }
+        }
+        Bytes::from(out)
+    }
+
+    /// Sends what `buf` holds. False: the stream is over (the client left, or was too slow
+    /// and was told so in the slot kept free for it).
+    async fn flush(&mut self, buf: &mut Vec<u8>, pos: &Cursor) -> bool {
+        if buf.is_empty() {
+            return !self.tx.is_closed();
+        }
+        // Two free slots: one for this chunk, one kept for a last line.
+        match tokio::time::timeout(SLOW_AFTER, self.tx.reserve_many(2)).await {
+            Ok(Ok(mut permits)) => {
+                permits
+                    .next()
+                    .expect("two permits")
+                    .send(Bytes::from(std::mem::take(buf)));
+                true
+            }
+            Ok(Err(_)) => false,
+            Err(_) => {
+                self.s
+                    .metrics
+                    .watchers_slow_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    cursor = %pos,
+                    "disconnecting a watcher that has not read for {}",
+                    humantime::format_duration(SLOW_AFTER)
+                );
+                let line = json!({
+                    "error": format!(
+                        "this client did not read for {}: disconnected; reconnect with the cursor of the last line it read",
+                        humantime::format_duration(SLOW_AFTER)
+                    ),
+                    "cursor": pos.to_string(),
+                });
+                let _ = self.tx.try_send(self.line("error", pos, &line));
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cursor;
+
+    #[test]
+    fn cursors_round_trip_and_bad_ones_are_refused() {
+        let c = Cursor {
+            epoch: 7,
+            lseq: 12345,
+        };
+        assert_eq!(c.to_string().parse::<Cursor>(), Ok(c));
+        for bad in [
+            "",
+            "7",
+            "7-",
+            "-3",
+            "x-1",
+            "1-2-3",
+            "18446744073709551616-1",
+        ] {
+            assert!(bad.parse::<Cursor>().is_err(), "{bad:?}");
+        }
+    }
+}
