@@ -57,11 +57,12 @@ pub const WATCHERS_MAX: usize = 64;
 
 static WATCHERS: AtomicUsize = AtomicUsize::new(0);
 
-/// One watcher's place among [`WATCHERS_MAX`]; given back when the stream ends.
-struct Slot;
+/// One watcher's place among [`WATCHERS_MAX`] (every role's watchers together); given back when
+/// the stream ends.
+pub(crate) struct Slot;
 
 impl Slot {
-    fn take() -> Option<Slot> {
+    pub(crate) fn take() -> Option<Slot> {
         let n = WATCHERS.fetch_add(1, Ordering::AcqRel);
         if n >= WATCHERS_MAX {
             WATCHERS.fetch_sub(1, Ordering::AcqRel);
@@ -120,9 +121,86 @@ impl std::str::FromStr for Cursor {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub(crate) enum Format {
     Ndjson,
     Sse,
+}
+
+impl Format {
+    /// `?format=`, else the Accept header; default NDJSON.
+    pub(crate) fn of(format: Option<&str>, headers: &HeaderMap) -> ApiResult<Format> {
+        let accept_sse = headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"));
+        match format {
+            Some("ndjson") => Ok(Format::Ndjson),
+            Some("sse") => Ok(Format::Sse),
+            None if accept_sse => Ok(Format::Sse),
+            None => Ok(Format::Ndjson),
+            Some(other) => Err(ApiError::bad(format!("format: {other:?} (ndjson or sse)"))),
+        }
+    }
+}
+
+/// `?cursor=`, else SSE's `Last-Event-ID`.
+pub(crate) fn cursor_of(cursor: Option<&str>, headers: &HeaderMap) -> ApiResult<Option<Cursor>> {
+    let text = cursor.map(str::to_owned).or_else(|| {
+        headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
+    match text {
+        None => Ok(None),
+        Some(c) => c
+            .parse::<Cursor>()
+            .map(Some)
+            .map_err(|e| ApiError::bad(format!("cursor: {e}"))),
+    }
+}
+
+/// `?from=`: true for `oldest`.
+pub(crate) fn from_oldest(from: Option<&str>, cursor: bool) -> ApiResult<bool> {
+    let oldest = match from {
+        None | Some("now") => false,
+        Some("oldest") => true,
+        Some(other) => return Err(ApiError::bad(format!("from: {other:?} (now or oldest)"))),
+    };
+    if cursor && from.is_some() {
+        return Err(ApiError::bad(
+            "from: give a cursor or where to start, not both",
+        ));
+    }
+    Ok(oldest)
+}
+
+pub(crate) fn too_many() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{WATCHERS_MAX} watchers already; retry later"),
+    )
+}
+
+/// The streamed answer reading `rx`.
+pub(crate) fn response(format: Format, rx: mpsc::Receiver<Bytes>) -> Response {
+    let content_type = match format {
+        Format::Ndjson => "application/x-ndjson",
+        Format::Sse => "text/event-stream",
+    };
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
+    }));
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 struct Filter {
@@ -154,47 +232,10 @@ pub(super) async fn get_watch(
                 .map_err(|e| ApiError::bad(format!("type: {e}")))?,
         ),
     };
-    let accept_sse = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
-    let format = match q.format.as_deref() {
-        Some("ndjson") => Format::Ndjson,
-        Some("sse") => Format::Sse,
-        None if accept_sse => Format::Sse,
-        None => Format::Ndjson,
-        Some(other) => return Err(ApiError::bad(format!("format: {other:?} (ndjson or sse)"))),
-    };
-    // The cursor: `?cursor=`, else SSE's Last-Event-ID.
-    let cursor_text = q.cursor.clone().or_else(|| {
-        headers
-            .get("last-event-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    });
-    let cursor = match cursor_text {
-        None => None,
-        Some(c) => Some(
-            c.parse::<Cursor>()
-                .map_err(|e| ApiError::bad(format!("cursor: {e}")))?,
-        ),
-    };
-    let oldest = match q.from.as_deref() {
-        None | Some("now") => false,
-        Some("oldest") => true,
-        Some(other) => return Err(ApiError::bad(format!("from: {other:?} (now or oldest)"))),
-    };
-    if cursor.is_some() && q.from.is_some() {
-        return Err(ApiError::bad(
-            "from: give a cursor or where to start, not both",
-        ));
-    }
-    let slot = Slot::take().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{WATCHERS_MAX} watchers already; retry later"),
-        )
-    })?;
+    let format = Format::of(q.format.as_deref(), &headers)?;
+    let cursor = cursor_of(q.cursor.as_deref(), &headers)?;
+    let oldest = from_oldest(q.from.as_deref(), cursor.is_some())?;
+    let slot = Slot::take().ok_or_else(too_many)?;
     // Where to start, read now so that an error is an answer, not a broken stream.
     let (epoch, first, tail) = super::read(&s, |s| {
         let r = s.store.read()?;
@@ -214,34 +255,21 @@ pub(super) async fn get_watch(
         account: q.account,
         etype,
     };
+    let slow = s.clone();
+    let sink = Sink {
+        tx,
+        format,
+        on_slow: Box::new(move || {
+            slow.metrics
+                .watchers_slow_closed
+                .fetch_add(1, Ordering::Relaxed);
+        }),
+    };
     tokio::spawn(async move {
         let _slot = slot;
-        Watcher {
-            s,
-            filter,
-            format,
-            tx,
-        }
-        .run(start)
-        .await;
+        Watcher { s, filter, sink }.run(start).await;
     });
-    let content_type = match format {
-        Format::Ndjson => "application/x-ndjson",
-        Format::Sse => "text/event-stream",
-    };
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
-    }));
-    Ok((
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        body,
-    )
-        .into_response())
+    Ok(response(format, rx))
 }
 
 enum Start {
@@ -254,8 +282,15 @@ enum Start {
 struct Watcher {
     s: Arc<Shared>,
     filter: Filter,
-    format: Format,
-    tx: mpsc::Sender<Bytes>,
+    sink: Sink,
+}
+
+/// One watcher's end of its stream: lines in its format, sent with the slow-client bound.
+pub(crate) struct Sink {
+    pub(crate) tx: mpsc::Sender<Bytes>,
+    pub(crate) format: Format,
+    /// Counts a watcher cut off for not reading.
+    pub(crate) on_slow: Box<dyn Fn() + Send + Sync>,
 }
 
 /// What one read of the log found.
@@ -289,7 +324,7 @@ impl Watcher {
                 Ok(p) => p,
                 Err(e) => {
                     let line = json!({"error": format!("reading the log: {}", e.message), "cursor": pos.to_string()});
-                    let _ = self.tx.try_send(self.line("error", &pos, &line));
+                    let _ = self.sink.tx.try_send(self.sink.line("error", &pos, &line));
                     return;
                 }
             };
@@ -318,8 +353,8 @@ impl Watcher {
                     lseq: page.tail,
                 };
                 let line = json!({"reset": true, "reason": reason, "cursor": pos.to_string()});
-                buf.extend_from_slice(&self.line("reset", &pos, &line));
-                if !self.flush(&mut buf, &pos).await {
+                buf.extend_from_slice(&self.sink.line("reset", &pos, &line));
+                if !self.sink.flush(&mut buf, &pos).await {
                     return;
                 }
                 continue;
@@ -344,12 +379,12 @@ impl Watcher {
                     "message_id": r.msg_id.to_string(),
                     "element": view(r.etype, &el, now),
                 });
-                buf.extend_from_slice(&self.line("change", &pos, &line));
-                if buf.len() >= CHUNK_BYTES && !self.flush(&mut buf, &pos).await {
+                buf.extend_from_slice(&self.sink.line("change", &pos, &line));
+                if buf.len() >= CHUNK_BYTES && !self.sink.flush(&mut buf, &pos).await {
                     return;
                 }
             }
-            if !self.flush(&mut buf, &pos).await {
+            if !self.sink.flush(&mut buf, &pos).await {
                 return;
             }
             if full {
@@ -368,13 +403,13 @@ impl Watcher {
                 Ok(Err(_)) => {
                     let line =
                         json!({"error": "the node is shutting down", "cursor": pos.to_string()});
-                    let _ = self.tx.try_send(self.line("error", &pos, &line));
+                    let _ = self.sink.tx.try_send(self.sink.line("error", &pos, &line));
                     return;
                 }
                 Err(_) if !matched => {
                     let line = json!({"heartbeat": true, "cursor": pos.to_string()});
-                    buf.extend_from_slice(&self.line("heartbeat", &pos, &line));
-                    if !self.flush(&mut buf, &pos).await {
+                    buf.extend_from_slice(&self.sink.line("heartbeat", &pos, &line));
+                    if !self.sink.flush(&mut buf, &pos).await {
                         return;
                     }
                 }
@@ -382,9 +417,11 @@ impl Watcher {
             }
         }
     }
+}
 
+impl Sink {
     /// One line of the stream in the watcher's format.
-    fn line(&self, event: &str, pos: &Cursor, v: &Value) -> Bytes {
+    pub(crate) fn line(&self, event: &str, pos: &Cursor, v: &Value) -> Bytes {
         let mut out = Vec::new();
         match self.format {
             Format::Ndjson => {
@@ -402,7 +439,7 @@ impl Watcher {
 
     /// Sends what `buf` holds. False: the stream is over (the client left, or was too slow
     /// and was told so in the slot kept free for it).
-    async fn flush(&mut self, buf: &mut Vec<u8>, pos: &Cursor) -> bool {
+    pub(crate) async fn flush(&mut self, buf: &mut Vec<u8>, pos: &Cursor) -> bool {
         if buf.is_empty() {
             return !self.tx.is_closed();
         }
@@ -417,10 +454,7 @@ impl Watcher {
             }
             Ok(Err(_)) => false,
             Err(_) => {
-                self.s
-                    .metrics
-                    .watchers_slow_closed
-                    .fetch_add(1, Ordering::Relaxed);
+                (self.on_slow)();
                 tracing::info!(
                     cursor = %pos,
                     "disconnecting a watcher that has not read for {}",

@@ -38,33 +38,14 @@ pub(super) fn connect(opts: &ApiOpts) -> Result<Connection, i32> {
 }
 
 /// `outpost watch`: prints a datacenter's changes as they are applied (see `GET /v1/watch`).
-pub(super) fn watch(
-    opts: &ApiOpts,
-    account: Option<&str>,
-    etype: Option<&str>,
-    cursor: Option<&str>,
-    oldest: bool,
-    as_json: bool,
-) -> i32 {
+/// `query`: the stream's filters and where to start, as `GET /v1/watch` takes them.
+pub(super) fn watch(opts: &ApiOpts, query: &[(&str, &str)], as_json: bool) -> i32 {
     let conn = match connect(opts) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let mut query = Vec::new();
-    if let Some(a) = account {
-        query.push(("account", a));
-    }
-    if let Some(t) = etype {
-        query.push(("type", t));
-    }
-    if let Some(c) = cursor {
-        query.push(("cursor", c));
-    }
-    if oldest {
-        query.push(("from", "oldest"));
-    }
     let mut failed = false;
-    let streamed = conn.client.stream_lines(&["v1", "watch"], &query, |line| {
+    let streamed = conn.client.stream_lines(&["v1", "watch"], query, |line| {
         let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
         if let Some(e) = v.get("error") {
             eprintln!(
@@ -91,6 +72,14 @@ pub(super) fn watch(
                 text(v.get("type")),
                 text(v.get("version")),
                 v.get("element").map(Value::to_string).unwrap_or_default()
+            );
+        } else if let Some(kind) = v.get("kind").and_then(Value::as_str) {
+            // A controller's change: the machine's or the deployment's view.
+            println!(
+                "{} {kind} {} {}",
+                text(v.get("cursor")),
+                text(v.get("name")),
+                v.get(kind).map(Value::to_string).unwrap_or_default()
             );
         }
         true

@@ -109,15 +109,22 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Datacenter: print state changes as they are applied, each with its cursor (resume
-    /// with --cursor; see `GET /v1/watch`). Runs until interrupted.
+    /// Print changes as they happen, each with its cursor (resume with --cursor; see
+    /// `GET /v1/watch`): a datacenter's state changes, or a controller's machine and
+    /// deployment changes. Runs until interrupted.
     Watch {
-        /// Only this account's changes.
+        /// Datacenter: only this account's changes.
         #[arg(long, value_name = "A")]
         account: Option<String>,
-        /// Only this event type's changes.
+        /// Datacenter: only this event type's changes.
         #[arg(long = "type", value_name = "T")]
         event_type: Option<String>,
+        /// Controller: only `machine` or only `deployment` changes.
+        #[arg(long, value_name = "K")]
+        kind: Option<String>,
+        /// Controller: only the machine of this name (or the deployment of this id).
+        #[arg(long, value_name = "N")]
+        name: Option<String>,
         /// Go on after this cursor (the first column, or `cursor` with --json).
         #[arg(long, value_name = "CURSOR", conflicts_with = "oldest")]
         cursor: Option<String>,
@@ -361,18 +368,30 @@ fn run_cli() -> i32 {
         Command::Watch {
             account,
             event_type,
+            kind,
+            name,
             cursor,
             oldest,
             json,
             api,
-        } => commands::watch(
-            &target!(api, None),
-            account.as_deref(),
-            event_type.as_deref(),
-            cursor.as_deref(),
-            oldest,
-            json,
-        ),
+        } => {
+            let mut query = Vec::new();
+            for (key, value) in [
+                ("account", &account),
+                ("type", &event_type),
+                ("kind", &kind),
+                ("name", &name),
+                ("cursor", &cursor),
+            ] {
+                if let Some(v) = value {
+                    query.push((key, v.as_str()));
+                }
+            }
+            if oldest {
+                query.push(("from", "oldest"));
+            }
+            commands::watch(&target!(api, None), &query, json)
+        }
         Command::State { command } => match command {
             StateCommand::Get {
                 account,

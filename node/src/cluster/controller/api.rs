@@ -75,7 +75,8 @@ pub(crate) fn router(shared: Arc<ControllerShared>) -> Router {
             post(post_deployment).get(get_deployments),
         )
         .route("/v1/deployments/{id}", get(get_deployment))
-        .route("/v1/backup", get(get_backup));
+        .route("/v1/backup", get(get_backup))
+        .route("/v1/watch", get(super::watch::get_watch));
     for path in DATACENTER_ONLY {
         authed = authed.route(path, any(datacenter_only));
     }
@@ -664,6 +665,16 @@ async fn get_metrics(State(s): S) -> Response {
         "outpost_bundles_uploaded_total",
         "Bundles uploaded (new or already stored).",
         load(&m.bundles_uploaded),
+    );
+    o.counter(
+        "outpost_watchers_slow_closed_total",
+        "GET /v1/watch clients disconnected because they did not read for 10 s.",
+        load(&m.watchers_slow_closed),
+    );
+    o.gauge(
+        "outpost_watchers",
+        "GET /v1/watch streams open.",
+        crate::api::watch::watchers() as f64,
     );
     o.counter(
         "outpost_bundles_deleted_total",

@@ -588,6 +588,11 @@ fn target_view(
     view("pending", Some("being sealed for this machine".into()))
 }
 
+/// Deployment `id` as the API shows it, from what is committed.
+pub(crate) fn view_of(core: &ControllerCore, store: &Store, id: u64) -> Option<DeploymentView> {
+    store.deployment(id).ok().flatten().map(|r| view(core, r))
+}
+
 fn view(core: &ControllerCore, rec: DeploymentRecord) -> DeploymentView {
     let machines = rec
         .targets

@@ -19,6 +19,7 @@ mod run;
 mod tests;
 mod thread;
 mod transfer;
+mod watch;
 
 pub use run::{ensure_signing_key, read_join_token, start, ControllerRunning, ControllerShared};
 pub use thread::{KeyView, MachineView, Summary};

@@ -48,6 +48,8 @@ pub struct ControllerMetrics {
     pub bundles_uploaded: AtomicU64,
     /// Uploaded bundles deleted because no deployment needed them.
     pub bundles_deleted: AtomicU64,
+    /// `GET /v1/watch` clients disconnected for not reading.
+    pub watchers_slow_closed: AtomicU64,
     pub deployments_created: AtomicU64,
     /// Bytes of sealed bundles written.
     pub bundle_bytes_sealed: AtomicU64,
@@ -87,6 +89,8 @@ pub struct ControllerShared {
     pub(crate) joining_max: AtomicUsize,
     /// Rate limit of the refusal log lines.
     pub(crate) refusal_log: Mutex<RefusalLog>,
+    /// Machine and deployment changes for `GET /v1/watch`, appended after each commit.
+    pub(crate) journal: super::watch::Journal,
     /// Tests: every commit fails while set.
     #[cfg(test)]
     pub(crate) fail_commits: AtomicBool,
@@ -273,6 +277,7 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
         uploads: tokio::sync::Semaphore::new(UPLOADS_MAX),
         joining_max: AtomicUsize::new(JOINING_MAX),
         refusal_log: Mutex::new(RefusalLog::new(REFUSAL_LOG_EVERY)),
+        journal: super::watch::Journal::new(),
         #[cfg(test)]
         fail_commits: AtomicBool::new(false),
     });

@@ -635,6 +635,136 @@ async fn a_removed_machine_is_refused_for_good_and_leaves_its_pool() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Lines of a controller's `GET /v1/watch`.
+struct Feed {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+}
+
+impl Feed {
+    async fn open(api: &Http, query: &str) -> (u16, Feed) {
+        let resp = api
+            .http
+            .get(format!("{}/v1/watch{query}", api.base))
+            .bearer_auth(&api.token)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            Feed {
+                resp,
+                buf: Vec::new(),
+            },
+        )
+    }
+
+    async fn next(&mut self) -> Value {
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return serde_json::from_slice(&line).unwrap();
+            }
+            let chunk = tokio::time::timeout(WAIT, self.resp.chunk())
+                .await
+                .expect("a line within the deadline")
+                .unwrap();
+            match chunk {
+                Some(c) => self.buf.extend_from_slice(&c),
+                None if !self.buf.is_empty() => {
+                    return serde_json::from_slice(&std::mem::take(&mut self.buf)).unwrap()
+                }
+                None => panic!("the stream ended"),
+            }
+        }
+    }
+
+    /// The next line about machine `name`, skipping others.
+    async fn about(&mut self, name: &str) -> Value {
+        loop {
+            let v = self.next().await;
+            if v["name"] == name {
+                return v;
+            }
+        }
+    }
+}
+
+/// Invariant: a controller's watch feed carries every machine change it committed, in order;
+/// a client resuming from its cursor gets what came after, and a cursor of another run is
+/// told to re-read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_feed_carries_machine_changes_and_resumes_from_its_cursor() {
+    let dir = temp_dir("watch");
+    let token_file = dir.join("join-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let ctl = start(
+        config(&dir.join("data"), Some(token_file)),
+        Notifier::disabled(),
+    )
+    .await
+    .unwrap();
+    let api = Http::of(&ctl);
+    for (q, field) in [
+        ("?kind=cat", "kind"),
+        ("?cursor=x", "cursor"),
+        ("?x=1", "query"),
+    ] {
+        let (status, mut f) = Feed::open(&api, q).await;
+        assert_eq!(status, 400, "{q}");
+        assert!(f.next().await["error"].as_str().unwrap().starts_with(field));
+    }
+    let (status, mut feed) = Feed::open(&api, "?kind=machine").await;
+    assert_eq!(status, 200);
+    let mp = Worker::new("mp-1", "media-processor", None);
+    let (mut link, a) = mp.joined(&ctl, Some(TOKEN)).await;
+    assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
+    let joined = feed.about("mp-1").await;
+    assert_eq!(joined["kind"], "machine");
+    assert_eq!(joined["machine"]["status"], "up", "{joined}");
+    let cursor = joined["cursor"].as_str().unwrap().to_owned();
+    drop(feed);
+    // Away while the machine reports; back with the cursor: the report is there.
+    link.send(&mp.notify(mp.node, 1)).await;
+    assert_eq!(
+        link.next_control().await,
+        Some(Message::NotifyAck { upto: 1 })
+    );
+    let (_, mut feed) = Feed::open(&api, &format!("?kind=machine&cursor={cursor}")).await;
+    let reported = loop {
+        let v = feed.about("mp-1").await;
+        if v["machine"]["state"] == "running" {
+            break v;
+        }
+    };
+    let seq = |v: &Value| -> u64 {
+        v["cursor"]
+            .as_str()
+            .unwrap()
+            .split_once('-')
+            .unwrap()
+            .1
+            .parse()
+            .unwrap()
+    };
+    assert!(seq(&reported) > seq(&joined));
+    drop(feed);
+    // From the oldest kept change, the whole history of mp-1 in order.
+    let (_, mut feed) = Feed::open(&api, "?from=oldest&name=mp-1").await;
+    let first = feed.about("mp-1").await;
+    assert!(seq(&first) <= seq(&joined));
+    drop(feed);
+    // A cursor of another run: reset.
+    let epoch: u64 = cursor.split_once('-').unwrap().0.parse().unwrap();
+    let (_, mut feed) = Feed::open(&api, &format!("?cursor={}-1", epoch + 1)).await;
+    let v = feed.next().await;
+    assert_eq!(v["reset"], true, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("restarted"), "{v}");
+    drop(feed);
+    ctl.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn init_creates_the_signing_key_once() {
     let dir = temp_dir("init");

@@ -18,9 +18,9 @@ use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::core::{
-    ConnId, ControllerCore, KeyActionError, KeyStatus, MachineRecord, Output, Peer, Settings,
+    ConnId, ControllerCore, Dirty, KeyActionError, KeyStatus, MachineRecord, Output, Peer, Settings,
 };
-use super::deploy::{DeployBook, DeployCmd, SealJob};
+use super::deploy::{DeployBook, DeployCmd, DeploymentRecord, SealJob};
 use super::run::ControllerShared;
 use crate::cluster::keys::ControllerKey;
 use crate::ids::{Fingerprint, NodeId};
@@ -369,11 +369,62 @@ impl CoreThread {
                 return false;
             }
             self.shared.metrics.commits.fetch_add(1, Ordering::Relaxed);
+            self.journal(&dirty, &deployments);
         }
         for o in outputs {
             self.perform(o);
         }
         true
+    }
+
+    /// What a committed batch changed, for `GET /v1/watch`: each machine written (its API view,
+    /// or `removed`), and each deployment created, failed somewhere, or whose targets moved.
+    fn journal(&self, dirty: &Dirty, deployments: &[DeploymentRecord]) {
+        let Some(core) = self.core.as_ref() else {
+            return;
+        };
+        let journal = &self.shared.journal;
+        let now = crate::node::now_ms();
+        let mut touched: std::collections::BTreeSet<u64> =
+            deployments.iter().map(|d| d.id).collect();
+        for m in &dirty.machines {
+            if let Some(d) = m.deploys.last() {
+                touched.insert(d.deployment);
+            }
+            let view = match m.key_status {
+                KeyStatus::Admitted => super::api::machine_json(
+                    &MachineView {
+                        record: m.clone(),
+                        connected: core.connected(m.node_id),
+                    },
+                    now,
+                ),
+                other => serde_json::json!({
+                    "name": m.name,
+                    "node_id": m.node_id.to_string(),
+                    "key_status": other.as_str(),
+                }),
+            };
+            journal.push("machine", &m.name, view);
+        }
+        for id in &dirty.removed {
+            journal.push(
+                "machine",
+                "",
+                serde_json::json!({"node_id": id.to_string(), "key_status": "dropped"}),
+            );
+        }
+        if let Some(store) = &self.store {
+            for id in touched {
+                if let Some(v) = super::deploy::view_of(core, store, id) {
+                    journal.push(
+                        "deployment",
+                        &id.to_string(),
+                        super::api::deployment_json(&v),
+                    );
+                }
+            }
+        }
     }
 
     fn perform(&mut self, o: Output) {

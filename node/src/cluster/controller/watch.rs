@@ -1,0 +1,242 @@
+//! `GET /v1/watch` on a controller: machine and deployment changes for outside systems.
+//!
+//! After every batch it committed, the core thread appends what changed to a journal in memory:
+//! each machine record written (joined, admitted, reported, went down, its pool changed,
+//! removed) as that machine's `GET /v1/machines/{name}` view, and each deployment whose record
+//! or whose targets' states changed as its `GET /v1/deployments/{id}` view. The journal keeps
+//! the newest [`JOURNAL_MAX`] changes under a sequence; a cursor is `EPOCH-SEQ`, the epoch
+//! drawn at start. A client that reconnects with its cursor gets every change the journal still
+//! holds after it, once and in order; one whose changes are gone (a restart: another epoch, or
+//! more than [`JOURNAL_MAX`] changes since) is told to re-read (`reset`), as on a datacenter.
+//! The stream's bounds and lines are the datacenter's (`api::watch`).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use super::run::ControllerShared;
+use crate::api::watch::{self as feed, Cursor, Sink, Slot};
+use crate::api::ApiError;
+
+/// Changes kept for watchers that reconnect.
+pub const JOURNAL_MAX: usize = 4096;
+
+/// One change: `kind` (`machine` or `deployment`), the name it filters by, its view.
+struct Change {
+    seq: u64,
+    kind: &'static str,
+    name: String,
+    view: Arc<Value>,
+}
+
+/// A change read out: sequence, kind, name, view.
+type Entry = (u64, &'static str, String, Arc<Value>);
+
+pub(crate) struct Journal {
+    epoch: u64,
+    changes: Mutex<VecDeque<Change>>,
+    /// The newest sequence appended (0: none).
+    tail: watch::Sender<u64>,
+}
+
+impl Journal {
+    pub(crate) fn new() -> Journal {
+        Journal {
+            // Any value a previous run did not have: cursors of another run are refused.
+            epoch: rand::random::<u32>() as u64,
+            changes: Mutex::new(VecDeque::new()),
+            tail: watch::Sender::new(0),
+        }
+    }
+
+    /// Appends one change (the core thread, after its commit).
+    pub(crate) fn push(&self, kind: &'static str, name: &str, view: Value) {
+        let mut c = self.changes.lock().expect("journal lock");
+        let seq = *self.tail.borrow() + 1;
+        c.push_back(Change {
+            seq,
+            kind,
+            name: name.to_owned(),
+            view: Arc::new(view),
+        });
+        while c.len() > JOURNAL_MAX {
+            c.pop_front();
+        }
+        drop(c);
+        self.tail.send_replace(seq);
+    }
+
+    fn tail(&self) -> u64 {
+        *self.tail.borrow()
+    }
+
+    /// Up to `max` changes after `seq`, and the oldest sequence held.
+    fn after(&self, seq: u64, max: usize) -> (Option<u64>, Vec<Entry>) {
+        let c = self.changes.lock().expect("journal lock");
+        let first = c.front().map(|x| x.seq);
+        let skip = first.map_or(0, |f| seq.saturating_sub(f - 1) as usize);
+        let out = c
+            .iter()
+            .skip(skip)
+            .take(max)
+            .map(|x| (x.seq, x.kind, x.name.clone(), x.view.clone()))
+            .collect();
+        (first, out)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WatchQuery {
+    /// `machine` or `deployment`.
+    kind: Option<String>,
+    /// A machine's name, or a deployment's id.
+    name: Option<String>,
+    cursor: Option<String>,
+    from: Option<String>,
+    format: Option<String>,
+}
+
+pub(super) async fn get_watch(
+    State(s): State<Arc<ControllerShared>>,
+    headers: HeaderMap,
+    q: Result<Query<WatchQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad(format!("query: {}", e.body_text())))?;
+    let kind = match q.kind.as_deref() {
+        None => None,
+        Some(k @ ("machine" | "deployment")) => Some(if k == "machine" {
+            "machine"
+        } else {
+            "deployment"
+        }),
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "kind: {other:?} (machine or deployment)"
+            )))
+        }
+    };
+    let format = feed::Format::of(q.format.as_deref(), &headers)?;
+    let cursor = feed::cursor_of(q.cursor.as_deref(), &headers)?;
+    let oldest = feed::from_oldest(q.from.as_deref(), cursor.is_some())?;
+    let slot = Slot::take().ok_or_else(feed::too_many)?;
+    let j = &s.journal;
+    let pos = match cursor {
+        Some(c) => c,
+        None if oldest => {
+            let (first, _) = j.after(0, 0);
+            Cursor {
+                epoch: j.epoch,
+                lseq: first.map_or(j.tail(), |f| f - 1),
+            }
+        }
+        None => Cursor {
+            epoch: j.epoch,
+            lseq: j.tail(),
+        },
+    };
+    let (tx, rx) = mpsc::channel(feed::QUEUE);
+    let slow = s.clone();
+    let sink = Sink {
+        tx,
+        format,
+        on_slow: Box::new(move || {
+            slow.metrics
+                .watchers_slow_closed
+                .fetch_add(1, Ordering::Relaxed);
+        }),
+    };
+    tokio::spawn(async move {
+        let _slot = slot;
+        run(s, kind, q.name, sink, pos).await;
+    });
+    Ok(feed::response(format, rx))
+}
+
+async fn run(
+    s: Arc<ControllerShared>,
+    kind: Option<&'static str>,
+    name: Option<String>,
+    mut sink: Sink,
+    mut pos: Cursor,
+) {
+    let j = &s.journal;
+    let mut tail_rx = j.tail.subscribe();
+    let mut buf = Vec::new();
+    loop {
+        let (first, changes) = j.after(pos.lseq, feed::PAGE);
+        let tail = j.tail();
+        let lost = if pos.epoch != j.epoch {
+            Some("the controller restarted since this cursor: re-read /v1/machines and /v1/deployments".to_owned())
+        } else if pos.lseq > tail {
+            Some(format!(
+                "the cursor is ahead of this controller's journal ({} > {tail}): re-read",
+                pos.lseq
+            ))
+        } else if first.map_or(tail, |f| f - 1) > pos.lseq {
+            Some(format!(
+                "the changes after {pos} are no longer kept (the journal holds the newest {JOURNAL_MAX}): re-read"
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = lost {
+            pos = Cursor {
+                epoch: j.epoch,
+                lseq: tail,
+            };
+            let line = json!({"reset": true, "reason": reason, "cursor": pos.to_string()});
+            buf.extend_from_slice(&sink.line("reset", &pos, &line));
+            if !sink.flush(&mut buf, &pos).await {
+                return;
+            }
+            continue;
+        }
+        let full = changes.len() == feed::PAGE;
+        let mut matched = false;
+        for (seq, k, n, view) in changes {
+            pos.lseq = seq;
+            if kind.is_some_and(|want| want != k) || name.as_ref().is_some_and(|want| *want != n) {
+                continue;
+            }
+            matched = true;
+            let mut line = json!({"cursor": pos.to_string(), "kind": k, "name": n});
+            line[k] = (*view).clone();
+            buf.extend_from_slice(&sink.line(k, &pos, &line));
+            if buf.len() >= feed::CHUNK_BYTES && !sink.flush(&mut buf, &pos).await {
+                return;
+            }
+        }
+        if !sink.flush(&mut buf, &pos).await {
+            return;
+        }
+        if full {
+            continue;
+        }
+        let want = pos.lseq;
+        let moved = tokio::time::timeout(feed::HEARTBEAT, async {
+            tail_rx.wait_for(|t| *t != want).await.map(|_| ())
+        })
+        .await;
+        match moved {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) if !matched => {
+                let line = json!({"heartbeat": true, "cursor": pos.to_string()});
+                buf.extend_from_slice(&sink.line("heartbeat", &pos, &line));
+                if !sink.flush(&mut buf, &pos).await {
+                    return;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
