@@ -74,6 +74,20 @@ fn free_udp_port() -> anyhow::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Waits until something listens on UDP `port` (binding it fails): a SIPp UAS started on
+/// it is ready for calls. Without this, an INVITE sent before SIPp bound its port is refused
+/// (ICMP unreachable) and Kamailio answers 477, as a loaded machine showed once.
+pub fn wait_udp_taken(port: u16, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on udp 127.0.0.1:{port} after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 struct Kamailio {
     child: Child,
     port: u16,
@@ -235,6 +249,7 @@ pub async fn run(
     let phone_port = free_udp_port()?;
     let phone_port_s = phone_port.to_string();
     let phone = sipp(dir, "uas.xml", ka.port, &["-p", &phone_port_s, "-m", "1"])?;
+    wait_udp_taken(phone_port, STEP_WAIT)?;
     fs::write(
         dir.join("alice.csv"),
         format!("SEQUENTIAL\nalice;127.0.0.1:{phone_port};3600\n"),

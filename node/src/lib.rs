@@ -8,7 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 mod demo_cluster;
-mod demo_sip;
+pub mod demo_sip;
 pub mod fsmode;
 #[doc(hidden)]
 pub mod fuzzing;

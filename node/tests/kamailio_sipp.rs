@@ -390,6 +390,7 @@ async fn a_sipp_call_crosses_datacenters_through_outpost() {
         ka.port,
         &["-p", &phone_port_s, "-m", "4"],
     );
+    outpost::demo_sip::wait_udp_taken(phone_port, Duration::from_secs(30)).unwrap();
     register(
         &dir,
         ka.port,
