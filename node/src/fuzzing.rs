@@ -213,6 +213,7 @@ fn build_machine_records() -> Vec<MachineRecord> {
             route: None,
             route_seq: 0,
             deploys: Vec::new(),
+            config: Default::default(),
         })
         .collect()
 }
@@ -399,7 +400,7 @@ pub fn fuzz_controller_join(data: &[u8]) {
     let Some(Message::Join(join)) = frame(&mut rest) else {
         return;
     };
-    if join.protocol != crate::wire::PROTOCOL_VERSION {
+    if join.protocol != crate::wire::CLUSTER_PROTOCOL_VERSION {
         return; // refused by `conn` before the core sees it
     }
     const PENDING_MAX: usize = 2;

@@ -20,7 +20,7 @@ use outpost::wire::{
     fuzz_seal_key, fuzz_wire_frame, fuzz_worker, fuzz_worker_publication,
     fuzz_worker_publication_envelope, fuzz_worker_publication_plaintext, Admission, FrameError,
     Hello, Join, MachineReport, Message, Notify, OriginMark, Publication, Relay, Role,
-    FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION,
+    CLUSTER_PROTOCOL_VERSION, FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION,
 };
 use serde_json::json;
 
@@ -360,7 +360,7 @@ fn decoder_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let fps = fuzz_fingerprints();
     let join = |node: u128, name: &str, proof: Option<[u8; 32]>| {
         frame(&Message::Join(Join {
-            protocol: PROTOCOL_VERSION,
+            protocol: CLUSTER_PROTOCOL_VERSION,
             node_id: NodeId(node),
             name: name.into(),
             service: "voice".into(),

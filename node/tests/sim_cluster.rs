@@ -18,14 +18,20 @@
 //! every running worker applied its whole channel and the controller holds nothing unacked for
 //! it; (c) the load balancer's pool is exactly the running dependents, as the controller last
 //! published it, and its pool file says the same; (d) every worker's last report is the one the
-//! controller recorded, under the same sequence.
+//! controller recorded, under the same sequence; (f) configuration data: an operator sets
+//! and deletes documents of random scopes while all of the above happens; a worker is handed
+//! configuration versions in order (never an older one than it applied), and once healed every
+//! running worker applied exactly its effective configuration as computed here from what the
+//! operator set, under the version the controller last sent it, and the controller recorded it
+//! applied.
 //!
 //! `OUTPOST_SIM_CLUSTER_SEEDS=N` runs N seeds (default 800, about 10 s);
 //! `OUTPOST_SIM_CLUSTER_SEED=S` replays one. A failure prints its seed.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use outpost::cluster::body::{Body, LbRoute, Pool};
+use outpost::cluster::body::{Body, ConfigOrder, LbRoute, Pool};
+use outpost::cluster::controller::configdata::{self, ConfigChange, Scope};
 use outpost::cluster::controller::core::{
     ConnId, ControllerCore, Dirty, KeyActionError, KeyStatus, MachineRecord, NotPublished, Output,
     Peer, Settings,
@@ -36,8 +42,10 @@ use outpost::cluster::worker::core::{
 };
 use outpost::ids::{Fingerprint, NodeId};
 use outpost::wire::{
-    Admission, Join, JoinRefusal, MachineReport, Message, Notify, Publication, Software,
+    Admission, ConfigReport, Join, JoinRefusal, MachineReport, Message, Notify, Publication,
+    Software,
 };
+use serde_json::{json, Value};
 
 /// splitmix64: small, fast, and the same on every platform.
 struct Rng(u64);
@@ -85,6 +93,8 @@ const STATES: [&str; 5] = ["idle", "starting", "running", "rolled_back", "failed
 struct CtrlDisk {
     machines: BTreeMap<NodeId, MachineRecord>,
     pubs: BTreeMap<(NodeId, u64), Publication>,
+    /// Configuration changes by (scope, version).
+    config: BTreeMap<(String, u64), ConfigChange>,
 }
 
 impl CtrlDisk {
@@ -92,7 +102,12 @@ impl CtrlDisk {
     /// then deletions.
     fn apply(&mut self, d: &Dirty) {
         for m in &d.machines {
-            self.machines.insert(m.node_id, m.clone());
+            // Through the stored bytes, as the store keeps it.
+            let stored = MachineRecord::decode(&m.encode()).expect("a record decodes");
+            self.machines.insert(m.node_id, stored);
+        }
+        for c in &d.config {
+            self.config.insert((c.scope.clone(), c.version), c.clone());
         }
         for node in &d.removed {
             self.machines.remove(node);
@@ -104,6 +119,15 @@ impl CtrlDisk {
         for (node, upto) in &d.acked {
             self.pubs.retain(|(m, seq), _| !(m == node && seq <= upto));
         }
+    }
+
+    /// The newest change of each scope, as `Store::config_newest` reads it.
+    fn config_newest(&self) -> Vec<ConfigChange> {
+        let mut out: BTreeMap<&str, &ConfigChange> = BTreeMap::new();
+        for ((scope, _), c) in &self.config {
+            out.insert(scope, c);
+        }
+        out.into_values().cloned().collect()
     }
 }
 
@@ -147,6 +171,11 @@ struct Worker {
     route: Option<LbRoute>,
     pool_file: Option<Pool>,
     relay_retry_at: u64,
+    /// A configuration being applied by its software (in memory: lost in a crash), and when
+    /// it is done.
+    config_due: Option<(u64, ConfigOrder)>,
+    /// The newest configuration version handed to its software.
+    config_seen: u64,
 }
 
 impl Worker {
@@ -224,6 +253,9 @@ struct Stats {
     pools: u64,
     downs: u64,
     stopped: u64,
+    /// Configuration versions applied by workers, and their replays after a crash.
+    configs_applied: u64,
+    configs_replayed: u64,
 }
 
 struct Sim {
@@ -243,6 +275,9 @@ struct Sim {
     ever_admitted: BTreeSet<NodeId>,
     /// Rejected by an operator, to be accepted again at that time.
     reaccept: BTreeMap<NodeId, u64>,
+    /// What the operator set, by scope key (`None`: deleted), once committed.
+    config_set: BTreeMap<String, Option<Value>>,
+    config_changes: u64,
     violations: Vec<String>,
     stats: Stats,
 }
@@ -431,6 +466,8 @@ impl Sim {
                 route: None,
                 pool_file: None,
                 relay_retry_at: 0,
+                config_due: None,
+                config_seen: 0,
             });
         }
         let mut sim = Sim {
@@ -454,6 +491,8 @@ impl Sim {
             published: BTreeMap::new(),
             ever_admitted: BTreeSet::new(),
             reaccept: BTreeMap::new(),
+            config_set: BTreeMap::new(),
+            config_changes: 0,
             violations: Vec::new(),
             stats: Stats::default(),
         };
@@ -516,7 +555,8 @@ impl Sim {
             disk.machines.values().cloned().collect(),
             disk.pubs.values().cloned().collect(),
             self.now,
-        );
+        )
+        .with_config(disk.config_newest());
         // What it rebuilt is what was committed (up to the fresh `last_seen`).
         let mut rebuilt: Vec<MachineRecord> = core.machines().cloned().collect();
         for m in &mut rebuilt {
@@ -833,6 +873,7 @@ impl Sim {
         let w = &mut self.workers[i];
         w.core = None;
         w.route = None;
+        w.config_due = None;
         w.frozen_until = 0;
         w.restart_at = self.now + downtime;
         if let Some(c) = w.conn.take() {
@@ -918,6 +959,13 @@ impl Sim {
                             self.fail(format!("{name} acks while {standing:?}"));
                         }
                     }
+                    Message::ConfigNotify(n) if n.seq > self.workers[i].disk.config.report_seq => {
+                        let committed = self.workers[i].disk.config.report_seq;
+                        self.fail(format!(
+                            "{name} sends configuration report {} with only {committed} committed",
+                            n.seq
+                        ));
+                    }
                     Message::Notify(n) => {
                         if n.machine != self.workers[i].id() {
                             self.fail(format!("{name} notifies for {:?}", n.machine));
@@ -943,6 +991,25 @@ impl Sim {
                     self.stats.pools += 1;
                 }
                 self.workers[i].pool_file = Some(p);
+            }
+            WorkerOutput::Apply(Effect::Config(order)) => {
+                // (f) in order: a replay after a crash is the version it had, never older.
+                let w = &mut self.workers[i];
+                if order.version < w.config_seen {
+                    let seen = w.config_seen;
+                    self.fail(format!(
+                        "{name} handed configuration {} after {seen}",
+                        order.version
+                    ));
+                }
+                let w = &mut self.workers[i];
+                if order.version == w.config_seen {
+                    self.stats.configs_replayed += 1;
+                }
+                let w = &mut self.workers[i];
+                w.config_seen = order.version;
+                let due = self.now + self.rng.between(1, 300);
+                self.workers[i].config_due = Some((due, order));
             }
             // Nothing here deploys software.
             WorkerOutput::Apply(Effect::Deploy(order)) => {
@@ -1241,6 +1308,22 @@ impl Sim {
                 self.worker_send(i, Message::Heartbeat);
             }
             self.dial_lb(i);
+            if self.workers[i]
+                .config_due
+                .as_ref()
+                .is_some_and(|(due, _)| *due <= now)
+            {
+                let (_, order) = self.workers[i].config_due.take().expect("due");
+                let report = ConfigReport {
+                    version: order.version,
+                    state: "applied".into(),
+                    detail: None,
+                };
+                let core = self.workers[i].core.as_mut().expect("running");
+                core.configured(order.version, report);
+                self.stats.configs_applied += 1;
+                self.worker_flush(i);
+            }
         }
         if let Some(core) = self.ctrl.core.as_mut() {
             if now >= self.ctrl.next_tick {
@@ -1320,6 +1403,9 @@ impl Sim {
         }
         if self.rng.chance(10) {
             self.publish_again();
+        }
+        if self.rng.chance(12) {
+            self.set_config_random();
         }
         if !self.faults_on {
             return;
@@ -1478,6 +1564,62 @@ impl Sim {
             assert!(matches!(e, NotPublished::ChannelFull(_)), "{}: {e}", m.name);
         }
         self.ctrl_flush();
+    }
+
+    /// An operator sets (or deletes) the document of a random scope.
+    fn set_config_random(&mut self) {
+        if self.ctrl.core.is_none() {
+            return;
+        }
+        let w = &self.workers[self.rng.below(self.workers.len() as u64) as usize];
+        let scope = match self.rng.below(3) {
+            0 => Scope::Service("voice".into()),
+            1 => Scope::Component {
+                service: "voice".into(),
+                component: w.info.component.clone(),
+            },
+            _ => Scope::Machine(w.info.name.clone()),
+        };
+        self.config_changes += 1;
+        let n = self.config_changes;
+        let doc = (!self.rng.chance(200)).then(|| {
+            let mut d = json!({ "n": n, "limits": { scope.key(): n } });
+            if self.rng.chance(300) {
+                // Removes what a wider scope set.
+                d["log"] = Value::Null;
+            } else {
+                d["log"] = json!(format!("level-{n}"));
+            }
+            d
+        });
+        let now = self.now;
+        let core = self.ctrl.core.as_mut().expect("up");
+        match core.set_config(&scope, doc.clone(), None, now) {
+            Ok(_) => {
+                self.config_set.insert(scope.key(), doc);
+            }
+            // Deleting what is not there: nothing changed.
+            Err(_) => assert!(doc.is_none()),
+        }
+        // The change is committed before anything it caused is sent.
+        self.ctrl_flush();
+    }
+
+    /// The effective configuration of worker `i` from what the operator set.
+    fn expected_config(&self, i: usize) -> Option<Value> {
+        let info = &self.workers[i].info;
+        let layers = [
+            format!("service/{}", info.service),
+            format!("component/{}/{}", info.service, info.component),
+            format!("machine/{}", info.name),
+        ];
+        let mut out: Option<Value> = None;
+        for l in layers {
+            if let Some(Some(doc)) = self.config_set.get(&l) {
+                configdata::merge(out.get_or_insert_with(|| json!({})), doc);
+            }
+        }
+        out
     }
 
     /// Stops the faults, stops some dependents for good, wakes everything else, accepts
@@ -1725,6 +1867,40 @@ impl Sim {
                 bad.push("(c) the load balancer's pool is not the controller's".to_string());
             }
         }
+        // (f) configuration data.
+        for (i, w) in self.workers.iter().enumerate() {
+            let (Some(c), Some(m)) = (w.core.as_ref(), by_id.get(&w.id())) else {
+                continue;
+            };
+            if w.stopped || m.key_status != KeyStatus::Admitted {
+                continue;
+            }
+            let want = match self.expected_config(i) {
+                Some(v) => Some(configdata::canonical(&v)),
+                None if m.config.version == 0 => None,
+                None => Some("{}".to_owned()),
+            };
+            let have = c.record().config.current.as_ref();
+            if have.map(|o| &o.doc) != want.as_ref() {
+                bad.push(format!(
+                    "(f) {} applied configuration {:?}, its effective one is {want:?}",
+                    w.name(),
+                    have.map(|o| &o.doc)
+                ));
+            }
+            let version = have.map_or(0, |o| o.version);
+            if version != m.config.version
+                || (version > 0 && (m.config.applied != version || m.config.state != "applied"))
+            {
+                bad.push(format!(
+                    "(f) {} applied configuration version {version}; the controller sent {} and recorded {} {:?}",
+                    w.name(),
+                    m.config.version,
+                    m.config.applied,
+                    m.config.state
+                ));
+            }
+        }
         if bad.is_empty() {
             Ok(())
         } else {
@@ -1806,6 +1982,8 @@ fn simulated_cluster_delivers_exactly_once_and_pools_follow() {
                 total.pools += s.pools;
                 total.downs += s.downs;
                 total.stopped += s.stopped;
+                total.configs_applied += s.configs_applied;
+                total.configs_replayed += s.configs_replayed;
             }
             Err(why) => panic!(
                 "seed {seed} failed:\n{why}\nreplay: OUTPOST_SIM_CLUSTER_SEED={seed} cargo nextest run --release -p outpost --test sim_cluster"
@@ -1827,6 +2005,10 @@ fn simulated_cluster_delivers_exactly_once_and_pools_follow() {
             "nothing ever went through the load balancer"
         );
         assert!(total.crashes > 0 && total.ctrl_crashes > 0 && total.accepts > 0);
+        assert!(
+            total.configs_applied > seeds.len() as u64 && total.configs_replayed > 0,
+            "configuration data was hardly applied, or never replayed after a crash"
+        );
     }
 }
 
@@ -1995,7 +2177,7 @@ fn hostile_flood_of_unknown_joins_is_bounded() {
         let conn = n + 1;
         let fp = Fingerprint(*blake3::hash(&n.to_be_bytes()).as_bytes());
         let join = Join {
-            protocol: outpost::wire::PROTOCOL_VERSION,
+            protocol: outpost::wire::CLUSTER_PROTOCOL_VERSION,
             node_id: NodeId(0x000f_100d_0000_0000_0000_0000 | n as u128),
             name: format!("flood-{n}"),
             service: "voice".into(),

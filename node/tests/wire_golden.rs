@@ -15,14 +15,14 @@ use outpost::model::{to_canonical, ElementRecord, EventType, Version};
 use outpost::replication::Core;
 use outpost::wire::{
     decode_frame, encode_frame, Admission, BundleHeader, BundleRequest, CatchUpBatch,
-    CatchUpRequest, Elements, Goodbye, Hello, Join, JoinRefusal, MachineReport, Message, Notify,
-    OriginMark, Publication, Relay, RelayHello, Role, SnapshotChunk, SnapshotEnd, SnapshotEntry,
-    Software, FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION,
+    CatchUpRequest, ConfigNotify, ConfigReport, Elements, Goodbye, Hello, Join, JoinRefusal,
+    MachineReport, Message, Notify, OriginMark, Publication, Relay, RelayHello, Role,
+    SnapshotChunk, SnapshotEnd, SnapshotEntry, Software, FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION,
 };
 use serde_json::json;
 
 /// Variants of [`Message`]; [`variant_index`] must name each of them.
-const VARIANTS: usize = 18;
+const VARIANTS: usize = 20;
 
 /// No wildcard arm: a new variant does not compile until it is given a golden sample here.
 fn variant_index(m: &Message) -> usize {
@@ -45,6 +45,8 @@ fn variant_index(m: &Message) -> usize {
         Message::Relay(_) => 15,
         Message::BundleRequest(_) => 16,
         Message::BundleHeader(_) => 17,
+        Message::ConfigNotify(_) => 18,
+        Message::ConfigNotifyAck { .. } => 19,
     }
 }
 
@@ -402,6 +404,24 @@ fn samples() -> Vec<(&'static str, &'static str, Message)> {
                 total: 3 << 20,
                 offset: 65_536,
             }),
+        ),
+        (
+            "config_notify",
+            "ConfigNotify: the worker's 3rd configuration report, version 12 rolled back",
+            Message::ConfigNotify(ConfigNotify {
+                machine: WORKER,
+                seq: 3,
+                report: ConfigReport {
+                    version: 12,
+                    state: "rolled_back".into(),
+                    detail: Some("the software failed its health check after it".into()),
+                },
+            }),
+        ),
+        (
+            "config_notify_ack",
+            "ConfigNotifyAck: configuration reports up to 3 recorded",
+            Message::ConfigNotifyAck { upto: 3 },
         ),
     ]
 }

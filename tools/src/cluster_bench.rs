@@ -85,8 +85,8 @@ impl Sim {
                     let names = p.members.into_iter().map(|m| m.name).collect();
                     let _ = seen.send(Seen::Pool(self.i, Instant::now(), names));
                 }
-                // The bench deploys nothing.
-                WorkerOutput::Apply(Effect::Deploy(_)) => {}
+                // The bench deploys nothing and sets no configuration data.
+                WorkerOutput::Apply(Effect::Deploy(_) | Effect::Config(_)) => {}
             }
         }
         Ok(())

@@ -55,6 +55,36 @@ pub struct Manifest {
     /// Added to the child's otherwise clean environment.
     pub env: BTreeMap<String, String>,
     pub health: Health,
+    /// Where the machine's configuration data goes and how the software is told.
+    pub config: ConfigSpec,
+}
+
+/// `[config]`: where the worker writes the machine's configuration data, in what format, and
+/// how it tells the software (SIGHUP to its process group unless `reload` names a command).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfigSpec {
+    /// An absolute path; `None`: `DATA_DIR/config.json` (or `.toml`).
+    pub path: Option<std::path::PathBuf>,
+    pub format: ConfigFormat,
+    /// A program of the bundle (relative to its root) and its arguments, run in the bundle
+    /// directory with the software's environment; exit 0 means the software took it.
+    pub reload: Option<Vec<String>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConfigFormat {
+    #[default]
+    Json,
+    Toml,
+}
+
+impl ConfigFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            ConfigFormat::Json => "json",
+            ConfigFormat::Toml => "toml",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,27 +184,11 @@ impl Manifest {
     /// Checks that `exec[0]` is a regular, executable file of the bundle in `dir`, reached
     /// without going through a symlink.
     pub fn check_in_dir(&self, dir: &Path) -> Result<(), ManifestError> {
-        let parts = exec_components(&self.exec[0])?;
-        let path = walk_no_symlinks(dir, &parts).map_err(|r| err("exec[0]", r))?;
-        let shown = &self.exec[0];
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_file() => {
-                let mode = m.permissions().mode();
-                if mode & 0o111 == 0 {
-                    return Err(err(
-                        "exec[0]",
-                        format!("{shown} is not executable (mode {:04o})", mode & 0o7777),
-                    ));
-                }
-                Ok(())
-            }
-            Ok(m) if m.file_type().is_symlink() => Err(err(
-                "exec[0]",
-                format!("{shown} is a symlink; it must be a regular file"),
-            )),
-            Ok(_) => Err(err("exec[0]", format!("{shown} is not a regular file"))),
-            Err(_) => Err(err("exec[0]", format!("{shown} is not in the bundle"))),
+        check_program(dir, "exec[0]", &self.exec[0])?;
+        if let Some(reload) = &self.config.reload {
+            check_program(dir, "config.reload[0]", &reload[0])?;
         }
+        Ok(())
     }
 
     fn from_table(mut t: Table) -> Result<Manifest, ManifestError> {
@@ -185,6 +199,7 @@ impl Manifest {
             "stop_timeout",
             "env",
             "health",
+            "config",
         ];
         if let Some(k) = t.keys().find(|k| !KEYS.contains(&k.as_str())) {
             return Err(err(
@@ -211,6 +226,7 @@ impl Manifest {
         };
         let env = env(t.remove("env"))?;
         let health = health(t.remove("health"))?;
+        let config = config_spec(t.remove("config"))?;
         Ok(Manifest {
             service,
             version,
@@ -218,7 +234,33 @@ impl Manifest {
             stop_timeout,
             env,
             health,
+            config,
         })
+    }
+}
+
+/// `shown` (a path relative to the bundle root) is a regular, executable file of the bundle in
+/// `dir`, reached without going through a symlink.
+fn check_program(dir: &Path, field: &str, shown: &str) -> Result<(), ManifestError> {
+    let parts = program_components(field, shown)?;
+    let path = walk_no_symlinks(dir, &parts).map_err(|r| err(field, r))?;
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_file() => {
+            let mode = m.permissions().mode();
+            if mode & 0o111 == 0 {
+                return Err(err(
+                    field,
+                    format!("{shown} is not executable (mode {:04o})", mode & 0o7777),
+                ));
+            }
+            Ok(())
+        }
+        Ok(m) if m.file_type().is_symlink() => Err(err(
+            field,
+            format!("{shown} is a symlink; it must be a regular file"),
+        )),
+        Ok(_) => Err(err(field, format!("{shown} is not a regular file"))),
+        Err(_) => Err(err(field, format!("{shown} is not in the bundle"))),
     }
 }
 
@@ -271,46 +313,55 @@ fn check_version(v: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
-fn exec_components(exec0: &str) -> Result<Vec<&str>, ManifestError> {
+/// The components of a program path inside the bundle (`exec[0]`, `config.reload[0]`).
+pub(crate) fn program_components<'a>(
+    field: &str,
+    exec0: &'a str,
+) -> Result<Vec<&'a str>, ManifestError> {
     match components(exec0.as_bytes(), EXEC_PATH_BYTES_MAX) {
-        Ok(parts) if parts.is_empty() => Err(err("exec[0]", "names no file")),
+        Ok(parts) if parts.is_empty() => Err(err(field, "names no file")),
         Ok(parts) => Ok(parts),
         Err(PathProblem::Absolute) => Err(err(
-            "exec[0]",
+            field,
             format!("{exec0:?} is absolute; it must be relative to the bundle root"),
         )),
-        Err(PathProblem::Parent) => Err(err("exec[0]", format!("{exec0:?} has a `..` component"))),
+        Err(PathProblem::Parent) => Err(err(field, format!("{exec0:?} has a `..` component"))),
         Err(PathProblem::TooLong(n)) => Err(err(
-            "exec[0]",
+            field,
             format!("{n} bytes (at most {EXEC_PATH_BYTES_MAX})"),
         )),
-        Err(PathProblem::Bad(r)) => Err(err("exec[0]", r)),
+        Err(PathProblem::Bad(r)) => Err(err(field, r)),
     }
 }
 
 fn exec(v: Option<Value>) -> Result<Vec<String>, ManifestError> {
+    command("exec", v)
+}
+
+/// A program of the bundle and its arguments (`exec`, `config.reload`).
+fn command(name: &str, v: Option<Value>) -> Result<Vec<String>, ManifestError> {
     let items = match v {
-        None => return Err(err("exec", "missing")),
+        None => return Err(err(name, "missing")),
         Some(Value::Array(items)) => items,
         Some(v) => {
             return Err(err(
-                "exec",
+                name,
                 format!("expected an array of strings, found {}", type_name(&v)),
             ))
         }
     };
     if items.is_empty() {
-        return Err(err("exec", "empty (name the program to run)"));
+        return Err(err(name, "empty (name the program to run)"));
     }
     if items.len() > EXEC_ARGS_MAX {
         return Err(err(
-            "exec",
+            name,
             format!("{} strings (at most {EXEC_ARGS_MAX})", items.len()),
         ));
     }
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
-        let field = format!("exec[{i}]");
+        let field = format!("{name}[{i}]");
         let Value::String(s) = item else {
             return Err(err(
                 field,
@@ -328,8 +379,76 @@ fn exec(v: Option<Value>) -> Result<Vec<String>, ManifestError> {
         }
         out.push(s);
     }
-    exec_components(&out[0])?;
+    program_components(&format!("{name}[0]"), &out[0])?;
     Ok(out)
+}
+
+fn config_spec(v: Option<Value>) -> Result<ConfigSpec, ManifestError> {
+    let mut t = match v {
+        None => return Ok(ConfigSpec::default()),
+        Some(Value::Table(t)) => t,
+        Some(v) => {
+            return Err(err(
+                "config",
+                format!("expected a table, found {}", type_name(&v)),
+            ))
+        }
+    };
+    const KEYS: &[&str] = &["path", "format", "reload"];
+    if let Some(k) = t.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(err(
+            format!("config.{k}"),
+            format!("unknown key (expected one of {})", KEYS.join(", ")),
+        ));
+    }
+    let path = match t.remove("path") {
+        None => None,
+        Some(Value::String(s)) => {
+            let p = std::path::PathBuf::from(&s);
+            if !p.is_absolute() {
+                return Err(err(
+                    "config.path",
+                    format!("{s:?} must be an absolute path"),
+                ));
+            }
+            if s.len() > EXEC_PATH_BYTES_MAX || s.contains('\0') {
+                return Err(err("config.path", "too long or holds a NUL character"));
+            }
+            if p.components().any(|c| c == std::path::Component::ParentDir) || s.ends_with('/') {
+                return Err(err(
+                    "config.path",
+                    format!("{s:?} must name a file, without `..`"),
+                ));
+            }
+            Some(p)
+        }
+        Some(v) => {
+            return Err(err(
+                "config.path",
+                format!("expected a string, found {}", type_name(&v)),
+            ))
+        }
+    };
+    let format = match t.remove("format") {
+        None => ConfigFormat::Json,
+        Some(Value::String(s)) if s == "json" => ConfigFormat::Json,
+        Some(Value::String(s)) if s == "toml" => ConfigFormat::Toml,
+        Some(v) => {
+            return Err(err(
+                "config.format",
+                format!("expected \"json\" or \"toml\", found {v}"),
+            ))
+        }
+    };
+    let reload = match t.remove("reload") {
+        None => None,
+        v => Some(command("config.reload", v)?),
+    };
+    Ok(ConfigSpec {
+        path,
+        format,
+        reload,
+    })
 }
 
 fn duration(field: &str, v: Value) -> Result<Duration, ManifestError> {

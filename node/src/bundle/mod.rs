@@ -30,7 +30,10 @@ pub use error::BundleError;
 #[doc(hidden)]
 pub use fuzzing::{fuzz_archive, fuzz_bundle_paths, fuzz_manifest};
 pub use install::{Installed, Installer, CURRENT_LINK, PREVIOUS_LINK};
-pub use manifest::{Health, HealthCheck, HttpTarget, Manifest, ManifestError, MANIFEST_FILE};
+pub use manifest::{
+    ConfigFormat, ConfigSpec, Health, HealthCheck, HttpTarget, Manifest, ManifestError,
+    MANIFEST_FILE,
+};
 pub use supervisor::{
     Supervisor, SupervisorError, BACKOFF_MAX, BACKOFF_MIN, BACKOFF_RESET_AFTER, CHILD_PATH,
     PID_FILE,

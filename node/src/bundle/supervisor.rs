@@ -205,11 +205,17 @@ impl Supervisor {
     /// The error says what was checked and what happened, with the last lines of the log when
     /// the software died.
     pub fn check_health(&self) -> Result<(), String> {
+        self.check_health_since(self.started)
+    }
+
+    /// [`Self::check_health`] with an `alive` check counted from `since` (after a reload: the
+    /// software must stay up that long after it was told).
+    pub fn check_health_since(&self, since: Instant) -> Result<(), String> {
         let check = &self.manifest.health.check;
         let timeout = self.manifest.health.timeout;
         match check {
             HealthCheck::Alive(d) => {
-                let deadline = self.started + *d;
+                let deadline = since + *d;
                 loop {
                     if let Some(status) = self.exit_status() {
                         return Err(self.died(check, status));
@@ -304,6 +310,58 @@ impl Supervisor {
             return Err(io::Error::other("the software is not running"));
         }
         procfs::signal_group(st.pid, Signal::HUP)
+    }
+
+    /// The manifest's `config.reload` command, run to completion in the bundle directory with
+    /// the software's environment (its output appended to the log), killed after `timeout`.
+    /// Blocking. `Ok` only when it exited 0.
+    pub fn run_reload_command(&self, command: &[String], timeout: Duration) -> Result<(), String> {
+        let open_log = || {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o640)
+                .open(&self.log_path)
+                .map_err(|e| format!("opening {}: {e}", self.log_path.display()))
+        };
+        let program = self.dir.join(&command[0]);
+        let mut child = Command::new(&program)
+            .args(&command[1..])
+            .current_dir(&self.dir)
+            .env_clear()
+            .env("PATH", CHILD_PATH)
+            .env("HOME", &self.dir)
+            .envs(&self.manifest.env)
+            .envs(&self.extra_env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(open_log()?))
+            .stderr(Stdio::from(open_log()?))
+            .spawn()
+            .map_err(|e| format!("starting the reload command {}: {e}", command[0]))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(st)) if st.success() => return Ok(()),
+                Ok(Some(st)) => {
+                    return Err(format!(
+                        "the reload command {} failed ({st}){}",
+                        command[0],
+                        health::log_tail(&self.log_path)
+                    ))
+                }
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "the reload command {} did not finish within {}",
+                        command[0],
+                        humantime::format_duration(timeout)
+                    ));
+                }
+                Ok(None) => std::thread::sleep(POLL),
+                Err(e) => return Err(format!("waiting for the reload command: {e}")),
+            }
+        }
     }
 
     /// How long to wait before [`Self::restart`]: doubles with each restart from 1 s to 60 s,

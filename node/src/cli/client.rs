@@ -136,20 +136,43 @@ impl ApiClient {
         })
     }
 
+    /// PUTs `bytes` as `content_type` (`outpost config set`).
+    pub fn put_bytes(
+        &self,
+        segments: &[&str],
+        bytes: Vec<u8>,
+        content_type: &str,
+    ) -> Result<Value, ClientError> {
+        self.send(Method::PUT, segments, |r| {
+            r.header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(bytes)
+        })
+    }
+
     fn request(
         &self,
         method: Method,
         segments: &[&str],
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
+        self.send(method, segments, |r| match body {
+            Some(b) => r.json(b),
+            None => r,
+        })
+    }
+
+    fn send(
+        &self,
+        method: Method,
+        segments: &[&str],
+        with_body: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Result<Value, ClientError> {
         let url = self.url(segments);
         let mut req = self.http.request(method, url.clone());
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
-        if let Some(body) = body {
-            req = req.json(body);
-        }
+        req = with_body(req);
         let base = self.base.as_str().trim_end_matches('/').to_owned();
         self.runtime.block_on(async move {
             let resp = req

@@ -172,7 +172,7 @@ fn key_table(list: &[Value]) -> String {
 }
 
 /// Left-aligned columns two spaces apart, no trailing blanks.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {

@@ -117,6 +117,17 @@ impl Connection {
             .map_err(|e| self.report(e))
     }
 
+    pub(super) fn put_bytes(
+        &self,
+        segments: &[&str],
+        bytes: Vec<u8>,
+        content_type: &str,
+    ) -> Result<Value, i32> {
+        self.client
+            .put_bytes(segments, bytes, content_type)
+            .map_err(|e| self.report(e))
+    }
+
     pub(super) fn delete(&self, segments: &[&str]) -> Result<Value, i32> {
         self.client
             .delete_json(segments)

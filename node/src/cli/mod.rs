@@ -7,6 +7,7 @@ mod bundle;
 pub mod client;
 mod cluster;
 mod commands;
+mod configdata;
 mod deploy;
 mod files;
 mod manpage;
@@ -81,7 +82,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Config files.
+    /// Config files (`check`), and a controller's configuration data for its machines
+    /// (`set`, `get`, `delete`, `history`, `rollback`, `effective`).
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
@@ -229,6 +231,68 @@ enum ConfigCommand {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Set the document of a scope (`service/S`, `component/S/C` or `machine/NAME`) on the
+    /// controller: a new version, published to every machine whose effective configuration
+    /// (service, then component, then machine, merged) changed.
+    Set {
+        #[arg(value_name = "SCOPE")]
+        scope: String,
+        /// A JSON object, or TOML when the name ends in `.toml` (or with --toml); `-`: stdin.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Send the document as TOML.
+        #[arg(long)]
+        toml: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Print a scope's current document (its version and time on stderr).
+    Get {
+        #[arg(value_name = "SCOPE")]
+        scope: String,
+        /// Print the API's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a scope's document (a new version; machines fall back to the other scopes).
+    Delete {
+        #[arg(value_name = "SCOPE")]
+        scope: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// A scope's changes, newest first (the newest 32 are kept).
+    History {
+        #[arg(value_name = "SCOPE")]
+        scope: String,
+        /// Print the API's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Make a new version of a scope holding what an older version held.
+    Rollback {
+        #[arg(value_name = "SCOPE")]
+        scope: String,
+        /// The version to go back to (see `history`).
+        #[arg(long, value_name = "N")]
+        version: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// A machine's effective configuration, the version it was sent and what it did with it.
+    Effective {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Print the API's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -351,6 +415,32 @@ fn run_cli() -> i32 {
         Command::Config {
             command: ConfigCommand::Check { role, config },
         } => config_check(role, config),
+        Command::Config { command } => match command {
+            ConfigCommand::Check { .. } => unreachable!("matched above"),
+            ConfigCommand::Set {
+                scope,
+                file,
+                toml,
+                api,
+            } => configdata::set(&target!(api, controller), &scope, &file, toml),
+            ConfigCommand::Get { scope, json, api } => {
+                configdata::get(&target!(api, controller), &scope, json)
+            }
+            ConfigCommand::Delete { scope, api } => {
+                configdata::delete(&target!(api, controller), &scope)
+            }
+            ConfigCommand::History { scope, json, api } => {
+                configdata::history(&target!(api, controller), &scope, json)
+            }
+            ConfigCommand::Rollback {
+                scope,
+                version,
+                api,
+            } => configdata::rollback(&target!(api, controller), &scope, version),
+            ConfigCommand::Effective { name, json, api } => {
+                configdata::effective(&target!(api, controller), &name, json)
+            }
+        },
         Command::Status { json, api } => commands::status(&target!(api, None), json),
         Command::Event {
             account,

@@ -17,6 +17,19 @@ pub enum Body {
     /// controller's signature covers the machine, the channel sequence and (sealed inside) the
     /// deployment, the bundle id and the hash of the bundle sealed to this machine.
     Deploy(DeployOrder),
+    /// Write this configuration where the software expects it and tell the software. The
+    /// machine's effective configuration (service, then component, then machine overrides),
+    /// as the controller computed it.
+    Config(ConfigOrder),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigOrder {
+    /// The configuration version: the cluster-wide number of the change that made this
+    /// machine's configuration what it is. Reported back once applied.
+    pub version: u64,
+    /// The effective configuration, a JSON object (compact, keys sorted).
+    pub doc: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -106,7 +106,9 @@ impl Net {
                     match o {
                         WorkerOutput::ToController(m) => to_ctl.push((w.conn, *id, m)),
                         WorkerOutput::Apply(Effect::Pool(p)) => w.pool = Some(p),
-                        WorkerOutput::Apply(Effect::Route(_) | Effect::Deploy(_)) => {}
+                        WorkerOutput::Apply(
+                            Effect::Route(_) | Effect::Deploy(_) | Effect::Config(_),
+                        ) => {}
                     }
                 }
             }

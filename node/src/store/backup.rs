@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, Key, ReadableDatabase, ReadableTable, TableDefinition, Value};
 
-use super::cluster::{CHANNEL, DEPLOYMENTS, MACHINES};
+use super::cluster::{CHANNEL, CONFIG, DEPLOYMENTS, MACHINES};
 use super::tables::{LOG, MARKS, MESSAGES, META, META_NODE, PEERS, STATE};
 use super::{db_err, decode, NodeMeta, Result, Store, CACHE_BYTES};
 use crate::replication::StoreError;
@@ -92,6 +92,7 @@ impl Store {
             rows += copy_table(&src, &out, MACHINES)?;
             rows += copy_table(&src, &out, CHANNEL)?;
             rows += copy_table(&src, &out, DEPLOYMENTS)?;
+            rows += copy_table(&src, &out, CONFIG)?;
         }
         let log_epoch = mark_restored(&out)?;
         drop(out);

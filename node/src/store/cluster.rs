@@ -7,12 +7,15 @@
 //! machines    u128 node id            controller: MachineRecord (postcard)
 //! channel     (u128 node id, u64 seq) controller: a stored, unacknowledged Publication
 //! deployments u64 deployment id          controller: DeploymentRecord (postcard)
+//! config      (&str scope, u64 version)  controller: ConfigChange (postcard), the newest
+//!                                     `configdata::HISTORY_KEPT` of each scope
 //! meta        &str "worker"           worker: WorkerRecord (postcard)
 //! ```
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{db_err, decode, Result, Store};
+use super::{db_err, decode, Result, Store, StoreError};
+use crate::cluster::controller::configdata::{ConfigChange, HISTORY_KEPT};
 use crate::cluster::controller::core::{Dirty, MachineRecord};
 use crate::cluster::controller::deploy::DeploymentRecord;
 use crate::cluster::worker::core::WorkerRecord;
@@ -21,7 +24,12 @@ use crate::wire::Publication;
 pub(super) const MACHINES: TableDefinition<u128, &[u8]> = TableDefinition::new("machines");
 pub(super) const CHANNEL: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("channel");
 pub(super) const DEPLOYMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("deployments");
+pub(super) const CONFIG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("config");
 const META_WORKER: &str = "worker";
+
+fn corrupt(what: &str, e: postcard::Error) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
 
 fn enc(v: &impl serde::Serialize) -> Vec<u8> {
     postcard::to_stdvec(v).expect("postcard encodes plain structs")
@@ -37,7 +45,10 @@ impl Store {
             Ok(t) => {
                 for row in t.iter().map_err(db_err)? {
                     let (_, v) = row.map_err(db_err)?;
-                    machines.push(decode("machine record", v.value())?);
+                    machines.push(
+                        MachineRecord::decode(v.value())
+                            .map_err(|e| corrupt("machine record", e))?,
+                    );
                 }
             }
             Err(redb::TableError::TableDoesNotExist(_)) => {}
@@ -81,7 +92,7 @@ impl Store {
             }
             let mut m = txn.txn.open_table(MACHINES).map_err(db_err)?;
             for rec in &dirty.machines {
-                m.insert(rec.node_id.0, enc(rec).as_slice())
+                m.insert(rec.node_id.0, rec.encode().as_slice())
                     .map_err(db_err)?;
             }
             for node in &dirty.removed {
@@ -100,8 +111,71 @@ impl Store {
                 c.retain_in((node.0, 0)..=(node.0, u64::MAX), |_, _| false)
                     .map_err(db_err)?;
             }
+            if !dirty.config.is_empty() {
+                let mut t = txn.txn.open_table(CONFIG).map_err(db_err)?;
+                for change in &dirty.config {
+                    let scope = change.scope.as_str();
+                    t.insert((scope, change.version), enc(change).as_slice())
+                        .map_err(db_err)?;
+                    // The scope's newest HISTORY_KEPT stay.
+                    let range = (scope, 0)..=(scope, u64::MAX);
+                    let kept: Vec<u64> = t
+                        .range(range.clone())
+                        .map_err(db_err)?
+                        .rev()
+                        .take(HISTORY_KEPT)
+                        .map(|r| r.map(|(k, _)| k.value().1))
+                        .collect::<std::result::Result<_, _>>()
+                        .map_err(db_err)?;
+                    if let Some(&oldest_kept) = kept.last().filter(|_| kept.len() == HISTORY_KEPT) {
+                        t.retain_in((scope, 0)..(scope, oldest_kept), |_, _| false)
+                            .map_err(db_err)?;
+                    }
+                }
+            }
         }
         txn.commit()
+    }
+
+    /// Controller: the newest configuration change of every scope.
+    pub fn config_newest(&self) -> Result<Vec<ConfigChange>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = match txn.open_table(CONFIG) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(db_err(e)),
+        };
+        let mut newest: Vec<ConfigChange> = Vec::new();
+        for row in t.iter().map_err(db_err)? {
+            let (_, v) = row.map_err(db_err)?;
+            let c: ConfigChange = decode("configuration change", v.value())?;
+            // Keys sort by scope, then version: the last row of a scope is its newest.
+            match newest.last_mut() {
+                Some(last) if last.scope == c.scope => *last = c,
+                _ => newest.push(c),
+            }
+        }
+        Ok(newest)
+    }
+
+    /// Controller: the stored changes of one scope, newest first.
+    pub fn config_history(&self, scope: &str) -> Result<Vec<ConfigChange>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = match txn.open_table(CONFIG) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(db_err(e)),
+        };
+        let mut out = Vec::new();
+        for row in t
+            .range((scope, 0)..=(scope, u64::MAX))
+            .map_err(db_err)?
+            .rev()
+        {
+            let (_, v) = row.map_err(db_err)?;
+            out.push(decode("configuration change", v.value())?);
+        }
+        Ok(out)
     }
 
     /// Controller: one deployment record.
@@ -155,7 +229,7 @@ impl Store {
         };
         let v = meta.get(META_WORKER).map_err(db_err)?;
         match v {
-            Some(v) => decode("worker record", v.value()),
+            Some(v) => WorkerRecord::decode(v.value()).map_err(|e| corrupt("worker record", e)),
             None => Ok(WorkerRecord::default()),
         }
     }
@@ -165,7 +239,7 @@ impl Store {
         let txn = self.begin()?;
         {
             let mut meta = txn.txn.open_table(super::tables::META).map_err(db_err)?;
-            meta.insert(META_WORKER, enc(rec).as_slice())
+            meta.insert(META_WORKER, rec.encode().as_slice())
                 .map_err(db_err)?;
         }
         txn.commit()

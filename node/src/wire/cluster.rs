@@ -146,6 +146,30 @@ pub struct Notify {
     pub report: MachineReport,
 }
 
+/// Where a machine's configuration data stands: the version it was last sent, and what
+/// became of it there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigReport {
+    /// The configuration version this report is about.
+    pub version: u64,
+    /// `applied` (written, the software told and healthy), `rolled_back` (the software failed
+    /// its health check after it; the previous configuration is back), `failed` (could not
+    /// be written).
+    pub state: String,
+    /// Why, when not applied.
+    pub detail: Option<String>,
+}
+
+/// A machine's configuration report, numbered on its own channel: the controller records the
+/// highest applied and acknowledges it with `ConfigNotifyAck`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigNotify {
+    /// Must be the machine of the connection that carries it.
+    pub machine: NodeId,
+    pub seq: u64,
+    pub report: ConfigReport,
+}
+
 /// A dependent's first frame on its connection to its load balancer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayHello {

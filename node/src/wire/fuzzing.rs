@@ -341,9 +341,17 @@ fn check_body_applied(plain: &[u8], before: &WorkerRecord, after: &WorkerRecord)
             assert_eq!(after.pool, before.pool);
             assert_eq!(after.deploy, before.deploy);
         }
+        Body::Config(order) => {
+            assert_eq!(after.pool, before.pool);
+            assert_eq!(after.route, before.route);
+            assert_eq!(after.deploy, before.deploy);
+            assert_eq!(after.config.pending.as_ref(), Some(&order));
+            assert_eq!(after.config.current, before.config.current);
+        }
         Body::Deploy(order) => {
             assert_eq!(after.pool, before.pool);
             assert_eq!(after.route, before.route);
+            assert_eq!(after.config, before.config);
             if after.deploy != before.deploy {
                 let newest = before.deploy.as_ref().map_or(before.last_deployment, |d| {
                     d.deployment.max(before.last_deployment)

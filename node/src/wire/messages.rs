@@ -11,6 +11,10 @@ pub use super::cluster::*;
 
 /// The version of this protocol. A peer speaking another one gets a clear error, not a hang.
 pub const PROTOCOL_VERSION: u16 = 1;
+/// The version of the cluster protocol (controller, workers, relays: `Join` and `RelayHello`).
+/// 2 added configuration data (`Body::Config`, `ConfigNotify`, `ConfigNotifyAck`): a worker
+/// of version 1 could not decode them, so it is refused at its Join with the reason.
+pub const CLUSTER_PROTOCOL_VERSION: u16 = 2;
 
 /// What a node is. Postcard encodes the variant index, so the serde names (used by TOML and
 /// JSON) are free to be lowercase words.
@@ -173,6 +177,12 @@ pub enum Message {
     Relay(Relay),
     BundleRequest(BundleRequest),
     BundleHeader(BundleHeader),
+    /// A worker's report on its configuration data (its own sequence, like `Notify`'s).
+    ConfigNotify(ConfigNotify),
+    /// Every configuration report of the receiver up to `upto` is durably recorded.
+    ConfigNotifyAck {
+        upto: u64,
+    },
 }
 
 impl Message {
@@ -197,6 +207,8 @@ impl Message {
             Message::Relay(_) => "Relay",
             Message::BundleRequest(_) => "BundleRequest",
             Message::BundleHeader(_) => "BundleHeader",
+            Message::ConfigNotify(_) => "ConfigNotify",
+            Message::ConfigNotifyAck { .. } => "ConfigNotifyAck",
         }
     }
 }

@@ -11,6 +11,8 @@
 //!                              "machines":[{"name","node_id","status","reason"?}]}
 //! GET  /v1/deployments        [the same, newest first] (?limit=N, default 20, at most 200)
 //! ```
+//!
+//! Configuration data (`/v1/config/...`) is in `config_api`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,7 +43,7 @@ type ApiResult<T> = Result<T, ApiError>;
 type S = State<Arc<ControllerShared>>;
 
 /// How long a request waits for the core thread (behind a slow commit) before a 503.
-const CORE_WAIT: Duration = Duration::from_secs(30);
+pub(super) const CORE_WAIT: Duration = Duration::from_secs(30);
 
 /// Paths only a datacenter serves.
 const DATACENTER_ONLY: &[&str] = &[
@@ -61,6 +63,17 @@ pub(crate) fn router(shared: Arc<ControllerShared>) -> Router {
         .route(
             "/v1/machines/{name}",
             get(get_machine).delete(delete_machine),
+        )
+        .route(
+            "/v1/machines/{name}/config",
+            get(super::config_api::get_machine_config),
+        )
+        .route(
+            "/v1/config/{*path}",
+            get(super::config_api::get_config)
+                .put(super::config_api::put_config)
+                .delete(super::config_api::delete_config)
+                .post(super::config_api::post_config),
         )
         .route("/v1/keys", get(get_keys))
         .route("/v1/keys/{id}/accept", post(post_accept))
@@ -261,6 +274,7 @@ pub(crate) fn machine_json(m: &MachineView, now: u64) -> Value {
         "last_seen_s_ago": (r.last_seen_ms > 0).then(|| now.saturating_sub(r.last_seen_ms) / 1000),
         "fingerprint": r.fingerprint.to_string(),
         "channel": { "published": r.pub_seq, "acked": r.pub_acked },
+        "config": super::config_api::machine_config_json(r),
         "deployment": r.deploys.last().map(|d| json!({
             "deployment_id": d.deployment,
             "status": status_of(&d.state),
@@ -301,7 +315,7 @@ pub(crate) fn key_json(k: &KeyView) -> Value {
     })
 }
 
-fn rfc3339_ms(ms: u64) -> String {
+pub(super) fn rfc3339_ms(ms: u64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
     humantime::format_rfc3339_seconds(t).to_string()
 }

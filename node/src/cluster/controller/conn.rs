@@ -24,7 +24,7 @@ use super::core::{ConnId, Peer};
 use super::run::ControllerShared;
 use super::thread::{cut, Cmd, ConnHandle, Out};
 use crate::net::{self, cert_id, close};
-use crate::wire::{encode_frame, read_frame, FrameError, Join, Message, PROTOCOL_VERSION};
+use crate::wire::{encode_frame, read_frame, FrameError, Join, Message, CLUSTER_PROTOCOL_VERSION};
 
 /// Connections open at once, past their Join. A constant rather than a config field: each
 /// costs a few tasks and two small queues, and the target is 1,000 workers per controller with
@@ -296,10 +296,10 @@ async fn first_frame(
         .await
         .map_err(|e| ConnError::Gone(format!("no stream: {e}")))?;
     let join = match read_frame(&mut recv, max).await.map_err(frame_error)? {
-        Some(Message::Join(j)) if j.protocol == PROTOCOL_VERSION => j,
+        Some(Message::Join(j)) if j.protocol == CLUSTER_PROTOCOL_VERSION => j,
         Some(Message::Join(j)) => {
             return Err(ConnError::Version(format!(
-                "this controller speaks protocol {PROTOCOL_VERSION}, the worker {}",
+                "this controller speaks protocol {CLUSTER_PROTOCOL_VERSION}, the worker {}",
                 j.protocol
             )))
         }

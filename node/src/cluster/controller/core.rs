@@ -16,13 +16,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::body::{Body, Dependent, LbRoute, Pool, PoolMember};
+use crate::cluster::body::{Body, ConfigOrder, Dependent, LbRoute, Pool, PoolMember};
+use crate::cluster::controller::configdata::{self, ConfigChange, ConfigData, Scope};
 use crate::cluster::keys::{self, ControllerKey};
 use crate::config;
 use crate::ids::{Fingerprint, NodeId};
 use crate::net::close;
 use crate::wire::{
-    Admission, Join, JoinRefusal, MachineReport, Message, Publication, Relay, PROTOCOL_VERSION,
+    Admission, ConfigReport, Join, JoinRefusal, MachineReport, Message, Publication, Relay,
+    CLUSTER_PROTOCOL_VERSION,
 };
 
 /// A connection, numbered by the runtime (never reused within a run).
@@ -127,6 +129,48 @@ pub struct MachineRecord {
     pub route_seq: u64,
     /// The latest deployments sent to it (at most [`DEPLOYS_KEPT`]), oldest first.
     pub deploys: Vec<DeployState>,
+    /// Its configuration data. Not in the record's postcard encoding: the store appends it
+    /// after the record (see [`MachineRecord::encode`]), so records written before it existed
+    /// still decode.
+    #[serde(skip)]
+    pub config: MachineConfig,
+}
+
+/// Where a machine's configuration data stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    /// The version last published to it (0: none) and the blake3 of that document.
+    pub version: u64,
+    pub digest: [u8; 32],
+    /// The publication that carried it.
+    pub seq: u64,
+    /// The newest version it reported applied (0: none).
+    pub applied: u64,
+    /// `pending` (published), `applying` (received), then what it reported: `applied`,
+    /// `rolled_back`, `failed`. Empty: never sent any.
+    pub state: String,
+    pub detail: Option<String>,
+    /// Highest configuration report applied.
+    pub notify_seq: u64,
+}
+
+impl MachineRecord {
+    /// The stored bytes: the record, then its [`MachineConfig`] (both postcard).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = postcard::to_stdvec(self).expect("a record always encodes");
+        out.extend(postcard::to_stdvec(&self.config).expect("plain struct"));
+        out
+    }
+
+    /// From [`MachineRecord::encode`]'s bytes, or a record stored before configuration data
+    /// existed (nothing after it).
+    pub fn decode(bytes: &[u8]) -> Result<MachineRecord, postcard::Error> {
+        let (mut rec, rest) = postcard::take_from_bytes::<MachineRecord>(bytes)?;
+        if !rest.is_empty() {
+            rec.config = postcard::from_bytes(rest)?;
+        }
+        Ok(rec)
+    }
 }
 
 /// How many deployments a machine record remembers.
@@ -161,6 +205,8 @@ pub struct Dirty {
     /// Records to delete (pending keys that gave way to a key with the join token). Applied
     /// after `machines`.
     pub removed: Vec<NodeId>,
+    /// Configuration changes to store (each scope keeps its newest `configdata::HISTORY_KEPT`).
+    pub config: Vec<ConfigChange>,
 }
 
 impl Dirty {
@@ -169,6 +215,7 @@ impl Dirty {
             && self.publications.is_empty()
             && self.acked.is_empty()
             && self.removed.is_empty()
+            && self.config.is_empty()
     }
 }
 
@@ -238,6 +285,23 @@ pub enum NotPublished {
     Seal(String),
 }
 
+/// Why a configuration change was not made.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{0} has no configuration document")]
+    NoDocument(String),
+}
+
+/// What [`ControllerCore::set_config`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSet {
+    pub change: ConfigChange,
+    /// Machines sent a new effective configuration, by name.
+    pub published: Vec<String>,
+    /// Machines whose new configuration waits (their channel is full), with the reason.
+    pub waiting: Vec<(String, String)>,
+}
+
 /// Why a frame from a machine was refused (the connection is closed, nothing is stored).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Refusal {
@@ -261,6 +325,8 @@ pub struct ControllerCore {
     out: Vec<Output>,
     /// Machines whose channel reached its bound (in memory only: logged once per episode).
     full: BTreeSet<NodeId>,
+    /// The current configuration documents.
+    configs: ConfigData,
 }
 
 #[derive(Debug, Clone)]
@@ -318,7 +384,15 @@ impl ControllerCore {
             dirty,
             out: Vec::new(),
             full: BTreeSet::new(),
+            configs: ConfigData::default(),
         }
+    }
+
+    /// The configuration documents, from the newest stored change of each scope (call it
+    /// right after [`ControllerCore::open`]).
+    pub fn with_config(mut self, newest: Vec<ConfigChange>) -> ControllerCore {
+        self.configs = ConfigData::open(newest);
+        self
     }
 
     /// A worker completed the handshake (its certificate proved `peer`) and sent its Join.
@@ -459,6 +533,7 @@ impl ControllerCore {
                     route: None,
                     route_seq: 0,
                     deploys: Vec::new(),
+                    config: MachineConfig::default(),
                 };
                 self.machines.insert(node, rec);
                 self.dirty_machines.insert(node);
@@ -566,6 +641,45 @@ impl ControllerCore {
                 }
                 let upto = self.machines[&node].notify_seq;
                 self.send(conn, Message::NotifyAck { upto });
+            }
+            Message::ConfigNotify(n) => {
+                if n.machine != node {
+                    return self.refuse(
+                        conn,
+                        &format!(
+                            "a configuration report for machine {} on {node}'s key",
+                            n.machine
+                        ),
+                    );
+                }
+                if let Err(reason) = check_config_report(&n.report) {
+                    return self.refuse(conn, &format!("bad configuration report: {reason}"));
+                }
+                let sent = self.machines[&node].config.version;
+                if n.report.version > sent {
+                    return self.refuse(
+                        conn,
+                        &format!(
+                            "reports configuration version {}, only {sent} was sent",
+                            n.report.version
+                        ),
+                    );
+                }
+                let m = self.machines.get_mut(&node).expect("admitted machine");
+                if n.seq > m.config.notify_seq {
+                    let r = n.report;
+                    if r.state == "applied" {
+                        m.config.applied = m.config.applied.max(r.version);
+                    }
+                    if r.version == m.config.version {
+                        m.config.state = r.state;
+                        m.config.detail = r.detail;
+                    }
+                    m.config.notify_seq = n.seq;
+                    self.dirty_machines.insert(node);
+                }
+                let upto = self.machines[&node].config.notify_seq;
+                self.send(conn, Message::ConfigNotifyAck { upto });
             }
             other => self.refuse(conn, &format!("unexpected {} from a worker", other.kind())),
         }
@@ -694,6 +808,7 @@ impl ControllerCore {
         m.route = None;
         m.route_seq = 0;
         m.deploys.clear();
+        m.config = MachineConfig::default();
         m.service_addr = None;
         m.relay_addr = None;
         if m.pub_seq > m.pub_acked {
@@ -783,12 +898,79 @@ impl ControllerCore {
             // it); a pool sent to anyone else changes nothing here.
             Body::Pool(pool) if m.is_load_balancer() => m.pool = Some(pool.clone()),
             Body::Pool(_) => {}
+            Body::Config(order) => {
+                m.config.version = order.version;
+                m.config.digest = *blake3::hash(order.doc.as_bytes()).as_bytes();
+                m.config.seq = seq;
+                m.config.state = "pending".into();
+                m.config.detail = None;
+            }
         }
         self.dirty_machines.insert(machine);
         self.dirty.publications.push(p.clone());
         self.unacked.entry(machine).or_default().insert(seq, p);
         self.send_publication(machine, seq, false, now_ms);
         Ok(seq)
+    }
+
+    /// `PUT /v1/config/SCOPE` (`Some(doc)`) or `DELETE` (`None`): records the change under
+    /// the next version and publishes their new effective configuration to every admitted
+    /// machine whose effective configuration changed (and to no other). A machine whose
+    /// channel is at its bound gets it once it acknowledges. Deleting a scope that has no
+    /// document changes nothing.
+    pub fn set_config(
+        &mut self,
+        scope: &Scope,
+        doc: Option<serde_json::Value>,
+        note: Option<String>,
+        now_ms: u64,
+    ) -> Result<ConfigSet, ConfigError> {
+        if doc.is_none() && self.configs.get(scope).is_none() {
+            return Err(ConfigError::NoDocument(scope.key()));
+        }
+        let change = self.configs.change(scope, doc, note, now_ms);
+        self.dirty.config.push(change.clone());
+        let covered: Vec<NodeId> = self
+            .machines
+            .values()
+            .filter(|m| {
+                m.key_status == KeyStatus::Admitted
+                    && scope.covers(&m.service, &m.component, &m.name)
+            })
+            .map(|m| m.node_id)
+            .collect();
+        let mut set = ConfigSet {
+            change,
+            published: Vec::new(),
+            waiting: Vec::new(),
+        };
+        for node in covered {
+            let name = self.machines[&node].name.clone();
+            match self.update_config(node, now_ms) {
+                Ok(true) => set.published.push(name),
+                Ok(false) => {}
+                Err(e) => set.waiting.push((name, e.to_string())),
+            }
+        }
+        set.published.sort();
+        set.waiting.sort();
+        Ok(set)
+    }
+
+    /// The current document of `scope` and its version.
+    pub fn config(&self, scope: &Scope) -> Option<(u64, &serde_json::Value)> {
+        self.configs.get(scope)
+    }
+
+    /// The machine's effective configuration as it would be published now.
+    pub fn effective_config(&self, node: NodeId) -> Option<serde_json::Value> {
+        let m = self.machines.get(&node)?;
+        self.configs.effective(&m.service, &m.component, &m.name)
+    }
+
+    /// The highest configuration version handed out (0: none).
+    pub fn config_version(&self) -> u64 {
+        self.configs.last_version()
     }
 
     /// What changed since the last call (commit it), and what to send (after the commit).
@@ -1009,6 +1191,8 @@ impl ControllerCore {
             self.recompute_pool(&name, now_ms);
             self.reroute_dependents(&name, now_ms);
         }
+        // At the channel's bound it waits, like a pool.
+        let _ = self.update_config(node, now_ms);
     }
 
     fn seen(&mut self, node: NodeId, now_ms: u64) {
@@ -1048,6 +1232,9 @@ impl ControllerCore {
                 d.state = "delivering".into();
             }
         }
+        if m.config.seq <= upto && m.config.state == "pending" {
+            m.config.state = "applying".into();
+        }
         self.dirty_machines.insert(node);
         self.dirty.acked.push((node, upto));
         if let Some(chan) = self.unacked.get_mut(&node) {
@@ -1072,6 +1259,7 @@ impl ControllerCore {
             if has_lb {
                 self.update_route(node, now_ms);
             }
+            let _ = self.update_config(node, now_ms);
         }
     }
 
@@ -1118,6 +1306,31 @@ impl ControllerCore {
         // At the channel's bound the pool waits: `acked` recomputes it, so only the newest
         // is sent.
         let _ = self.publish(lb_id, &Body::Pool(pool), now_ms);
+    }
+
+    /// Publishes the machine's effective configuration when it differs from what it was last
+    /// sent (a machine that never had any and has none now is sent nothing). `Ok(true)`:
+    /// published.
+    fn update_config(&mut self, node: NodeId, now_ms: u64) -> Result<bool, NotPublished> {
+        let m = &self.machines[&node];
+        if m.key_status != KeyStatus::Admitted {
+            return Ok(false);
+        }
+        let doc = match self.effective_config(node) {
+            Some(v) => configdata::canonical(&v),
+            None if m.config.version == 0 => return Ok(false),
+            // Every document that applied to it was deleted: it is sent an empty one.
+            None => "{}".to_owned(),
+        };
+        if *blake3::hash(doc.as_bytes()).as_bytes() == m.config.digest {
+            return Ok(false);
+        }
+        let order = ConfigOrder {
+            version: self.configs.last_version(),
+            doc,
+        };
+        self.publish(node, &Body::Config(order), now_ms)?;
+        Ok(true)
     }
 
     /// Publishes a dependent's route to its load balancer when it changed.
@@ -1205,9 +1418,9 @@ const TEXT_MAX: usize = 256;
 const DETAIL_MAX: usize = 2048;
 
 fn check_join(j: &Join) -> Result<(), String> {
-    if j.protocol != PROTOCOL_VERSION {
+    if j.protocol != CLUSTER_PROTOCOL_VERSION {
         return Err(format!(
-            "protocol version {} (this controller speaks {PROTOCOL_VERSION})",
+            "protocol version {} (this controller speaks {CLUSTER_PROTOCOL_VERSION})",
             j.protocol
         ));
     }
@@ -1254,6 +1467,16 @@ fn check_report(r: &MachineReport) -> Result<(), String> {
         {
             return Err("software: a field is too long".into());
         }
+    }
+    Ok(())
+}
+
+fn check_config_report(r: &ConfigReport) -> Result<(), String> {
+    if !matches!(r.state.as_str(), "applied" | "rolled_back" | "failed") {
+        return Err(format!("state: unknown {:?}", short(&r.state)));
+    }
+    if r.detail.as_ref().is_some_and(|d| d.len() > DETAIL_MAX) {
+        return Err(format!("detail: more than {DETAIL_MAX} bytes"));
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ use crate::ops::Notifier;
 use crate::store::Store;
 use crate::wire::{
     read_frame, write_frame, Admission, BundleHeader, BundleRequest, Goodbye, Join, MachineReport,
-    Message, Notify, Software, PROTOCOL_VERSION,
+    Message, Notify, Software, CLUSTER_PROTOCOL_VERSION,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -181,7 +181,7 @@ impl Worker {
 
     fn join(&self, token: Option<&str>) -> Join {
         Join {
-            protocol: PROTOCOL_VERSION,
+            protocol: CLUSTER_PROTOCOL_VERSION,
             node_id: self.node,
             name: self.name.clone(),
             service: "voice".into(),

@@ -4,11 +4,15 @@
 //! the HTTP API and `/metrics`, `run` starts and stops it all. Software delivery: `bundles` is
 //! the bundle store (uploads, sealing), `deploy` the deployments (records, the seal worker, the
 //! sweeper of sealed files), `transfer` serves sealed bundles on the workers' connections.
+//! Configuration data: `configdata` versions the documents and merges a machine's effective
+//! configuration; the core publishes it.
 //! Nothing outside `core` decides who is admitted or what a machine is sent.
 
 mod api;
 pub(crate) use api::parse_deployment_request;
 mod bundles;
+mod config_api;
+pub mod configdata;
 mod conn;
 pub mod core;
 pub mod deploy;

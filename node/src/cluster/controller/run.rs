@@ -246,7 +246,8 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
     })?;
     let (machines, pubs) = store.controller_load()?;
     let core_key = ControllerKey::from_secret(&key.secret_bytes())?;
-    let core = ControllerCore::open(settings.clone(), core_key, machines, pubs, now_ms());
+    let core = ControllerCore::open(settings.clone(), core_key, machines, pubs, now_ms())
+        .with_config(store.config_newest()?);
     let deny = PinSet::new(core.rejected_fingerprints());
     let endpoint = crate::net::endpoint_with_policy(
         config.listen,

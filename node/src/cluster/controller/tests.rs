@@ -15,7 +15,7 @@ use crate::net::{self, close, Identity, PinSet, TransportLimits};
 use crate::ops::Notifier;
 use crate::wire::{
     read_frame, write_frame, Admission, Join, JoinRefusal, MachineReport, Message, Notify,
-    PROTOCOL_VERSION,
+    CLUSTER_PROTOCOL_VERSION,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -132,7 +132,7 @@ impl Worker {
 
     fn join(&self, token: Option<&str>) -> Join {
         Join {
-            protocol: PROTOCOL_VERSION,
+            protocol: CLUSTER_PROTOCOL_VERSION,
             node_id: self.node,
             name: self.name.clone(),
             service: "voice".into(),
@@ -452,7 +452,7 @@ async fn bad_input_refused_first_frame_must_be_a_join_of_this_version() {
 
     let mut link = w.dial(&ctl).await;
     let mut join = w.join(None);
-    join.protocol = PROTOCOL_VERSION + 1;
+    join.protocol = CLUSTER_PROTOCOL_VERSION + 1;
     link.send(&Message::Join(join)).await;
     let (code, reason) = link.close_reason().await.unwrap();
     assert_eq!(code, close::VERSION, "{reason}");
@@ -1020,4 +1020,347 @@ fn refusal_log_writes_the_first_of_each_kind_and_one_summary_per_interval() {
     }
     let summary = log.flush(t0 + every * 8).unwrap();
     assert!(summary.contains("84 other"), "{summary}");
+}
+
+impl Http {
+    /// A request with a raw body; the answer's status and JSON.
+    async fn send_body(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Value) {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn put_config(&self, scope: &str, doc: &str) -> Value {
+        let (status, v) = self
+            .send_body(
+                reqwest::Method::PUT,
+                &format!("/v1/config/{scope}"),
+                "application/json",
+                doc.to_owned(),
+            )
+            .await;
+        assert_eq!(status, 200, "PUT {scope}: {v}");
+        v
+    }
+}
+
+impl Link {
+    /// The next configuration publication (opened with `seal`), acknowledging every
+    /// publication on the way.
+    async fn next_config(&mut self, seal: &SealKey) -> crate::cluster::body::ConfigOrder {
+        use crate::cluster::body::Body;
+        loop {
+            match self.next().await {
+                Some(Message::Publication(p)) => {
+                    let body = Body::decode(&seal.open(&p.sealed).unwrap()).unwrap();
+                    self.send(&Message::PublicationAck { upto: p.seq }).await;
+                    if let Body::Config(order) = body {
+                        return order;
+                    }
+                }
+                Some(_) => {}
+                None => panic!("closed before a configuration"),
+            }
+        }
+    }
+}
+
+fn names(v: &Value) -> Vec<String> {
+    v["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Invariant: every configuration change gets the next version and is published, as the
+/// machine's effective configuration (service, then component, then machine), to exactly the
+/// admitted machines whose effective configuration changed; what a machine reports applied is
+/// shown; history and rollback make new versions; versions and documents survive a restart;
+/// bad requests get a 4xx with the reason and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_data_is_versioned_merged_and_sent_only_where_it_changed() {
+    use crate::wire::{ConfigNotify, ConfigReport};
+    use reqwest::Method;
+    use serde_json::json;
+    let dir = temp_dir("config");
+    let token_file = dir.join("join-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let data = dir.join("data");
+    let ctl = start(
+        config(&data, Some(token_file.clone())),
+        Notifier::disabled(),
+    )
+    .await
+    .unwrap();
+    let api = Http::of(&ctl);
+    let cr = Worker::new("cr-1", "call-router", None);
+    let mp1 = Worker::new("mp-1", "media-processor", None);
+    let mp2 = Worker::new("mp-2", "media-processor", None);
+    let mut links = Vec::new();
+    for w in [&cr, &mp1, &mp2] {
+        let (link, a) = w.joined(&ctl, Some(TOKEN)).await;
+        assert!(matches!(a, Admission::Admitted { .. }), "{a:?}");
+        links.push(link);
+    }
+    let [cr_link, mp1_link, mp2_link] = &mut links[..] else {
+        unreachable!()
+    };
+    let doc =
+        |o: &crate::cluster::body::ConfigOrder| -> Value { serde_json::from_str(&o.doc).unwrap() };
+
+    let v = api.put_config("service/voice", r#"{"log": "info"}"#).await;
+    assert_eq!(
+        (v["version"].as_u64(), names(&v)),
+        (Some(1), vec!["cr-1".into(), "mp-1".into(), "mp-2".into()])
+    );
+    for (link, w) in [
+        (&mut *cr_link, &cr),
+        (&mut *mp1_link, &mp1),
+        (&mut *mp2_link, &mp2),
+    ] {
+        let o = link.next_config(&w.seal).await;
+        assert_eq!((o.version, doc(&o)), (1, json!({"log": "info"})));
+    }
+    // TOML for a component: only its machines.
+    let (status, v) = api
+        .send_body(
+            Method::PUT,
+            "/v1/config/component/voice/media-processor",
+            "application/toml",
+            "[limits]\ncalls = 5\n",
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["version"].as_u64(), names(&v)),
+        (Some(2), vec!["mp-1".into(), "mp-2".into()])
+    );
+    for (link, w) in [(&mut *mp1_link, &mp1), (&mut *mp2_link, &mp2)] {
+        let o = link.next_config(&w.seal).await;
+        assert_eq!(
+            (o.version, doc(&o)),
+            (2, json!({"log": "info", "limits": {"calls": 5}}))
+        );
+    }
+    // A machine override removing a key.
+    let v = api.put_config("machine/mp-2", r#"{"log": null}"#).await;
+    assert_eq!(names(&v), vec!["mp-2".to_owned()]);
+    let o = mp2_link.next_config(&mp2.seal).await;
+    assert_eq!((o.version, doc(&o)), (3, json!({"limits": {"calls": 5}})));
+    // The same document again: a new version, nobody's configuration changed.
+    let v = api.put_config("service/voice", r#"{"log": "info"}"#).await;
+    assert_eq!(
+        (v["version"].as_u64(), names(&v)),
+        (Some(4), Vec::<String>::new())
+    );
+    // mp-2 does not take the service's log level: only cr-1 and mp-1 are sent it.
+    let v = api.put_config("service/voice", r#"{"log": "debug"}"#).await;
+    assert_eq!(names(&v), vec!["cr-1".to_owned(), "mp-1".to_owned()]);
+    let o = mp1_link.next_config(&mp1.seal).await;
+    assert_eq!(
+        (o.version, doc(&o)),
+        (5, json!({"log": "debug", "limits": {"calls": 5}}))
+    );
+
+    // mp-1 reports it applied; the machines list shows it.
+    mp1_link
+        .send(&Message::ConfigNotify(ConfigNotify {
+            machine: mp1.node,
+            seq: 1,
+            report: ConfigReport {
+                version: 5,
+                state: "applied".into(),
+                detail: None,
+            },
+        }))
+        .await;
+    assert_eq!(
+        mp1_link.next_control().await,
+        Some(Message::ConfigNotifyAck { upto: 1 })
+    );
+    let m = api.get("/v1/machines/mp-1").await;
+    assert_eq!(
+        m["config"],
+        json!({"version": 5, "applied": 5, "state": "applied", "detail": null}),
+        "{m}"
+    );
+    let m = api.get("/v1/machines/mp-2").await;
+    assert_eq!(m["config"]["version"], 3, "{m}");
+    assert_eq!(m["config"]["applied"], Value::Null, "{m}");
+    let e = api.get("/v1/machines/mp-2/config").await;
+    assert_eq!(e["doc"], json!({"limits": {"calls": 5}}), "{e}");
+
+    // History, newest first, and a rollback that is a new version.
+    let h = api.get("/v1/config/service/voice/history").await;
+    let versions: Vec<u64> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [5, 4, 1]);
+    let (status, v) = api
+        .send_body(
+            Method::POST,
+            "/v1/config/service/voice/rollback",
+            "application/json",
+            r#"{"version": 1}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["version"].as_u64(), names(&v)),
+        (Some(6), vec!["cr-1".into(), "mp-1".into()])
+    );
+    let g = api.get("/v1/config/service/voice").await;
+    assert_eq!(
+        (g["version"].as_u64(), &g["doc"], &g["note"]),
+        (Some(6), &json!({"log": "info"}), &json!("rollback to 1"))
+    );
+    // Deleting the component's document: its machines fall back to the service's.
+    let (status, v) = api
+        .delete("/v1/config/component/voice/media-processor")
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(names(&v), vec!["mp-1".to_owned(), "mp-2".to_owned()]);
+    let o = mp2_link.next_config(&mp2.seal).await;
+    assert_eq!((o.version, doc(&o)), (7, json!({})));
+
+    // Bad requests: the reason, nothing changed.
+    for (method, path, ct, body, want, field) in [
+        (
+            Method::PUT,
+            "/v1/config/service/voice",
+            "application/json",
+            "[1]".to_owned(),
+            400,
+            "body",
+        ),
+        (
+            Method::PUT,
+            "/v1/config/service/voice",
+            "application/json",
+            "{".to_owned(),
+            400,
+            "body",
+        ),
+        (
+            Method::PUT,
+            "/v1/config/service/voice",
+            "application/toml",
+            "a = ".to_owned(),
+            400,
+            "body",
+        ),
+        (
+            Method::PUT,
+            "/v1/config/service/fax",
+            "application/json",
+            "{}".to_owned(),
+            404,
+            "path",
+        ),
+        (
+            Method::PUT,
+            "/v1/config/service/voice",
+            "application/json",
+            format!("{{\"a\": \"{}\"}}", "x".repeat(70_000)),
+            413,
+            "body",
+        ),
+        (
+            Method::POST,
+            "/v1/config/service/voice/rollback",
+            "application/json",
+            r#"{"version": 99}"#.to_owned(),
+            404,
+            "service/voice has no version 99",
+        ),
+        (
+            Method::POST,
+            "/v1/config/service/voice/rollback",
+            "application/json",
+            "{}".to_owned(),
+            400,
+            "version",
+        ),
+        (
+            Method::DELETE,
+            "/v1/config/component/voice/media-processor",
+            "application/json",
+            String::new(),
+            404,
+            "component/voice/media-processor has no",
+        ),
+        (
+            Method::GET,
+            "/v1/config/machine/nobody",
+            "application/json",
+            String::new(),
+            404,
+            "machine/nobody has no",
+        ),
+    ] {
+        let (status, v) = api.send_body(method.clone(), path, ct, body).await;
+        assert_eq!(status, want, "{method} {path}: {v}");
+        let e = v["error"].as_str().unwrap_or_else(|| panic!("{v}"));
+        assert!(e.starts_with(field), "{method} {path}: {e}");
+    }
+    let g = api.get("/v1/config/service/voice").await;
+    assert_eq!(g["version"], 6);
+
+    // A report about a version never sent is hostile: the connection goes.
+    cr_link
+        .send(&Message::ConfigNotify(ConfigNotify {
+            machine: cr.node,
+            seq: 1,
+            report: ConfigReport {
+                version: 99,
+                state: "applied".into(),
+                detail: None,
+            },
+        }))
+        .await;
+    let (code, reason) = cr_link.close_reason().await.unwrap();
+    assert_eq!(code, close::PROTOCOL, "{reason}");
+    assert!(reason.contains("only 6 was sent"), "{reason}");
+    drop(links);
+    ctl.shutdown().await;
+
+    // Restarted: the documents, versions and what mp-1 applied are all there.
+    let ctl = start(config(&data, Some(token_file)), Notifier::disabled())
+        .await
+        .unwrap();
+    let api = Http::of(&ctl);
+    let g = api.get("/v1/config/service/voice").await;
+    assert_eq!(
+        (g["version"].as_u64(), &g["doc"]),
+        (Some(6), &json!({"log": "info"}))
+    );
+    let m = api.get("/v1/machines/mp-1").await;
+    assert_eq!(m["config"]["applied"], 5, "{m}");
+    let v = api.put_config("machine/mp-1", r#"{"x": 1}"#).await;
+    assert_eq!(v["version"], 8, "versions go on after a restart: {v}");
+    ctl.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

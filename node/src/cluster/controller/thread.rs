@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot};
 
+use super::configdata::{ConfigChange, Scope};
 use super::core::{
-    ConnId, ControllerCore, Dirty, KeyActionError, KeyStatus, MachineRecord, Output, Peer, Settings,
+    ConfigError, ConfigSet, ConnId, ControllerCore, Dirty, KeyActionError, KeyStatus,
+    MachineRecord, Output, Peer, Settings,
 };
 use super::deploy::{DeployBook, DeployCmd, DeploymentRecord, SealJob};
 use super::run::ControllerShared;
@@ -100,6 +102,8 @@ pub(crate) enum Cmd {
     Tick,
     /// Deployments: created and recorded here, published by the core (see `deploy`).
     Deploy(Box<DeployCmd>),
+    /// Configuration data: changes (answered after their commit) and reads.
+    Config(ConfigCmd),
     /// Answered after the batch it arrived in: the watchdog's proof that the thread moves.
     Ping {
         reply: oneshot::Sender<()>,
@@ -110,6 +114,50 @@ pub(crate) enum Cmd {
     Backup {
         reply: oneshot::Sender<Result<crate::api::backup::BackupCopy, KeyCmdError>>,
     },
+}
+
+pub(crate) type ConfigReply<T> = oneshot::Sender<Result<T, ConfigCmdError>>;
+
+pub(crate) enum ConfigCmd {
+    /// `PUT` (`Some`) or `DELETE` (`None`) of a scope's document.
+    Set {
+        scope: Scope,
+        doc: Option<serde_json::Value>,
+        reply: ConfigReply<ConfigSet>,
+    },
+    /// A new version holding what version `version` of the scope held.
+    Rollback {
+        scope: Scope,
+        version: u64,
+        reply: ConfigReply<ConfigSet>,
+    },
+    /// The scope's stored changes, newest first (the first is the current one).
+    History {
+        scope: Scope,
+        reply: ConfigReply<Vec<ConfigChange>>,
+    },
+    /// A machine's effective configuration and where it stands.
+    Effective {
+        name: String,
+        reply: ConfigReply<EffectiveView>,
+    },
+}
+
+/// `GET /v1/machines/{name}/config`.
+#[derive(Clone, Debug)]
+pub struct EffectiveView {
+    pub record: MachineRecord,
+    /// What would be published now (`None`: no document applies to it).
+    pub doc: Option<serde_json::Value>,
+}
+
+/// Why a configuration command could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigCmdError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Why an operator command (or a read of the machines) could not be done.
@@ -173,6 +221,8 @@ pub struct Summary {
 
 enum Reply {
     Key(KeyReply, Result<NodeId, KeyActionError>),
+    ConfigSet(ConfigReply<ConfigSet>, Result<ConfigSet, ConfigCmdError>),
+    ConfigRead(ConfigCmd),
     Machines(MachinesReply, Option<String>),
     Ping(oneshot::Sender<()>),
     Backup(oneshot::Sender<Result<crate::api::backup::BackupCopy, KeyCmdError>>),
@@ -316,6 +366,11 @@ impl CoreThread {
                     self.deploy
                         .step(self.core.as_mut(), self.store.as_ref(), *cmd, now)
                 }
+                Cmd::Config(cmd) => {
+                    if let Some(r) = self.config_step(cmd, now) {
+                        replies.push(r);
+                    }
+                }
                 Cmd::Ping { reply } => replies.push(Reply::Ping(reply)),
                 Cmd::Backup { reply } => replies.push(Reply::Backup(reply)),
                 Cmd::Stop => stop = true,
@@ -407,6 +462,9 @@ impl CoreThread {
             };
             journal.push("machine", &m.name, view);
         }
+        for c in &dirty.config {
+            journal.push("config", &c.scope, super::config_api::change_json(c));
+        }
         for id in &dirty.removed {
             journal.push(
                 "machine",
@@ -489,8 +547,114 @@ impl CoreThread {
         }
     }
 
+    /// A configuration change is made in the core now (answered after the commit); a read
+    /// is answered after the batch's commit, so that it sees what the batch changed.
+    fn config_step(&mut self, cmd: ConfigCmd, now: u64) -> Option<Reply> {
+        let (scope, doc, note, reply) = match cmd {
+            ConfigCmd::Set { scope, doc, reply } => (scope, doc, None, reply),
+            ConfigCmd::Rollback {
+                scope,
+                version,
+                reply,
+            } => {
+                let found = match &self.store {
+                    Some(store) => store
+                        .config_history(&scope.key())
+                        .map_err(|e| ConfigCmdError::Unavailable(e.to_string())),
+                    None => Err(ConfigCmdError::Unavailable(self.unavailable().to_string())),
+                }
+                .and_then(|h| {
+                    h.into_iter().find(|c| c.version == version).ok_or_else(|| {
+                        ConfigCmdError::NotFound(format!(
+                            "{} has no version {version} (see its history: the newest {} \
+                             changes of each scope are kept)",
+                            scope.key(),
+                            super::configdata::HISTORY_KEPT
+                        ))
+                    })
+                });
+                let old = match found {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return None;
+                    }
+                };
+                let doc = old.doc.as_deref().map(|t| {
+                    serde_json::from_str(t).expect("a stored document is JSON the store wrote")
+                });
+                (scope, doc, Some(format!("rollback to {version}")), reply)
+            }
+            read => return Some(Reply::ConfigRead(read)),
+        };
+        let Some(core) = self.core.as_mut() else {
+            let _ = reply.send(Err(ConfigCmdError::Unavailable(
+                self.unavailable().to_string(),
+            )));
+            return None;
+        };
+        let r = core
+            .set_config(&scope, doc, note, now)
+            .map_err(|e: ConfigError| ConfigCmdError::NotFound(e.to_string()));
+        if let Ok(set) = &r {
+            tracing::info!(
+                scope = %set.change.scope,
+                version = set.change.version,
+                machines = set.published.len(),
+                "configuration changed"
+            );
+        }
+        Some(Reply::ConfigSet(reply, r))
+    }
+
+    fn answer_config_read(&self, cmd: ConfigCmd) {
+        let unavailable = || ConfigCmdError::Unavailable(self.unavailable().to_string());
+        match cmd {
+            ConfigCmd::History { scope, reply } => {
+                let r = match &self.store {
+                    Some(store) => store
+                        .config_history(&scope.key())
+                        .map_err(|e| ConfigCmdError::Unavailable(e.to_string())),
+                    None => Err(unavailable()),
+                };
+                let _ = reply.send(r);
+            }
+            ConfigCmd::Effective { name, reply } => {
+                let r = match &self.core {
+                    None => Err(unavailable()),
+                    Some(core) => core
+                        .machine_by_name(&name)
+                        .filter(|m| m.key_status == KeyStatus::Admitted)
+                        .map(|m| EffectiveView {
+                            record: m.clone(),
+                            doc: core.effective_config(m.node_id),
+                        })
+                        .ok_or_else(|| {
+                            ConfigCmdError::NotFound(format!("no admitted machine named {name:?}"))
+                        }),
+                };
+                let _ = reply.send(r);
+            }
+            ConfigCmd::Set { reply, .. } | ConfigCmd::Rollback { reply, .. } => {
+                let _ = reply.send(Err(unavailable()));
+            }
+        }
+    }
+
     fn answer(&self, r: Reply, committed: bool) {
         match r {
+            Reply::ConfigSet(reply, result) => {
+                let answer = if committed {
+                    result
+                } else {
+                    Err(ConfigCmdError::Unavailable(
+                        "the controller could not commit this change; nothing was changed, retry"
+                            .into(),
+                    ))
+                };
+                let _ = reply.send(answer);
+            }
+            Reply::ConfigRead(cmd) => self.answer_config_read(cmd),
             Reply::Ping(reply) => {
                 let _ = reply.send(());
             }
@@ -574,13 +738,15 @@ impl CoreThread {
             .map_err(|e| e.to_string())
             .and_then(|s| {
                 let (machines, pubs) = s.controller_load().map_err(|e| e.to_string())?;
-                Ok((s, machines, pubs))
+                let config = s.config_newest().map_err(|e| e.to_string())?;
+                Ok((s, machines, pubs, config))
             });
         let key = ControllerKey::from_secret(&self.key_secret);
         match (opened, key) {
-            (Ok((store, machines, pubs)), Ok(key)) => {
+            (Ok((store, machines, pubs, config)), Ok(key)) => {
                 let core =
-                    ControllerCore::open(self.settings.clone(), key, machines, pubs, now_ms());
+                    ControllerCore::open(self.settings.clone(), key, machines, pubs, now_ms())
+                        .with_config(config);
                 self.shared.deny.replace(core.rejected_fingerprints());
                 self.core = Some(core);
                 self.store = Some(store);

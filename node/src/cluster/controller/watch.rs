@@ -29,7 +29,8 @@ use crate::api::ApiError;
 /// Changes kept for watchers that reconnect.
 pub const JOURNAL_MAX: usize = 4096;
 
-/// One change: `kind` (`machine` or `deployment`), the name it filters by, its view.
+/// One change: `kind` (`machine`, `deployment` or `config`), the name it filters by (a
+/// configuration change's scope), its view.
 struct Change {
     seq: u64,
     kind: &'static str,
@@ -113,14 +114,12 @@ pub(super) async fn get_watch(
     let Query(q) = q.map_err(|e| ApiError::bad(format!("query: {}", e.body_text())))?;
     let kind = match q.kind.as_deref() {
         None => None,
-        Some(k @ ("machine" | "deployment")) => Some(if k == "machine" {
-            "machine"
-        } else {
-            "deployment"
-        }),
+        Some("machine") => Some("machine"),
+        Some("deployment") => Some("deployment"),
+        Some("config") => Some("config"),
         Some(other) => {
             return Err(ApiError::bad(format!(
-                "kind: {other:?} (machine or deployment)"
+                "kind: {other:?} (machine, deployment or config)"
             )))
         }
     };

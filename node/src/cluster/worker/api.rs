@@ -159,6 +159,18 @@ pub fn status(s: &WorkerShared) -> Value {
             })).collect::<Vec<_>>(),
         })
     });
+    let c = &rec.config;
+    let config = json!({
+        "version": c.current.as_ref().map(|o| o.version),
+        "pending": c.pending.as_ref().map(|o| o.version),
+        "report": c.report.as_ref().map(|r| json!({
+            "version": r.version,
+            "state": r.state,
+            "detail": r.detail,
+            "seq": c.report_seq,
+            "acked": c.report_acked,
+        })),
+    });
     let relay: Vec<Value> = s
         .relay
         .lock()
@@ -187,6 +199,7 @@ pub fn status(s: &WorkerShared) -> Value {
         "report": report,
         "route": route,
         "pool": pool,
+        "config": config,
         "relay_connections": relay,
         "software": s.software.view().json(),
         "uptime_s": s.started.elapsed().as_secs(),
@@ -226,6 +239,11 @@ async fn get_metrics(State(s): State<Arc<WorkerShared>>) -> Response {
             "outpost_worker_report_acked",
             "Highest report sequence the controller acknowledged.",
             v.record.report_acked,
+        ),
+        (
+            "outpost_worker_config_version",
+            "Configuration data version in effect (0: none).",
+            v.record.config.current.as_ref().map_or(0, |o| o.version),
         ),
         (
             "outpost_worker_pool_members",

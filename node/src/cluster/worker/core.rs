@@ -10,10 +10,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::body::{Body, DeployOrder, LbRoute, Pool};
+use crate::cluster::body::{Body, ConfigOrder, DeployOrder, LbRoute, Pool};
 use crate::cluster::keys::{ControllerVerifier, KeyError, SealKey};
 use crate::ids::NodeId;
-use crate::wire::{Admission, Join, MachineReport, Message, Notify, Publication, PROTOCOL_VERSION};
+use crate::wire::{
+    Admission, ConfigNotify, ConfigReport, Join, MachineReport, Message, Notify, Publication,
+    CLUSTER_PROTOCOL_VERSION,
+};
 
 /// What the worker keeps in its database (one postcard record).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +40,43 @@ pub struct WorkerRecord {
     /// The highest deployment finished (running, rolled back or failed); an order not above it
     /// is a replay and is refused.
     pub last_deployment: u64,
+    /// Its configuration data. Not in the record's postcard encoding: the store appends it
+    /// (see [`WorkerRecord::encode`]), so records written before it existed still decode.
+    #[serde(skip)]
+    pub config: WorkerConfig,
+}
+
+/// The worker's configuration data and its report channel.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerConfig {
+    /// The configuration in effect: the last one applied with the software healthy after it.
+    pub current: Option<ConfigOrder>,
+    /// Received and not yet applied (applied again after a restart).
+    pub pending: Option<ConfigOrder>,
+    /// The latest configuration report, its sequence, and the highest the controller
+    /// acknowledged.
+    pub report: Option<ConfigReport>,
+    pub report_seq: u64,
+    pub report_acked: u64,
+}
+
+impl WorkerRecord {
+    /// The stored bytes: the record, then its [`WorkerConfig`] (both postcard).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = postcard::to_stdvec(self).expect("a record always encodes");
+        out.extend(postcard::to_stdvec(&self.config).expect("plain struct"));
+        out
+    }
+
+    /// From [`WorkerRecord::encode`]'s bytes, or a record stored before configuration data
+    /// existed (nothing after it).
+    pub fn decode(bytes: &[u8]) -> Result<WorkerRecord, postcard::Error> {
+        let (mut rec, rest) = postcard::take_from_bytes::<WorkerRecord>(bytes)?;
+        if !rest.is_empty() {
+            rec.config = postcard::from_bytes(rest)?;
+        }
+        Ok(rec)
+    }
 }
 
 /// Where the worker stands with its controller.
@@ -57,6 +97,9 @@ pub enum Effect {
     Route(Option<LbRoute>),
     /// Fetch, verify, install and run this software; then call [`WorkerCore::deployed`].
     Deploy(DeployOrder),
+    /// Write this configuration, tell the software, check its health; then call
+    /// [`WorkerCore::configured`].
+    Config(ConfigOrder),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +169,9 @@ impl WorkerCore {
         if let Some(order) = &rec.deploy {
             out.push(WorkerOutput::Apply(Effect::Deploy(order.clone())));
         }
+        if let Some(order) = &rec.config.pending {
+            out.push(WorkerOutput::Apply(Effect::Config(order.clone())));
+        }
         Ok(WorkerCore {
             info,
             seal,
@@ -140,7 +186,7 @@ impl WorkerCore {
     /// The first frame of a new connection to the controller.
     pub fn join(&self) -> Join {
         Join {
-            protocol: PROTOCOL_VERSION,
+            protocol: CLUSTER_PROTOCOL_VERSION,
             node_id: self.info.node_id,
             name: self.info.name.clone(),
             service: self.info.service.clone(),
@@ -205,6 +251,10 @@ impl WorkerCore {
                     self.out
                         .push(WorkerOutput::ToController(Message::Notify(n)));
                 }
+                if let Some(n) = self.unacked_config_report() {
+                    self.out
+                        .push(WorkerOutput::ToController(Message::ConfigNotify(n)));
+                }
                 Ok(())
             }
             Message::Admission(Admission::Rejected { reason }) => {
@@ -228,6 +278,20 @@ impl WorkerCore {
                 }
                 if upto > self.rec.report_acked {
                     self.rec.report_acked = upto;
+                    self.dirty = true;
+                }
+                Ok(())
+            }
+            Message::ConfigNotifyAck { upto } => {
+                let c = &mut self.rec.config;
+                if upto > c.report_seq {
+                    return Err(WorkerRefusal::Hostile(format!(
+                        "acknowledges configuration report {upto}, only {} were sent",
+                        c.report_seq
+                    )));
+                }
+                if upto > c.report_acked {
+                    c.report_acked = upto;
                     self.dirty = true;
                 }
                 Ok(())
@@ -274,6 +338,38 @@ impl WorkerCore {
         }
         self.rec.last_deployment = self.rec.last_deployment.max(deployment);
         self.report(report);
+    }
+
+    /// The configuration `version` was applied (or rolled back, or could not be written):
+    /// `report` says which. Applied, it is the configuration in effect from now on; either
+    /// way it is no longer applied again after a restart. The report goes to the controller.
+    pub fn configured(&mut self, version: u64, report: ConfigReport) {
+        let c = &mut self.rec.config;
+        if let Some(p) = c.pending.take_if(|p| p.version == version) {
+            if report.state == "applied" {
+                c.current = Some(p);
+            }
+        }
+        c.report_seq += 1;
+        c.report = Some(report);
+        self.dirty = true;
+        if self.standing == Standing::Admitted {
+            if let Some(n) = self.unacked_config_report() {
+                self.out
+                    .push(WorkerOutput::ToController(Message::ConfigNotify(n)));
+            }
+        }
+    }
+
+    /// The latest configuration report, if not acknowledged yet.
+    pub fn unacked_config_report(&self) -> Option<ConfigNotify> {
+        let c = &self.rec.config;
+        let report = c.report.clone()?;
+        (c.report_seq > c.report_acked).then_some(ConfigNotify {
+            machine: self.info.node_id,
+            seq: c.report_seq,
+            report,
+        })
     }
 
     /// The record to commit (when changed) and the outputs to perform after the commit.
@@ -385,6 +481,12 @@ impl WorkerCore {
                     self.rec.deploy = Some(order.clone());
                     self.out.push(WorkerOutput::Apply(Effect::Deploy(order)));
                 }
+            }
+            Body::Config(order) => {
+                // A newer one replaces one not yet applied; the software task applies only
+                // the newest it was handed.
+                self.rec.config.pending = Some(order.clone());
+                self.out.push(WorkerOutput::Apply(Effect::Config(order)));
             }
         }
         self.rec.applied = seq;

@@ -861,3 +861,132 @@ async fn sealed_software_delivery_rate() {
     ctl.ep.close(0u32.into(), b"done");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Reads frames (acknowledging every report of either kind) until the configuration report of
+/// `version`.
+async fn config_report(wc: &mut WorkerConn, version: u64) -> crate::wire::ConfigReport {
+    let read = async {
+        loop {
+            let m = read_frame(&mut wc.recv, FRAME_BYTES_MAX_DEFAULT)
+                .await
+                .unwrap_or_else(|e| panic!("waiting for configuration {version}: {e}"))
+                .unwrap_or_else(|| panic!("stream ended waiting for configuration {version}"));
+            match m {
+                Message::Notify(n) => wc.send(Message::NotifyAck { upto: n.seq }).await,
+                Message::ConfigNotify(n) => {
+                    assert_eq!(n.machine, wc.join.node_id);
+                    wc.send(Message::ConfigNotifyAck { upto: n.seq }).await;
+                    if n.report.version == version {
+                        return n.report;
+                    }
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for configuration {version}"))
+}
+
+fn sample_reloads(dir: &Path, bundle_id: &str) -> u64 {
+    sample_state(dir, bundle_id).map_or(0, |s| s["reloads"].parse().unwrap())
+}
+
+/// Invariant: configuration data is written atomically where the software reads it, the
+/// software is told (SIGHUP) and its health checked from then; a configuration after which it
+/// fails its health check is rolled back on this machine (the previous one written back, the
+/// software running again) and reported with the reason; what is in effect survives a restart
+/// of the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_data_is_applied_and_a_bad_one_rolled_back() {
+    use crate::cluster::body::ConfigOrder;
+    use std::os::unix::fs::PermissionsExt;
+    let ctl = FakeController::new();
+    let key = &ctl.key;
+    let dir = temp_dir("config");
+    let voice = pack("voice");
+    let (w, mut wc) = admitted_worker(&ctl, &dir, "media-c").await;
+    let server = Arc::new(Server::default());
+    server.serve(wc.conn.clone());
+    let file = dir.join("config.json");
+
+    // Before any software runs: written, reported applied with the reason it was not told.
+    let good = ConfigOrder {
+        version: 5,
+        doc: r#"{"limits":{"calls":500},"log":"info"}"#.into(),
+    };
+    let p = wc.publication(key, 1, &Body::Config(good.clone()));
+    wc.send(Message::Publication(p)).await;
+    let r = config_report(&mut wc, 5).await;
+    assert_eq!(r.state, "applied", "{r:?}");
+    assert!(r.detail.unwrap().contains("no software runs"));
+    let on_disk: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(on_disk, serde_json::from_str::<Value>(&good.doc).unwrap());
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // The software starts with it in place, and a new version is a SIGHUP.
+    let sealed = seal_to(&wc.join.seal_key, &voice.bytes).unwrap();
+    server.offer(1, sealed.clone(), &[]);
+    publish(&mut wc, key, 2, &order(1, &voice, &sealed)).await;
+    let rs = deployment_reports(&mut wc, 1).await;
+    assert_eq!(rs.last().unwrap().state, "running", "{rs:?}");
+    let pid = state_pid(&dir, &voice.id).unwrap();
+    assert_eq!(sample_reloads(&dir, &voice.id), 0);
+    let better = ConfigOrder {
+        version: 6,
+        doc: r#"{"limits":{"calls":800},"log":"info"}"#.into(),
+    };
+    let p = wc.publication(key, 3, &Body::Config(better.clone()));
+    wc.send(Message::Publication(p)).await;
+    let r = config_report(&mut wc, 6).await;
+    assert_eq!((r.state.as_str(), r.detail.as_deref()), ("applied", None));
+    assert_eq!(sample_reloads(&dir, &voice.id), 1, "the software was told");
+    assert_eq!(state_pid(&dir, &voice.id), Some(pid));
+    let on_disk: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(on_disk["limits"]["calls"], 800);
+
+    // One that makes the software die: rolled back, the reason said, the software back up
+    // with version 6 in its file.
+    let bad = ConfigOrder {
+        version: 7,
+        doc: r#"{"crash_on_reload":true,"limits":{"calls":900}}"#.into(),
+    };
+    let p = wc.publication(key, 4, &Body::Config(bad));
+    wc.send(Message::Publication(p)).await;
+    let r = config_report(&mut wc, 7).await;
+    assert_eq!(r.state, "rolled_back", "{r:?}");
+    let detail = r.detail.unwrap();
+    assert!(
+        detail.contains("health check") && detail.contains("configuration 6 is back"),
+        "{detail}"
+    );
+    let on_disk: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(on_disk["limits"]["calls"], 800, "version 6 is written back");
+    let r = report_where(&mut wc, "running again after the rollback", |r| {
+        r.state == "running"
+    })
+    .await;
+    assert_eq!(r.software, Some(voice.software()));
+    let pid2 = state_pid(&dir, &voice.id).unwrap();
+    assert_ne!(pid2, pid);
+    assert!(alive(pid2));
+    let s = status(&w).await;
+    assert_eq!(s["config"]["version"], 6, "{s}");
+    assert_eq!(s["config"]["report"]["state"], "rolled_back", "{s}");
+    assert_eq!(metric(&w, "outpost_worker_config_version").await, 6);
+
+    // Restarted, the worker keeps version 6 in effect and applies nothing again.
+    w.shutdown().await;
+    let rec = crate::store::Store::open(&dir)
+        .unwrap()
+        .worker_record()
+        .unwrap();
+    assert_eq!(rec.config.current, Some(better));
+    assert_eq!(rec.config.pending, None);
+    ctl.ep.close(0u32.into(), b"done");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -19,7 +19,7 @@ use super::{pool_file, relay, WorkerShared};
 use crate::api::backup::BackupCopy;
 use crate::cluster::body::Pool;
 use crate::store::Store;
-use crate::wire::{Join, MachineReport, Message, Publication};
+use crate::wire::{ConfigReport, Join, MachineReport, Message, Publication};
 
 /// Inputs fed to the core before one commit.
 const BATCH_MAX: usize = 64;
@@ -38,6 +38,8 @@ pub(crate) enum Input {
     Report(MachineReport),
     /// A deployment is finished (running, rolled back or failed): `core.deployed`.
     Deployed(u64, MachineReport),
+    /// A configuration version was applied, rolled back or failed: `core.configured`.
+    Configured(u64, ConfigReport),
     /// Answered after the step it lands in is committed and performed.
     Ping(oneshot::Sender<()>),
     /// `GET /v1/backup`: a consistent copy of the database, written after the step.
@@ -152,6 +154,7 @@ impl Driver {
             }
             Input::Report(r) => self.core.report(r),
             Input::Deployed(d, r) => self.core.deployed(d, r),
+            Input::Configured(v, r) => self.core.configured(v, r),
             Input::Ping(tx) => replies.push(Reply::Ping(tx)),
             Input::Backup(tx) => replies.push(Reply::Backup(tx)),
         }
@@ -178,6 +181,7 @@ impl Driver {
                 }
                 WorkerOutput::Apply(Effect::Route(route)) => relay::set_route(&self.shared, route),
                 WorkerOutput::Apply(Effect::Deploy(order)) => self.shared.software.order(order),
+                WorkerOutput::Apply(Effect::Config(order)) => self.shared.software.configure(order),
             }
         }
         true

@@ -26,7 +26,8 @@ use crate::cluster::body::{Dependent, LbRoute, Pool};
 use crate::ids::{Fingerprint, NodeId};
 use crate::net::{self, close};
 use crate::wire::{
-    read_frame, write_frame, FrameError, Message, Publication, Relay, RelayHello, PROTOCOL_VERSION,
+    read_frame, write_frame, FrameError, Message, Publication, Relay, RelayHello,
+    CLUSTER_PROTOCOL_VERSION,
 };
 
 /// A dependent's RelayHello must arrive within this.
@@ -209,9 +210,9 @@ async fn serve_dependent(shared: Arc<WorkerShared>, conn: quinn::Connection, fp:
         Ok(Err(e)) => return refuse(&shared, &conn, close::PROTOCOL, &e),
         Err(_) => return refuse(&shared, &conn, close::PROTOCOL, "no RelayHello within 10 s"),
     };
-    if hello.protocol != PROTOCOL_VERSION {
+    if hello.protocol != CLUSTER_PROTOCOL_VERSION {
         let why = format!(
-            "dependent speaks protocol {}, this node speaks {PROTOCOL_VERSION}",
+            "dependent speaks protocol {}, this node speaks {CLUSTER_PROTOCOL_VERSION}",
             hello.protocol
         );
         return refuse(&shared, &conn, close::VERSION, &why);
@@ -460,7 +461,7 @@ async fn dependent_session(
         Err(e) => return (false, Some(format!("load balancer {lb}: {e}"))),
     };
     let hello = Message::RelayHello(RelayHello {
-        protocol: PROTOCOL_VERSION,
+        protocol: CLUSTER_PROTOCOL_VERSION,
         node_id: shared.node_id,
         name: shared.name.clone(),
     });

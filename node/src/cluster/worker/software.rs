@@ -18,6 +18,7 @@
 //! reports to the driver like any other input. Blocking work (install, fsync, stop, health
 //! checks) runs on the blocking pool. The deployments themselves are in `software/deploy.rs`.
 
+mod config;
 mod deploy;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -32,8 +33,8 @@ use tokio::time::Instant;
 
 use super::driver::Input;
 use super::WorkerShared;
-use crate::bundle::{Installed, Installer, Supervisor, CURRENT_LINK};
-use crate::cluster::body::DeployOrder;
+use crate::bundle::{ConfigSpec, Installed, Installer, Supervisor, CURRENT_LINK};
+use crate::cluster::body::{ConfigOrder, DeployOrder};
 use crate::cluster::keys::SealKey;
 use crate::wire::{MachineReport, Software};
 
@@ -54,6 +55,8 @@ const ORDERS_MAX: usize = 16;
 #[derive(Default)]
 pub(crate) struct SoftwareShared {
     orders: Mutex<VecDeque<DeployOrder>>,
+    /// The newest configuration order not yet taken up (a newer one replaces it).
+    config: Mutex<Option<ConfigOrder>>,
     reload: AtomicBool,
     wake: Notify,
     view: Mutex<SoftwareView>,
@@ -70,6 +73,18 @@ impl SoftwareShared {
             q.push_back(order);
         }
         self.wake.notify_one();
+    }
+
+    /// A configuration to apply (from the driver, after its commit). Never blocks; an older
+    /// one not yet taken up is replaced (its report says superseded nowhere: only the newest
+    /// version matters, and it is reported).
+    pub(crate) fn configure(&self, order: ConfigOrder) {
+        *self.config.lock().expect("config lock") = Some(order);
+        self.wake.notify_one();
+    }
+
+    fn take_config(&self) -> Option<ConfigOrder> {
+        self.config.lock().expect("config lock").take()
     }
 
     /// The pool file changed: SIGHUP to the software once it runs healthy.
@@ -196,6 +211,11 @@ struct Task {
     /// controller has acknowledged that, the machine reports `running` again, so that a refused
     /// delivery does not keep it out of its load balancer's pool.
     restore_after: Option<u64>,
+    data_dir: PathBuf,
+    /// The configuration in effect (last applied healthy), and where the software last
+    /// started reads it (`None`: no software started yet; the default path).
+    config_current: Option<ConfigOrder>,
+    config_spec: Option<ConfigSpec>,
 }
 
 enum Event {
@@ -277,7 +297,18 @@ pub(crate) async fn run(shared: Arc<WorkerShared>, seal: SealKey, mut stop: watc
     if let Some(a) = shared.config.machine.as_ref().and_then(|m| m.service_addr) {
         extra_env.insert("OUTPOST_SERVICE_ADDR".to_owned(), a.to_string());
     }
+    let config_current = shared
+        .view
+        .lock()
+        .expect("view lock")
+        .record
+        .config
+        .current
+        .clone();
     let mut t = Task {
+        data_dir: data_dir.clone(),
+        config_current,
+        config_spec: None,
         shared,
         seal: Arc::new(seal),
         installer: Arc::new(Mutex::new(installer)),
@@ -426,10 +457,15 @@ impl Task {
 
     /// Starts `installed` and checks its health. Unhealthy, it is stopped and returned (if it
     /// could be started at all) with the reason.
-    async fn launch(&self, installed: &Installed) -> Result<Child, (Option<Child>, String)> {
+    async fn launch(&mut self, installed: &Installed) -> Result<Child, (Option<Child>, String)> {
         let software = software_of(installed);
+        let config_file = self.prepare_config(&installed.manifest.config).await;
         let (dir, manifest) = (installed.dir.clone(), installed.manifest.clone());
-        let (log, env) = (self.log_path.clone(), self.extra_env.clone());
+        let (log, mut env) = (self.log_path.clone(), self.extra_env.clone());
+        env.insert(
+            config::CONFIG_FILE_ENV.to_owned(),
+            config_file.display().to_string(),
+        );
         let sup = match blocking(move || Supervisor::start(&dir, &manifest, &log, &env)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -473,6 +509,7 @@ impl Task {
         if self.shared.software.reload.swap(false, Ordering::Relaxed) {
             self.reload();
         }
+        self.configure().await;
         let orders: Vec<DeployOrder> = self
             .shared
             .software
