@@ -1,7 +1,9 @@
 //! The cluster half of `outpost demo`: a controller and its workers (one load balancer, the
 //! rest media processors behind it) in this process on 127.0.0.1, talking real QUIC and HTTP.
 //! Admission by join token and by an operator's accept, the load balancer's pool following a
-//! dependent that stops and comes back, and the machines table at the end.
+//! dependent that stops and comes back, software delivered and replaced, configuration data
+//! applied everywhere and a bad override rolled back on its one machine, and the machines
+//! table at the end.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -199,6 +201,64 @@ impl Fleet {
             bail!("POST {path}: {status}: {}", v["error"]);
         }
         Ok(v)
+    }
+
+    async fn put_config(&self, scope: &str, doc: &Value) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .put(format!("{}/v1/config/{scope}", self.ctl.api))
+            .bearer_auth(&self.ctl.token)
+            .json(doc)
+            .send()
+            .await?;
+        let status = resp.status();
+        let v: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("PUT /v1/config/{scope}: {status}: {}", v["error"]);
+        }
+        Ok(v)
+    }
+
+    /// Waits until every machine reports its configuration `version` (or, for `name`,
+    /// `name_version`) in a final state; returns each machine's (name, version, state, detail).
+    async fn wait_configs(
+        &self,
+        want: impl Fn(&str) -> u64,
+    ) -> anyhow::Result<(Vec<(String, u64, String, String)>, Duration)> {
+        self.until(
+            "every machine's configuration applied or rolled back",
+            async |f: &Fleet| {
+                let ms = f.get("/v1/machines").await?;
+                let list: Vec<(String, u64, String, String)> = ms
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|m| {
+                        (
+                            m["name"].as_str().unwrap_or("?").to_owned(),
+                            m["config"]["version"].as_u64().unwrap_or(0),
+                            m["config"]["state"].as_str().unwrap_or("").to_owned(),
+                            m["config"]["detail"].as_str().unwrap_or("").to_owned(),
+                        )
+                    })
+                    .collect();
+                let done = list.iter().all(|(n, v, s, _)| {
+                    *v == want(n) && matches!(s.as_str(), "applied" | "rolled_back" | "failed")
+                });
+                Ok(done.then_some(list))
+            },
+        )
+        .await
+    }
+
+    /// The configuration file of worker `i`, as its software reads it.
+    fn config_file(&self, i: usize) -> Value {
+        let path = self.workers[i].0.config.data_dir.join("config.json");
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     /// Polls `check` every 50 ms until it returns `Some`, or fails after [`DEADLINE`].
@@ -428,10 +488,52 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         }
     }
 
-    // 4. What the controller knows.
+    // 4. Configuration data: the service's document everywhere, then an override for one
+    // machine that its software does not survive, rolled back there alone.
+    let doc = serde_json::json!({"log": "info", "max_calls": 500});
+    let t = Instant::now();
+    let set = fleet.put_config("service/voice", &doc).await?;
+    let v1 = set["version"].as_u64().unwrap_or(0);
+    let (list, _) = fleet.wait_configs(|_| v1).await?;
+    let applied = list.iter().filter(|(_, _, s, _)| s == "applied").count();
+    let files_ok = (0..workers).all(|i| fleet.config_file(i) == doc);
+    println!(
+        "11. configuration: service/voice version {v1} {{\"log\":\"info\",\"max_calls\":500}} applied on {applied} of {} workers after {:.1?} (written to each DATA_DIR/config.json, SIGHUP to the software)",
+        list.len(),
+        t.elapsed()
+    );
+    let bad = serde_json::json!({"max_calls": 50, "crash_on_reload": true});
+    let t = Instant::now();
+    let set = fleet.put_config(&format!("machine/{last}"), &bad).await?;
+    let v2 = set["version"].as_u64().unwrap_or(0);
+    let (list2, _) = fleet
+        .wait_configs(|n| if n == last { v2 } else { v1 })
+        .await?;
+    let rolled = list2
+        .iter()
+        .find(|(n, _, _, _)| *n == last)
+        .map(|(_, _, s, d)| (s.clone(), d.clone()))
+        .unwrap_or_default();
+    let others_kept = list2
+        .iter()
+        .filter(|(n, _, _, _)| *n != last)
+        .all(|(_, v, s, _)| *v == v1 && s == "applied");
+    let restored = fleet.config_file(workers - 1) == doc;
+    println!(
+        "12. an override for {last} (version {v2}) makes its software exit on the reload: {} after {:.1?}, version {v1} written back{}; the other workers untouched",
+        rolled.0,
+        t.elapsed(),
+        if restored { "" } else { " (NOT restored)" }
+    );
+    let config_ok =
+        applied == workers && files_ok && rolled.0 == "rolled_back" && others_kept && restored;
+
+    // 5. What the controller knows.
 
     let machines = fleet.get("/v1/machines").await?;
-    println!("\n  MACHINE    STATUS COMPONENT        LB     SOFTWARE          POOL");
+    println!(
+        "\n  MACHINE    STATUS COMPONENT        LB     SOFTWARE          CONFIG            POOL"
+    );
     for m in machines.as_array().cloned().unwrap_or_default() {
         let pool = m["pool"]["members"]
             .as_array()
@@ -451,13 +553,22 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
             ),
             None => "-".to_owned(),
         };
+        let config = match m["config"].as_object() {
+            Some(c) => format!(
+                "v{} {}",
+                c.get("version").and_then(Value::as_u64).unwrap_or(0),
+                c.get("state").and_then(Value::as_str).unwrap_or("?")
+            ),
+            None => "-".to_owned(),
+        };
         println!(
-            "  {:<10} {:<6} {:<16} {:<6} {:<17} {}",
+            "  {:<10} {:<6} {:<16} {:<6} {:<17} {:<17} {}",
             m["name"].as_str().unwrap_or("?"),
             m["status"].as_str().unwrap_or("?"),
             m["component"].as_str().unwrap_or("?"),
             m["load_balancer"].as_str().unwrap_or("-"),
             software,
+            config,
             pool
         );
     }
@@ -466,6 +577,7 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         .is_some_and(|a| a.len() == workers && a.iter().all(|m| m["status"] == "up"));
     let ok = all_up
         && deployed_ok
+        && config_ok
         && fleet.pool() == {
             let mut d = dependents.clone();
             d.sort();
@@ -475,7 +587,7 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         "\n{}",
         if ok {
             format!(
-                "cluster: all {workers} workers admitted, up and running messaging; lb-1's pool lists every dependent"
+                "cluster: all {workers} workers admitted, up and running messaging with their configuration; lb-1's pool lists every dependent"
             )
         } else {
             "cluster: NOT as expected (see above)".to_owned()

@@ -117,6 +117,7 @@ fn machine_table(list: &[Value]) -> String {
         "LB",
         "SOFTWARE",
         "STATE",
+        "CONFIG",
         "LAST-SEEN",
     ];
     let rows: Vec<Vec<String>> = list
@@ -139,11 +140,25 @@ fn machine_table(list: &[Value]) -> String {
                 lb,
                 software,
                 text(m.get("state")),
+                config_cell(m.get("config")),
                 ago(m.get("last_seen_s_ago").and_then(Value::as_u64)),
             ]
         })
         .collect();
     table(&header, &rows)
+}
+
+/// `v3 applied`; `v4 rolled_back (v3 in effect)` when what it runs is older than it was sent.
+fn config_cell(c: Option<&Value>) -> String {
+    let Some(c) = c.filter(|c| c.is_object()) else {
+        return "-".into();
+    };
+    let (version, applied) = (c.get("version"), c.get("applied").and_then(Value::as_u64));
+    let mut cell = format!("v{} {}", text(version), text(c.get("state")));
+    if let Some(a) = applied.filter(|a| Some(*a) != version.and_then(Value::as_u64)) {
+        cell.push_str(&format!(" (v{a} in effect)"));
+    }
+    cell
 }
 
 /// Fingerprints are shown in full by `--json`; the table keeps the first 16 characters.
@@ -205,10 +220,12 @@ mod tests {
             json!({"name": "lb-1", "status": "up", "service": "voice",
                    "component": "load-balancer", "load_balancer": null,
                    "software": {"version": "1.4.2"}, "state": "running",
-                   "last_seen_s_ago": 3, "pool": [{"name": "mp-1"}, {"name": "mp-2"}]}),
+                   "last_seen_s_ago": 3, "pool": [{"name": "mp-1"}, {"name": "mp-2"}],
+                   "config": {"version": 4, "applied": 3, "state": "rolled_back"}}),
             json!({"name": "mp-1", "status": "down", "service": "voice",
                    "component": "media-processor", "load_balancer": "lb-1",
-                   "software": null, "last_seen_s_ago": 600}),
+                   "software": null, "last_seen_s_ago": 600,
+                   "config": {"version": 3, "applied": 3, "state": "applied"}}),
         ]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
@@ -219,6 +236,8 @@ mod tests {
             "{t}"
         );
         assert!(lines[1].ends_with("3s ago"), "{t}");
+        assert!(lines[1].contains("v4 rolled_back (v3 in effect)"), "{t}");
+        assert!(lines[2].contains("v3 applied "), "{t}");
         assert!(
             lines[2].contains(" lb-1 ") && lines[2].contains(" down "),
             "{t}"

@@ -251,6 +251,19 @@ impl Api {
             .json(body);
         decode(req.send().await.map_err(transport)?).await
     }
+
+    pub async fn put_json<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ApiError> {
+        let req = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body);
+        decode(req.send().await.map_err(transport)?).await
+    }
 }
 
 async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ApiError> {

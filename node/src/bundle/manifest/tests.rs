@@ -161,3 +161,40 @@ fn huge_manifest_is_refused_before_parsing() {
     let big = format!("{BASE}# {}\n", "x".repeat(MANIFEST_BYTES_MAX as usize));
     assert_eq!(field_of(&big), "(file)");
 }
+
+/// `[config]`: where configuration data goes and how the software is told; each refusal
+/// names its field.
+#[test]
+fn config_section_parses_and_refusals_name_the_field() {
+    let m = parse(BASE).unwrap();
+    assert_eq!(m.config, ConfigSpec::default());
+    let m = parse(&format!(
+        "{BASE}[config]\npath = \"/etc/voice/outpost.toml\"\nformat = \"toml\"\nreload = [\"bin/reload\", \"--soft\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        m.config,
+        ConfigSpec {
+            path: Some("/etc/voice/outpost.toml".into()),
+            format: ConfigFormat::Toml,
+            reload: Some(vec!["bin/reload".into(), "--soft".into()]),
+        }
+    );
+    for (section, field) in [
+        ("path = \"relative.json\"", "config.path"),
+        ("path = \"/etc/../x\"", "config.path"),
+        ("path = \"/etc/dir/\"", "config.path"),
+        ("path = 3", "config.path"),
+        ("format = \"yaml\"", "config.format"),
+        ("reload = []", "config.reload"),
+        ("reload = [\"/bin/kill\"]", "config.reload[0]"),
+        ("colour = 1", "config.colour"),
+    ] {
+        assert_eq!(
+            field_of(&format!("{BASE}[config]\n{section}\n")),
+            field,
+            "{section}"
+        );
+    }
+    assert_eq!(field_of(&format!("{BASE}config = 1\n")), "config");
+}

@@ -1128,6 +1128,8 @@ async fn configuration_data_is_versioned_merged_and_sent_only_where_it_changed()
     let doc =
         |o: &crate::cluster::body::ConfigOrder| -> Value { serde_json::from_str(&o.doc).unwrap() };
 
+    let (status, mut feed) = Feed::open(&api, "?kind=config").await;
+    assert_eq!(status, 200);
     let v = api.put_config("service/voice", r#"{"log": "info"}"#).await;
     assert_eq!(
         (v["version"].as_u64(), names(&v)),
@@ -1141,6 +1143,24 @@ async fn configuration_data_is_versioned_merged_and_sent_only_where_it_changed()
         let o = link.next_config(&w.seal).await;
         assert_eq!((o.version, doc(&o)), (1, json!({"log": "info"})));
     }
+    // The watch feed carries the change.
+    let c = feed.next().await;
+    assert_eq!(
+        (
+            &c["kind"],
+            &c["name"],
+            &c["config"]["version"],
+            &c["config"]["doc"]
+        ),
+        (
+            &json!("config"),
+            &json!("service/voice"),
+            &json!(1),
+            &json!({"log": "info"})
+        ),
+        "{c}"
+    );
+    drop(feed);
     // TOML for a component: only its machines.
     let (status, v) = api
         .send_body(
