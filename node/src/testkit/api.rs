@@ -244,12 +244,7 @@ impl Api {
         path: &str,
         body: &B,
     ) -> Result<T, ApiError> {
-        let req = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(body);
-        decode(req.send().await.map_err(transport)?).await
+        self.send_json(reqwest::Method::POST, path, body).await
     }
 
     pub async fn put_json<B: Serialize + ?Sized, T: DeserializeOwned>(
@@ -257,9 +252,18 @@ impl Api {
         path: &str,
         body: &B,
     ) -> Result<T, ApiError> {
+        self.send_json(reqwest::Method::PUT, path, body).await
+    }
+
+    async fn send_json<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ApiError> {
         let req = self
             .http
-            .put(format!("{}{path}", self.base))
+            .request(method, format!("{}{path}", self.base))
             .bearer_auth(&self.token)
             .json(body);
         decode(req.send().await.map_err(transport)?).await

@@ -16,6 +16,30 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// of version 1 could not decode them, so it is refused at its Join with the reason.
 pub const CLUSTER_PROTOCOL_VERSION: u16 = 2;
 
+/// A stored record `base` followed by `tail` (both postcard): how a record gains fields without
+/// breaking the ones already stored (postcard has no optional trailing fields). The tail's
+/// fields are `#[serde(skip)]` in the record.
+pub fn encode_with_tail<B: Serialize, T: Serialize>(base: &B, tail: &T) -> Vec<u8> {
+    let mut out = postcard::to_stdvec(base).expect("a record always encodes");
+    out.extend(postcard::to_stdvec(tail).expect("a record always encodes"));
+    out
+}
+
+/// [`encode_with_tail`]'s bytes back; a record stored before the tail existed (nothing after
+/// it) gets the tail's default.
+pub fn decode_with_tail<
+    B: serde::de::DeserializeOwned,
+    T: serde::de::DeserializeOwned + Default,
+>(
+    bytes: &[u8],
+) -> Result<(B, T), postcard::Error> {
+    let (base, rest) = postcard::take_from_bytes::<B>(bytes)?;
+    if rest.is_empty() {
+        return Ok((base, T::default()));
+    }
+    Ok((base, postcard::from_bytes(rest)?))
+}
+
 /// What a node is. Postcard encodes the variant index, so the serde names (used by TOML and
 /// JSON) are free to be lowercase words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -63,18 +63,14 @@ pub struct WorkerConfig {
 impl WorkerRecord {
     /// The stored bytes: the record, then its [`WorkerConfig`] (both postcard).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = postcard::to_stdvec(self).expect("a record always encodes");
-        out.extend(postcard::to_stdvec(&self.config).expect("plain struct"));
-        out
+        crate::wire::encode_with_tail(self, &self.config)
     }
 
     /// From [`WorkerRecord::encode`]'s bytes, or a record stored before configuration data
     /// existed (nothing after it).
     pub fn decode(bytes: &[u8]) -> Result<WorkerRecord, postcard::Error> {
-        let (mut rec, rest) = postcard::take_from_bytes::<WorkerRecord>(bytes)?;
-        if !rest.is_empty() {
-            rec.config = postcard::from_bytes(rest)?;
-        }
+        let (mut rec, tail) = crate::wire::decode_with_tail::<WorkerRecord, _>(bytes)?;
+        rec.config = tail;
         Ok(rec)
     }
 }

@@ -50,6 +50,12 @@ pub(crate) fn render(doc: &str, format: ConfigFormat) -> Result<Vec<u8>, String>
     Ok(text.into_bytes())
 }
 
+/// Renders `doc` as `format` and writes it to `path` atomically.
+fn write_config(path: &Path, doc: &str, format: ConfigFormat) -> Result<(), String> {
+    let bytes = render(doc, format)?;
+    write_atomic(path, &bytes).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
 fn config_report(version: u64, state: &str, detail: Option<String>) -> ConfigReport {
     ConfigReport {
         version,
@@ -72,12 +78,9 @@ impl Task {
         self.config_spec = Some(spec.clone());
         if let Some(current) = &self.config_current {
             let (p, doc, format) = (path.clone(), current.doc.clone(), spec.format);
-            let r = blocking(move || {
-                let bytes = render(&doc, format)?;
-                write_atomic(&p, &bytes).map_err(|e| format!("writing {}: {e}", p.display()))
-            })
-            .await
-            .and_then(|r| r);
+            let r = blocking(move || write_config(&p, &doc, format))
+                .await
+                .and_then(|r| r);
             if let Err(e) = r {
                 self.shared
                     .note_error(format!("configuration for the software: {e}"));
@@ -106,12 +109,9 @@ impl Task {
         let version = order.version;
         let (path, spec) = self.config_target();
         let (p, doc, format) = (path.clone(), order.doc.clone(), spec.format);
-        let written = blocking(move || {
-            let bytes = render(&doc, format)?;
-            write_atomic(&p, &bytes).map_err(|e| format!("writing {}: {e}", p.display()))
-        })
-        .await
-        .and_then(|r| r);
+        let written = blocking(move || write_config(&p, &doc, format))
+            .await
+            .and_then(|r| r);
         if let Err(e) = written {
             return config_report(version, "failed", Some(e));
         }
@@ -147,10 +147,7 @@ impl Task {
         let previous = self.config_current.clone();
         let (p, prev_doc) = (path.clone(), previous.as_ref().map(|c| c.doc.clone()));
         let restored = blocking(move || match prev_doc {
-            Some(doc) => {
-                let bytes = render(&doc, format)?;
-                write_atomic(&p, &bytes).map_err(|e| format!("writing {}: {e}", p.display()))
-            }
+            Some(doc) => write_config(&p, &doc, format),
             None => match std::fs::remove_file(&p) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
