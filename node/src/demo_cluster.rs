@@ -57,8 +57,9 @@ fn token_of(dir: &Path) -> anyhow::Result<String> {
 }
 
 impl Fleet {
-    /// Starts a controller and `workers` workers under `dir`: `lb-1`, then `media-1..`; the last
-    /// one has no join token (it waits for an operator).
+    /// Starts a controller and `workers` workers under `dir`: `lb-1`, the call router `cr-1`
+    /// coupled with it, then `media-1..` behind it; the last one has no join token (it waits
+    /// for an operator).
     pub async fn start(dir: &Path, workers: usize) -> anyhow::Result<Fleet> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let token_file = dir.join("join-token");
@@ -90,14 +91,15 @@ impl Fleet {
             http: reqwest::Client::new(),
         };
         for i in 0..workers {
-            let (name, component, lb) = if i == 0 {
-                ("lb-1".to_owned(), "load-balancer", None)
-            } else {
-                (
-                    format!("media-{i}"),
+            let (name, component, lb) = match i {
+                0 => ("lb-1".to_owned(), "load-balancer", None),
+                // Coupled with lb-1: it hands lb-1 its jobs.
+                1 => ("cr-1".to_owned(), "call-router", Some("lb-1".to_owned())),
+                _ => (
+                    format!("media-{}", i - 1),
                     "media-processor",
                     Some("lb-1".to_owned()),
-                )
+                ),
             };
             let wdir = dir.join(&name);
             node::init(&wdir, Role::Worker, Some(&name))?;
@@ -153,6 +155,26 @@ impl Fleet {
 
     pub fn pool_file(&self) -> PathBuf {
         self.workers[0].0.config.data_dir.join("pool.json")
+    }
+
+    /// The pool file of worker `i` (a call router's holds its load balancer).
+    fn pool_doc(&self, i: usize) -> Value {
+        std::fs::read(self.workers[i].0.config.data_dir.join("pool.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the call router (worker 1) holds lb-1's endpoint with `up`.
+    async fn wait_coupled(&self, up: bool) -> anyhow::Result<(Value, Duration)> {
+        self.until(&format!("cr-1 to hold lb-1 up={up}"), async |f: &Fleet| {
+            let d = f.pool_doc(1);
+            Ok(
+                (d["load_balancer"]["name"] == "lb-1" && d["load_balancer"]["up"] == up)
+                    .then_some(d),
+            )
+        })
+        .await
     }
 
     /// The member names of the load balancer's pool file, sorted.
@@ -412,17 +434,17 @@ impl Fleet {
 
 /// The cluster demo; returns whether every step did what it should.
 pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
-    if workers < 3 {
-        bail!("--workers: at least 3 (a load balancer and two dependents)");
+    if workers < 4 {
+        bail!("--workers: at least 4 (a load balancer, its call router and two dependents)");
     }
     println!(
-        "\ncluster: a controller and {workers} workers (lb-1, media-1..{}) on 127.0.0.1",
-        workers - 1
+        "\ncluster: a controller and {workers} workers (lb-1, its call router cr-1, media-1..{}) on 127.0.0.1",
+        workers - 2
     );
     let mut fleet = Fleet::start(dir, workers).await?;
     let names = fleet.worker_names();
     let last = names.last().cloned().expect("workers");
-    let dependents: Vec<String> = names[1..].to_vec();
+    let dependents: Vec<String> = names[2..].to_vec();
 
     // 1. Admission: the join token admits at once; without it, pending until accepted.
     let ((id, _), _) = fleet
@@ -436,7 +458,7 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         .await
         .context("the token-admitted dependents in lb-1's pool")?;
     println!(
-        "5. lb-1 and {} admitted by join token; {last} waits as pending (key {})",
+        "5. lb-1, cr-1 and {} admitted by join token; {last} waits as pending (key {})",
         admitted_by_token.join(", "),
         &id[..12.min(id.len())]
     );
@@ -449,7 +471,7 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
     );
 
     // 2. A dependent goes down and comes back; the pool follows.
-    let victim = 1;
+    let victim = 2;
     fleet.stop_worker(victim).await;
     let rest: Vec<String> = dependents
         .iter()
@@ -468,9 +490,28 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         names[victim], took
     );
 
-    // 3. Software: voice everywhere, then messaging replaces it.
+    // 3. The call router and its load balancer: lb-1 stops, cr-1 is told; back, told again.
+    let (doc, _) = fleet.wait_coupled(true).await?;
+    let lb_of_router = fleet.pool_doc(0);
+    println!(
+        "9. cr-1 is coupled with lb-1: it holds lb-1's endpoint (jobs to {}, fingerprint {}...), lb-1 knows its router ({}) and its pool leaves it out",
+        doc["load_balancer"]["service_addr"].as_str().unwrap_or("?"),
+        &doc["load_balancer"]["fingerprint"].as_str().unwrap_or("?")[..12],
+        lb_of_router["call_router"]["name"].as_str().unwrap_or("none"),
+    );
+    fleet.stop_worker(0).await;
+    let (_, down) = fleet.wait_coupled(false).await?;
+    fleet.start_worker(0).await?;
+    let (_, up) = fleet.wait_coupled(true).await?;
+    fleet.wait_pool(&dependents).await?;
+    println!(
+        "10. lb-1 stops: cr-1 is told it is down {down:.1?} later; lb-1 comes back: told it is up {up:.1?} after it started"
+    );
+    let coupled_ok = lb_of_router["call_router"]["name"] == "cr-1";
+
+    // 4. Software: voice everywhere, then messaging replaces it.
     let mut deployed_ok = true;
-    for (step, service) in [(9, "voice"), (10, "messaging")] {
+    for (step, service) in [(11, "voice"), (12, "messaging")] {
         let bundle = sample_bundle(dir, service)?;
         let t = Instant::now();
         let (bundle_id, list) = fleet.deploy(service, &bundle).await?;
@@ -481,14 +522,14 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
             &bundle_id[..12.min(bundle_id.len())],
             list.len(),
             t.elapsed(),
-            if step == 10 { " (voice stopped on each)" } else { "" }
+            if step == 12 { " (voice stopped on each)" } else { "" }
         );
         for (name, status, reason) in list.iter().filter(|(_, s, _)| s != "running") {
             println!("    {name}: {status} {reason}");
         }
     }
 
-    // 4. Configuration data: the service's document everywhere, then an override for one
+    // 5. Configuration data: the service's document everywhere, then an override for one
     // machine that its software does not survive, rolled back there alone.
     let doc = serde_json::json!({"log": "info", "max_calls": 500});
     let t = Instant::now();
@@ -498,7 +539,7 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
     let applied = list.iter().filter(|(_, _, s, _)| s == "applied").count();
     let files_ok = (0..workers).all(|i| fleet.config_file(i) == doc);
     println!(
-        "11. configuration: service/voice version {v1} {{\"log\":\"info\",\"max_calls\":500}} applied on {applied} of {} workers after {:.1?} (written to each DATA_DIR/config.json, SIGHUP to the software)",
+        "13. configuration: service/voice version {v1} {{\"log\":\"info\",\"max_calls\":500}} applied on {applied} of {} workers after {:.1?} (written to each DATA_DIR/config.json, SIGHUP to the software)",
         list.len(),
         t.elapsed()
     );
@@ -520,7 +561,7 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         .all(|(_, v, s, _)| *v == v1 && s == "applied");
     let restored = fleet.config_file(workers - 1) == doc;
     println!(
-        "12. an override for {last} (version {v2}) makes its software exit on the reload: {} after {:.1?}, version {v1} written back{}; the other workers untouched",
+        "14. an override for {last} (version {v2}) makes its software exit on the reload: {} after {:.1?}, version {v1} written back{}; the other workers untouched",
         rolled.0,
         t.elapsed(),
         if restored { "" } else { " (NOT restored)" }
@@ -528,11 +569,11 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
     let config_ok =
         applied == workers && files_ok && rolled.0 == "rolled_back" && others_kept && restored;
 
-    // 5. What the controller knows.
+    // 6. What the controller knows.
 
     let machines = fleet.get("/v1/machines").await?;
     println!(
-        "\n  MACHINE    STATUS COMPONENT        LB     SOFTWARE          CONFIG            POOL"
+        "\n  MACHINE    STATUS COMPONENT        LB            SOFTWARE          CONFIG            POOL"
     );
     for m in machines.as_array().cloned().unwrap_or_default() {
         let pool = m["pool"]["members"]
@@ -562,11 +603,16 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
             None => "-".to_owned(),
         };
         println!(
-            "  {:<10} {:<6} {:<16} {:<6} {:<17} {:<17} {}",
+            "  {:<10} {:<6} {:<16} {:<13} {:<17} {:<17} {}",
             m["name"].as_str().unwrap_or("?"),
             m["status"].as_str().unwrap_or("?"),
             m["component"].as_str().unwrap_or("?"),
-            m["load_balancer"].as_str().unwrap_or("-"),
+            match (m["call_router"].as_str(), m["coupling"]["state"].as_str()) {
+                (Some(r), _) => format!("for {r}"),
+                (None, Some(state)) =>
+                    format!("{} {state}", m["load_balancer"].as_str().unwrap_or("-")),
+                _ => m["load_balancer"].as_str().unwrap_or("-").to_owned(),
+            },
             software,
             config,
             pool
@@ -576,6 +622,7 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         .as_array()
         .is_some_and(|a| a.len() == workers && a.iter().all(|m| m["status"] == "up"));
     let ok = all_up
+        && coupled_ok
         && deployed_ok
         && config_ok
         && fleet.pool() == {
@@ -587,7 +634,7 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         "\n{}",
         if ok {
             format!(
-                "cluster: all {workers} workers admitted, up and running messaging with their configuration; lb-1's pool lists every dependent"
+                "cluster: all {workers} workers admitted, up and running messaging with their configuration; lb-1's pool lists every dependent and cr-1 follows lb-1"
             )
         } else {
             "cluster: NOT as expected (see above)".to_owned()

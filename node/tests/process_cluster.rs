@@ -266,3 +266,94 @@ async fn a_removed_machine_leaves_the_pool_file_and_stays_out() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-machine"));
     f.finish().await.unwrap();
 }
+
+/// Waits until the call router's file names `lb` with `up` (the load balancer's endpoint as
+/// the controller last published it).
+async fn wait_coupled(f: &Fleet, router: &str, lb: &str, up: bool) -> Value {
+    wait_for(
+        &format!("{router}'s file to hold {lb} up={up}"),
+        WAIT,
+        || {
+            let doc = f.pool_doc(router);
+            async move {
+                match doc {
+                    Ok(Some(d))
+                        if d["load_balancer"]["name"] == lb && d["load_balancer"]["up"] == up =>
+                    {
+                        Check::Done(d)
+                    }
+                    other => Check::NotYet(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Invariant (issue 13.2): a call router is coupled with its own load balancer. It is
+/// published that load balancer's endpoint (addresses, fingerprint) and told again when it
+/// goes down and comes back; the load balancer knows its router and its dependents, and the
+/// router is never one of its backends. `outpost machines` shows both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_router_follows_its_load_balancer_down_and_up() {
+    let spec = FleetSpec::new(
+        "couple",
+        vec![
+            WorkerSpec::load_balancer("lb-1"),
+            WorkerSpec::dependent("media-a", "lb-1"),
+            WorkerSpec::router("cr-1", "lb-1"),
+        ],
+    );
+    let mut f = Fleet::start(bin(), spec).await.unwrap();
+    wait_pool(&f, "lb-1", &["media-a"]).await;
+    let doc = wait_coupled(&f, "cr-1", "lb-1", true).await;
+    let lb = wait_machine(&f, "lb-1", "up").await;
+    assert_eq!(doc["call_router"], "cr-1", "{doc}");
+    assert_eq!(
+        doc["load_balancer"]["fingerprint"], lb["fingerprint"],
+        "{doc}"
+    );
+    assert_eq!(
+        doc["load_balancer"]["relay_addr"], lb["relay_addr"],
+        "{doc} {lb}"
+    );
+    // The load balancer's side: its router (file and controller) and its dependents.
+    let lb_doc = wait_for("lb-1's file to name its router", WAIT, || {
+        let d = f.pool_doc("lb-1");
+        async move {
+            match d {
+                Ok(Some(d)) if d["call_router"]["name"] == "cr-1" => Check::Done(d),
+                other => Check::NotYet(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        f.pool_names("lb-1").unwrap().unwrap(),
+        vec!["media-a"],
+        "{lb_doc}"
+    );
+    let lb = f.machine("lb-1").await.unwrap().unwrap();
+    assert_eq!(lb["call_router"], "cr-1", "{lb}");
+    assert_eq!(lb["dependents"], serde_json::json!(["media-a"]), "{lb}");
+    let cr = f.machine("cr-1").await.unwrap().unwrap();
+    assert_eq!(cr["coupling"]["state"], "coupled", "{cr}");
+    let out = cli(&f, &["machines"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("pool 1 for cr-1"), "{text}");
+    assert!(text.contains("lb-1 coupled"), "{text}");
+
+    // The load balancer dies: the router is told it is down; back: told it is up.
+    let i = f.index("lb-1");
+    f.cluster.kill9(i).unwrap();
+    wait_machine(&f, "lb-1", "down").await;
+    wait_coupled(&f, "cr-1", "lb-1", false).await;
+    let cr = f.machine("cr-1").await.unwrap().unwrap();
+    assert_eq!(cr["coupling"]["state"], "down", "{cr}");
+    f.cluster.restart(i).unwrap();
+    wait_machine(&f, "lb-1", "up").await;
+    wait_coupled(&f, "cr-1", "lb-1", true).await;
+    f.finish().await.unwrap();
+}

@@ -23,14 +23,17 @@
 //! configuration versions in order (never an older one than it applied), and once healed every
 //! running worker applied exactly its effective configuration as computed here from what the
 //! operator set, under the version the controller last sent it, and the controller recorded it
-//! applied.
+//! applied; (g) coupling: in half the seeds with a call router, it names lb-1 as its dedicated
+//! load balancer; once healed it holds lb-1's endpoint (up), lb-1 holds it as its router, the
+//! controller recorded both, and the files their software reads say the same (a router never
+//! coupled holds nothing).
 //!
 //! `OUTPOST_SIM_CLUSTER_SEEDS=N` runs N seeds (default 800, about 10 s);
 //! `OUTPOST_SIM_CLUSTER_SEED=S` replays one. A failure prints its seed.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use outpost::cluster::body::{Body, ConfigOrder, LbRoute, Pool};
+use outpost::cluster::body::{Body, ConfigOrder, LbEndpoint, LbRoute, Pool, RouterPeer};
 use outpost::cluster::controller::configdata::{self, ConfigChange, Scope};
 use outpost::cluster::controller::core::{
     ConnId, ControllerCore, Dirty, KeyActionError, KeyStatus, MachineRecord, NotPublished, Output,
@@ -40,6 +43,7 @@ use outpost::cluster::keys::{publication_digest, token_proof, ControllerKey, Sea
 use outpost::cluster::worker::core::{
     Effect, JoinInfo, Standing, WorkerCore, WorkerOutput, WorkerRecord, WorkerRefusal,
 };
+use outpost::cluster::worker::pool_file;
 use outpost::ids::{Fingerprint, NodeId};
 use outpost::wire::{
     Admission, ConfigReport, Join, JoinRefusal, MachineReport, Message, Notify, Publication,
@@ -170,6 +174,8 @@ struct Worker {
     /// disk).
     route: Option<LbRoute>,
     pool_file: Option<Pool>,
+    /// The file its software reads (`pool_file::document`), as last written.
+    doc_file: Option<Value>,
     relay_retry_at: u64,
     /// A configuration being applied by its software (in memory: lost in a crash), and when
     /// it is done.
@@ -286,6 +292,8 @@ struct Sim {
 struct Plan {
     dependents: usize,
     standalone: bool,
+    /// The standalone call router names lb-1 as its dedicated load balancer.
+    coupled: bool,
     /// Per worker: presents a valid join token (otherwise an operator accepts it).
     token: Vec<bool>,
     controller_has_token: bool,
@@ -298,6 +306,7 @@ impl Plan {
     fn random(rng: &mut Rng) -> Plan {
         let dependents = rng.between(2, 4) as usize;
         let standalone = rng.chance(500);
+        let coupled = standalone && rng.chance(500);
         let n = 1 + dependents + standalone as usize;
         // A third of the seeds admit by token only, a third by operator only, a third mixed.
         let mode = rng.below(3);
@@ -335,6 +344,7 @@ impl Plan {
         Plan {
             dependents,
             standalone,
+            coupled,
             token,
             controller_has_token,
             faults,
@@ -349,6 +359,7 @@ impl Plan {
         Plan {
             dependents,
             standalone,
+            coupled: standalone,
             token: vec![true; n],
             controller_has_token: true,
             faults: Faults {
@@ -437,7 +448,13 @@ impl Sim {
                     Some(lb_name.clone()),
                     None,
                 ),
-                Kind::Standalone => ("router-1".into(), "call-router".into(), None, None),
+                // Half the seeds couple it with lb-1.
+                Kind::Standalone => (
+                    "router-1".into(),
+                    "call-router".into(),
+                    plan.coupled.then(|| lb_name.clone()),
+                    None,
+                ),
             };
             let info = JoinInfo {
                 node_id,
@@ -465,6 +482,7 @@ impl Sim {
                 stopped: false,
                 route: None,
                 pool_file: None,
+                doc_file: None,
                 relay_retry_at: 0,
                 config_due: None,
                 config_seen: 0,
@@ -991,7 +1009,9 @@ impl Sim {
                     self.stats.pools += 1;
                 }
                 self.workers[i].pool_file = Some(p);
+                self.write_doc(i);
             }
+            WorkerOutput::Apply(Effect::Coupling) => self.write_doc(i),
             WorkerOutput::Apply(Effect::Config(order)) => {
                 // (f) in order: a replay after a crash is the version it had, never older.
                 let w = &mut self.workers[i];
@@ -1022,6 +1042,16 @@ impl Sim {
                 }
                 self.workers[i].route = r;
             }
+        }
+    }
+
+    /// What the driver does for a pool or a coupling: the file written from the committed
+    /// record.
+    fn write_doc(&mut self, i: usize) {
+        let w = &mut self.workers[i];
+        let doc = pool_file::document(&w.info.name, &w.info.component, &w.disk);
+        if doc.is_some() {
+            w.doc_file = doc;
         }
     }
 
@@ -1338,7 +1368,9 @@ impl Sim {
     /// dependents (by its pool's list).
     fn dial_lb(&mut self, d: usize) {
         let w = &self.workers[d];
-        if w.kind != Kind::Dependent || self.relays.contains_key(&d) || self.now < w.relay_retry_at
+        if w.info.load_balancer.is_none()
+            || self.relays.contains_key(&d)
+            || self.now < w.relay_retry_at
         {
             return;
         }
@@ -1739,7 +1771,9 @@ impl Sim {
                 bad.push(format!("{name}: unknown to the controller"));
                 continue;
             };
-            if w.kind == Kind::Dependent && m.key_status == KeyStatus::Admitted {
+            // A coupled call router is among the dependents (it may dial the load balancer)
+            // but never a member.
+            if w.info.load_balancer.is_some() && m.key_status == KeyStatus::Admitted {
                 all_deps.insert(w.id());
             }
             if w.stopped {
@@ -1810,7 +1844,7 @@ impl Sim {
                 bad.push(format!("(d) {name}: its last report is not the final one"));
             }
             // Routes.
-            if w.kind == Kind::Dependent {
+            if w.info.load_balancer.is_some() {
                 let want = Some(LbRoute {
                     name: lb_name.clone(),
                     node_id: lb.id(),
@@ -1865,6 +1899,68 @@ impl Sim {
             }
             if m.pool.as_ref() != c.record().pool.as_ref() {
                 bad.push("(c) the load balancer's pool is not the controller's".to_string());
+            }
+        }
+        // (g) coupling: the call router knows its load balancer (up, as it is at the end) and
+        // the load balancer its router, at the controller, in the record and in the file.
+        for w in &self.workers {
+            let (Some(c), Some(m)) = (w.core.as_ref(), by_id.get(&w.id())) else {
+                continue;
+            };
+            if let Some(doc) = pool_file::document(w.name(), &w.info.component, c.record()) {
+                if w.doc_file.as_ref() != Some(&doc) {
+                    bad.push(format!(
+                        "(g) {}: its file holds {:?}, its record says {doc}",
+                        w.name(),
+                        w.doc_file
+                    ));
+                }
+            }
+            let coupled = self.workers.iter().find(|r| {
+                r.kind == Kind::Standalone && r.info.load_balancer.as_deref() == Some(&lb_name)
+            });
+            let (want, sent) = match w.kind {
+                Kind::Standalone => {
+                    let want = coupled.map(|_| LbEndpoint {
+                        name: lb_name.clone(),
+                        node_id: lb.id(),
+                        service_addr: lb.info.service_addr.clone(),
+                        relay_addr: lb.info.relay_addr.clone(),
+                        fingerprint: lb.fingerprint,
+                        up: true,
+                    });
+                    (
+                        format!("{want:?}"),
+                        (
+                            format!("{:?}", c.record().coupling.endpoint),
+                            format!("{:?}", m.coupling.endpoint.clone().flatten()),
+                        ),
+                    )
+                }
+                Kind::LoadBalancer => {
+                    let want = coupled.map(|r| RouterPeer {
+                        name: r.info.name.clone(),
+                        node_id: r.id(),
+                        service_addr: r.info.service_addr.clone(),
+                        fingerprint: r.fingerprint,
+                    });
+                    (
+                        format!("{want:?}"),
+                        (
+                            format!("{:?}", c.record().coupling.router),
+                            format!("{:?}", m.coupling.router.clone().flatten()),
+                        ),
+                    )
+                }
+                Kind::Dependent => continue,
+            };
+            if sent.0 != want || sent.1 != want {
+                bad.push(format!(
+                    "(g) {}: coupling {} (record), {} (controller), want {want}",
+                    w.name(),
+                    sent.0,
+                    sent.1
+                ));
             }
         }
         // (f) configuration data.

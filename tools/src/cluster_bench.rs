@@ -114,8 +114,8 @@ impl Sim {
                         },
                     );
                 }
-                // The bench deploys nothing.
-                WorkerOutput::Apply(Effect::Deploy(_)) => {}
+                // The bench deploys nothing and couples no router.
+                WorkerOutput::Apply(Effect::Deploy(_) | Effect::Coupling) => {}
             }
         }
         Ok(())

@@ -123,10 +123,17 @@ fn machine_table(list: &[Value]) -> String {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|m| {
-            // A load balancer shows its pool's size where a dependent shows its LB.
-            let lb = match m.get("pool").and_then(Value::as_array) {
-                Some(pool) => format!("pool {}", pool.len()),
-                None => text(m.get("load_balancer")),
+            // A load balancer shows its pool's size and its router where a dependent shows
+            // its LB, and a call router its LB with the coupling's state.
+            let lb = match (m.get("pool").and_then(Value::as_array), m.get("coupling")) {
+                (Some(pool), _) => match m.get("call_router").and_then(Value::as_str) {
+                    Some(r) => format!("pool {} for {r}", pool.len()),
+                    None => format!("pool {}", pool.len()),
+                },
+                (None, Some(c)) if c.get("load_balancer").is_some_and(Value::is_string) => {
+                    format!("{} {}", text(c.get("load_balancer")), text(c.get("state")))
+                }
+                _ => text(m.get("load_balancer")),
             };
             let software = match m.get("software") {
                 Some(sw @ Value::Object(_)) => text(sw.get("version")),

@@ -55,7 +55,7 @@ enum Command {
     Demo {
         #[arg(long, default_value_t = 3, value_name = "N")]
         datacenters: usize,
-        #[arg(long, default_value_t = 3, value_name = "N")]
+        #[arg(long, default_value_t = 4, value_name = "N")]
         workers: usize,
         #[arg(long, default_value_t = 1000, value_name = "N")]
         events: usize,

@@ -21,6 +21,36 @@ pub enum Body {
     /// machine's effective configuration (service, then component, then machine overrides),
     /// as the controller computed it.
     Config(ConfigOrder),
+    /// To a call router: the load balancer dedicated to it, the one it hands its jobs to
+    /// (`None`: it names none that is admitted, or that load balancer serves another router).
+    /// Sent again whenever that load balancer goes down, comes back or is replaced.
+    Coupled(Option<LbEndpoint>),
+    /// To a load balancer: the call router it serves (`None`: none). Its dependents come in
+    /// its [`Pool`].
+    Router(Option<RouterPeer>),
+}
+
+/// A call router's load balancer, as the router's software needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbEndpoint {
+    pub name: String,
+    pub node_id: NodeId,
+    /// Where its software takes jobs (`host:port`).
+    pub service_addr: Option<String>,
+    /// Its relay's QUIC `host:port`.
+    pub relay_addr: Option<String>,
+    pub fingerprint: Fingerprint,
+    /// Heard from within the controller's `down_after`.
+    pub up: bool,
+}
+
+/// The call router a load balancer serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterPeer {
+    pub name: String,
+    pub node_id: NodeId,
+    pub service_addr: Option<String>,
+    pub fingerprint: Fingerprint,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -107,7 +107,10 @@ impl Net {
                         WorkerOutput::ToController(m) => to_ctl.push((w.conn, *id, m)),
                         WorkerOutput::Apply(Effect::Pool(p)) => w.pool = Some(p),
                         WorkerOutput::Apply(
-                            Effect::Route(_) | Effect::Deploy(_) | Effect::Config(_),
+                            Effect::Route(_)
+                            | Effect::Deploy(_)
+                            | Effect::Config(_)
+                            | Effect::Coupling,
                         ) => {}
                     }
                 }
@@ -192,6 +195,83 @@ fn admission_pool_and_a_dependent_going_down_and_up() {
         let m = net.ctl.machines().find(|m| m.node_id == *id).unwrap();
         assert_eq!(m.key_status, KeyStatus::Admitted);
         assert_eq!(w.core.record().applied, m.pub_seq, "{}", m.name);
+    }
+}
+
+/// The call router's load balancer as the router last applied it: (name, fingerprint, up).
+fn coupled(net: &Net, router: NodeId) -> Option<(String, Fingerprint, bool)> {
+    let e = net.workers[&router]
+        .core
+        .record()
+        .coupling
+        .endpoint
+        .clone()?;
+    Some((e.name, e.fingerprint, e.up))
+}
+
+fn router_of(net: &Net, lb: NodeId) -> Option<String> {
+    let r = net.workers[&lb].core.record().coupling.router.clone()?;
+    Some(r.name)
+}
+
+/// Invariant: a call router is coupled with one dedicated load balancer, the one it names,
+/// and always knows where it is and whether it is up; the load balancer knows its router and
+/// never takes the router for one of its backends; a second router naming the same load
+/// balancer gets none until the first leaves; a replaced load balancer is published anew.
+#[test]
+fn a_call_router_is_coupled_with_its_own_load_balancer_through_down_up_and_replacement() {
+    let mut net = Net::new();
+    let lb = net.add(1, "lb-1", "load-balancer", None, true);
+    let _mp = net.add(2, "media-a", "media-processor", Some("lb-1"), true);
+    let cr1 = net.add(3, "cr-1", "call-router", Some("lb-1"), true);
+    net.now = 10;
+    let cr2 = net.add(4, "cr-2", "call-router", Some("lb-1"), true);
+    let lb_fp = net.workers[&lb].fp;
+    assert_eq!(coupled(&net, cr1), Some(("lb-1".into(), lb_fp, true)));
+    assert_eq!(coupled(&net, cr2), None, "lb-1 is dedicated to cr-1");
+    assert_eq!(router_of(&net, lb), Some("cr-1".into()));
+    // The router is the load balancer's client: never a backend, but allowed to dial it.
+    assert_eq!(net.pool_names(lb), vec!["media-a"]);
+    let pool = net.workers[&lb].core.record().pool.clone().unwrap();
+    assert!(pool.dependents.iter().any(|d| d.name == "cr-1"));
+    let rec = net.ctl.machine_by_name("cr-1").unwrap();
+    assert_eq!(
+        rec.coupling.endpoint.clone().flatten().map(|e| e.name),
+        Some("lb-1".into())
+    );
+
+    // lb-1 goes silent: cr-1 is told it is down, then that it is back.
+    for t in 1..=5 {
+        net.now = 10 + t * 300;
+        net.heartbeat(&[cr1, cr2, _mp]);
+    }
+    assert_eq!(coupled(&net, cr1), Some(("lb-1".into(), lb_fp, false)));
+    net.heartbeat(&[lb, cr1, cr2, _mp]);
+    assert_eq!(coupled(&net, cr1), Some(("lb-1".into(), lb_fp, true)));
+
+    // lb-1 is replaced: removed (cr-1 told it has none), and a new machine under the same
+    // name (another key) is published to cr-1 in its place, and told its router.
+    net.ctl.remove("lb-1", net.now).unwrap();
+    net.pump();
+    assert_eq!(coupled(&net, cr1), None);
+    let lb_new = net.add(9, "lb-1", "load-balancer", None, true);
+    let new_fp = net.workers[&lb_new].fp;
+    assert_ne!(new_fp, lb_fp);
+    assert_eq!(coupled(&net, cr1), Some(("lb-1".into(), new_fp, true)));
+    assert_eq!(router_of(&net, lb_new), Some("cr-1".into()));
+    assert_eq!(net.pool_names(lb_new), vec!["media-a"]);
+
+    // cr-1 leaves: lb-1 now serves cr-2, which is told where it is.
+    net.ctl.remove("cr-1", net.now).unwrap();
+    net.pump();
+    assert_eq!(router_of(&net, lb_new), Some("cr-2".into()));
+    assert_eq!(coupled(&net, cr2), Some(("lb-1".into(), new_fp, true)));
+    assert_eq!(net.ctl.unacked_len(), 0);
+    for (id, w) in &net.workers {
+        let m = net.ctl.machines().find(|m| m.node_id == *id).unwrap();
+        if m.key_status == KeyStatus::Admitted {
+            assert_eq!(w.core.record().applied, m.pub_seq, "{}", m.name);
+        }
     }
 }
 

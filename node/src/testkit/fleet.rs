@@ -41,6 +41,16 @@ impl WorkerSpec {
         }
     }
 
+    /// A call router coupled with the load balancer `lb`.
+    pub fn router(name: &str, lb: &str) -> WorkerSpec {
+        WorkerSpec {
+            name: name.into(),
+            component: "call-router".into(),
+            load_balancer: Some(lb.into()),
+            join_token: true,
+        }
+    }
+
     pub fn without_token(mut self) -> WorkerSpec {
         self.join_token = false;
         self
@@ -144,6 +154,19 @@ impl Fleet {
     /// The pool file a load balancer wrote.
     pub fn pool_file(&self, lb: &str) -> PathBuf {
         self.info(lb).data_dir.join("pool.json")
+    }
+
+    /// The pool file of worker `name` (a load balancer's pool and router, a call router's load
+    /// balancer); `None` before it is written.
+    pub fn pool_doc(&self, name: &str) -> anyhow::Result<Option<Value>> {
+        let path = self.pool_file(name);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => Ok(Some(serde_json::from_str(&t).with_context(|| {
+                format!("{} is not JSON: {t:?}", path.display())
+            })?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
     }
 
     /// The names in a load balancer's pool file, sorted; `None` before it is written.

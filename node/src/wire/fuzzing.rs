@@ -348,6 +348,22 @@ fn check_body_applied(plain: &[u8], before: &WorkerRecord, after: &WorkerRecord)
             assert_eq!(after.config.pending.as_ref(), Some(&order));
             assert_eq!(after.config.current, before.config.current);
         }
+        Body::Coupled(endpoint) => {
+            assert_eq!(after.pool, before.pool);
+            assert_eq!(after.route, before.route);
+            assert_eq!(after.deploy, before.deploy);
+            assert_eq!(after.config, before.config);
+            assert_eq!(after.coupling.endpoint, endpoint);
+            assert_eq!(after.coupling.router, before.coupling.router);
+        }
+        Body::Router(router) => {
+            assert_eq!(after.pool, before.pool);
+            assert_eq!(after.route, before.route);
+            assert_eq!(after.deploy, before.deploy);
+            assert_eq!(after.config, before.config);
+            assert_eq!(after.coupling.router, router);
+            assert_eq!(after.coupling.endpoint, before.coupling.endpoint);
+        }
         Body::Deploy(order) => {
             assert_eq!(after.pool, before.pool);
             assert_eq!(after.route, before.route);

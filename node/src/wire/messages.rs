@@ -13,8 +13,9 @@ pub use super::cluster::*;
 pub const PROTOCOL_VERSION: u16 = 1;
 /// The version of the cluster protocol (controller, workers, relays: `Join` and `RelayHello`).
 /// 2 added configuration data (`Body::Config`, `ConfigNotify`, `ConfigNotifyAck`): a worker
-/// of version 1 could not decode them, so it is refused at its Join with the reason.
-pub const CLUSTER_PROTOCOL_VERSION: u16 = 2;
+/// of version 1 could not decode them, so it is refused at its Join with the reason. 3 added
+/// the coupling of call routers and load balancers (`Body::Coupled`, `Body::Router`).
+pub const CLUSTER_PROTOCOL_VERSION: u16 = 3;
 
 /// A stored record `base` followed by `tail` (both postcard): how a record gains fields without
 /// breaking the ones already stored (postcard has no optional trailing fields). The tail's
@@ -38,6 +39,27 @@ pub fn decode_with_tail<
         return Ok((base, T::default()));
     }
     Ok((base, postcard::from_bytes(rest)?))
+}
+
+/// Like [`decode_with_tail`] for a record whose tail grew a second part (encoded with
+/// `encode_with_tail(base, &(first, second))`): a record stored with only the first part, or
+/// none, gets the defaults of what is missing.
+pub fn decode_with_tail2<
+    B: serde::de::DeserializeOwned,
+    T: serde::de::DeserializeOwned + Default,
+    U: serde::de::DeserializeOwned + Default,
+>(
+    bytes: &[u8],
+) -> Result<(B, T, U), postcard::Error> {
+    let (base, rest) = postcard::take_from_bytes::<B>(bytes)?;
+    if rest.is_empty() {
+        return Ok((base, T::default(), U::default()));
+    }
+    let (first, rest) = postcard::take_from_bytes::<T>(rest)?;
+    if rest.is_empty() {
+        return Ok((base, first, U::default()));
+    }
+    Ok((base, first, postcard::from_bytes(rest)?))
 }
 
 /// What a node is. Postcard encodes the variant index, so the serde names (used by TOML and

@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 use super::bundles::{self, UploadError, UPLOADS_MAX};
 use super::conn::CONNECTIONS_MAX;
-use super::core::{KeyActionError, KeyStatus};
+use super::core::{KeyActionError, KeyStatus, MachineRecord};
 use super::deploy::{ask_core, status_of, DeployCmd, DeployError, DeploymentView, NewDeployment};
 use super::run::ControllerShared;
 use super::thread::{Cmd, KeyCmdError, KeyView, MachineView};
@@ -300,8 +300,51 @@ pub(crate) fn machine_json(m: &MachineView, now: u64) -> Value {
             .unwrap_or_default();
         v["pool"] = Value::Array(members);
         v["relay_addr"] = json!(r.relay_addr);
+        // What identifies it: the call router it serves and the dependents it manages
+        // (up or not; the pool above lists those taking jobs).
+        let router = r.coupling.router.clone().flatten();
+        v["call_router"] = json!(router.as_ref().map(|p| &p.name));
+        v["dependents"] = r
+            .pool
+            .as_ref()
+            .map(|p| {
+                p.dependents
+                    .iter()
+                    .filter(|d| router.as_ref().is_none_or(|x| x.node_id != d.node_id))
+                    .map(|d| json!(d.name))
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
+    if r.is_call_router() {
+        v["coupling"] = coupling_json(r);
     }
     v
+}
+
+/// A call router's coupling, as last published to it: `coupled` (its load balancer is up),
+/// `down` (it is down), `uncoupled` (the load balancer it names is not admitted or serves
+/// another router), `none` (it names none).
+fn coupling_json(r: &MachineRecord) -> Value {
+    let endpoint = r.coupling.endpoint.clone().flatten();
+    let state = match (&r.load_balancer, &endpoint) {
+        (None, _) => "none",
+        (Some(_), Some(e)) if e.up => "coupled",
+        (Some(_), Some(_)) => "down",
+        (Some(_), None) => "uncoupled",
+    };
+    json!({
+        "load_balancer": r.load_balancer,
+        "state": state,
+        "endpoint": endpoint.map(|e| json!({
+            "name": e.name,
+            "node_id": e.node_id.to_string(),
+            "service_addr": e.service_addr,
+            "relay_addr": e.relay_addr,
+            "fingerprint": e.fingerprint.to_string(),
+            "up": e.up,
+        })),
+    })
 }
 
 pub(crate) fn key_json(k: &KeyView) -> Value {

@@ -16,7 +16,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::body::{Body, ConfigOrder, Dependent, LbRoute, Pool, PoolMember};
+use crate::cluster::body::{
+    Body, ConfigOrder, Dependent, LbEndpoint, LbRoute, Pool, PoolMember, RouterPeer,
+};
 use crate::cluster::controller::configdata::{self, ConfigChange, ConfigData, Scope};
 use crate::cluster::keys::{self, ControllerKey};
 use crate::config;
@@ -32,6 +34,9 @@ pub type ConnId = u64;
 
 /// The component that load-balances for others.
 pub const LOAD_BALANCER: &str = "load-balancer";
+/// The component coupled with a dedicated load balancer: the one it names in
+/// `load_balancer` takes its jobs (it is not one of that load balancer's backends).
+pub const CALL_ROUTER: &str = "call-router";
 
 /// Default bound of a machine's channel of unacknowledged publications ([`Settings::channel_max`]).
 /// A machine that applies what it is sent holds a few; one that stopped acknowledging (hung,
@@ -134,6 +139,19 @@ pub struct MachineRecord {
     /// still decode.
     #[serde(skip)]
     pub config: MachineConfig,
+    /// A call router's or a load balancer's coupling; stored after `config`, like it.
+    #[serde(skip)]
+    pub coupling: Coupling,
+}
+
+/// What a call router or a load balancer was last published about its coupling, so that it is
+/// published again only when that changes. `None`: never published.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coupling {
+    /// A call router: its load balancer (`Some(None)`: it was told it has none).
+    pub endpoint: Option<Option<LbEndpoint>>,
+    /// A load balancer: the call router it serves.
+    pub router: Option<Option<RouterPeer>>,
 }
 
 /// Where a machine's configuration data stands.
@@ -155,17 +173,24 @@ pub struct MachineConfig {
 }
 
 impl MachineRecord {
-    /// The stored bytes: the record, then its [`MachineConfig`] (both postcard).
+    /// The stored bytes: the record, then its [`MachineConfig`], then its [`Coupling`] (all
+    /// postcard).
     pub fn encode(&self) -> Vec<u8> {
-        crate::wire::encode_with_tail(self, &self.config)
+        crate::wire::encode_with_tail(self, &(&self.config, &self.coupling))
     }
 
     /// From [`MachineRecord::encode`]'s bytes, or a record stored before configuration data
-    /// existed (nothing after it).
+    /// or coupling existed (nothing, or only the configuration, after it).
     pub fn decode(bytes: &[u8]) -> Result<MachineRecord, postcard::Error> {
-        let (mut rec, tail) = crate::wire::decode_with_tail::<MachineRecord, _>(bytes)?;
-        rec.config = tail;
+        let (mut rec, config, coupling) =
+            crate::wire::decode_with_tail2::<MachineRecord, _, _>(bytes)?;
+        rec.config = config;
+        rec.coupling = coupling;
         Ok(rec)
+    }
+
+    pub fn is_call_router(&self) -> bool {
+        self.component == CALL_ROUTER
     }
 }
 
@@ -530,6 +555,7 @@ impl ControllerCore {
                     route_seq: 0,
                     deploys: Vec::new(),
                     config: MachineConfig::default(),
+                    coupling: Coupling::default(),
                 };
                 self.machines.insert(node, rec);
                 self.dirty_machines.insert(node);
@@ -776,6 +802,7 @@ impl ControllerCore {
             }
             if is_lb {
                 self.reroute_dependents(&name, now_ms);
+                self.recouple(&name, now_ms);
             }
         }
         Ok(node)
@@ -805,6 +832,7 @@ impl ControllerCore {
         m.route_seq = 0;
         m.deploys.clear();
         m.config = MachineConfig::default();
+        m.coupling = Coupling::default();
         m.service_addr = None;
         m.relay_addr = None;
         if m.pub_seq > m.pub_acked {
@@ -831,6 +859,7 @@ impl ControllerCore {
             }
             if is_lb {
                 self.reroute_dependents(&name, now_ms);
+                self.recouple(&name, now_ms);
             }
         }
         Ok(node)
@@ -894,6 +923,8 @@ impl ControllerCore {
             // it); a pool sent to anyone else changes nothing here.
             Body::Pool(pool) if m.is_load_balancer() => m.pool = Some(pool.clone()),
             Body::Pool(_) => {}
+            Body::Coupled(endpoint) => m.coupling.endpoint = Some(endpoint.clone()),
+            Body::Router(router) => m.coupling.router = Some(router.clone()),
             Body::Config(order) => {
                 m.config.version = order.version;
                 m.config.digest = *blake3::hash(order.doc.as_bytes()).as_bytes();
@@ -1157,6 +1188,7 @@ impl ControllerCore {
                 // (with sequences above `resume`) even when they look unchanged from here.
                 m.pool = None;
                 m.route = None;
+                m.coupling = Coupling::default();
                 self.dirty_machines.insert(node);
             }
             if resume > self.machines[&node].pub_acked {
@@ -1212,8 +1244,16 @@ impl ControllerCore {
             m.last_seen_ms = now_ms;
         }
         self.dirty_machines.insert(node);
-        if let Some(lb) = m.load_balancer.clone() {
+        let (lb, own) = (
+            m.load_balancer.clone(),
+            m.is_load_balancer().then(|| m.name.clone()),
+        );
+        if let Some(lb) = lb {
             self.recompute_pool(&lb, now_ms);
+        }
+        // Its router is told that its load balancer went down or came back.
+        if let Some(name) = own {
+            self.recouple(&name, now_ms);
         }
     }
 
@@ -1244,16 +1284,20 @@ impl ControllerCore {
             // Its channel has room again: what waited is computed now, once.
             let m = &self.machines[&node];
             tracing::info!(name = %m.name, "a machine's publication channel has room again");
-            let (name, is_lb, has_lb) = (
+            let (name, is_lb, lb, is_router) = (
                 m.name.clone(),
                 m.is_load_balancer(),
-                m.load_balancer.is_some(),
+                m.load_balancer.clone(),
+                m.is_call_router(),
             );
             if is_lb {
                 self.recompute_pool(&name, now_ms);
             }
-            if has_lb {
+            if let Some(lb) = lb {
                 self.update_route(node, now_ms);
+                if is_router {
+                    self.recouple(&lb, now_ms);
+                }
             }
             let _ = self.update_config(node, now_ms);
         }
@@ -1268,6 +1312,7 @@ impl ControllerCore {
 
     /// Computes the pool of the load balancer named `lb` and publishes it when it changed.
     fn recompute_pool(&mut self, lb: &str, now_ms: u64) {
+        self.recouple(lb, now_ms);
         let Some(lb_rec) = self.lb_record(lb) else {
             return;
         };
@@ -1285,7 +1330,9 @@ impl ControllerCore {
                 node_id: m.node_id,
                 fingerprint: m.fingerprint,
             });
-            if is_member(m) {
+            // A call router is the load balancer's client: among the dependents (its key may
+            // dial the relay), never a backend.
+            if is_member(m) && !m.is_call_router() {
                 pool.members.push(PoolMember {
                     name: m.name.clone(),
                     node_id: m.node_id,
@@ -1302,6 +1349,68 @@ impl ControllerCore {
         // At the channel's bound the pool waits: `acked` recomputes it, so only the newest
         // is sent.
         let _ = self.publish(lb_id, &Body::Pool(pool), now_ms);
+    }
+
+    /// The call router the load balancer named `lb` serves: of the admitted call routers
+    /// naming it, the first admitted (then by name), so that one joining later never takes
+    /// it from another. The others are told they have no load balancer.
+    fn router_of(&self, lb: &str) -> Option<&MachineRecord> {
+        self.machines
+            .values()
+            .filter(|m| {
+                m.key_status == KeyStatus::Admitted
+                    && m.is_call_router()
+                    && m.load_balancer.as_deref() == Some(lb)
+            })
+            .min_by(|a, b| (a.first_seen_ms, &a.name).cmp(&(b.first_seen_ms, &b.name)))
+    }
+
+    /// Brings the coupling around the load balancer named `lb` up to date: publishes to it
+    /// the call router it serves, and to every call router naming it its endpoint (name, keys,
+    /// addresses, whether it is up), each only when it changed. Called wherever the load
+    /// balancer's or a router's record changes (join, admission, up or down, reject, remove).
+    fn recouple(&mut self, lb: &str, now_ms: u64) {
+        let owner = self.router_of(lb).map(|r| RouterPeer {
+            name: r.name.clone(),
+            node_id: r.node_id,
+            service_addr: r.service_addr.clone(),
+            fingerprint: r.fingerprint,
+        });
+        let endpoint = self.lb_record(lb).map(|l| LbEndpoint {
+            name: l.name.clone(),
+            node_id: l.node_id,
+            service_addr: l.service_addr.clone(),
+            relay_addr: l.relay_addr.clone(),
+            fingerprint: l.fingerprint,
+            up: l.up,
+        });
+        if let Some(lb_id) = endpoint.as_ref().map(|e| e.node_id) {
+            let sent = &self.machines[&lb_id].coupling.router;
+            // A load balancer never told of a router and that has none is left alone.
+            if sent.as_ref() != Some(&owner) && !(sent.is_none() && owner.is_none()) {
+                // At the channel's bound it waits, like a pool.
+                let _ = self.publish(lb_id, &Body::Router(owner.clone()), now_ms);
+            }
+        }
+        let routers: Vec<NodeId> = self
+            .machines
+            .values()
+            .filter(|m| {
+                m.key_status == KeyStatus::Admitted
+                    && m.is_call_router()
+                    && m.load_balancer.as_deref() == Some(lb)
+            })
+            .map(|m| m.node_id)
+            .collect();
+        for r in routers {
+            let mine = owner.as_ref().is_some_and(|o| o.node_id == r);
+            let want = if mine { endpoint.clone() } else { None };
+            let sent = &self.machines[&r].coupling.endpoint;
+            // A router never told anything and that has nothing is left alone.
+            if sent.as_ref() != Some(&want) && !(sent.is_none() && want.is_none()) {
+                let _ = self.publish(r, &Body::Coupled(want), now_ms);
+            }
+        }
     }
 
     /// Publishes the machine's effective configuration when it differs from what it was last

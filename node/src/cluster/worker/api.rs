@@ -151,7 +151,7 @@ pub fn status(s: &WorkerShared) -> Value {
     let pool = rec.pool.as_ref().map(|p| {
         json!({
             "file": s.pool_path.display().to_string(),
-            "members": super::pool_file::pool_json(&s.name, p)["members"],
+            "members": super::pool_file::pool_json(&s.name, p, None)["members"],
             "dependents": p.dependents.iter().map(|d| json!({
                 "name": d.name,
                 "node_id": d.node_id.to_string(),
@@ -199,6 +199,16 @@ pub fn status(s: &WorkerShared) -> Value {
         "report": report,
         "route": route,
         "pool": pool,
+        // A call router: its load balancer; a load balancer: its call router (as the pool
+        // file shows them).
+        "coupled_load_balancer": rec.coupling.endpoint.as_ref().map(|e| {
+            super::pool_file::router_json(&s.name, Some(e))["load_balancer"].clone()
+        }),
+        "call_router": rec.coupling.router.as_ref().map(|r| json!({
+            "name": r.name,
+            "node_id": r.node_id.to_string(),
+            "fingerprint": r.fingerprint.to_string(),
+        })),
         "config": config,
         "relay_connections": relay,
         "software": s.software.view().json(),

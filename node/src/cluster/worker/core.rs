@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::body::{Body, ConfigOrder, DeployOrder, LbRoute, Pool};
+use crate::cluster::body::{Body, ConfigOrder, DeployOrder, LbEndpoint, LbRoute, Pool, RouterPeer};
 use crate::cluster::keys::{ControllerVerifier, KeyError, SealKey};
 use crate::ids::NodeId;
 use crate::wire::{
@@ -44,6 +44,18 @@ pub struct WorkerRecord {
     /// (see [`WorkerRecord::encode`]), so records written before it existed still decode.
     #[serde(skip)]
     pub config: WorkerConfig,
+    /// Its coupling; stored after `config`, like it.
+    #[serde(skip)]
+    pub coupling: WorkerCoupling,
+}
+
+/// A call router's load balancer, or a load balancer's call router, as last published.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerCoupling {
+    /// A call router: the load balancer that takes its jobs.
+    pub endpoint: Option<LbEndpoint>,
+    /// A load balancer: the call router it serves.
+    pub router: Option<RouterPeer>,
 }
 
 /// The worker's configuration data and its report channel.
@@ -61,16 +73,19 @@ pub struct WorkerConfig {
 }
 
 impl WorkerRecord {
-    /// The stored bytes: the record, then its [`WorkerConfig`] (both postcard).
+    /// The stored bytes: the record, then its [`WorkerConfig`], then its [`WorkerCoupling`]
+    /// (all postcard).
     pub fn encode(&self) -> Vec<u8> {
-        crate::wire::encode_with_tail(self, &self.config)
+        crate::wire::encode_with_tail(self, &(&self.config, &self.coupling))
     }
 
     /// From [`WorkerRecord::encode`]'s bytes, or a record stored before configuration data
-    /// existed (nothing after it).
+    /// or coupling existed (nothing, or only the configuration, after it).
     pub fn decode(bytes: &[u8]) -> Result<WorkerRecord, postcard::Error> {
-        let (mut rec, tail) = crate::wire::decode_with_tail::<WorkerRecord, _>(bytes)?;
-        rec.config = tail;
+        let (mut rec, config, coupling) =
+            crate::wire::decode_with_tail2::<WorkerRecord, _, _>(bytes)?;
+        rec.config = config;
+        rec.coupling = coupling;
         Ok(rec)
     }
 }
@@ -96,6 +111,9 @@ pub enum Effect {
     /// Write this configuration, tell the software, check its health; then call
     /// [`WorkerCore::configured`].
     Config(ConfigOrder),
+    /// The coupling changed (a call router's load balancer, a load balancer's router):
+    /// rewrite the pool file from the record, signal the software.
+    Coupling,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,6 +185,12 @@ impl WorkerCore {
         }
         if let Some(order) = &rec.config.pending {
             out.push(WorkerOutput::Apply(Effect::Config(order.clone())));
+        }
+        // A call router's file is written again whatever it holds: a crash between the
+        // commit and the write must not leave an older load balancer there. (A load
+        // balancer's router is written with its pool, above.)
+        if info.component == crate::cluster::controller::core::CALL_ROUTER {
+            out.push(WorkerOutput::Apply(Effect::Coupling));
         }
         Ok(WorkerCore {
             info,
@@ -394,6 +418,10 @@ impl WorkerCore {
         &self.info.name
     }
 
+    pub fn component(&self) -> &str {
+        &self.info.component
+    }
+
     /// The latest report's Notify, if not acknowledged yet.
     pub fn unacked_report(&self) -> Option<Notify> {
         let report = self.rec.report.clone()?;
@@ -483,6 +511,14 @@ impl WorkerCore {
                 // the newest it was handed.
                 self.rec.config.pending = Some(order.clone());
                 self.out.push(WorkerOutput::Apply(Effect::Config(order)));
+            }
+            Body::Coupled(endpoint) => {
+                self.rec.coupling.endpoint = endpoint;
+                self.out.push(WorkerOutput::Apply(Effect::Coupling));
+            }
+            Body::Router(router) => {
+                self.rec.coupling.router = router;
+                self.out.push(WorkerOutput::Apply(Effect::Coupling));
             }
         }
         self.rec.applied = seq;

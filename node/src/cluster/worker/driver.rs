@@ -17,7 +17,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::core::{Effect, WorkerCore, WorkerOutput, WorkerRecord, WorkerRefusal};
 use super::{pool_file, relay, WorkerShared};
 use crate::api::backup::BackupCopy;
-use crate::cluster::body::Pool;
 use crate::store::Store;
 use crate::wire::{ConfigReport, Join, MachineReport, Message, Publication};
 
@@ -62,8 +61,8 @@ struct Driver {
     store: Option<Store>,
     data_dir: PathBuf,
     stop: watch::Receiver<bool>,
-    /// A pool the file could not take yet.
-    pool_pending: Option<Pool>,
+    /// The pool file could not be written yet: it is, from the record, after `POOL_RETRY`.
+    pool_pending: bool,
 }
 
 pub(crate) async fn run(
@@ -80,7 +79,7 @@ pub(crate) async fn run(
         store: Some(store),
         data_dir,
         stop,
-        pool_pending: None,
+        pool_pending: false,
     };
     // A machine that never reported says it is idle; the stored state's effects (the pool
     // file, the load balancer's link) are applied again with this first step.
@@ -97,7 +96,7 @@ pub(crate) async fn run(
     }
     let mut stop = d.stop.clone();
     loop {
-        let retrying = d.pool_pending.is_some();
+        let retrying = d.pool_pending;
         tokio::select! {
             biased;
             _ = stop.changed() => return,
@@ -129,9 +128,8 @@ pub(crate) async fn run(
                 }
             }
             _ = tokio::time::sleep(POOL_RETRY), if retrying => {
-                if let Some(pool) = d.pool_pending.take() {
-                    d.write_pool(pool).await;
-                }
+                d.pool_pending = false;
+                d.write_pool().await;
             }
         }
     }
@@ -177,8 +175,9 @@ impl Driver {
                 WorkerOutput::ToController(m) => self.shared.send_controller(m),
                 WorkerOutput::Apply(Effect::Pool(pool)) => {
                     relay::set_pool(&self.shared, &pool);
-                    self.write_pool(pool).await;
+                    self.write_pool().await;
                 }
+                WorkerOutput::Apply(Effect::Coupling) => self.write_pool().await,
                 WorkerOutput::Apply(Effect::Route(route)) => relay::set_route(&self.shared, route),
                 WorkerOutput::Apply(Effect::Deploy(order)) => self.shared.software.order(order),
                 WorkerOutput::Apply(Effect::Config(order)) => self.shared.software.configure(order),
@@ -253,25 +252,36 @@ impl Driver {
         }
     }
 
-    /// Writes the pool file and tells the software; a failure is retried later, so the file
-    /// ends up holding the latest pool.
-    async fn write_pool(&mut self, pool: Pool) {
+    /// Writes the pool file from the committed record ([`pool_file::document`]) and tells the
+    /// software; a failure is retried later, so the file ends up holding the latest state.
+    async fn write_pool(&mut self) {
+        let Some(doc) =
+            pool_file::document(self.core.name(), self.core.component(), self.core.record())
+        else {
+            return;
+        };
         let path = self.shared.pool_path.clone();
-        let name = self.shared.name.clone();
-        let p = pool.clone();
-        let written =
-            tokio::task::spawn_blocking(move || pool_file::write_pool(&path, &name, &p)).await;
+        let written = tokio::task::spawn_blocking(move || pool_file::write_doc(&path, &doc)).await;
         match written {
             Ok(Ok(())) => {
                 self.shared
                     .metrics
                     .pool_writes
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(
-                    members = pool.members.len(),
-                    dependents = pool.dependents.len(),
-                    "backend pool applied"
-                );
+                let rec = self.core.record();
+                match &rec.pool {
+                    Some(pool) => tracing::info!(
+                        members = pool.members.len(),
+                        dependents = pool.dependents.len(),
+                        call_router = rec.coupling.router.as_ref().map(|r| r.name.as_str()),
+                        "backend pool applied"
+                    ),
+                    None => tracing::info!(
+                        load_balancer = rec.coupling.endpoint.as_ref().map(|e| e.name.as_str()),
+                        up = rec.coupling.endpoint.as_ref().map(|e| e.up),
+                        "load balancer applied"
+                    ),
+                }
                 self.shared.reload_software();
             }
             Ok(Err(e)) => {
@@ -279,12 +289,12 @@ impl Driver {
                     "cannot write the pool file {}: {e}; retrying in {POOL_RETRY:?}",
                     self.shared.pool_path.display()
                 ));
-                self.pool_pending = Some(pool);
+                self.pool_pending = true;
             }
             Err(e) => {
                 self.shared
                     .note_error(format!("the pool file writer failed: {e}"));
-                self.pool_pending = Some(pool);
+                self.pool_pending = true;
             }
         }
     }

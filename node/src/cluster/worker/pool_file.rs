@@ -1,4 +1,6 @@
-//! A load balancer's backend pool as the software in front of it reads it: one JSON file,
+//! What the software of a load balancer or a call router must know about load balancing, as
+//! it reads it: a load balancer's backend pool and the call router it serves, or a call
+//! router's load balancer. One JSON file,
 //! replaced atomically (written beside it, fsynced, renamed over it, the directory fsynced), so
 //! a reader sees the old pool or the new one, never a mix, and a crash leaves one of the two.
 //! Pure file I/O: it never decides what the pool is (the core does) nor signals anyone.
@@ -9,21 +11,24 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::cluster::body::Pool;
+use crate::cluster::body::{LbEndpoint, Pool, RouterPeer};
+use crate::cluster::controller::core::{CALL_ROUTER, LOAD_BALANCER};
+use crate::cluster::worker::core::WorkerRecord;
 
 /// The pool file's default name in the data directory.
 pub const POOL_FILE: &str = "pool.json";
 
-/// What the file holds: the members (the dependents that are up), sorted by name as the
-/// controller computed them. Dependents that are down are not listed; the relay's list of
-/// dependents is the worker's business, not the software's.
+/// What a load balancer's file holds: the members (the dependents that are up), sorted by name
+/// as the controller computed them, and the call router it serves (`null`: none). Dependents
+/// that are down are not listed; the relay's list of dependents is the worker's business, not
+/// the software's.
 ///
 /// ```json
 /// {"load_balancer": "lb-1", "members": [
 ///   {"name": "mp-1", "node_id": "<32 hex>", "service_addr": "192.0.2.31:5060", "fingerprint": "<64 hex>"}
-/// ]}
+/// ], "call_router": {"name": "cr-1", "node_id": "<32 hex>", "service_addr": "192.0.2.10:5060", "fingerprint": "<64 hex>"}}
 /// ```
-pub fn pool_json(load_balancer: &str, pool: &Pool) -> Value {
+pub fn pool_json(load_balancer: &str, pool: &Pool, router: Option<&RouterPeer>) -> Value {
     let members: Vec<Value> = pool
         .members
         .iter()
@@ -36,7 +41,49 @@ pub fn pool_json(load_balancer: &str, pool: &Pool) -> Value {
             })
         })
         .collect();
-    json!({ "load_balancer": load_balancer, "members": members })
+    let router = router.map(|r| {
+        json!({
+            "name": r.name,
+            "node_id": r.node_id.to_string(),
+            "service_addr": r.service_addr,
+            "fingerprint": r.fingerprint.to_string(),
+        })
+    });
+    json!({ "load_balancer": load_balancer, "members": members, "call_router": router })
+}
+
+/// What a call router's file holds: the load balancer that takes its jobs (`null`: none is
+/// admitted under the name it gives, or it serves another router), and whether it is up.
+///
+/// ```json
+/// {"call_router": "cr-1", "load_balancer": {"name": "lb-1", "node_id": "<32 hex>",
+///   "service_addr": "192.0.2.20:5060", "relay_addr": "192.0.2.20:7400", "fingerprint": "<64 hex>", "up": true}}
+/// ```
+pub fn router_json(router: &str, endpoint: Option<&LbEndpoint>) -> Value {
+    let lb = endpoint.map(|e| {
+        json!({
+            "name": e.name,
+            "node_id": e.node_id.to_string(),
+            "service_addr": e.service_addr,
+            "relay_addr": e.relay_addr,
+            "fingerprint": e.fingerprint.to_string(),
+            "up": e.up,
+        })
+    });
+    json!({ "call_router": router, "load_balancer": lb })
+}
+
+/// The file a worker named `name` of `component` writes from its record; `None`: it writes
+/// none (neither a load balancer with a pool yet nor a call router).
+pub fn document(name: &str, component: &str, rec: &WorkerRecord) -> Option<Value> {
+    match component {
+        LOAD_BALANCER => rec
+            .pool
+            .as_ref()
+            .map(|p| pool_json(name, p, rec.coupling.router.as_ref())),
+        CALL_ROUTER => Some(router_json(name, rec.coupling.endpoint.as_ref())),
+        _ => None,
+    }
 }
 
 /// Writes `bytes` to `path` atomically and durably. On any error the previous file (if any) is
@@ -81,12 +128,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::File::open(&dir)?.sync_all()
 }
 
-/// Writes the pool file for `pool`.
-pub fn write_pool(path: &Path, load_balancer: &str, pool: &Pool) -> io::Result<()> {
-    let mut text =
-        serde_json::to_string_pretty(&pool_json(load_balancer, pool)).map_err(io::Error::other)?;
+/// Writes the pool file holding `doc` ([`document`]).
+pub fn write_doc(path: &Path, doc: &Value) -> io::Result<()> {
+    let mut text = serde_json::to_string_pretty(doc).map_err(io::Error::other)?;
     text.push('\n');
     write_atomic(path, text.as_bytes())
+}
+
+/// Writes a load balancer's pool file for `pool` (serving no router).
+pub fn write_pool(path: &Path, load_balancer: &str, pool: &Pool) -> io::Result<()> {
+    write_doc(path, &pool_json(load_balancer, pool, None))
 }
 
 #[cfg(test)]
