@@ -214,7 +214,7 @@ fn build_machine_records() -> Vec<MachineRecord> {
             route_seq: 0,
             deploys: Vec::new(),
             config: Default::default(),
-            coupling: Default::default(),
+            balancing: Default::default(),
         })
         .collect()
 }

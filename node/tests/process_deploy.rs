@@ -251,8 +251,10 @@ async fn a_worker_killed_mid_transfer_finishes_it_after_a_restart() {
                     Check::Done(())
                 }
                 Ok(d)
-                    if d.to_string().contains("rolled_back")
-                        || d.to_string().contains("failed") =>
+                    if d["machines"].as_array().is_some_and(|m| {
+                        m.iter()
+                            .any(|m| m["status"] == "rolled_back" || m["status"] == "failed")
+                    }) =>
                 {
                     Check::Failed(d.to_string())
                 }

@@ -1933,7 +1933,7 @@ impl Sim {
                         format!("{want:?}"),
                         (
                             format!("{:?}", c.record().coupling.endpoint),
-                            format!("{:?}", m.coupling.endpoint.clone().flatten()),
+                            format!("{:?}", m.balancing.endpoint.clone().flatten()),
                         ),
                     )
                 }
@@ -1948,7 +1948,7 @@ impl Sim {
                         format!("{want:?}"),
                         (
                             format!("{:?}", c.record().coupling.router),
-                            format!("{:?}", m.coupling.router.clone().flatten()),
+                            format!("{:?}", m.balancing.router.clone().flatten()),
                         ),
                     )
                 }

@@ -182,16 +182,37 @@ enum Command {
         command: KeysCommand,
     },
     /// Controller: uploads a bundle and deploys it (default targets: every admitted worker).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Deploy {
+        #[command(subcommand)]
+        command: Option<DeployCommand>,
         /// voice, messaging or video; must be the bundle manifest's service.
-        #[arg(long, value_name = "S")]
-        service: String,
+        #[arg(long, value_name = "S", required = true)]
+        service: Option<String>,
         /// A bundle file (`outpost bundle pack DIR -o FILE`).
-        #[arg(long, value_name = "FILE")]
-        bundle: PathBuf,
+        #[arg(long, value_name = "FILE", required = true)]
+        bundle: Option<PathBuf>,
         /// A target machine by name; repeat for several (default: every admitted worker).
         #[arg(long = "machine", value_name = "NAME")]
         machines: Vec<String>,
+        /// Go in waves of these cumulative sizes, machine counts or percentages
+        /// (`--waves 1,25%,100%`); each wave must run healthy for --healthy-for first.
+        #[arg(long, value_name = "SIZES", value_delimiter = ',')]
+        waves: Vec<String>,
+        /// Go in waves of at most N machines.
+        #[arg(long, value_name = "N", conflicts_with = "waves")]
+        max_parallel: Option<u64>,
+        /// How long a wave must run healthy before the next starts (phased default 10s).
+        #[arg(long, value_name = "DURATION")]
+        healthy_for: Option<String>,
+        /// Halt when this many machines of one wave roll back or fail (phased default 1; 0:
+        /// never).
+        #[arg(long, value_name = "N")]
+        failure_threshold: Option<u32>,
+        /// How long a dependent stays out of its load balancer's pool before it is replaced
+        /// (phased default 0s: once its load balancer applied the pool).
+        #[arg(long, value_name = "DURATION")]
+        drain: Option<String>,
         /// Follow the deployment until every target is running or rolled back; exit non-zero
         /// if any target does not run the new bundle.
         #[arg(long)]
@@ -288,6 +309,41 @@ enum ConfigCommand {
         #[arg(value_name = "NAME")]
         name: String,
         /// Print the API's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeployCommand {
+    /// Stop sending new waves of a rollout (what was sent goes on).
+    Pause {
+        #[arg(value_name = "ID")]
+        id: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Go on with a paused rollout.
+    Resume {
+        #[arg(value_name = "ID")]
+        id: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Send nothing more of a rollout; drained machines return to their pool.
+    Abort {
+        #[arg(value_name = "ID")]
+        id: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Where a deployment stands: its waves and each machine.
+    Status {
+        #[arg(value_name = "ID")]
+        id: u64,
+        /// Print `GET /v1/deployments/ID` as JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -525,9 +581,32 @@ fn run_cli() -> i32 {
             }
         },
         Command::Deploy {
+            command: Some(command),
+            ..
+        } => match command {
+            DeployCommand::Pause { id, api } => {
+                deploy::control(&target!(api, controller), id, "pause")
+            }
+            DeployCommand::Resume { id, api } => {
+                deploy::control(&target!(api, controller), id, "resume")
+            }
+            DeployCommand::Abort { id, api } => {
+                deploy::control(&target!(api, controller), id, "abort")
+            }
+            DeployCommand::Status { id, json, api } => {
+                deploy::status(&target!(api, controller), id, json)
+            }
+        },
+        Command::Deploy {
+            command: None,
             service,
             bundle,
             machines,
+            waves,
+            max_parallel,
+            healthy_for,
+            failure_threshold,
+            drain,
             wait,
             timeout,
             json,
@@ -535,9 +614,16 @@ fn run_cli() -> i32 {
         } => deploy::deploy(
             &target!(api, controller),
             &deploy::Request {
-                service: &service,
-                bundle: &bundle,
+                service: service.as_deref().unwrap_or_default(),
+                bundle: bundle.as_deref().unwrap_or(std::path::Path::new("")),
                 machines: &machines,
+                rollout: deploy::RolloutArgs {
+                    waves,
+                    max_parallel,
+                    healthy_for,
+                    failure_threshold,
+                    drain,
+                },
                 wait,
                 timeout,
                 json,

@@ -236,7 +236,7 @@ fn a_call_router_is_coupled_with_its_own_load_balancer_through_down_up_and_repla
     assert!(pool.dependents.iter().any(|d| d.name == "cr-1"));
     let rec = net.ctl.machine_by_name("cr-1").unwrap();
     assert_eq!(
-        rec.coupling.endpoint.clone().flatten().map(|e| e.name),
+        rec.balancing.endpoint.clone().flatten().map(|e| e.name),
         Some("lb-1".into())
     );
 

@@ -87,7 +87,7 @@ impl Store {
             if !deployments.is_empty() {
                 let mut d = txn.txn.open_table(DEPLOYMENTS).map_err(db_err)?;
                 for rec in deployments {
-                    d.insert(rec.id, enc(rec).as_slice()).map_err(db_err)?;
+                    d.insert(rec.id, rec.encode().as_slice()).map_err(db_err)?;
                 }
             }
             let mut m = txn.txn.open_table(MACHINES).map_err(db_err)?;
@@ -187,7 +187,7 @@ impl Store {
             Err(e) => return Err(db_err(e)),
         };
         let v = t.get(id).map_err(db_err)?;
-        v.map(|v| decode("deployment record", v.value()))
+        v.map(|v| DeploymentRecord::decode(v.value()).map_err(|e| corrupt("deployment record", e)))
             .transpose()
     }
 
@@ -202,7 +202,9 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter().map_err(db_err)?.rev().take(limit) {
             let (_, v) = row.map_err(db_err)?;
-            out.push(decode("deployment record", v.value())?);
+            out.push(
+                DeploymentRecord::decode(v.value()).map_err(|e| corrupt("deployment record", e))?,
+            );
         }
         Ok(out)
     }
@@ -303,6 +305,20 @@ mod tests {
             failures: (0..failures)
                 .map(|_| (NodeId(2), "sealing failed".into()))
                 .collect(),
+            // Even ids have a rollout (stored after the record); odd ones are as stored
+            // before rollouts existed.
+            rollout: if id % 2 == 0 {
+                crate::cluster::controller::rollout::Rollout::new(
+                    vec![vec![NodeId(1)], vec![NodeId(2)]],
+                    &crate::cluster::controller::rollout::RolloutSpec {
+                        max_parallel: Some(1),
+                        ..Default::default()
+                    },
+                    id,
+                )
+            } else {
+                Default::default()
+            },
         };
         store
             .controller_commit_with(&Dirty::default(), &[d(1, 0), d(2, 0), d(3, 0)])

@@ -14,6 +14,7 @@
 //!
 //! Configuration data (`/v1/config/...`) is in `config_api`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,11 +33,13 @@ use super::bundles::{self, UploadError, UPLOADS_MAX};
 use super::conn::CONNECTIONS_MAX;
 use super::core::{KeyActionError, KeyStatus, MachineRecord};
 use super::deploy::{ask_core, status_of, DeployCmd, DeployError, DeploymentView, NewDeployment};
+use super::rollout::{self, Control, RolloutSpec};
 use super::run::ControllerShared;
 use super::thread::{Cmd, KeyCmdError, KeyView, MachineView};
 use crate::api::ApiError;
 use crate::bundle::is_bundle_id;
 use crate::config::SERVICES;
+use crate::ids::NodeId;
 use crate::node::now_ms;
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -88,6 +91,10 @@ pub(crate) fn router(shared: Arc<ControllerShared>) -> Router {
             post(post_deployment).get(get_deployments),
         )
         .route("/v1/deployments/{id}", get(get_deployment))
+        .route(
+            "/v1/deployments/{id}/{action}",
+            post(post_deployment_control),
+        )
         .route("/v1/backup", get(get_backup))
         .route("/v1/watch", get(super::watch::get_watch));
     for path in DATACENTER_ONLY {
@@ -302,7 +309,7 @@ pub(crate) fn machine_json(m: &MachineView, now: u64) -> Value {
         v["relay_addr"] = json!(r.relay_addr);
         // What identifies it: the call router it serves and the dependents it manages
         // (up or not; the pool above lists those taking jobs).
-        let router = r.coupling.router.clone().flatten();
+        let router = r.balancing.router.clone().flatten();
         v["call_router"] = json!(router.as_ref().map(|p| &p.name));
         v["dependents"] = r
             .pool
@@ -326,7 +333,7 @@ pub(crate) fn machine_json(m: &MachineView, now: u64) -> Value {
 /// `down` (it is down), `uncoupled` (the load balancer it names is not admitted or serves
 /// another router), `none` (it names none).
 fn coupling_json(r: &MachineRecord) -> Value {
-    let endpoint = r.coupling.endpoint.clone().flatten();
+    let endpoint = r.balancing.endpoint.clone().flatten();
     let state = match (&r.load_balancer, &endpoint) {
         (None, _) => "none",
         (Some(_), Some(e)) if e.up => "coupled",
@@ -423,6 +430,8 @@ fn deploy_error(e: DeployError) -> ApiError {
     match e {
         DeployError::Invalid(m) => bad(m),
         DeployError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+        DeployError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, m),
+        DeployError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
     }
 }
 
@@ -498,6 +507,67 @@ pub(crate) struct DeploymentRequest {
     pub(crate) service: String,
     pub(crate) bundle_id: String,
     pub(crate) machines: Option<Vec<String>>,
+    /// Cumulative wave sizes: machine counts or percentages (`[1, "25%", "100%"]`).
+    pub(crate) waves: Option<Vec<Value>>,
+    /// Waves of this many machines.
+    pub(crate) max_parallel: Option<u64>,
+    /// How long a wave must run healthy before the next (`"30s"`).
+    pub(crate) healthy_for: Option<String>,
+    /// Rolled back or failed targets in one wave that halt the rollout (0: never).
+    pub(crate) failure_threshold: Option<u32>,
+    /// How long a dependent stays out of its load balancer's pool before it is replaced.
+    pub(crate) drain: Option<String>,
+}
+
+impl DeploymentRequest {
+    /// The rollout asked for, or the 400 naming the field.
+    pub(crate) fn rollout(&self) -> ApiResult<RolloutSpec> {
+        let duration = |field: &str, v: &Option<String>| -> ApiResult<Option<u64>> {
+            let Some(text) = v else { return Ok(None) };
+            let d = humantime::parse_duration(text).map_err(|e| {
+                bad(format!(
+                    "{field}: {:?} is not a duration like \"30s\" or \"2m\": {e}",
+                    text.chars().take(32).collect::<String>()
+                ))
+            })?;
+            let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            if ms > rollout::HOLD_MAX_MS {
+                return Err(bad(format!("{field}: at most 24h")));
+            }
+            Ok(Some(ms))
+        };
+        if self.waves.is_some() && self.max_parallel.is_some() {
+            return Err(bad(
+                "waves, max_parallel: give one or the other (waves of max_parallel machines, or the sizes of each)",
+            ));
+        }
+        let mut waves = Vec::new();
+        if let Some(list) = &self.waves {
+            if list.is_empty() || list.len() > rollout::WAVES_MAX {
+                return Err(bad(format!(
+                    "waves: from 1 to {} sizes, such as [1, \"25%\", \"100%\"]",
+                    rollout::WAVES_MAX
+                )));
+            }
+            for (i, v) in list.iter().enumerate() {
+                waves.push(
+                    rollout::WaveSize::parse(v).map_err(|e| bad(format!("waves[{i}]: {e}")))?,
+                );
+            }
+        }
+        let max_parallel = match self.max_parallel {
+            Some(0) => return Err(bad("max_parallel: 1 or more")),
+            Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            None => None,
+        };
+        Ok(RolloutSpec {
+            waves,
+            max_parallel,
+            healthy_for_ms: duration("healthy_for", &self.healthy_for)?,
+            failure_threshold: self.failure_threshold,
+            drain_ms: duration("drain", &self.drain)?,
+        })
+    }
 }
 
 /// The body of `POST /v1/deployments`, checked as far as it can be without the stored
@@ -518,6 +588,7 @@ pub(crate) fn parse_deployment_request(body: &[u8]) -> ApiResult<DeploymentReque
             "bundle_id: not a bundle id (64 lowercase hex characters, as POST /v1/bundles answers)",
         ));
     }
+    req.rollout()?;
     Ok(req)
 }
 
@@ -557,6 +628,7 @@ async fn post_deployment(State(s): S, body: Bytes) -> ApiResult<(StatusCode, Jso
         )));
     }
     let new = NewDeployment {
+        rollout: req.rollout()?,
         bundle_path: s.bundles.bundle_path(&req.bundle_id),
         service: req.service,
         bundle_id: req.bundle_id,
@@ -644,14 +716,106 @@ pub(crate) fn deployment_json(v: &DeploymentView) -> Value {
             m
         })
         .collect();
-    json!({
+    let mut d = json!({
         "deployment_id": r.id,
         "service": r.service,
         "bundle_id": r.bundle_id,
         "version": r.version,
         "created_ms": r.created_ms,
         "machines": machines,
+    });
+    if !r.rollout.is_legacy() {
+        d["rollout"] = rollout_json(v);
+    }
+    d
+}
+
+/// A deployment's rollout: its state and each wave's, with the machines of each.
+fn rollout_json(v: &DeploymentView) -> Value {
+    let r = &v.record.rollout;
+    let status: BTreeMap<NodeId, &'static str> =
+        v.machines.iter().map(|t| (t.node_id, t.status)).collect();
+    let names: BTreeMap<NodeId, &str> = v
+        .record
+        .targets
+        .iter()
+        .map(|(n, s)| (*n, s.as_str()))
+        .collect();
+    let waves: Vec<Value> = r
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let count = |s: &str| w.iter().filter(|n| status.get(n) == Some(&s)).count();
+            let (running, failed) = (count("running"), count("rolled_back") + count("failed"));
+            let state = match (i.cmp(&(r.wave as usize)), r.state) {
+                (std::cmp::Ordering::Less, _) => "done",
+                (std::cmp::Ordering::Greater, s) if s.is_final() => "skipped",
+                (std::cmp::Ordering::Greater, _) => "waiting",
+                (_, rollout::RolloutState::Done) => "done",
+                (_, rollout::RolloutState::Halted) => "halted",
+                (_, rollout::RolloutState::Aborted) => "aborted",
+                (_, rollout::RolloutState::Paused) => "paused",
+                (_, rollout::RolloutState::Running) if r.healthy_since_ms.is_some() => "healthy",
+                (_, rollout::RolloutState::Running) => "deploying",
+            };
+            json!({
+                "wave": i + 1,
+                "state": state,
+                "started_ms": r.wave_started_ms.get(i),
+                "machines": w.iter().map(|n| names.get(n).copied().unwrap_or("?")).collect::<Vec<_>>(),
+                "running": running,
+                "failures": failed,
+            })
+        })
+        .collect();
+    json!({
+        "state": r.state.as_str(),
+        "reason": r.reason,
+        "wave": r.wave + 1,
+        "waves": waves,
+        "healthy_for_ms": r.healthy_for_ms,
+        "healthy_since_ms": r.healthy_since_ms,
+        "failure_threshold": r.failure_threshold,
+        "drain_ms": r.drain_ms,
     })
+}
+
+/// `POST /v1/deployments/{id}/pause|resume|abort`.
+async fn post_deployment_control(
+    State(s): S,
+    Path((id, action)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let id: u64 = id.parse().map_err(|_| {
+        bad(format!(
+            "id: {:?} is not a deployment id (a number)",
+            id.chars().take(32).collect::<String>()
+        ))
+    })?;
+    let control = Control::parse(&action).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "{:?} is not something a rollout does: pause, resume or abort",
+                action.chars().take(32).collect::<String>()
+            ),
+        )
+    })?;
+    ask_core(&s, |reply| DeployCmd::Control { id, control, reply })
+        .await
+        .map_err(core_error)?
+        .map_err(deploy_error)?;
+    let found = ask_core(&s, |reply| DeployCmd::Get { id, reply })
+        .await
+        .map_err(core_error)?
+        .map_err(deploy_error)?;
+    match found {
+        Some(v) => Ok(Json(deployment_json(&v))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("id: no deployment {id}"),
+        )),
+    }
 }
 
 async fn get_metrics(State(s): S) -> Response {

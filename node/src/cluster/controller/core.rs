@@ -139,19 +139,23 @@ pub struct MachineRecord {
     /// still decode.
     #[serde(skip)]
     pub config: MachineConfig,
-    /// A call router's or a load balancer's coupling; stored after `config`, like it.
+    /// A call router's or a load balancer's coupling, and whether it is drained; stored after
+    /// `config`, like it.
     #[serde(skip)]
-    pub coupling: Coupling,
+    pub balancing: Balancing,
 }
 
-/// What a call router or a load balancer was last published about its coupling, so that it is
-/// published again only when that changes. `None`: never published.
+/// Where a machine stands with load balancing: what a call router or a load balancer was last
+/// published about its coupling (so that it is published again only when that changes;
+/// `None`: never published), and whether a rollout took it out of its pool.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Coupling {
+pub struct Balancing {
     /// A call router: its load balancer (`Some(None)`: it was told it has none).
     pub endpoint: Option<Option<LbEndpoint>>,
     /// A load balancer: the call router it serves.
     pub router: Option<Option<RouterPeer>>,
+    /// Drained by this deployment's rollout: out of its pool until the rollout lets it back.
+    pub draining: Option<u64>,
 }
 
 /// Where a machine's configuration data stands.
@@ -173,19 +177,19 @@ pub struct MachineConfig {
 }
 
 impl MachineRecord {
-    /// The stored bytes: the record, then its [`MachineConfig`], then its [`Coupling`] (all
+    /// The stored bytes: the record, then its [`MachineConfig`], then its [`Balancing`] (all
     /// postcard).
     pub fn encode(&self) -> Vec<u8> {
-        crate::wire::encode_with_tail(self, &(&self.config, &self.coupling))
+        crate::wire::encode_with_tail(self, &(&self.config, &self.balancing))
     }
 
     /// From [`MachineRecord::encode`]'s bytes, or a record stored before configuration data
-    /// or coupling existed (nothing, or only the configuration, after it).
+    /// or load balancing existed (nothing, or only the configuration, after it).
     pub fn decode(bytes: &[u8]) -> Result<MachineRecord, postcard::Error> {
-        let (mut rec, config, coupling) =
+        let (mut rec, config, balancing) =
             crate::wire::decode_with_tail2::<MachineRecord, _, _>(bytes)?;
         rec.config = config;
-        rec.coupling = coupling;
+        rec.balancing = balancing;
         Ok(rec)
     }
 
@@ -555,7 +559,7 @@ impl ControllerCore {
                     route_seq: 0,
                     deploys: Vec::new(),
                     config: MachineConfig::default(),
-                    coupling: Coupling::default(),
+                    balancing: Balancing::default(),
                 };
                 self.machines.insert(node, rec);
                 self.dirty_machines.insert(node);
@@ -832,7 +836,7 @@ impl ControllerCore {
         m.route_seq = 0;
         m.deploys.clear();
         m.config = MachineConfig::default();
-        m.coupling = Coupling::default();
+        m.balancing = Balancing::default();
         m.service_addr = None;
         m.relay_addr = None;
         if m.pub_seq > m.pub_acked {
@@ -923,8 +927,8 @@ impl ControllerCore {
             // it); a pool sent to anyone else changes nothing here.
             Body::Pool(pool) if m.is_load_balancer() => m.pool = Some(pool.clone()),
             Body::Pool(_) => {}
-            Body::Coupled(endpoint) => m.coupling.endpoint = Some(endpoint.clone()),
-            Body::Router(router) => m.coupling.router = Some(router.clone()),
+            Body::Coupled(endpoint) => m.balancing.endpoint = Some(endpoint.clone()),
+            Body::Router(router) => m.balancing.router = Some(router.clone()),
             Body::Config(order) => {
                 m.config.version = order.version;
                 m.config.digest = *blake3::hash(order.doc.as_bytes()).as_bytes();
@@ -1188,7 +1192,7 @@ impl ControllerCore {
                 // (with sequences above `resume`) even when they look unchanged from here.
                 m.pool = None;
                 m.route = None;
-                m.coupling = Coupling::default();
+                m.balancing = Balancing::default();
                 self.dirty_machines.insert(node);
             }
             if resume > self.machines[&node].pub_acked {
@@ -1303,6 +1307,54 @@ impl ControllerCore {
         }
     }
 
+    /// A rollout drains `node` for `deployment` (`Some`: out of its load balancer's pool,
+    /// published at once) or lets it back (`None`: in again once it is up and healthy).
+    pub fn set_draining(&mut self, node: NodeId, deployment: Option<u64>, now_ms: u64) {
+        let Some(m) = self.machines.get_mut(&node) else {
+            return;
+        };
+        if m.balancing.draining == deployment {
+            return;
+        }
+        m.balancing.draining = deployment;
+        self.dirty_machines.insert(node);
+        if let Some(lb) = m.load_balancer.clone() {
+            self.recompute_pool(&lb, now_ms);
+        }
+    }
+
+    /// Whether `node` is a member of its load balancer's pool as last published.
+    pub fn in_pool(&self, node: NodeId) -> bool {
+        let Some(lb) = self
+            .machines
+            .get(&node)
+            .and_then(|m| m.load_balancer.as_deref())
+            .and_then(|lb| self.lb_record(lb))
+        else {
+            return false;
+        };
+        lb.up
+            && lb
+                .pool
+                .as_ref()
+                .is_some_and(|p| p.members.iter().any(|x| x.node_id == node))
+    }
+
+    /// Whether `node`'s load balancer no longer sends it work: it is out of the pool last
+    /// published and the load balancer applied everything it was sent (or it is down, or there
+    /// is none).
+    pub fn drained(&self, node: NodeId) -> bool {
+        let Some(lb) = self
+            .machines
+            .get(&node)
+            .and_then(|m| m.load_balancer.as_deref())
+            .and_then(|lb| self.lb_record(lb))
+        else {
+            return true;
+        };
+        !lb.up || (!self.in_pool(node) && lb.pub_acked >= lb.pub_seq)
+    }
+
     /// The load balancer named `lb`, if admitted.
     fn lb_record(&self, lb: &str) -> Option<&MachineRecord> {
         self.machines
@@ -1385,7 +1437,7 @@ impl ControllerCore {
             up: l.up,
         });
         if let Some(lb_id) = endpoint.as_ref().map(|e| e.node_id) {
-            let sent = &self.machines[&lb_id].coupling.router;
+            let sent = &self.machines[&lb_id].balancing.router;
             // A load balancer never told of a router and that has none is left alone.
             if sent.as_ref() != Some(&owner) && !(sent.is_none() && owner.is_none()) {
                 // At the channel's bound it waits, like a pool.
@@ -1405,7 +1457,7 @@ impl ControllerCore {
         for r in routers {
             let mine = owner.as_ref().is_some_and(|o| o.node_id == r);
             let want = if mine { endpoint.clone() } else { None };
-            let sent = &self.machines[&r].coupling.endpoint;
+            let sent = &self.machines[&r].balancing.endpoint;
             // A router never told anything and that has nothing is left alone.
             if sent.as_ref() != Some(&want) && !(sent.is_none() && want.is_none()) {
                 let _ = self.publish(r, &Body::Coupled(want), now_ms);
@@ -1508,10 +1560,12 @@ impl ControllerCore {
     }
 }
 
-/// In its load balancer's pool: admitted, up, and its software not failed or stopped.
+/// In its load balancer's pool: admitted, up, not drained by a rollout, and its software not
+/// failed or stopped.
 fn is_member(m: &MachineRecord) -> bool {
     m.key_status == KeyStatus::Admitted
         && m.up
+        && m.balancing.draining.is_none()
         && !m
             .report
             .as_ref()

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::bundles;
 use super::core::{ControllerCore, KeyStatus, MachineRecord};
+use super::rollout::{self, Action, Control, Observed, PlanTarget, Rollout, RolloutSpec};
 use super::run::ControllerShared;
 use super::thread::Cmd;
 use crate::cluster::body::{Body, DeployOrder};
@@ -57,6 +58,25 @@ pub struct DeploymentRecord {
     pub targets: Vec<(NodeId, String)>,
     /// Targets that could not be sent the order, and why.
     pub failures: Vec<(NodeId, String)>,
+    /// Its waves and where they stand. Not in the record's postcard encoding: stored after it
+    /// ([`DeploymentRecord::encode`]), so records from before rollouts still decode.
+    #[serde(skip)]
+    pub rollout: Rollout,
+}
+
+impl DeploymentRecord {
+    /// The stored bytes: the record, then its [`Rollout`] (both postcard).
+    pub fn encode(&self) -> Vec<u8> {
+        crate::wire::encode_with_tail(self, &self.rollout)
+    }
+
+    /// From [`DeploymentRecord::encode`]'s bytes, or a record stored before rollouts existed
+    /// (nothing after it: every target was sent at creation).
+    pub fn decode(bytes: &[u8]) -> Result<DeploymentRecord, postcard::Error> {
+        let (mut rec, rollout) = crate::wire::decode_with_tail::<DeploymentRecord, _>(bytes)?;
+        rec.rollout = rollout;
+        Ok(rec)
+    }
 }
 
 /// What the API asks for, already checked against the bundle store.
@@ -70,6 +90,8 @@ pub struct NewDeployment {
     /// The uploaded bundle's file: checked again on the core thread, where the sweep of
     /// unused bundles runs, so that no deployment is created for a bundle just deleted.
     pub bundle_path: std::path::PathBuf,
+    /// Waves, gating and draining.
+    pub rollout: RolloutSpec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +102,12 @@ pub enum DeployError {
     /// The database cannot be written or read now (503).
     #[error("{0}")]
     Unavailable(String),
+    /// No such deployment (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Not possible in its state (409).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Where a deployment stands on one target, as the API shows it.
@@ -87,7 +115,9 @@ pub enum DeployError {
 pub struct TargetView {
     pub node_id: NodeId,
     pub name: String,
-    /// `pending`, `delivering`, `installed`, `running`, `rolled_back` or `failed`.
+    /// `waiting` (its wave has not started), `draining` (leaving its pool before the order),
+    /// `pending`, `delivering`, `installed`, `running`, `rolled_back`, `failed`, or `skipped`
+    /// (never sent: the rollout halted or was aborted first).
     pub status: &'static str,
     pub reason: Option<String>,
 }
@@ -140,6 +170,12 @@ pub(crate) enum DeployCmd {
         id: u64,
         reply: Reply<Option<DeploymentView>>,
     },
+    /// `pause`, `resume` or `abort` its rollout.
+    Control {
+        id: u64,
+        control: Control,
+        reply: Reply<()>,
+    },
     /// The newest `limit`, newest first.
     List {
         limit: usize,
@@ -170,6 +206,7 @@ pub(crate) enum DeployCmd {
 
 enum Deferred {
     Created(Reply<u64>, u64),
+    Controlled(Reply<()>),
     Read(DeployCmd),
 }
 
@@ -183,6 +220,9 @@ pub(crate) struct DeployBook {
     /// Answered once the batch committed (or failed to).
     deferred: Vec<Deferred>,
     seal_tx: mpsc::UnboundedSender<SealJob>,
+    /// The deployments whose rollout is not over (running or paused), as last written: stepped
+    /// on every tick. Rebuilt from the database by [`DeployBook::reload`].
+    active: BTreeMap<u64, DeploymentRecord>,
 }
 
 impl DeployBook {
@@ -193,6 +233,7 @@ impl DeployBook {
             jobs: Vec::new(),
             deferred: Vec::new(),
             seal_tx,
+            active: BTreeMap::new(),
         }
     }
 
@@ -201,6 +242,7 @@ impl DeployBook {
     pub(crate) fn reload(&mut self, core: Option<&ControllerCore>, store: Option<&Store>) {
         self.writes.clear();
         self.jobs.clear();
+        self.active.clear();
         let (Some(core), Some(store)) = (core, store) else {
             return;
         };
@@ -235,6 +277,7 @@ impl DeployBook {
             let targets: Vec<SealTarget> = rec
                 .targets
                 .iter()
+                .filter(|(node, _)| rec.rollout.is_legacy() || rec.rollout.is_sent(*node))
                 .filter(|(node, _)| !settled(core, &rec, *node))
                 .map(|(node, name)| seal_target(core, *node, name))
                 .collect();
@@ -246,7 +289,119 @@ impl DeployBook {
                 );
                 let _ = self.seal_tx.send(job_of(&rec, targets));
             }
+            if !rec.rollout.is_legacy() && !rec.rollout.state.is_final() {
+                self.active.insert(rec.id, rec);
+            }
         }
+    }
+
+    /// Every tick: steps each rollout that is not over and performs what it decides.
+    pub(crate) fn tick(&mut self, core: &mut ControllerCore, now_ms: u64) {
+        let ids: Vec<u64> = self.active.keys().copied().collect();
+        for id in ids {
+            let Some(mut rec) = self.active.remove(&id) else {
+                continue;
+            };
+            let before = rec.rollout.clone();
+            let actions = step_rollout(core, &mut rec, now_ms);
+            self.perform(core, &rec, actions, now_ms);
+            if rec.rollout != before {
+                if rec.rollout.state != before.state {
+                    tracing::info!(
+                        deployment = id,
+                        state = rec.rollout.state.as_str(),
+                        reason = rec.rollout.reason.as_deref().unwrap_or(""),
+                        "rollout"
+                    );
+                } else if rec.rollout.wave != before.wave {
+                    tracing::info!(
+                        deployment = id,
+                        wave = rec.rollout.wave + 1,
+                        waves = rec.rollout.waves.len(),
+                        "rollout: the next wave starts"
+                    );
+                }
+                self.writes.insert(id, rec.clone());
+            }
+            if !rec.rollout.state.is_final() {
+                self.active.insert(id, rec);
+            }
+        }
+    }
+
+    /// Performs a rollout's actions: drains and returns in the core (committed with the
+    /// batch), orders queued for the sealer once the batch committed.
+    fn perform(
+        &mut self,
+        core: &mut ControllerCore,
+        rec: &DeploymentRecord,
+        actions: Vec<Action>,
+        now_ms: u64,
+    ) {
+        let mut send = Vec::new();
+        for a in actions {
+            match a {
+                Action::Drain(n) => core.set_draining(n, Some(rec.id), now_ms),
+                Action::Undrain(n) => core.set_draining(n, None, now_ms),
+                Action::Send(n) => {
+                    if let Some((_, name)) = rec.targets.iter().find(|(t, _)| *t == n) {
+                        send.push(seal_target(core, n, name));
+                    }
+                }
+            }
+        }
+        if !send.is_empty() {
+            self.jobs.push(job_of(rec, send));
+        }
+    }
+
+    fn control(
+        &mut self,
+        core: &mut ControllerCore,
+        store: Option<&Store>,
+        id: u64,
+        control: Control,
+        now_ms: u64,
+    ) -> Result<(), DeployError> {
+        let Some(mut rec) = self.active.remove(&id) else {
+            let stored = match store.map(|s| s.deployment(id)) {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
+                    return Err(DeployError::Unavailable(format!(
+                        "cannot read the deployment: {e}"
+                    )))
+                }
+                None => return Err(unavailable()),
+            };
+            return Err(match stored {
+                None => DeployError::NotFound(format!("id: no deployment {id}")),
+                Some(r) if r.rollout.is_legacy() => DeployError::Conflict(format!(
+                    "deployment {id} was sent to every target at once; there is no rollout to {}",
+                    control.as_str()
+                )),
+                Some(mut r) => DeployError::Conflict(match r.rollout.control(control) {
+                    Err(e) => format!("deployment {id}: {e}"),
+                    Ok(_) => format!("deployment {id} is not active"),
+                }),
+            });
+        };
+        let result = rec.rollout.control(control);
+        if let Ok(actions) = &result {
+            tracing::info!(
+                deployment = id,
+                state = rec.rollout.state.as_str(),
+                "rollout: {} by an operator",
+                control.as_str()
+            );
+            self.perform(core, &rec, actions.clone(), now_ms);
+            self.writes.insert(id, rec.clone());
+        }
+        if !rec.rollout.state.is_final() {
+            self.active.insert(id, rec);
+        }
+        result
+            .map(|_| ())
+            .map_err(|e| DeployError::Conflict(format!("deployment {id}: {e}")))
     }
 
     /// Steps one command within the batch.
@@ -264,10 +419,15 @@ impl DeployBook {
                     return;
                 };
                 match self.create(core, req, now_ms) {
-                    Ok((rec, job)) => {
+                    Ok(mut rec) => {
+                        // The first wave starts at once.
+                        let actions = step_rollout(core, &mut rec, now_ms);
+                        self.perform(core, &rec, actions, now_ms);
                         self.deferred.push(Deferred::Created(reply, rec.id));
-                        self.writes.insert(rec.id, rec);
-                        self.jobs.push(job);
+                        self.writes.insert(rec.id, rec.clone());
+                        if !rec.rollout.state.is_final() {
+                            self.active.insert(rec.id, rec);
+                        }
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -291,6 +451,18 @@ impl DeployBook {
             } => {
                 if core.is_some() {
                     self.fail(store, deployment, node, reason);
+                }
+            }
+            DeployCmd::Control { id, control, reply } => {
+                let Some(core) = core else {
+                    let _ = reply.send(Err(unavailable()));
+                    return;
+                };
+                match self.control(core, store, id, control, now_ms) {
+                    Ok(()) => self.deferred.push(Deferred::Controlled(reply)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
                 }
             }
             read => self.deferred.push(Deferred::Read(read)),
@@ -327,6 +499,15 @@ impl DeployBook {
                         ))
                     });
                 }
+                Deferred::Controlled(reply) => {
+                    let _ = reply.send(if committed {
+                        Ok(())
+                    } else {
+                        Err(DeployError::Unavailable(
+                            "the controller could not commit the change; retry".into(),
+                        ))
+                    });
+                }
                 Deferred::Read(cmd) => read(core, store, cmd),
             }
         }
@@ -337,7 +518,7 @@ impl DeployBook {
         core: &ControllerCore,
         req: NewDeployment,
         now_ms: u64,
-    ) -> Result<(DeploymentRecord, SealJob), DeployError> {
+    ) -> Result<DeploymentRecord, DeployError> {
         if !req.bundle_path.is_file() {
             return Err(DeployError::Invalid(format!(
                 "bundle_id: no bundle {} is stored (unused bundles are deleted after \
@@ -393,6 +574,16 @@ impl DeployBook {
             ));
         }
         targets.sort_by(|a, b| a.name.cmp(&b.name));
+        let planned: Vec<PlanTarget> = targets
+            .iter()
+            .map(|m| PlanTarget {
+                node: m.node_id,
+                name: m.name.clone(),
+                coupled_lb: m.is_load_balancer()
+                    && m.balancing.router.as_ref().is_some_and(Option::is_some),
+            })
+            .collect();
+        let waves = rollout::plan(&planned, &req.rollout);
         let id = self.next_id;
         self.next_id += 1;
         let rec = DeploymentRecord {
@@ -406,15 +597,9 @@ impl DeployBook {
                 .map(|m| (m.node_id, m.name.clone()))
                 .collect(),
             failures: Vec::new(),
+            rollout: Rollout::new(waves, &req.rollout, now_ms),
         };
-        let job = job_of(
-            &rec,
-            targets
-                .iter()
-                .map(|m| seal_target(core, m.node_id, &m.name))
-                .collect(),
-        );
-        Ok((rec, job))
+        Ok(rec)
     }
 
     fn sealed(
@@ -457,6 +642,12 @@ impl DeployBook {
 
     /// Records that `node` could not be sent `deployment`.
     fn fail(&mut self, store: Option<&Store>, deployment: u64, node: NodeId, reason: String) {
+        if let Some(active) = self.active.get_mut(&deployment) {
+            if !active.failures.iter().any(|(n, _)| *n == node) {
+                active.failures.push((node, reason.clone()));
+                self.writes.insert(deployment, active.clone());
+            }
+        }
         let rec = match self.writes.get_mut(&deployment) {
             Some(r) => r,
             None => {
@@ -526,6 +717,45 @@ fn settled(core: &ControllerCore, rec: &DeploymentRecord, node: NodeId) -> bool 
     }
 }
 
+/// Steps `rec`'s rollout from what the core knows of each target now.
+fn step_rollout(core: &ControllerCore, rec: &mut DeploymentRecord, now_ms: u64) -> Vec<Action> {
+    let names: BTreeMap<NodeId, &str> = rec.targets.iter().map(|(n, s)| (*n, s.as_str())).collect();
+    let snapshot = rec.clone();
+    rec.rollout.step(now_ms, |node| {
+        let name = names.get(&node).copied().unwrap_or("?").to_owned();
+        (name, observe(core, &snapshot, node))
+    })
+}
+
+/// What [`Rollout::step`] needs of one target.
+fn observe(core: &ControllerCore, rec: &DeploymentRecord, node: NodeId) -> Observed {
+    let m = core.machine(node);
+    let superseded_by = m.and_then(|m| {
+        m.deploys
+            .iter()
+            .map(|d| d.deployment)
+            .filter(|&d| d > rec.id)
+            .min()
+    });
+    let (status, reason) = if rec.rollout.is_sent(node) {
+        let t = target_view(core, rec, node, "");
+        (t.status, t.reason)
+    } else {
+        ("pending", None)
+    };
+    Observed {
+        status,
+        reason,
+        superseded_by,
+        healthy: m.is_some_and(|m| {
+            m.up && m.key_status == KeyStatus::Admitted
+                && m.report.as_ref().is_some_and(|r| r.state == "running")
+        }),
+        in_pool: core.in_pool(node),
+        drained: core.drained(node),
+    }
+}
+
 /// The API's status for a state the core recorded (`pending`, `delivering`) or a worker
 /// reported. A state this controller does not know counts as still delivering.
 pub(crate) fn status_of(state: &str) -> &'static str {
@@ -555,6 +785,33 @@ fn target_view(
     };
     if let Some((_, reason)) = rec.failures.iter().find(|(n, _)| *n == node) {
         return view("failed", Some(reason.clone()));
+    }
+    let r = &rec.rollout;
+    if !r.is_legacy() && !r.is_sent(node) {
+        let wave = r.wave_of(node).map_or(0, |w| w + 1);
+        if r.state.is_final() {
+            return view(
+                "skipped",
+                Some(format!(
+                    "not sent: the rollout {} before wave {wave} ({})",
+                    r.state.as_str(),
+                    r.reason.as_deref().unwrap_or("")
+                )),
+            );
+        }
+        if r.draining_since(node).is_some() {
+            return view(
+                "draining",
+                Some(format!(
+                    "out of its load balancer's pool for {} before it is replaced",
+                    humantime::format_duration(Duration::from_millis(r.drain_ms.unwrap_or(0)))
+                )),
+            );
+        }
+        return view(
+            "waiting",
+            Some(format!("in wave {wave} of {}, not started", r.waves.len())),
+        );
     }
     let Some(m) = core.machine(node) else {
         return view("failed", Some("the machine is no longer known".into()));
@@ -661,7 +918,10 @@ fn read(core: Option<&ControllerCore>, store: Option<&Store>, cmd: DeployCmd) {
             };
             let _ = reply.send(deleted);
         }
-        DeployCmd::Create { .. } | DeployCmd::Sealed { .. } | DeployCmd::SealFailed { .. } => {}
+        DeployCmd::Create { .. }
+        | DeployCmd::Sealed { .. }
+        | DeployCmd::SealFailed { .. }
+        | DeployCmd::Control { .. } => {}
     }
 }
 

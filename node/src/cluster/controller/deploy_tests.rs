@@ -852,6 +852,8 @@ async fn a_restart_finishes_a_deployment_left_unsent() {
         created_ms: 1,
         targets: vec![(w.node, w.name.clone())],
         failures: vec![],
+        // As stored before rollouts existed: every target was to be sent at once.
+        rollout: Default::default(),
     };
     store
         .controller_commit_with(&Dirty::default(), &[rec])

@@ -18,6 +18,7 @@ pub mod core;
 pub mod deploy;
 #[cfg(test)]
 mod deploy_tests;
+pub mod rollout;
 mod run;
 #[cfg(test)]
 mod tests;

@@ -355,7 +355,10 @@ impl CoreThread {
                 }
                 Cmd::Machines { name, reply } => replies.push(Reply::Machines(reply, name)),
                 Cmd::Tick => match self.core.as_mut() {
-                    Some(core) => core.tick(now),
+                    Some(core) => {
+                        core.tick(now);
+                        self.deploy.tick(core, now);
+                    }
                     None => {
                         if self.reopened_at.elapsed() >= REOPEN_EVERY {
                             self.reopen();
