@@ -373,7 +373,15 @@ type Outcome = (String, String, String);
 impl Fleet {
     /// Uploads `bundle` and deploys it to every worker; waits until every one has a final
     /// status and returns the bundle id and each machine's outcome.
-    async fn deploy(&self, service: &str, bundle: &Path) -> anyhow::Result<(String, Vec<Outcome>)> {
+    /// Uploads `bundle` and deploys it (with the `rollout` keys of the request, if any) until
+    /// every target and the rollout are done; answers the bundle id, each target's outcome,
+    /// and the deployment as the controller shows it.
+    async fn deploy(
+        &self,
+        service: &str,
+        bundle: &Path,
+        rollout: Value,
+    ) -> anyhow::Result<(String, Vec<Outcome>, Value)> {
         let bytes = tokio::fs::read(bundle).await?;
         let resp = self
             .http
@@ -392,7 +400,13 @@ impl Fleet {
             .http
             .post(format!("{}/v1/deployments", self.ctl.api))
             .bearer_auth(&self.ctl.token)
-            .json(&serde_json::json!({"service": service, "bundle_id": bundle_id}))
+            .json(&{
+                let mut body = serde_json::json!({"service": service, "bundle_id": bundle_id});
+                if let (Some(b), Some(r)) = (body.as_object_mut(), rollout.as_object()) {
+                    b.extend(r.clone());
+                }
+                body
+            })
             .send()
             .await?;
         let status = resp.status();
@@ -405,10 +419,11 @@ impl Fleet {
             let d = f.get(&format!("/v1/deployments/{id}")).await?;
             let list = d["machines"].as_array().cloned().unwrap_or_default();
             let done = !list.is_empty()
+                && d["rollout"]["state"] != "running"
                 && list.iter().all(|m| {
                     matches!(
                         m["status"].as_str(),
-                        Some("running" | "rolled_back" | "failed")
+                        Some("running" | "rolled_back" | "failed" | "skipped")
                     )
                 });
             Ok(done.then_some(()))
@@ -428,7 +443,7 @@ impl Fleet {
                 )
             })
             .collect();
-        Ok((bundle_id, list))
+        Ok((bundle_id, list, d))
     }
 }
 
@@ -511,10 +526,20 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
 
     // 4. Software: voice everywhere, then messaging replaces it.
     let mut deployed_ok = true;
+    // Messaging goes in phases: one machine, then half, then the rest, each wave running
+    // healthy for a second before the next, dependents drained out of lb-1's pool first.
+    let phased =
+        serde_json::json!({"waves": [1, "50%", "100%"], "healthy_for": "1s", "drain": "200ms"});
+    let mut rollout_ok = false;
     for (step, service) in [(11, "voice"), (12, "messaging")] {
         let bundle = sample_bundle(dir, service)?;
         let t = Instant::now();
-        let (bundle_id, list) = fleet.deploy(service, &bundle).await?;
+        let rollout = if step == 12 {
+            phased.clone()
+        } else {
+            Value::Null
+        };
+        let (bundle_id, list, d) = fleet.deploy(service, &bundle, rollout).await?;
         let running = list.iter().filter(|(_, s, _)| s == "running").count();
         deployed_ok &= running == list.len();
         println!(
@@ -526,6 +551,38 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         );
         for (name, status, reason) in list.iter().filter(|(_, s, _)| s != "running") {
             println!("    {name}: {status} {reason}");
+        }
+        if step == 12 {
+            let r = &d["rollout"];
+            let waves = r["waves"].as_array().cloned().unwrap_or_default();
+            let t0 = waves
+                .first()
+                .and_then(|w| w["started_ms"].as_u64())
+                .unwrap_or(0);
+            let parts: Vec<String> = waves
+                .iter()
+                .map(|w| {
+                    format!(
+                        "wave {} [{}] at +{:.1}s",
+                        w["wave"],
+                        w["machines"]
+                            .as_array()
+                            .map(|a| a
+                                .iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(","))
+                            .unwrap_or_default(),
+                        w["started_ms"].as_u64().unwrap_or(t0).saturating_sub(t0) as f64 / 1000.0
+                    )
+                })
+                .collect();
+            println!(
+                "    a phased rollout, {}: {}; each wave healthy for 1s before the next; media-1 and media-2 are drained out of lb-1's pool (200ms) before they are replaced",
+                r["state"].as_str().unwrap_or("?"),
+                parts.join(", ")
+            );
+            rollout_ok = r["state"] == "done" && waves.len() == 3;
         }
     }
 
@@ -623,6 +680,7 @@ pub async fn run(dir: &Path, workers: usize) -> anyhow::Result<bool> {
         .is_some_and(|a| a.len() == workers && a.iter().all(|m| m["status"] == "up"));
     let ok = all_up
         && coupled_ok
+        && rollout_ok
         && deployed_ok
         && config_ok
         && fleet.pool() == {

@@ -11,6 +11,10 @@
 //!   applied its new pool;
 //! - configuration data: one document for the whole service, from the `PUT` to every worker
 //!   having applied it, and to the controller having recorded every worker's report;
+//! - a phased rollout to every worker (`--rollout-waves`, each wave healthy for 1 s before the
+//!   next, dependents drained out of the pool first): when each wave started and when all of
+//!   it ran, as the controller records it (the simulated software reports running as soon as
+//!   it is sent the order; the bundle is really sealed to every worker's key);
 //! - the controller's resident memory and CPU.
 //!
 //! Everything runs on this machine's cores together; the figures include that contention.
@@ -57,6 +61,9 @@ struct Args {
     /// The controller's `[log] level`.
     #[arg(long, default_value = "warn")]
     log_level: String,
+    /// The rollout's waves (cumulative machine counts or percentages).
+    #[arg(long, default_value = "1,10%,50%,100%")]
+    rollout_waves: String,
 }
 
 /// What a simulated worker saw, with when.
@@ -114,8 +121,25 @@ impl Sim {
                         },
                     );
                 }
-                // The bench deploys nothing and couples no router.
-                WorkerOutput::Apply(Effect::Deploy(_) | Effect::Coupling) => {}
+                // Its software runs at once (the bench fetches no bundle: it measures the
+                // controller's rollout).
+                WorkerOutput::Apply(Effect::Deploy(order)) => {
+                    self.core.deployed(
+                        order.deployment,
+                        MachineReport {
+                            state: "running".into(),
+                            software: Some(outpost::wire::Software {
+                                service: order.service.clone(),
+                                bundle_id: order.bundle_id.clone(),
+                                version: order.version.clone(),
+                            }),
+                            detail: None,
+                            deployment: Some(order.deployment),
+                        },
+                    );
+                }
+                // The bench couples no router.
+                WorkerOutput::Apply(Effect::Coupling) => {}
             }
         }
         Ok(())
@@ -465,10 +489,27 @@ async fn main() -> anyhow::Result<()> {
             .count()
     });
     let recorded_ms = t_c.elapsed().as_secs_f64() * 1000.0;
+    if let Some(a) = machines.as_array() {
+        for m in a
+            .iter()
+            .filter(|m| m["config"]["applied"].as_u64() != Some(version))
+            .take(5)
+        {
+            println!(
+                "    not applied: {} ({}) config {} channel {}",
+                m["name"], m["component"], m["config"], m["channel"]
+            );
+        }
+    }
     println!(
         "  configuration: a service document to {} workers: PUT answered in {:.0} ms (after its commit), applied by {got} in {:.0} ms; {recorded} reports recorded by {:.0} ms",
         args.workers, put_ms, applied_ms, recorded_ms
     );
+    drain(&mut seen_rx, Duration::from_millis(300)).await;
+
+    // A phased rollout to every worker.
+    rollout(&bin, &cluster, &args).await?;
+
     let rss_end = procstat::rss_kib(pid).unwrap_or(0);
     let cpu = procstat::process_cpu_secs(pid).unwrap_or(0.0) - cpu0;
     println!(
@@ -489,6 +530,103 @@ async fn main() -> anyhow::Result<()> {
     drop(sims);
     let _ = std::fs::remove_file(&token_file);
     cluster.finish().await?;
+    Ok(())
+}
+
+/// Deploys the sample voice bundle in waves with `outpost deploy` and follows the rollout
+/// through `GET /v1/deployments/ID`, printing each wave's figures.
+async fn rollout(bin: &Path, cluster: &Cluster, args: &Args) -> anyhow::Result<()> {
+    let work = std::env::temp_dir().join(format!("outpost-cluster-bench-b-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let bundle = work.join("voice.bundle");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bundles/voice");
+    let o = std::process::Command::new(bin)
+        .args(["bundle", "pack"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&bundle)
+        .output()?;
+    if !o.status.success() {
+        bail!("bundle pack: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let ctl = cluster.node(0);
+    let t0 = Instant::now();
+    let o = std::process::Command::new(bin)
+        .args(["deploy", "--service", "voice", "--bundle"])
+        .arg(&bundle)
+        .args(["--waves", &args.rollout_waves, "--healthy-for", "1s"])
+        .arg("--api")
+        .arg(format!("http://{}", ctl.api_addr))
+        .env("OUTPOST_TOKEN", &ctl.token)
+        .output()?;
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    if !o.status.success() {
+        bail!("deploy: {out} {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let id = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("deployment ")
+                .and_then(|r| r.strip_suffix(" created"))
+        })
+        .context("no deployment id")?
+        .to_owned();
+    let created_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    // Wave -> (started, all running), in ms since the deploy command started.
+    let mut seen: BTreeMap<usize, (f64, Option<f64>)> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let d = loop {
+        let d: serde_json::Value = cluster
+            .api(0)
+            .get_json(&format!("/v1/deployments/{id}"))
+            .await?;
+        let now = t0.elapsed().as_secs_f64() * 1000.0;
+        let waves = d["rollout"]["waves"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for (k, w) in waves.iter().enumerate() {
+            if w["state"] == "waiting" {
+                continue;
+            }
+            let e = seen.entry(k).or_insert((now, None));
+            let n = w["machines"].as_array().map_or(0, Vec::len) as u64;
+            if e.1.is_none() && w["running"].as_u64() == Some(n) {
+                e.1 = Some(now);
+            }
+        }
+        let state = d["rollout"]["state"].as_str().unwrap_or("?").to_owned();
+        if state != "running" || Instant::now() > deadline {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let waves = d["rollout"]["waves"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "  rollout: voice to {} workers in {} waves ({}), healthy for 1 s before each next wave: {} after {:.1} s (upload and create {:.0} ms)",
+        args.workers,
+        waves.len(),
+        args.rollout_waves,
+        d["rollout"]["state"].as_str().unwrap_or("?"),
+        t0.elapsed().as_secs_f64(),
+        created_ms
+    );
+    for (k, w) in waves.iter().enumerate() {
+        let n = w["machines"].as_array().map_or(0, Vec::len);
+        let (start, run) = seen.get(&k).copied().unwrap_or((f64::NAN, None));
+        let run = run.unwrap_or(f64::NAN);
+        println!(
+            "    wave {}: {n} machines, started at {:.2} s, all running {:.0} ms after it started ({:.1} ms per machine)",
+            k + 1,
+            start / 1000.0,
+            run - start,
+            (run - start) / n.max(1) as f64
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 

@@ -878,6 +878,11 @@ async fn get_metrics(State(s): S) -> Response {
         load(&m.slow_closed),
     );
     o.counter(
+        "outpost_controller_relays_dropped_total",
+        "Relayed copies not queued because the load balancer's send queue was three quarters full (each is then sent directly).",
+        load(&m.relays_dropped),
+    );
+    o.counter(
         "outpost_api_unauthorized_total",
         "API requests refused for a missing or wrong token.",
         load(&m.api_unauthorized),

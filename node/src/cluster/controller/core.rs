@@ -1310,15 +1310,27 @@ impl ControllerCore {
     /// A rollout drains `node` for `deployment` (`Some`: out of its load balancer's pool,
     /// published at once) or lets it back (`None`: in again once it is up and healthy).
     pub fn set_draining(&mut self, node: NodeId, deployment: Option<u64>, now_ms: u64) {
-        let Some(m) = self.machines.get_mut(&node) else {
-            return;
-        };
-        if m.balancing.draining == deployment {
-            return;
+        self.set_draining_many(&[(node, deployment)], now_ms);
+    }
+
+    /// [`ControllerCore::set_draining`] for many machines at once: each load balancer
+    /// concerned gets one new pool, not one per machine.
+    pub fn set_draining_many(&mut self, changes: &[(NodeId, Option<u64>)], now_ms: u64) {
+        let mut lbs = BTreeSet::new();
+        for &(node, deployment) in changes {
+            let Some(m) = self.machines.get_mut(&node) else {
+                continue;
+            };
+            if m.balancing.draining == deployment {
+                continue;
+            }
+            m.balancing.draining = deployment;
+            self.dirty_machines.insert(node);
+            if let Some(lb) = m.load_balancer.clone() {
+                lbs.insert(lb);
+            }
         }
-        m.balancing.draining = deployment;
-        self.dirty_machines.insert(node);
-        if let Some(lb) = m.load_balancer.clone() {
+        for lb in lbs {
             self.recompute_pool(&lb, now_ms);
         }
     }

@@ -339,10 +339,11 @@ impl DeployBook {
         now_ms: u64,
     ) {
         let mut send = Vec::new();
+        let mut drains = Vec::new();
         for a in actions {
             match a {
-                Action::Drain(n) => core.set_draining(n, Some(rec.id), now_ms),
-                Action::Undrain(n) => core.set_draining(n, None, now_ms),
+                Action::Drain(n) => drains.push((n, Some(rec.id))),
+                Action::Undrain(n) => drains.push((n, None)),
                 Action::Send(n) => {
                     if let Some((_, name)) = rec.targets.iter().find(|(t, _)| *t == n) {
                         send.push(seal_target(core, n, name));
@@ -350,6 +351,7 @@ impl DeployBook {
                 }
             }
         }
+        core.set_draining_many(&drains, now_ms);
         if !send.is_empty() {
             self.jobs.push(job_of(rec, send));
         }

@@ -43,6 +43,9 @@ pub struct ControllerMetrics {
     pub connections_refused: AtomicU64,
     /// Connections closed because their send queue was full.
     pub slow_closed: AtomicU64,
+    /// Relayed copies not queued because the load balancer's send queue was three quarters
+    /// full (each is sent directly after `resend_after`).
+    pub relays_dropped: AtomicU64,
     pub api_unauthorized: AtomicU64,
     /// Bundles uploaded (new or already stored).
     pub bundles_uploaded: AtomicU64,

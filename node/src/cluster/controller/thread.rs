@@ -39,6 +39,8 @@ pub(crate) const CMD_QUEUE_MAX: usize = 4096;
 const BATCH_MAX: usize = 1024;
 /// After a failed commit the database is reopened; while that fails, at most this often.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// The part of a connection's send queue relayed copies leave free (see `perform`).
+const RELAY_HEADROOM: usize = super::conn::OUTBOUND_MAX / 4;
 /// A close reason longer than this is cut (it travels in one QUIC frame).
 const REASON_BYTES_MAX: usize = 256;
 
@@ -494,6 +496,18 @@ impl CoreThread {
                 let Some(h) = self.handles.get(&conn) else {
                     return;
                 };
+                // A relayed copy is best effort: the publication stays unacknowledged and the
+                // core sends it directly after `resend_after`. So relays never take the last
+                // quarter of a load balancer's queue, which stays for its own messages: one
+                // that relays for many dependents is not cut off by a burst of them (a new
+                // pool or configuration for every dependent at once).
+                if matches!(msg, Message::Relay(_)) && h.out.capacity() <= RELAY_HEADROOM {
+                    self.shared
+                        .metrics
+                        .relays_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 match h.out.try_send(Out::Msg(msg)) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {

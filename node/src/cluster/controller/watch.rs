@@ -28,6 +28,9 @@ use crate::api::ApiError;
 
 /// Changes kept for watchers that reconnect.
 pub const JOURNAL_MAX: usize = 4096;
+/// And at most this many bytes of them (their JSON): a deployment's view grows with its
+/// targets, and a rollout to a thousand machines changes it on many ticks.
+pub const JOURNAL_BYTES_MAX: usize = 32 << 20;
 
 /// One change: `kind` (`machine`, `deployment` or `config`), the name it filters by (a
 /// configuration change's scope), its view.
@@ -36,6 +39,8 @@ struct Change {
     kind: &'static str,
     name: String,
     view: Arc<Value>,
+    /// The length of `view` as JSON.
+    bytes: usize,
 }
 
 /// A change read out: sequence, kind, name, view.
@@ -43,7 +48,8 @@ type Entry = (u64, &'static str, String, Arc<Value>);
 
 pub(crate) struct Journal {
     epoch: u64,
-    changes: Mutex<VecDeque<Change>>,
+    /// The changes and the sum of their `bytes`.
+    changes: Mutex<(VecDeque<Change>, usize)>,
     /// The newest sequence appended (0: none).
     tail: watch::Sender<u64>,
 }
@@ -53,25 +59,31 @@ impl Journal {
         Journal {
             // Any value a previous run did not have: cursors of another run are refused.
             epoch: rand::random::<u32>() as u64,
-            changes: Mutex::new(VecDeque::new()),
+            changes: Mutex::new((VecDeque::new(), 0)),
             tail: watch::Sender::new(0),
         }
     }
 
     /// Appends one change (the core thread, after its commit).
     pub(crate) fn push(&self, kind: &'static str, name: &str, view: Value) {
-        let mut c = self.changes.lock().expect("journal lock");
+        let bytes = serde_json::to_vec(&view).map_or(0, |v| v.len()) + name.len();
+        let mut guard = self.changes.lock().expect("journal lock");
+        let (c, held) = &mut *guard;
         let seq = *self.tail.borrow() + 1;
         c.push_back(Change {
             seq,
             kind,
             name: name.to_owned(),
             view: Arc::new(view),
+            bytes,
         });
-        while c.len() > JOURNAL_MAX {
-            c.pop_front();
+        *held += bytes;
+        while c.len() > JOURNAL_MAX || (*held > JOURNAL_BYTES_MAX && c.len() > 1) {
+            if let Some(old) = c.pop_front() {
+                *held -= old.bytes;
+            }
         }
-        drop(c);
+        drop(guard);
         self.tail.send_replace(seq);
     }
 
@@ -81,7 +93,8 @@ impl Journal {
 
     /// Up to `max` changes after `seq`, and the oldest sequence held.
     fn after(&self, seq: u64, max: usize) -> (Option<u64>, Vec<Entry>) {
-        let c = self.changes.lock().expect("journal lock");
+        let guard = self.changes.lock().expect("journal lock");
+        let c = &guard.0;
         let first = c.front().map(|x| x.seq);
         let skip = first.map_or(0, |f| seq.saturating_sub(f - 1) as usize);
         let out = c
@@ -237,5 +250,36 @@ async fn run(
             }
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Invariant: the journal is bounded by bytes as well as by count; it drops the oldest
+    /// first and always keeps the newest change.
+    #[test]
+    fn the_journal_keeps_at_most_its_bytes_and_drops_the_oldest() {
+        let j = Journal::new();
+        let big = json!({ "machines": "x".repeat(1 << 20) });
+        for _ in 0..40 {
+            j.push("deployment", "1", big.clone());
+        }
+        let (first, held) = j.after(0, usize::MAX);
+        let bytes: usize = held.iter().map(|e| e.3.to_string().len()).sum();
+        assert!(bytes <= JOURNAL_BYTES_MAX, "{bytes}");
+        assert!(held.len() >= 30 && held.len() < 40, "{}", held.len());
+        assert_eq!(held.last().map(|e| e.0), Some(40));
+        assert_eq!(first, held.first().map(|e| e.0));
+        // One change larger than the bound is still kept, alone.
+        j.push(
+            "deployment",
+            "2",
+            json!({ "m": "y".repeat(JOURNAL_BYTES_MAX + 1) }),
+        );
+        let (_, held) = j.after(0, usize::MAX);
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].0, 41);
     }
 }
