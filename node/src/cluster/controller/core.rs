@@ -1307,24 +1307,26 @@ impl ControllerCore {
         }
     }
 
-    /// A rollout drains `node` for `deployment` (`Some`: out of its load balancer's pool,
-    /// published at once) or lets it back (`None`: in again once it is up and healthy).
-    pub fn set_draining(&mut self, node: NodeId, deployment: Option<u64>, now_ms: u64) {
-        self.set_draining_many(&[(node, deployment)], now_ms);
-    }
-
-    /// [`ControllerCore::set_draining`] for many machines at once: each load balancer
-    /// concerned gets one new pool, not one per machine.
-    pub fn set_draining_many(&mut self, changes: &[(NodeId, Option<u64>)], now_ms: u64) {
+    /// Deployment `deployment`'s rollout drains the machines `drain` (out of their load
+    /// balancers' pools, published at once; a machine drained by an older rollout is taken
+    /// over) and lets `undrain` back (in again once up and healthy; only those it drained
+    /// itself, so that a superseded rollout never undoes a newer one's drain). Each load
+    /// balancer concerned gets one new pool, not one per machine.
+    pub fn drain(&mut self, deployment: u64, drain: &[NodeId], undrain: &[NodeId], now_ms: u64) {
         let mut lbs = BTreeSet::new();
-        for &(node, deployment) in changes {
+        let changes = drain
+            .iter()
+            .map(|n| (*n, Some(deployment)))
+            .chain(undrain.iter().map(|n| (*n, None)));
+        for (node, to) in changes {
             let Some(m) = self.machines.get_mut(&node) else {
                 continue;
             };
-            if m.balancing.draining == deployment {
+            let was = m.balancing.draining;
+            if was == to || (to.is_none() && was != Some(deployment)) {
                 continue;
             }
-            m.balancing.draining = deployment;
+            m.balancing.draining = to;
             self.dirty_machines.insert(node);
             if let Some(lb) = m.load_balancer.clone() {
                 lbs.insert(lb);

@@ -339,11 +339,11 @@ impl DeployBook {
         now_ms: u64,
     ) {
         let mut send = Vec::new();
-        let mut drains = Vec::new();
+        let (mut drains, mut undrains) = (Vec::new(), Vec::new());
         for a in actions {
             match a {
-                Action::Drain(n) => drains.push((n, Some(rec.id))),
-                Action::Undrain(n) => drains.push((n, None)),
+                Action::Drain(n) => drains.push(n),
+                Action::Undrain(n) => undrains.push(n),
                 Action::Send(n) => {
                     if let Some((_, name)) = rec.targets.iter().find(|(t, _)| *t == n) {
                         send.push(seal_target(core, n, name));
@@ -351,7 +351,7 @@ impl DeployBook {
                 }
             }
         }
-        core.set_draining_many(&drains, now_ms);
+        core.drain(rec.id, &drains, &undrains, now_ms);
         if !send.is_empty() {
             self.jobs.push(job_of(rec, send));
         }
@@ -719,8 +719,9 @@ fn settled(core: &ControllerCore, rec: &DeploymentRecord, node: NodeId) -> bool 
     }
 }
 
-/// Steps `rec`'s rollout from what the core knows of each target now.
-fn step_rollout(core: &ControllerCore, rec: &mut DeploymentRecord, now_ms: u64) -> Vec<Action> {
+/// Steps `rec`'s rollout from what the core knows of each target now (the core thread on
+/// every tick, and the cluster simulation).
+pub fn step_rollout(core: &ControllerCore, rec: &mut DeploymentRecord, now_ms: u64) -> Vec<Action> {
     let names: BTreeMap<NodeId, &str> = rec.targets.iter().map(|(n, s)| (*n, s.as_str())).collect();
     let snapshot = rec.clone();
     rec.rollout.step(now_ms, |node| {
