@@ -343,14 +343,7 @@ fn coupling_json(r: &MachineRecord) -> Value {
     json!({
         "load_balancer": r.load_balancer,
         "state": state,
-        "endpoint": endpoint.map(|e| json!({
-            "name": e.name,
-            "node_id": e.node_id.to_string(),
-            "service_addr": e.service_addr,
-            "relay_addr": e.relay_addr,
-            "fingerprint": e.fingerprint.to_string(),
-            "up": e.up,
-        })),
+        "endpoint": endpoint.as_ref().map(crate::cluster::worker::pool_file::endpoint_json),
     })
 }
 
@@ -680,13 +673,22 @@ async fn get_deployments(State(s): S, RawQuery(q): RawQuery) -> ApiResult<Json<V
 }
 
 async fn get_deployment(State(s): S, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let id: u64 = id.parse().map_err(|_| {
+    deployment_answer(&s, deployment_id(&id)?).await
+}
+
+/// `{id}` of the deployment endpoints, or the 400.
+fn deployment_id(id: &str) -> ApiResult<u64> {
+    id.parse().map_err(|_| {
         bad(format!(
             "id: {:?} is not a deployment id (a number)",
             id.chars().take(32).collect::<String>()
         ))
-    })?;
-    let found = ask_core(&s, |reply| DeployCmd::Get { id, reply })
+    })
+}
+
+/// Deployment `id` as `GET /v1/deployments/{id}` answers it.
+async fn deployment_answer(s: &ControllerShared, id: u64) -> ApiResult<Json<Value>> {
+    let found = ask_core(s, |reply| DeployCmd::Get { id, reply })
         .await
         .map_err(core_error)?
         .map_err(deploy_error)?;
@@ -786,12 +788,7 @@ async fn post_deployment_control(
     State(s): S,
     Path((id, action)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let id: u64 = id.parse().map_err(|_| {
-        bad(format!(
-            "id: {:?} is not a deployment id (a number)",
-            id.chars().take(32).collect::<String>()
-        ))
-    })?;
+    let id = deployment_id(&id)?;
     let control = Control::parse(&action).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -805,17 +802,7 @@ async fn post_deployment_control(
         .await
         .map_err(core_error)?
         .map_err(deploy_error)?;
-    let found = ask_core(&s, |reply| DeployCmd::Get { id, reply })
-        .await
-        .map_err(core_error)?
-        .map_err(deploy_error)?;
-    match found {
-        Some(v) => Ok(Json(deployment_json(&v))),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("id: no deployment {id}"),
-        )),
-    }
+    deployment_answer(&s, id).await
 }
 
 async fn get_metrics(State(s): S) -> Response {

@@ -1337,36 +1337,31 @@ impl ControllerCore {
         }
     }
 
-    /// Whether `node` is a member of its load balancer's pool as last published.
-    pub fn in_pool(&self, node: NodeId) -> bool {
-        let Some(lb) = self
-            .machines
+    /// The admitted load balancer `node` sits behind.
+    fn lb_of(&self, node: NodeId) -> Option<&MachineRecord> {
+        self.machines
             .get(&node)
             .and_then(|m| m.load_balancer.as_deref())
             .and_then(|lb| self.lb_record(lb))
-        else {
-            return false;
-        };
-        lb.up
-            && lb
-                .pool
-                .as_ref()
-                .is_some_and(|p| p.members.iter().any(|x| x.node_id == node))
+    }
+
+    /// Whether `node` is a member of its load balancer's pool as last published.
+    pub fn in_pool(&self, node: NodeId) -> bool {
+        self.lb_of(node).is_some_and(|lb| {
+            lb.up
+                && lb
+                    .pool
+                    .as_ref()
+                    .is_some_and(|p| p.members.iter().any(|x| x.node_id == node))
+        })
     }
 
     /// Whether `node`'s load balancer no longer sends it work: it is out of the pool last
     /// published and the load balancer applied everything it was sent (or it is down, or there
     /// is none).
     pub fn drained(&self, node: NodeId) -> bool {
-        let Some(lb) = self
-            .machines
-            .get(&node)
-            .and_then(|m| m.load_balancer.as_deref())
-            .and_then(|lb| self.lb_record(lb))
-        else {
-            return true;
-        };
-        !lb.up || (!self.in_pool(node) && lb.pub_acked >= lb.pub_seq)
+        self.lb_of(node)
+            .is_none_or(|lb| !lb.up || (!self.in_pool(node) && lb.pub_acked >= lb.pub_seq))
     }
 
     /// The load balancer named `lb`, if admitted.

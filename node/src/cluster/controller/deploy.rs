@@ -576,15 +576,7 @@ impl DeployBook {
             ));
         }
         targets.sort_by(|a, b| a.name.cmp(&b.name));
-        let planned: Vec<PlanTarget> = targets
-            .iter()
-            .map(|m| PlanTarget {
-                node: m.node_id,
-                name: m.name.clone(),
-                coupled_lb: m.is_load_balancer()
-                    && m.balancing.router.as_ref().is_some_and(Option::is_some),
-            })
-            .collect();
+        let planned: Vec<PlanTarget> = targets.iter().map(|m| PlanTarget::of(m)).collect();
         let waves = rollout::plan(&planned, &req.rollout);
         let id = self.next_id;
         self.next_id += 1;

@@ -97,6 +97,18 @@ pub struct PlanTarget {
     pub coupled_lb: bool,
 }
 
+impl PlanTarget {
+    /// The machine `m` as a target.
+    pub fn of(m: &crate::cluster::controller::core::MachineRecord) -> PlanTarget {
+        PlanTarget {
+            node: m.node_id,
+            name: m.name.clone(),
+            coupled_lb: m.is_load_balancer()
+                && m.balancing.router.as_ref().is_some_and(Option::is_some),
+        }
+    }
+}
+
 /// Splits `targets` (in the deployment's order) into waves. Every target is in exactly one
 /// wave, in order, no wave is empty. A load balancer serving a call router is never in the same
 /// wave as every other such load balancer among the targets (its peers): when a wave would

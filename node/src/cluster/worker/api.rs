@@ -201,9 +201,7 @@ pub fn status(s: &WorkerShared) -> Value {
         "pool": pool,
         // A call router: its load balancer; a load balancer: its call router (as the pool
         // file shows them).
-        "coupled_load_balancer": rec.coupling.endpoint.as_ref().map(|e| {
-            super::pool_file::router_json(&s.name, Some(e))["load_balancer"].clone()
-        }),
+        "coupled_load_balancer": rec.coupling.endpoint.as_ref().map(super::pool_file::endpoint_json),
         "call_router": rec.coupling.router.as_ref().map(|r| json!({
             "name": r.name,
             "node_id": r.node_id.to_string(),

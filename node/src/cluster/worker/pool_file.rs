@@ -60,17 +60,20 @@ pub fn pool_json(load_balancer: &str, pool: &Pool, router: Option<&RouterPeer>) 
 ///   "service_addr": "192.0.2.20:5060", "relay_addr": "192.0.2.20:7400", "fingerprint": "<64 hex>", "up": true}}
 /// ```
 pub fn router_json(router: &str, endpoint: Option<&LbEndpoint>) -> Value {
-    let lb = endpoint.map(|e| {
-        json!({
-            "name": e.name,
-            "node_id": e.node_id.to_string(),
-            "service_addr": e.service_addr,
-            "relay_addr": e.relay_addr,
-            "fingerprint": e.fingerprint.to_string(),
-            "up": e.up,
-        })
-    });
-    json!({ "call_router": router, "load_balancer": lb })
+    json!({ "call_router": router, "load_balancer": endpoint.map(endpoint_json) })
+}
+
+/// A call router's load balancer as JSON (its pool file, the worker's status and the
+/// controller's machine view show the same).
+pub fn endpoint_json(e: &LbEndpoint) -> Value {
+    json!({
+        "name": e.name,
+        "node_id": e.node_id.to_string(),
+        "service_addr": e.service_addr,
+        "relay_addr": e.relay_addr,
+        "fingerprint": e.fingerprint.to_string(),
+        "up": e.up,
+    })
 }
 
 /// The file a worker named `name` of `component` writes from its record; `None`: it writes
