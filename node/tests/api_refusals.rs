@@ -66,7 +66,7 @@ async fn bad_requests_get_a_reason_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(get.status().as_u16(), 400);
-    let (_, entries) = n.shared.store.read().unwrap().digest().unwrap();
+    let (_, entries) = n.shared.store.digest().unwrap();
     assert_eq!(entries, 0, "nothing of any refused request was stored");
     // A good request still works.
     let ok = post(

@@ -21,7 +21,7 @@ fn event(i: usize) -> Event {
 fn quiet(nodes: &[Running]) -> bool {
     let digests: Vec<_> = nodes
         .iter()
-        .map(|r| r.shared.store.read().unwrap().digest().unwrap())
+        .map(|r| r.shared.store.digest().unwrap())
         .collect();
     let links_idle = nodes.iter().all(|r| {
         let tail = *r.shared.tail.borrow();

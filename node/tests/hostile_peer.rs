@@ -116,7 +116,7 @@ async fn closed_with(conn: &quinn::Connection) -> (u32, String) {
 }
 
 fn entries(node: &Running) -> u64 {
-    node.shared.store.read().unwrap().digest().unwrap().1
+    node.shared.store.digest().unwrap().1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

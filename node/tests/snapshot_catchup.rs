@@ -21,7 +21,7 @@ fn event(i: usize) -> Event {
 async fn digests(nodes: &[&Running]) -> Vec<(String, u64)> {
     nodes
         .iter()
-        .map(|r| r.shared.store.read().unwrap().digest().unwrap())
+        .map(|r| r.shared.store.digest().unwrap())
         .collect()
 }
 

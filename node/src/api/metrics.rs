@@ -128,6 +128,8 @@ struct Stored {
 }
 
 pub async fn get_metrics(State(s): State<Arc<Shared>>) -> Response {
+    // The entry count reads the whole table: everything dirty goes to it first.
+    let flushed = s.flush_state().await.is_ok();
     let s2 = s.clone();
     let stored = tokio::task::spawn_blocking(move || {
         let r = s2.store.read()?;
@@ -140,7 +142,7 @@ pub async fn get_metrics(State(s): State<Arc<Shared>>) -> Response {
     })
     .await;
     let (stored, store_ok) = match stored {
-        Ok(Ok(st)) => (st, 1.0),
+        Ok(Ok(st)) => (st, if flushed { 1.0 } else { 0.0 }),
         _ => (Stored::default(), 0.0),
     };
     let m = &s.metrics;

@@ -317,7 +317,7 @@ async fn get_state_typed(
 async fn state(s: Arc<Shared>, account: String, t: Option<EventType>) -> ApiResult<Json<Value>> {
     crate::model::events::validate_account(&account).map_err(|e| ApiError::bad(e.to_string()))?;
     let acct = account.clone();
-    let rows = read(&s, move |s| s.store.read()?.state(&acct, t)).await?;
+    let rows = read(&s, move |s| s.store.state(&acct, t)).await?;
     let now = now_ms();
     let entries: Vec<Value> = rows
         .into_iter()
@@ -337,7 +337,7 @@ async fn state(s: Arc<Shared>, account: String, t: Option<EventType>) -> ApiResu
 }
 
 async fn get_digest(State(s): State<Arc<Shared>>) -> ApiResult<Json<Value>> {
-    let (digest, entries) = read(&s, |s| s.store.read()?.digest()).await?;
+    let (digest, entries) = s.digest().await?;
     Ok(Json(json!({ "digest": digest, "entries": entries })))
 }
 
@@ -412,9 +412,10 @@ async fn get_status(State(s): State<Arc<Shared>>) -> ApiResult<Json<Value>> {
 }
 
 pub async fn status(s: &Arc<Shared>) -> ApiResult<Value> {
-    let (progress, entries, digest, tail) = read(s, |s| {
+    let (digest, entries) = s.digest().await?;
+    let (progress, tail) = read(s, |s| {
         let r = s.store.read()?;
-        Ok((r.peers()?, r.entry_count()?, r.digest()?.0, r.log_tail()?))
+        Ok((r.peers()?, r.log_tail()?))
     })
     .await?;
     let peers: Vec<Value> = s

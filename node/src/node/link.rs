@@ -1017,9 +1017,12 @@ async fn send_snapshot(
                 }
                 let complete = done && last.as_ref().is_none_or(|_| bytes <= budget);
                 let end = if complete {
+                    // The table is complete up to `state_upto` (what is after it is still only
+                    // in the log and the writer's overlay): the peer continues from there, and
+                    // retention keeps the log after it.
                     Some(SnapshotEnd {
                         marks: r.marks()?.iter().map(|(o, m)| m.to_wire(*o)).collect(),
-                        resume_after: r.log_tail()?,
+                        resume_after: r.state_upto()?.min(r.log_tail()?),
                     })
                 } else {
                     None

@@ -144,6 +144,21 @@ impl StoreSlot {
         self.get()?.read()
     }
 
+    /// The digest and entry count of everything committed, without a flush (see
+    /// [`Store::digest_merged`]).
+    pub fn digest(&self) -> Result<(String, u64), StoreError> {
+        self.get()?.digest_merged()
+    }
+
+    /// The account's committed state rows (overlay first, then the table).
+    pub fn state(
+        &self,
+        account: &str,
+        etype: Option<crate::model::EventType>,
+    ) -> Result<Vec<crate::store::StateRow>, StoreError> {
+        self.get()?.state(account, etype)
+    }
+
     pub(crate) fn take(&self) -> Option<Arc<Store>> {
         self.current.write().expect("store lock").take()
     }
@@ -183,6 +198,37 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Asks the writer to write every dirty state entry to the state table (see
+    /// `store::overlay`) and waits until that is committed: what a reader of the whole table
+    /// (the digest, the entry count) does first, so that it sees everything acknowledged.
+    pub async fn flush_state(&self) -> Result<(), StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let gone = || StoreError::Io("the writer thread has stopped".into());
+        self.writer
+            .send(writer::Cmd::Flush { reply: Some(tx) })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// The state digest and entry count over everything committed. The writer writes its
+    /// dirty state entries to the table first; when it cannot (a full disk: nothing commits),
+    /// the table is merged with the overlay instead, so reads keep working.
+    pub async fn digest(self: &Arc<Self>) -> Result<(String, u64), StoreError> {
+        let flushed = self.flush_state().await.is_ok();
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = s.store.get()?;
+            if flushed {
+                store.read()?.digest()
+            } else {
+                store.digest_merged()
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Io(format!("digest task: {e}")))?
+    }
+
     /// The config as last reloaded (SIGHUP); the start-time one until then.
     pub fn current_config(&self) -> Arc<Config> {
         self.live.read().expect("config lock").clone()
@@ -383,6 +429,7 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
     };
     let mut link_tasks = link::spawn_all(shared.clone(), endpoint.clone());
     link_tasks.push(tokio::spawn(retention(shared.clone())));
+    link_tasks.push(tokio::spawn(flush_tick(shared.clone())));
     shared.ready.store(true, Ordering::Relaxed);
     notify.ready();
     link_tasks.push(tokio::spawn(crate::ops::supervise::supervise(
@@ -448,6 +495,23 @@ async fn retention(shared: Arc<Shared>) {
             keep_max: limits.log_records_max,
         };
         if shared.writer.send(cmd).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Ticks the writer's state flush (`writer::STATE_FLUSH_INTERVAL`): an idle node writes its
+/// dirty state entries to the table, a busy one starts a flush round when one is due.
+async fn flush_tick(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(writer::STATE_FLUSH_INTERVAL);
+    loop {
+        every.tick().await;
+        if shared
+            .writer
+            .send(writer::Cmd::Flush { reply: None })
+            .await
+            .is_err()
+        {
             return;
         }
     }

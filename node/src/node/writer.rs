@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::ids::NodeId;
 use crate::model::Event;
 use crate::replication::{Core, IngestError, Ingested, LogRead, Received, StoreError, Tables};
-use crate::store::{StateCache, StateWrites, Store};
+use crate::store::{FlushPlan, Round, Store};
 use crate::wire::{CatchUpBatch, CatchUpRequest, Elements, SnapshotChunk};
 
 use super::Shared;
@@ -62,6 +62,13 @@ pub enum Cmd {
     Ping {
         reply: oneshot::Sender<()>,
     },
+    /// Write the state overlay's dirty entries to the state table. With a reply (a reader of the
+    /// whole table, such as the digest, waits for it): everything, answered after the commit.
+    /// Without (the periodic tick): everything if there is no other work, else a chunk by the
+    /// usual policy.
+    Flush {
+        reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+    },
 }
 
 impl Cmd {
@@ -72,7 +79,7 @@ impl Cmd {
             Cmd::Snapshot { chunk, .. } => chunk.entries.len().max(1),
             Cmd::CatchUp { batch, .. } => batch.items.len().max(1),
             Cmd::Acked { .. } | Cmd::Trim { .. } | Cmd::Stop => 1,
-            Cmd::Ping { .. } | Cmd::ClearRestored { .. } => 0,
+            Cmd::Ping { .. } | Cmd::ClearRestored { .. } | Cmd::Flush { .. } => 0,
         }
     }
 }
@@ -89,8 +96,88 @@ enum Outcome {
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// How long a reopen waits for readers to let go of the old database.
 const REOPEN_WAIT_MAX: Duration = Duration::from_secs(5);
-/// Bound on the writer's cache of committed state entries (accounts, elements and overhead).
-pub const STATE_CACHE_BYTES: usize = 16 << 20;
+/// The state write-back (see `store::overlay`). Dirty entries over this many bytes are all
+/// written to the state table in the next commit, whatever else it holds: the hard bound.
+pub const STATE_DIRTY_BYTES_MAX: usize = 16 << 20;
+/// A flush round starts when the dirty entries reach this many bytes, ...
+pub const STATE_DIRTY_BYTES_TARGET: usize = 8 << 20;
+/// ... or this many log records follow `state_upto` (what a restart replays: bounded by it),
+pub const STATE_REPLAY_RECORDS_MAX: u64 = 200_000;
+/// ... or this long after the last round ended, if anything is dirty.
+pub const STATE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// A round writes its entries over about this many commits, in key-ordered chunks of at
+/// least [`STATE_FLUSH_CHUNK_MIN`], so no one commit (and no acknowledgement) waits for all.
+pub const STATE_FLUSH_ROUND_COMMITS: usize = 8;
+pub const STATE_FLUSH_CHUNK_MIN: usize = 1024;
+const _: () = assert!(STATE_DIRTY_BYTES_TARGET < STATE_DIRTY_BYTES_MAX);
+
+/// The writer's side of the flush policy: when the last round ended, and the chunk size of
+/// the current one.
+struct Flusher {
+    last_end: Instant,
+    chunk_max: usize,
+}
+
+impl Flusher {
+    fn new() -> Flusher {
+        Flusher {
+            last_end: Instant::now(),
+            chunk_max: STATE_FLUSH_CHUNK_MIN,
+        }
+    }
+
+    /// How the next commit writes the state. `committed_tail` and `state_upto` are as committed
+    /// before it; `all`: a reader waits for the whole table (or the node is idle or stopping);
+    /// `through`: the commit carries state that is not in the log (a snapshot chunk).
+    fn plan(
+        &mut self,
+        store: &Store,
+        committed_tail: u64,
+        state_upto: u64,
+        all: bool,
+        through: bool,
+        log_records_max: u64,
+    ) -> FlushPlan {
+        let o = store.overlay();
+        let dirty_bytes = o.dirty_bytes();
+        if all || dirty_bytes >= STATE_DIRTY_BYTES_MAX {
+            return FlushPlan::all(committed_tail);
+        }
+        let round = match o.round() {
+            Some(r) => Some(r),
+            None => {
+                // Retention keeps what follows state_upto: a round is due before that holds
+                // back more than half of what `limits.log_records_max` lets it keep.
+                let replay_max = STATE_REPLAY_RECORDS_MAX.min(log_records_max / 2).max(1);
+                let due = dirty_bytes >= STATE_DIRTY_BYTES_TARGET
+                    || committed_tail.saturating_sub(state_upto) >= replay_max
+                    || self.last_end.elapsed() >= STATE_FLUSH_INTERVAL;
+                if due && o.dirty_len() > 0 {
+                    self.chunk_max =
+                        STATE_FLUSH_CHUNK_MIN.max(o.dirty_len() / STATE_FLUSH_ROUND_COMMITS);
+                    Some(Round {
+                        upto: committed_tail,
+                        after: None,
+                    })
+                } else {
+                    None
+                }
+            }
+        };
+        FlushPlan {
+            through,
+            round,
+            chunk_max: self.chunk_max,
+        }
+    }
+
+    /// After a commit: a round that is no longer in progress ended.
+    fn committed(&mut self, store: &Store, plan: &FlushPlan) {
+        if plan.round.is_some() && store.overlay().round().is_none() {
+            self.last_end = Instant::now();
+        }
+    }
+}
 
 /// Runs until every sender of `rx` is gone and the queue is drained: in-flight commits finish.
 pub fn run(
@@ -101,7 +188,7 @@ pub fn run(
     tail_tx: watch::Sender<u64>,
 ) {
     let mut store = Some(store);
-    let mut cache = StateCache::new(STATE_CACHE_BYTES);
+    let mut flusher = Flusher::new();
     let mut failed: Option<(Instant, StoreError)> = None;
     let mut stopping = false;
     while !stopping {
@@ -114,6 +201,8 @@ pub fn run(
         let mut group = Vec::new();
         let mut pings = Vec::new();
         let mut clear_restored = Vec::new();
+        let mut flushes = Vec::new();
+        let mut flush_tick = false;
         let mut weight = 0;
         let mut next = Some(first);
         while let Some(c) = next.take() {
@@ -125,6 +214,11 @@ pub fn run(
                 pings.push(reply);
             } else if let Cmd::ClearRestored { reply } = c {
                 clear_restored.push(reply);
+            } else if let Cmd::Flush { reply } = c {
+                match reply {
+                    Some(r) => flushes.push(r),
+                    None => flush_tick = true,
+                }
             } else {
                 weight += c.weight();
                 group.push(c);
@@ -137,6 +231,13 @@ pub fn run(
             .metrics
             .writer_queue
             .store(rx.len() as u64, Ordering::Relaxed);
+        // A reader waiting for the whole table, an idle tick or the stop: everything dirty is
+        // written now (in a commit of its own when there is no other work).
+        let flush_all = !flushes.is_empty() || stopping || (flush_tick && group.is_empty());
+        let dirty = store.as_ref().is_some_and(|s| s.overlay().dirty_len() > 0);
+        if flush_all && dirty && group.is_empty() {
+            group.push(Cmd::Flush { reply: None });
+        }
         // Retention rides along with every commit (a few reads when there is nothing to trim);
         // idle nodes are trimmed by the periodic Trim command.
         if !group.is_empty() {
@@ -150,8 +251,8 @@ pub fn run(
                 Some((at, e)) if at.elapsed() < RETRY_AFTER_FAILURE => answer_failed(group, e),
                 _ => {
                     if store.is_none() {
-                        cache.clear();
                         reopen(&shared, &mut store, &mut core);
+                        flusher = Flusher::new();
                     }
                     match &store {
                         None => answer_failed(
@@ -162,12 +263,18 @@ pub fn run(
                             ),
                         ),
                         Some(s) => {
-                            match commit_group(&shared, s, &mut core, &mut cache, group, &tail_tx) {
+                            let run = GroupRun {
+                                flusher: &mut flusher,
+                                flush_all,
+                                log_records_max: limits.log_records_max,
+                            };
+                            match commit_group(&shared, s, &mut core, run, group, &tail_tx) {
                                 Some((e, group)) => {
                                     // redb refuses everything after a failed write until reopened.
                                     // Reopened before the requests are answered, so that a client
                                     // told 503 can read again at once.
                                     reopen(&shared, &mut store, &mut core);
+                                    flusher = Flusher::new();
                                     answer_failed(group, &e);
                                     failed = Some((Instant::now(), e));
                                 }
@@ -180,6 +287,16 @@ pub fn run(
         }
         for reply in pings {
             let _ = reply.send(());
+        }
+        // Answered after the group's commit, which wrote everything dirty (or failed: then the
+        // reader is told, and reads what the table holds).
+        for reply in flushes {
+            let r = match (&store, &failed) {
+                (Some(_), None) => Ok(()),
+                (_, Some((_, e))) => Err(e.clone()),
+                (None, None) => Err(StoreError::Io("the database is not open".into())),
+            };
+            let _ = reply.send(r);
         }
         // Its own write transaction, after the group's.
         for reply in clear_restored {
@@ -242,6 +359,11 @@ fn answer_failed(group: Vec<Cmd>, e: &StoreError) {
             Cmd::Ping { reply } => {
                 let _ = reply.send(());
             }
+            Cmd::Flush { reply } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
             Cmd::Acked { .. } | Cmd::Trim { .. } | Cmd::Stop => {}
         }
     }
@@ -249,18 +371,25 @@ fn answer_failed(group: Vec<Cmd>, e: &StoreError) {
 
 /// Commits `group` and answers its requests; on a storage error that needs the database
 /// reopened (a full disk, an I/O error) returns it with the requests, unanswered.
+/// How one group's commits write the state.
+struct GroupRun<'a> {
+    flusher: &'a mut Flusher,
+    flush_all: bool,
+    log_records_max: u64,
+}
+
 fn commit_group(
     shared: &Shared,
     store: &Store,
     core: &mut Core,
-    cache: &mut StateCache,
+    mut run: GroupRun<'_>,
     mut group: Vec<Cmd>,
     tail_tx: &watch::Sender<u64>,
 ) -> Option<(StoreError, Vec<Cmd>)> {
     loop {
         let started = Instant::now();
         let now_ms = super::now_ms();
-        match try_group(store, core, cache, now_ms, &group) {
+        match try_group(store, core, &mut run, now_ms, &group) {
             // A request refused for its own content is answered alone, and the group is
             // redone without it, so nothing of that request is committed.
             Err(GroupError::Refused(i, e)) => {
@@ -278,8 +407,9 @@ fn commit_group(
                 continue;
             }
             Err(GroupError::Store(e)) => {
-                // Whether the commit reached the disk may be unknown: remember nothing.
-                cache.clear();
+                // Whether the commit reached the disk may be unknown: the overlay took nothing
+                // of it (it takes a transaction's state only after its commit succeeded), and
+                // a reopen replays whatever of it is on disk from the log.
                 shared.note_error(format!("commit failed: {e}"));
                 shared
                     .metrics
@@ -299,8 +429,7 @@ fn commit_group(
                 answer_failed(group, &e);
                 return None;
             }
-            Ok((outcomes, tail, writes)) => {
-                cache.apply(writes);
+            Ok((outcomes, tail)) => {
                 shared.disk_full.store(false, Ordering::Relaxed);
                 let m = &shared.metrics;
                 m.commit_latency.observe(started.elapsed());
@@ -368,16 +497,17 @@ impl From<StoreError> for GroupError {
 fn try_group(
     store: &Store,
     core: &mut Core,
-    cache: &StateCache,
+    run: &mut GroupRun<'_>,
     now_ms: u64,
     group: &[Cmd],
-) -> Result<(Vec<Outcome>, u64, StateWrites), GroupError> {
+) -> Result<(Vec<Outcome>, u64), GroupError> {
     let txn = store.begin()?;
     let mut outcomes = Vec::with_capacity(group.len());
     let tail;
-    let writes;
+    let plan;
     {
-        let mut t = txn.tables_cached(cache)?;
+        let mut t = txn.tables_write_back()?;
+        let committed_tail = Tables::log_tail(&t)?;
         for (i, cmd) in group.iter().enumerate() {
             let outcome = match cmd {
                 Cmd::Ingest { events, .. } => {
@@ -419,15 +549,29 @@ fn try_group(
                 Cmd::CatchUp {
                     from, batch, els, ..
                 } => Outcome::CatchUp(Ok(core.apply_catch_up(&mut t, now_ms, *from, batch, els)?)),
-                Cmd::Stop | Cmd::Ping { .. } | Cmd::ClearRestored { .. } => Outcome::None,
+                Cmd::Stop | Cmd::Ping { .. } | Cmd::ClearRestored { .. } | Cmd::Flush { .. } => {
+                    Outcome::None
+                }
             };
             outcomes.push(outcome);
         }
         tail = Tables::log_tail(&t)?;
-        writes = t.finish()?;
+        // Snapshot entries are not in the log (nothing could replay them): they go to the
+        // table in the commit that brings them.
+        let through = group.iter().any(|c| matches!(c, Cmd::Snapshot { .. }));
+        plan = run.flusher.plan(
+            store,
+            committed_tail,
+            t.state_upto(),
+            run.flush_all,
+            through,
+            run.log_records_max,
+        );
+        t.finish_with(&plan)?;
     }
     txn.commit()?;
-    Ok((outcomes, tail, writes))
+    run.flusher.committed(store, &plan);
+    Ok((outcomes, tail))
 }
 
 /// Convenience for LogRead users that need the tail of a read transaction.

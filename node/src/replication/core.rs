@@ -591,6 +591,28 @@ fn merge_entry(
     t.put_entry(account, etype, &entry)
 }
 
+/// Merges a record of the local log into the state table again: recovery of what the state
+/// table had not yet been given when the process stopped (see `store::overlay`). Merging is
+/// idempotent and the record's element is the element as applied (processed once, at its
+/// origin, which stored exactly it), so replaying a record the table already reflects changes
+/// nothing.
+pub fn replay_record(t: &mut impl Tables, rec: &ElementRecord) -> Result<(), StoreError> {
+    let el = parse_stored(&rec.element)?;
+    merge_entry(
+        t,
+        &rec.account,
+        rec.etype,
+        &Entry {
+            version: rec.version,
+            origin: rec.origin,
+            oseq: rec.oseq,
+            msg_id: rec.msg_id,
+            element: rec.element.clone(),
+        },
+        &el,
+    )
+}
+
 fn parse_stored(bytes: &[u8]) -> Result<Value, StoreError> {
     serde_json::from_slice(bytes)
         .map_err(|e| StoreError::Corrupt(format!("stored element is not JSON: {e}")))

@@ -95,7 +95,16 @@ impl Store {
             rows += copy_table(&src, &out, CONFIG)?;
         }
         let log_epoch = mark_restored(&out)?;
-        drop(out);
+        // The copy's state table is complete up to the source's `state_upto`; the records after
+        // it (still in the copied log) are merged into it now, so the backup is whole as it is
+        // (what `db check` and a restore read).
+        let copy = Store {
+            db: out,
+            path: dest.to_owned(),
+            overlay: std::sync::Arc::new(super::StateOverlay::new(0)),
+        };
+        copy.replay_state(true)?;
+        drop(copy);
         let bytes = fs::metadata(dest).map_err(|e| io_err(dest, e))?.len();
         Ok(BackupInfo {
             path: dest.to_owned(),

@@ -41,6 +41,9 @@ pub struct Report {
     pub origins: u64,
     pub peers: u64,
     pub log_tail: u64,
+    /// The log position up to which the state table holds every record; the records after it
+    /// are merged into the table when the node next opens the database (see `store::overlay`).
+    pub state_upto: u64,
     /// State entries whose message record is gone (trimmed by retention, or arrived by snapshot).
     pub entries_without_message: u64,
     /// The state digest, as `outpost state digest` prints it on a running node.
@@ -81,7 +84,16 @@ impl Report {
             } else {
                 ""
             }
-        )
+        ) + &if self.state_upto < self.log_tail {
+            format!(
+                "; the state table is complete up to log position {}: {} later records are \
+                 merged into it when the node next starts (the digest above is of the table)",
+                self.state_upto,
+                self.log_tail - self.state_upto
+            )
+        } else {
+            String::new()
+        }
     }
 }
 
@@ -274,6 +286,24 @@ fn check_rows(db: &Database, r: &mut Report) {
             r.log_tail
         ));
     }
+    if r.state_upto > r.log_tail {
+        r.problem(format!(
+            "meta state_upto {} is past the log tail {}",
+            r.state_upto, r.log_tail
+        ));
+    } else if r.state_upto < r.log_tail {
+        // The records after state_upto must all still be in the log: a restart replays them.
+        let first = log.first().ok().flatten().map(|(k, _)| k.value());
+        if first.is_none_or(|f| f > r.state_upto + 1) {
+            r.problem(format!(
+                "meta state_upto {}: the log records after it (to {}) are not all retained \
+                 (the log starts at {}): the state table misses them",
+                r.state_upto,
+                r.log_tail,
+                first.map_or_else(|| "nothing".to_string(), |f| f.to_string())
+            ));
+        }
+    }
 
     // The state table, and the digest over it.
     let mut digest = Digester::default();
@@ -371,6 +401,11 @@ fn check_meta(meta: &redb::ReadOnlyTable<&'static str, &'static [u8]>, r: &mut R
         None => {}
         Some(Ok(b)) => r.log_tail = u64::from_le_bytes(b),
         Some(Err(_)) => r.problem("meta log_tail: not 8 bytes".into()),
+    }
+    match get(super::tables::META_STATE_UPTO).map(|v| <[u8; 8]>::try_from(v.as_slice())) {
+        None => {}
+        Some(Ok(b)) => r.state_upto = u64::from_le_bytes(b),
+        Some(Err(_)) => r.problem("meta state_upto: not 8 bytes".into()),
     }
     match get(super::backup::META_RESTORED) {
         None => {}

@@ -42,29 +42,40 @@
 pub mod backup;
 pub mod check;
 mod cluster;
+mod overlay;
 mod read;
 mod tables;
 #[cfg(test)]
 mod tests;
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+pub use overlay::{Round, StateOverlay};
 pub use read::{ReadTxn, StateRow};
-pub use tables::{RedbTables, StateCache, StateWrites};
+pub use tables::{FlushPlan, RedbTables};
 
 use crate::ids::NodeId;
 use crate::replication::StoreError;
 use crate::wire::Role;
+use overlay::TxnState;
 use tables::{META, META_NODE, META_SCHEMA_VERSION};
 
-pub const SCHEMA_VERSION: u32 = 2;
+use crate::model::EventType;
+use crate::replication::Entry;
+
+pub const SCHEMA_VERSION: u32 = 3;
 pub const DB_FILE: &str = "outpost.redb";
 /// redb's page cache. The default (1 GiB) is too much for a small edge box; the working set
 /// (state table + log head + indexes) of a busy node fits comfortably in this.
 pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// Bound on the overlay's clean entries (committed entries the table holds, kept so the writer
+/// need not read them back). Its dirty entries are bounded by the writer's flush policy.
+pub const STATE_CLEAN_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Bounds on what [`Store::put_secret`] accepts: identity material is small.
 pub const SECRET_NAME_BYTES_MAX: usize = 64;
 pub const SECRET_BYTES_MAX: usize = 64 * 1024;
@@ -120,6 +131,7 @@ pub struct NodeMeta {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    overlay: Arc<StateOverlay>,
 }
 
 impl std::fmt::Debug for Store {
@@ -151,9 +163,7 @@ impl Store {
             detail: "the storage engine could not read this file (damaged); run `outpost db check` and restore from a backup".into(),
         })?;
         let db = opened.map_err(|e| open_err(&path, e))?;
-        let store = Store { db, path };
-        store.check_schema()?;
-        Ok(store)
+        Store::opened(db, path)
     }
 
     /// Opens a database over any redb storage backend (the fault-injecting one of the store's
@@ -168,9 +178,148 @@ impl Store {
             .set_cache_size(CACHE_BYTES)
             .create_with_backend(backend)
             .map_err(|e| open_err(&path, e))?;
-        let store = Store { db, path };
+        Store::opened(db, path)
+    }
+
+    fn opened(db: Database, path: PathBuf) -> std::result::Result<Store, OpenError> {
+        let store = Store {
+            db,
+            path,
+            overlay: Arc::new(StateOverlay::new(STATE_CLEAN_BYTES_MAX)),
+        };
         store.check_schema()?;
+        store
+            .replay_state(false)
+            .map_err(|e| corrupt_open(&store.path, e))?;
         Ok(store)
+    }
+
+    /// Recovery after a crash: merges the log records after `state_upto` (committed and
+    /// acknowledged, but not yet in the state table when the process stopped) into the state.
+    /// Merging is idempotent, so records the table already reflects are harmless. Bounded by
+    /// the writer's flush policy (`STATE_REPLAY_RECORDS_MAX`).
+    ///
+    /// When opening (`write` false) nothing is written: the merged entries go to the overlay as
+    /// dirty, and the writer's next flush round writes them (so a node can open on a full disk
+    /// and serve reads). A backup copy (`write` true) writes them to its table.
+    pub(super) fn replay_state(&self, write: bool) -> Result<()> {
+        let txn = self.begin()?;
+        let replayed = {
+            let mut t = txn.tables_write_back()?;
+            let upto = t.state_upto();
+            let tail = crate::replication::Tables::log_tail(&t)?;
+            if upto >= tail {
+                return Ok(());
+            }
+            if let Some(first) = crate::replication::LogRead::log_first(&t)? {
+                if first > upto + 1 {
+                    return Err(StoreError::Corrupt(format!(
+                        "the state table is complete up to log position {upto}, but the log \
+                         starts at {first}: records in between are gone"
+                    )));
+                }
+            }
+            let mut after = upto;
+            let mut n = 0u64;
+            loop {
+                let recs = crate::replication::LogRead::log_range(&t, after, 4096)?;
+                let Some((last, _)) = recs.last() else { break };
+                after = *last;
+                for (_, rec) in &recs {
+                    crate::replication::core::replay_record(&mut t, rec)?;
+                    n += 1;
+                }
+            }
+            let plan = if write {
+                FlushPlan::all(tail)
+            } else {
+                FlushPlan {
+                    through: false,
+                    round: None,
+                    chunk_max: 0,
+                }
+            };
+            t.finish_with(&plan)?;
+            n
+        };
+        if write {
+            txn.commit()?;
+        } else {
+            // Nothing was written to the tables: abort, and give the overlay what the log says.
+            let state = txn.state.take();
+            drop(txn);
+            self.overlay.committed(state);
+        }
+        tracing::info!(
+            "merged {replayed} log records written after the last state flush into the state of {}",
+            self.path.display()
+        );
+        Ok(())
+    }
+
+    /// The digest and entry count of the committed state without asking the writer to flush:
+    /// the table merged, in key order, with the overlay's dirty entries. Exact while nothing
+    /// commits (a full disk); otherwise a commit landing between the read transaction and the
+    /// copy of the overlay may show in part. Readers that can, flush first and use
+    /// [`ReadTxn::digest`].
+    pub fn digest_merged(&self) -> Result<(String, u64)> {
+        let (r, dirty) = self
+            .overlay
+            .with_dirty(|d| self.read().map(|r| (r, d.all())))?;
+        let mut out = crate::replication::core::Digester::default();
+        let mut dirty = dirty.into_iter().peekable();
+        let mut after: Option<(String, EventType)> = None;
+        loop {
+            let rows = r.entries_after(after.as_ref().map(|(a, t)| (a.as_str(), *t)), 4096)?;
+            let Some((a, t, _)) = rows.last() else { break };
+            after = Some((a.clone(), *t));
+            for (account, etype, entry) in rows {
+                let key = (account, etype.code());
+                while let Some(((da, dc), de)) = dirty.next_if(|(k, _)| *k < key) {
+                    out.push(&da, type_code(dc)?, &de);
+                }
+                match dirty.next_if(|(k, _)| *k == key) {
+                    Some((_, de)) => out.push(&key.0, etype, &de),
+                    None => out.push(&key.0, etype, &entry),
+                }
+            }
+        }
+        for ((da, dc), de) in dirty {
+            out.push(&da, type_code(dc)?, &de);
+        }
+        Ok(out.finish())
+    }
+
+    /// The overlay of committed state entries not yet (or also) in the state table.
+    pub fn overlay(&self) -> &StateOverlay {
+        &self.overlay
+    }
+
+    /// The account's committed state rows, of one type or all, in key order: from the overlay
+    /// where it holds them, else from the table (looked up in that order; see
+    /// [`overlay`](overlay::StateOverlay)).
+    pub fn state(&self, account: &str, etype: Option<EventType>) -> Result<Vec<StateRow>> {
+        let types: Vec<EventType> = match etype {
+            Some(t) => vec![t],
+            None => EventType::ALL.to_vec(),
+        };
+        let held: Vec<(EventType, Option<Entry>)> = types
+            .into_iter()
+            .map(|t| (t, self.overlay.get(account, t)))
+            .collect();
+        let r = self.read()?;
+        let mut out = Vec::new();
+        for (t, e) in held {
+            let e = match e {
+                Some(e) => Some(e),
+                None => r.entry(account, t)?,
+            };
+            if let Some(e) = e {
+                out.push(r.row(account.to_string(), t, e)?);
+            }
+        }
+        out.sort_by_key(|row| row.etype.code());
+        Ok(out)
     }
 
     fn check_schema(&self) -> std::result::Result<(), OpenError> {
@@ -191,16 +340,28 @@ impl Store {
                         supported: SCHEMA_VERSION,
                     });
                 }
-                Some(Ok(1)) => {
-                    let done = tables::migrate_v1(&txn).map_err(|e| corrupt_open(path, e))?;
+                Some(Ok(v @ (1 | 2))) => {
+                    if v == 1 {
+                        let done = tables::migrate_v1(&txn).map_err(|e| corrupt_open(path, e))?;
+                        tracing::info!(
+                            "migrated the database {} from schema version 1 to 2: \
+                             {} message records rekeyed by origin, {} state entries",
+                            path.display(),
+                            done.messages,
+                            done.entries
+                        );
+                    }
+                    // 2 to 3: the state table of a version 2 database is complete up to its
+                    // log tail (version 2 wrote it with every commit).
+                    let tail = tables::read_log_tail(&meta).map_err(|e| corrupt_open(path, e))?;
+                    meta.insert(tables::META_STATE_UPTO, &tail.to_le_bytes()[..])
+                        .map_err(|e| open_err(path, e))?;
                     meta.insert(META_SCHEMA_VERSION, &SCHEMA_VERSION.to_le_bytes()[..])
                         .map_err(|e| open_err(path, e))?;
                     tracing::info!(
-                        "migrated the database {} from schema version 1 to {SCHEMA_VERSION}: \
-                         {} message records rekeyed by origin, {} state entries",
+                        "migrated the database {} from schema version 2 to {SCHEMA_VERSION}: \
+                         the state table is complete up to log position {tail}",
                         path.display(),
-                        done.messages,
-                        done.entries
                     );
                 }
                 Some(Ok(v)) if v < SCHEMA_VERSION => {
@@ -325,7 +486,8 @@ impl Store {
         txn.set_durability(Durability::Immediate).map_err(db_err)?;
         Ok(WriteTxn {
             txn,
-            opened: std::cell::Cell::new(false),
+            overlay: self.overlay.clone(),
+            state: RefCell::new(TxnState::default()),
         })
     }
 
@@ -337,35 +499,43 @@ impl Store {
 }
 
 /// One write transaction. Dropping it without [`WriteTxn::commit`] aborts it: nothing of it
-/// becomes visible.
+/// becomes visible, in the tables or in the state overlay.
 pub struct WriteTxn {
     txn: redb::WriteTransaction,
-    /// Whether a table session was opened: a later one may not trust a cache of committed
-    /// entries (an earlier session of this transaction may have written them).
-    opened: std::cell::Cell<bool>,
+    overlay: Arc<StateOverlay>,
+    /// The state entries written by this transaction's table sessions so far, and what its
+    /// commit tells the overlay.
+    state: RefCell<TxnState>,
 }
 
 impl WriteTxn {
     /// Opens every table once for this transaction. Only one [`RedbTables`] may be alive per
-    /// transaction at a time (redb refuses to open a table twice). What it keeps back is
-    /// written by [`RedbTables::finish`]: call it before [`WriteTxn::commit`] (or use
-    /// [`Store::write`], which does).
+    /// transaction at a time (redb refuses to open a table twice); a later one sees what an
+    /// earlier one wrote. What it keeps back is written by [`RedbTables::finish`] (or
+    /// `finish_with`): call it before [`WriteTxn::commit`] (or use [`Store::write`], which does).
     pub fn tables(&self) -> Result<RedbTables<'_>> {
-        self.opened.set(true);
-        RedbTables::open(&self.txn, None)
+        RedbTables::open(&self.txn, &self.overlay, &self.state, false)
     }
 
-    /// The same, reading state entries through the writer's cache of committed entries (only
-    /// in the transaction's first table session: a later one reads the table).
-    pub fn tables_cached<'a>(&'a self, cache: &'a StateCache) -> Result<RedbTables<'a>> {
-        let first = !self.opened.replace(true);
-        RedbTables::open(&self.txn, first.then_some(cache))
+    /// The writer's session: like [`WriteTxn::tables`], but [`RedbTables::finish_with`] may
+    /// leave the state entries in the overlay (write-back), and retention keeps every record
+    /// after `state_upto`.
+    pub fn tables_write_back(&self) -> Result<RedbTables<'_>> {
+        RedbTables::open(&self.txn, &self.overlay, &self.state, true)
     }
 
-    /// Commits and fsyncs.
+    /// Commits and fsyncs; then the state overlay takes in what this transaction did to the
+    /// state (only then: an entry in the overlay is always committed).
     pub fn commit(self) -> Result<()> {
-        self.txn.commit().map_err(db_err)
+        self.txn.commit().map_err(db_err)?;
+        self.overlay.committed(self.state.into_inner());
+        Ok(())
     }
+}
+
+fn type_code(code: u8) -> Result<EventType> {
+    EventType::from_code(code)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown event type code {code} in state")))
 }
 
 fn secret_key(name: &str) -> String {

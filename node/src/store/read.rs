@@ -5,8 +5,8 @@ use redb::{ReadOnlyTable, ReadableTable, ReadableTableMetadata};
 
 use super::tables::{
     all_by_node, epoch_or_err, find_message, get_by_node, get_entry, get_message, log_first,
-    log_range, origin_range, read_log_epoch, read_log_tail, LOG, MARKS, MESSAGES, META, PEERS,
-    STATE,
+    log_range, origin_range, read_log_epoch, read_log_tail, read_state_upto, LOG, MARKS, MESSAGES,
+    META, PEERS, STATE,
 };
 use super::{db_err, decode, Result};
 use crate::ids::{MsgId, NodeId};
@@ -47,8 +47,9 @@ impl ReadTxn {
         })
     }
 
-    /// The account's rows, of one type or all, in key order.
-    pub fn state(&self, account: &str, etype: Option<EventType>) -> Result<Vec<StateRow>> {
+    /// The account's rows in the state *table*, of one type or all, in key order (the overlay
+    /// may hold newer ones: readers of committed state use [`super::Store::state`]).
+    pub fn table_state(&self, account: &str, etype: Option<EventType>) -> Result<Vec<StateRow>> {
         let mut out = Vec::new();
         if let Some(t) = etype {
             if let Some(entry) = get_entry(&self.state, account, t)? {
@@ -69,7 +70,7 @@ impl ReadTxn {
         Ok(out)
     }
 
-    fn row(&self, account: String, etype: EventType, entry: Entry) -> Result<StateRow> {
+    pub(super) fn row(&self, account: String, etype: EventType, entry: Entry) -> Result<StateRow> {
         let message_count = get_message(&self.messages, entry.msg_key(), &entry.msg_id)?
             .map_or(0, |m| u32::try_from(m.senders.len()).unwrap_or(u32::MAX));
         Ok(StateRow {
@@ -138,8 +139,16 @@ impl ReadTxn {
         get_by_node(&self.marks, "mark", origin)
     }
 
+    /// The entry the state *table* holds (the overlay may hold a newer one: readers of
+    /// committed state use [`super::Store::state`]).
     pub fn entry(&self, account: &str, etype: EventType) -> Result<Option<Entry>> {
         get_entry(&self.state, account, etype)
+    }
+
+    /// The log position up to which the state table holds every logged record: what a
+    /// snapshot read in this transaction reflects.
+    pub fn state_upto(&self) -> Result<u64> {
+        read_state_upto(&self.meta)
     }
 
     /// Rows of the state table.

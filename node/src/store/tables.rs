@@ -1,11 +1,13 @@
 //! The table definitions, the readers shared by write and read transactions, and
 //! [`RedbTables`]: the replication [`Tables`] over one redb write transaction.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 
 use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, TableError};
 use serde::{Deserialize, Serialize};
 
+use super::overlay::{Key, Round, StateOverlay, TxnState};
 use super::{db_err, decode, fixed, NodeMeta, Result};
 use crate::ids::{MsgId, NodeId};
 use crate::model::{ElementRecord, EventType, Version};
@@ -104,6 +106,8 @@ pub(super) const META_SCHEMA_VERSION: &str = "schema_version";
 pub(super) const META_NODE: &str = "node";
 pub(super) const META_HLC: &str = "hlc";
 pub(super) const META_LOG_TAIL: &str = "log_tail";
+/// The log position up to which the state table holds every logged record (schema 3).
+pub(super) const META_STATE_UPTO: &str = "state_upto";
 
 pub(super) fn create_all(txn: &redb::WriteTransaction) -> std::result::Result<(), TableError> {
     txn.open_table(META)?;
@@ -133,6 +137,15 @@ pub(super) fn read_hlc(
 
 pub(super) fn read_log_tail(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<u64> {
     match meta.get(META_LOG_TAIL).map_err(db_err)? {
+        None => Ok(0),
+        Some(v) => Ok(u64::from_le_bytes(fixed::<8>(v.value())?)),
+    }
+}
+
+pub(super) fn read_state_upto(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<u64> {
+    match meta.get(META_STATE_UPTO).map_err(db_err)? {
         None => Ok(0),
         Some(v) => Ok(u64::from_le_bytes(fixed::<8>(v.value())?)),
     }
@@ -274,7 +287,8 @@ pub(super) fn find_message(
 /// The rows every event would rewrite (the hybrid clock, the log tail, the origins' marks) are
 /// kept here and written once, by [`RedbTables::finish`], which [`super::Store::write`] calls
 /// before it commits: a group of a thousand events writes each of them once, not a thousand
-/// times.
+/// times. State entries are kept too: [`RedbTables::finish`] writes them to the table, while
+/// the writer's [`RedbTables::finish_with`] may leave them in the [`StateOverlay`] (see there).
 pub struct RedbTables<'txn> {
     meta: Table<'txn, &'static str, &'static [u8]>,
     state: Table<'txn, (&'static str, u8), &'static [u8]>,
@@ -287,121 +301,71 @@ pub struct RedbTables<'txn> {
     hlc_dirty: bool,
     tail: u64,
     tail_dirty: bool,
+    /// The log position up to which the state table is complete (as committed).
+    state_upto: u64,
+    /// Whether `finish_with` may leave this transaction's entries in the overlay (the writer's
+    /// sessions); every other session writes them to the table.
+    write_back: bool,
+    /// Retention trims no record after this: what a restart would replay.
+    trim_upto: u64,
     /// Marks read or written in this transaction; `true` when written.
     mark_cache: BTreeMap<NodeId, (Mark, bool)>,
-    /// State entries written in this transaction, written to the table in key order by
-    /// [`RedbTables::finish`]: each leaf page is visited once per commit, in order.
-    state_dirty: BTreeMap<(String, u8), Entry>,
-    /// Committed state entries the writer remembers between transactions (none for other
-    /// transactions): a hit saves a random-key lookup in the state table.
-    state_cache: Option<&'txn StateCache>,
+    /// What this transaction did to the state so far (taken from the [`super::WriteTxn`]'s
+    /// cell, given back by `finish`): the entries written, in key order.
+    txn_state: TxnState,
+    cell: &'txn RefCell<TxnState>,
+    overlay: &'txn StateOverlay,
     /// Reused encoding buffer, so a put does not allocate.
     buf: Vec<u8>,
 }
 
-/// The state entries a transaction wrote, in key order: after its commit succeeds, the writer
-/// gives them to its [`StateCache`] (after a failure, it drops them and clears the cache).
-#[derive(Debug, Default)]
-pub struct StateWrites(Vec<((String, u8), Entry)>);
-
-/// Bytes a cached entry is counted for beyond its account and element: the key's type code,
-/// version, origin, oseq, message id and the map's own overhead.
-const STATE_CACHE_ENTRY_OVERHEAD: usize = 128;
-
-/// The writer thread's cache of committed state entries, bounded by bytes (the writer's
-/// `STATE_CACHE_BYTES`). Only the writer writes the state table while the
-/// node runs, and it updates this cache only with what it committed, so a hit is always the
-/// committed entry. Eviction drops an arbitrary eighth until under the bound.
-#[derive(Debug)]
-pub struct StateCache {
-    map: HashMap<(String, u8), Entry>,
-    bytes: usize,
-    max_bytes: usize,
+/// How [`RedbTables::finish_with`] writes the state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlushPlan {
+    /// Write this transaction's entries to the table (else they stay in the overlay, dirty).
+    pub through: bool,
+    /// The flush round to advance (or start: `after` is `None`) by one chunk.
+    pub round: Option<Round>,
+    /// Most dirty entries of the overlay one chunk writes.
+    pub chunk_max: usize,
 }
 
-impl StateCache {
-    pub fn new(max_bytes: usize) -> StateCache {
-        StateCache {
-            map: HashMap::new(),
-            bytes: 0,
-            max_bytes,
+impl FlushPlan {
+    /// Every entry written to the table, the overlay's dirty ones included: the table is
+    /// complete at the end of the transaction. `committed_tail` is the log tail before it.
+    pub fn all(committed_tail: u64) -> FlushPlan {
+        FlushPlan {
+            through: true,
+            round: Some(Round {
+                upto: committed_tail,
+                after: None,
+            }),
+            chunk_max: usize::MAX,
         }
     }
 
-    fn cost(account: &str, e: &Entry) -> usize {
-        account.len() + e.element.len() + STATE_CACHE_ENTRY_OVERHEAD
-    }
-
-    fn get(&self, key: &(String, u8)) -> Option<&Entry> {
-        self.map.get(key)
-    }
-
-    /// Takes in what a transaction committed.
-    pub fn apply(&mut self, writes: StateWrites) {
-        for ((account, code), e) in writes.0 {
-            let cost = Self::cost(&account, &e);
-            if cost > self.max_bytes / 8 {
-                // Too large to be worth a place; keep no stale copy of it either.
-                if let Some(old) = self.map.remove(&(account.clone(), code)) {
-                    self.bytes -= Self::cost(&account, &old);
-                }
-                continue;
-            }
-            let old = self.map.insert((account.clone(), code), e);
-            if let Some(old) = old {
-                self.bytes -= Self::cost(&account, &old);
-            }
-            self.bytes += cost;
+    /// This transaction's entries written to the table; the overlay's dirty ones left.
+    pub fn through() -> FlushPlan {
+        FlushPlan {
+            through: true,
+            round: None,
+            chunk_max: 0,
         }
-        while self.bytes > self.max_bytes {
-            let mut i = 0u32;
-            let mut freed = 0usize;
-            self.map.retain(|(a, _), e| {
-                i += 1;
-                let keep = i % 8 != 0;
-                if !keep {
-                    freed += Self::cost(a, e);
-                }
-                keep
-            });
-            self.bytes -= freed;
-            if freed == 0 {
-                self.map.clear();
-                self.bytes = 0;
-            }
-        }
-        debug_assert!(self.bytes <= self.max_bytes);
-    }
-
-    /// Forgets everything (after a failed commit or a reopened database).
-    pub fn clear(&mut self) {
-        self.map.clear();
-        self.bytes = 0;
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// What the cached entries are counted for (at most the bound).
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 }
 
 impl<'txn> RedbTables<'txn> {
     pub(super) fn open(
         txn: &'txn redb::WriteTransaction,
-        state_cache: Option<&'txn StateCache>,
+        overlay: &'txn StateOverlay,
+        cell: &'txn RefCell<TxnState>,
+        write_back: bool,
     ) -> Result<Self> {
         let meta = txn.open_table(META).map_err(db_err)?;
         let epoch = read_log_epoch(&meta)?;
         let hlc = read_hlc(&meta)?;
         let tail = read_log_tail(&meta)?;
+        let state_upto = read_state_upto(&meta)?;
         Ok(RedbTables {
             meta,
             state: txn.open_table(STATE).map_err(db_err)?,
@@ -414,26 +378,106 @@ impl<'txn> RedbTables<'txn> {
             hlc_dirty: false,
             tail,
             tail_dirty: false,
+            state_upto,
+            write_back,
+            // A session that writes its entries through, with nothing dirty in the overlay,
+            // leaves the table complete: nothing to replay, so nothing to keep.
+            trim_upto: if write_back || overlay.dirty_len() > 0 {
+                state_upto
+            } else {
+                u64::MAX
+            },
             mark_cache: BTreeMap::new(),
-            state_dirty: BTreeMap::new(),
-            state_cache,
+            txn_state: cell.take(),
+            cell,
+            overlay,
             buf: Vec::with_capacity(1024),
         })
     }
 
-    /// Writes what this transaction kept back (clock, tail, marks, state entries). Called
-    /// once, last, before the commit; nothing kept back survives a commit without it. Returns
-    /// the state entries written, for the writer's [`StateCache`] once the commit succeeded.
-    pub fn finish(mut self) -> Result<StateWrites> {
-        let dirty = std::mem::take(&mut self.state_dirty);
-        let mut written = Vec::with_capacity(dirty.len());
-        for ((account, code), entry) in dirty {
-            let buf = self.encode(&entry);
-            let r = self.state.insert((account.as_str(), code), buf.as_slice());
-            self.buf = buf;
-            r.map_err(db_err)?;
-            written.push(((account, code), entry));
+    /// The log position up to which the state table is complete, as committed.
+    pub fn state_upto(&self) -> u64 {
+        self.state_upto
+    }
+
+    /// Writes what this transaction kept back (clock, tail, marks, state entries) to the
+    /// tables. Called once, last, before the commit; nothing kept back survives a commit
+    /// without it. [`FlushPlan::through`]: the state entries go to the table.
+    pub fn finish(self) -> Result<()> {
+        self.finish_with(&FlushPlan::through())
+    }
+
+    /// [`RedbTables::finish`], writing the state as `plan` says: this transaction's entries to
+    /// the table or left dirty in the overlay, and one chunk of a flush round. Moves
+    /// `state_upto` when the round completes. The [`super::WriteTxn`]'s commit then tells the
+    /// overlay.
+    pub fn finish_with(mut self, plan: &FlushPlan) -> Result<()> {
+        assert!(
+            plan.through || self.write_back,
+            "only a write-back session leaves its entries in the overlay"
+        );
+        let tail = self.tail;
+        let mut ts = std::mem::take(&mut self.txn_state);
+        debug_assert!(ts.flushed.is_empty(), "one flush chunk per transaction");
+        // The chunk of the round: dirty entries of the overlay, in key order, each written as
+        // it is now (this transaction's newer entry where it wrote one).
+        let mut round = plan.round.clone();
+        let mut completed = false;
+        if let Some(r) = &mut round {
+            let (chunk, done) = self
+                .overlay
+                .with_dirty(|d| d.chunk(r.upto, r.after.as_ref(), plan.chunk_max.max(1)));
+            for (key, entry) in chunk {
+                r.after = Some(key.clone());
+                match ts.entries.get_mut(&key) {
+                    Some((_, in_table)) => *in_table = true,
+                    None => {
+                        self.put_state_row(&key, &entry)?;
+                        ts.flushed.push(key);
+                    }
+                }
+            }
+            completed = done;
         }
+        for (key, (entry, in_table)) in ts.entries.iter_mut() {
+            if plan.through {
+                *in_table = true;
+            }
+            if *in_table {
+                let buf = self.encode(entry);
+                let r = self.state.insert((key.0.as_str(), key.1), buf.as_slice());
+                self.buf = buf;
+                r.map_err(db_err)?;
+            }
+        }
+        // Where the table is complete now: a completed round covers everything dirty up to
+        // its start, and (when this transaction wrote its own entries) this transaction.
+        let nothing_else_dirty = plan.through && {
+            let written = ts.flushed.len()
+                + ts.entries
+                    .keys()
+                    .filter(|k| self.overlay.is_dirty(k))
+                    .count();
+            written == self.overlay.dirty_len()
+        };
+        let upto = match &round {
+            Some(_) if completed && plan.through => Some(tail),
+            Some(r) if completed => Some(r.upto.max(self.state_upto)),
+            _ if nothing_else_dirty => Some(tail),
+            _ => None,
+        };
+        if let Some(u) = upto {
+            assert!(u <= tail, "state_upto {u} past the log tail {tail}");
+            if u != self.state_upto {
+                self.meta
+                    .insert(META_STATE_UPTO, &u.to_le_bytes()[..])
+                    .map_err(db_err)?;
+            }
+            round = None;
+        }
+        ts.tail = tail;
+        ts.round = round;
+        ts.state_upto = upto;
         if self.hlc_dirty {
             let (ms, logical) = self.hlc;
             let mut b = [0u8; 12];
@@ -455,7 +499,15 @@ impl<'txn> RedbTables<'txn> {
                 r.map_err(db_err)?;
             }
         }
-        Ok(StateWrites(written))
+        self.cell.replace(ts);
+        Ok(())
+    }
+
+    fn put_state_row(&mut self, key: &Key, entry: &Entry) -> Result<()> {
+        let buf = self.encode(entry);
+        let r = self.state.insert((key.0.as_str(), key.1), buf.as_slice());
+        self.buf = buf;
+        r.map(drop).map_err(db_err)
     }
 
     /// Encodes `v` into the reused buffer, which the caller takes back with `put_buf`.
@@ -470,7 +522,8 @@ impl<'txn> RedbTables<'txn> {
     /// their message record. At most `work_max` records per call. Returns how many were
     /// trimmed. Never lowers the log tail. A record whose message record is missing has no
     /// known age and counts as old. Every delete is at the head of the log or of an origin's
-    /// message records: sequential, like the appends.
+    /// message records: sequential, like the appends. Never trims past `state_upto`: the
+    /// records after it are what a restart replays into the state table.
     pub fn trim_log(&mut self, cutoff_ms: u64, keep_max: u64, work_max: usize) -> Result<u64> {
         let mut retained = self.log.len().map_err(db_err)?;
         let mut trimmed = 0u64;
@@ -479,6 +532,10 @@ impl<'txn> RedbTables<'txn> {
                 None => break,
                 Some((k, v)) => (k.value(), decode::<ElementRecord>("log record", v.value())?),
             };
+            // What the state table does not hold yet is replayed from here after a crash.
+            if lseq > self.trim_upto {
+                break;
+            }
             let key = MsgKey::of(&rec);
             let msg = get_message(&self.messages, key, &rec.msg_id)?;
             let old = msg.as_ref().is_none_or(|m| m.first_seen_ms < cutoff_ms);
@@ -516,18 +573,19 @@ impl Tables for RedbTables<'_> {
 
     fn entry(&self, account: &str, etype: EventType) -> Result<Option<Entry>> {
         let key = (account.to_owned(), etype.code());
-        if let Some(e) = self.state_dirty.get(&key) {
+        if let Some((e, _)) = self.txn_state.entries.get(&key) {
             return Ok(Some(e.clone()));
         }
-        if let Some(e) = self.state_cache.and_then(|c| c.get(&key)) {
-            return Ok(Some(e.clone()));
+        if let Some(e) = self.overlay.get_code(&key) {
+            return Ok(Some(e));
         }
         get_entry(&self.state, account, etype)
     }
 
     fn put_entry(&mut self, account: &str, etype: EventType, entry: &Entry) -> Result<()> {
-        self.state_dirty
-            .insert((account.to_owned(), etype.code()), entry.clone());
+        self.txn_state
+            .entries
+            .insert((account.to_owned(), etype.code()), (entry.clone(), false));
         Ok(())
     }
 

@@ -12,7 +12,9 @@ use super::*;
 use crate::ids::MsgId;
 use crate::model::{ElementRecord, EventType, Version};
 use crate::replication::mem::MemStore;
-use crate::replication::{digest, Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, Tables};
+use crate::replication::{
+    digest, Core, Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, Tables,
+};
 
 /// A directory under the system temp dir, unique per process and test, removed on drop.
 struct TempDir(PathBuf);
@@ -339,10 +341,14 @@ fn check_committed(seed: u64, m: &MemStore, r: &ReadTxn) {
                     .map_or(0, |r| r.senders.len() as u32),
             })
             .collect();
-        assert_eq!(r.state(a, None).unwrap(), want, "seed {seed}: state({a:?})");
+        assert_eq!(
+            r.table_state(a, None).unwrap(),
+            want,
+            "seed {seed}: state({a:?})"
+        );
         for t in EventType::ALL {
             let one: Vec<StateRow> = want.iter().filter(|s| s.etype == t).cloned().collect();
-            assert_eq!(r.state(a, Some(t)).unwrap(), one, "seed {seed}");
+            assert_eq!(r.table_state(a, Some(t)).unwrap(), one, "seed {seed}");
         }
     }
     for (key, id) in message_probes(m) {
@@ -377,17 +383,13 @@ fn run_model(seed: u64) {
     let epoch = rng.random_range(1..u64::MAX);
     let mut store = open_init(&dir, epoch);
     let mut model = MemStore::new(epoch);
-    // The writer's cache of committed entries, small enough to evict: what it answers must be
-    // what is committed, after commits, aborts and reopens.
-    let mut cache = StateCache::new(rng.random_range(0..4096));
     for _ in 0..8 {
         let commit = rng.random_bool(0.75);
         let mut scratch = model.clone();
         let txn = store.begin().unwrap();
-        let mut writes = Vec::new();
         // Sometimes two table sessions in one transaction: the second must see the first.
         for _ in 0..rng.random_range(1..3) {
-            let mut r = txn.tables_cached(&cache).unwrap();
+            let mut r = txn.tables().unwrap();
             check_tables(seed, &scratch, &r);
             for _ in 0..rng.random_range(1..30) {
                 random_write(seed, &mut rng, &mut scratch, &mut r).unwrap();
@@ -396,14 +398,11 @@ fn run_model(seed: u64) {
                 }
             }
             check_tables(seed, &scratch, &r);
-            writes.push(r.finish().unwrap());
+            r.finish().unwrap();
         }
         if commit {
             txn.commit().unwrap();
             model = scratch;
-            for w in writes {
-                cache.apply(w);
-            }
         } else {
             // redb aborts on drop: nothing of it may be visible.
             drop(txn);
@@ -529,7 +528,7 @@ fn store_refuses_newer_schema() {
     let txn = store.db.begin_write().unwrap();
     txn.open_table(META)
         .unwrap()
-        .insert(META_SCHEMA_VERSION, &3u32.to_le_bytes()[..])
+        .insert(META_SCHEMA_VERSION, &4u32.to_le_bytes()[..])
         .unwrap();
     txn.commit().unwrap();
     drop(store);
@@ -537,13 +536,13 @@ fn store_refuses_newer_schema() {
     match Store::open(dir.path()) {
         Err(
             e @ OpenError::NewerSchema {
-                found: 3,
-                supported: 2,
+                found: 4,
+                supported: 3,
                 ..
             },
         ) => {
             let msg = e.to_string();
-            assert!(msg.contains("schema version 3"), "{msg}");
+            assert!(msg.contains("schema version 4"), "{msg}");
             assert!(msg.contains("upgrade outpost"), "{msg}");
             assert!(msg.contains(DB_FILE), "{msg}");
         }
@@ -784,7 +783,7 @@ fn store_migrates_schema_1_to_2() {
     }
     // The last writes of each account set its entry; its count is that message's.
     for (account, last) in [("acct1", &recs[4]), ("acct0", &recs[3])] {
-        let rows = r.state(account, None).unwrap();
+        let rows = store.state(account, None).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].entry.oseq, last.oseq, "{account}");
         assert_eq!(rows[0].message_count as u64, last.oseq % 2, "{account}");
@@ -1025,44 +1024,326 @@ fn store_survives_injected_io_faults() {
     );
 }
 
-/// Bounded memory: the writer's state cache never holds more than its byte bound, whatever is
-/// committed through it, and keeps no copy of an entry too large to be worth a place.
-#[test]
-fn state_cache_stays_within_its_bound() {
-    let mut rng = StdRng::seed_from_u64(7);
-    let max = 64 << 10;
-    let mut cache = StateCache::new(max);
-    let dir = TempDir::new("cache");
-    let store = open_init(&dir, 1);
-    for round in 0..50 {
-        let txn = store.begin().unwrap();
-        let mut t = txn.tables_cached(&cache).unwrap();
-        for i in 0..200 {
-            let mut e = rand_entry(&mut rng);
-            e.element = vec![b'x'; rng.random_range(0..2048)];
-            t.put_entry(&format!("acct-{round}-{i}"), EventType::Presence, &e)
-                .unwrap();
-        }
-        let big = Entry {
-            element: vec![b'y'; max],
-            ..rand_entry(&mut rng)
-        };
-        t.put_entry("big", EventType::Presence, &big).unwrap();
-        let writes = t.finish().unwrap();
-        txn.commit().unwrap();
-        cache.apply(writes);
-        assert!(
-            cache.bytes() <= max,
-            "round {round}: {} > {max}",
-            cache.bytes()
-        );
-        assert!(
-            !cache.is_empty(),
-            "round {round}: the cache keeps something"
-        );
-        let txn = store.begin().unwrap();
-        let t = txn.tables_cached(&cache).unwrap();
-        // Still the committed entry, from the table (it was not cached).
-        assert_eq!(t.entry("big", EventType::Presence).unwrap(), Some(big));
+// The state write-back (store::overlay) through the real replication core.
+
+const WB_ACCOUNTS: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "frank"];
+const WB_PEER: NodeId = NodeId(0x0a0a);
+const WB_RELAY: NodeId = NodeId(0x0b0b);
+
+fn wb_event(rng: &mut StdRng, n: u64) -> crate::model::Event {
+    let account = pick(rng, &WB_ACCOUNTS).to_string();
+    let (etype, data) = match rng.random_range(0..3) {
+        0 => (
+            EventType::Register,
+            serde_json::json!({
+                "contact": format!("sip:{account}@10.0.0.{}", rng.random_range(1..4)),
+                "expires_s": rng.random_range(0..3) * 60,
+            }),
+        ),
+        1 => (
+            EventType::Presence,
+            serde_json::json!({ "status": format!("s{n}") }),
+        ),
+        _ => (
+            EventType::Setting,
+            serde_json::json!({ "key": format!("k{}", rng.random_range(0..3)), "value": n }),
+        ),
+    };
+    crate::model::Event {
+        account,
+        etype,
+        data,
     }
+}
+
+/// Two nodes' worth of cores: ours (`core`, applied to both the store and the model) and a
+/// peer whose records we apply as a datacenter would (first copies, and copies relayed by a
+/// third node).
+struct WbNodes {
+    core: Core,
+    peer: Core,
+    peer_store: MemStore,
+    now_ms: u64,
+}
+
+/// One write-back transaction of random work on both `t` and `scratch`, the same way.
+fn wb_work(
+    rng: &mut StdRng,
+    nodes: &mut WbNodes,
+    t: &mut RedbTables<'_>,
+    scratch: &mut MemStore,
+) -> Result<()> {
+    let mut core_m = nodes.core.clone();
+    for _ in 0..rng.random_range(1..12) {
+        nodes.now_ms += rng.random_range(0..3);
+        let now = nodes.now_ms;
+        if rng.random_bool(0.6) {
+            let ev = wb_event(rng, now);
+            let a = nodes.core.ingest(t, now, &ev);
+            let b = core_m.ingest(scratch, now, &ev);
+            match (a, b) {
+                (Ok(a), Ok(b)) => assert_eq!((a.msg_id, a.lseq), (b.msg_id, b.lseq)),
+                (Err(crate::replication::IngestError::Store(e)), _) => return Err(e),
+                (a, b) => panic!("ingest differs: {a:?} / {b:?}"),
+            }
+        } else {
+            let ev = wb_event(rng, now);
+            let got = nodes
+                .peer
+                .ingest(&mut nodes.peer_store, now, &ev)
+                .expect("the peer ingests");
+            let rec = nodes.peer_store.log[&got.lseq].clone();
+            let el = Core::check_record(&rec).expect("a valid record");
+            for from in [WB_PEER, WB_RELAY] {
+                if from == WB_RELAY && rng.random_bool(0.5) {
+                    continue;
+                }
+                let a = nodes.core.apply(t, now, from, &rec, &el)?;
+                let b = core_m.apply(scratch, now, from, &rec, &el).unwrap();
+                assert_eq!(a, b);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A plan as the writer makes them, at random: mostly write-back with a round's chunk of 1 to
+/// 3 entries, sometimes through (a snapshot's commit) or everything (a reader's flush).
+fn wb_plan(rng: &mut StdRng, store: &Store, committed_tail: u64) -> FlushPlan {
+    let round = store.overlay().round().or_else(|| {
+        rng.random_bool(0.3).then_some(Round {
+            upto: committed_tail,
+            after: None,
+        })
+    });
+    match rng.random_range(0..10) {
+        0 => FlushPlan::all(committed_tail),
+        1 => FlushPlan {
+            through: true,
+            round,
+            chunk_max: rng.random_range(1..4),
+        },
+        _ => FlushPlan {
+            through: false,
+            round,
+            chunk_max: rng.random_range(1..4),
+        },
+    }
+}
+
+fn wb_commit(
+    rng: &mut StdRng,
+    store: &Store,
+    nodes: &mut WbNodes,
+    scratch: &mut MemStore,
+) -> Result<()> {
+    let txn = store.begin()?;
+    {
+        let mut t = txn.tables_write_back()?;
+        let committed_tail = Tables::log_tail(&t)?;
+        wb_work(rng, nodes, &mut t, scratch)?;
+        let plan = wb_plan(rng, store, committed_tail);
+        t.finish_with(&plan)?;
+    }
+    txn.commit()
+}
+
+/// What readers of committed state see (the overlay first, then the table) is the model's
+/// state, entry by entry and by digest, with the model's log tail. `Err` when a read failed
+/// (an injected fault).
+fn wb_try_check(seed: u64, what: &str, store: &Store, m: &MemStore) -> Result<()> {
+    assert_eq!(
+        store.digest_merged()?,
+        digest(m.state()),
+        "seed {seed} ({what}): digest of table and overlay"
+    );
+    for a in WB_ACCOUNTS {
+        for t in EventType::ALL {
+            let got = store.state(a, Some(t))?.pop().map(|r| r.entry);
+            assert_eq!(
+                got.as_ref(),
+                m.entries.get(&(a.to_string(), t.code())),
+                "seed {seed} ({what}): state({a}, {t})"
+            );
+        }
+    }
+    assert_eq!(
+        LogRead::log_tail(&store.read()?)?,
+        Tables::log_tail(m).unwrap(),
+        "seed {seed} ({what}): log tail"
+    );
+    Ok(())
+}
+
+fn wb_check(seed: u64, what: &str, store: &Store, m: &MemStore) {
+    wb_try_check(seed, what, store, m).unwrap();
+}
+
+fn wb_holds(store: &Store, m: &MemStore) -> bool {
+    store.digest_merged().unwrap() == digest(m.state())
+        && LogRead::log_tail(&store.read().unwrap()).unwrap() == Tables::log_tail(m).unwrap()
+}
+
+/// Invariants 1 and 2 under the state write-back: an acknowledged event (a committed
+/// transaction) is in the state after any crash, although the state table is written later.
+/// Events run through the real replication core; commits leave state entries dirty in the
+/// overlay and write them in flush rounds of small chunks, sometimes through or all at once;
+/// writes, fsyncs and reads fail at random points. After each fault, the store reopened from
+/// the power-cut image and from the crash image (which merges the log after `state_upto` into
+/// the state) equals the model at its last successful commit (or, when an fsync failed, at the
+/// commit whose outcome is unknown); after a full flush, the state *table* alone equals it.
+#[test]
+fn write_back_state_survives_crashes_and_io_faults() {
+    let seeds: u64 = std::env::var("OUTPOST_STORE_FAULT_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(48);
+    let mut hit = [0u64; 3];
+    let mut rounds = 0;
+    let mut replayed = 0;
+    for seed in 0..seeds {
+        let mut rng = StdRng::seed_from_u64(1000 + seed);
+        let epoch = rng.random_range(1..u64::MAX);
+        let disk = Arc::new(Mutex::new(Disk::default()));
+        {
+            let store = Store::open_backend(
+                FaultyBackend::new(disk.clone(), None),
+                Path::new(FAULT_PATH),
+            )
+            .unwrap();
+            store.init_meta(&node_meta(epoch)).unwrap();
+        }
+        let me = node_meta(epoch).node_id;
+        let mut model = MemStore::new(epoch);
+        let mut nodes = WbNodes {
+            core: Core::open(me, "dc-test", &model).unwrap(),
+            peer: Core::open(WB_PEER, "dc-peer", &MemStore::new(9)).unwrap(),
+            peer_store: MemStore::new(9),
+            now_ms: 1_000,
+        };
+        for _ in 0..4 {
+            rounds += 1;
+            let op = pick(&mut rng, &[Fault::Write, Fault::Sync, Fault::Read]);
+            let n = match op {
+                Fault::Write => rng.random_range(1..120),
+                Fault::Sync => rng.random_range(1..16),
+                Fault::Read => rng.random_range(1..40),
+            };
+            let backend = FaultyBackend::new(disk.clone(), Some((op, n)));
+            let failed = backend.failed.clone();
+            let mut unknown = None;
+            if let Ok(store) = Store::open_backend(backend, Path::new(FAULT_PATH)) {
+                for _ in 0..10 {
+                    let mut scratch = model.clone();
+                    match wb_commit(&mut rng, &store, &mut nodes, &mut scratch) {
+                        Ok(()) => {
+                            model = scratch;
+                            if wb_try_check(seed, "after a commit", &store, &model).is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => {
+                            if op == Fault::Sync {
+                                unknown = Some(scratch);
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            if failed.load(Ordering::SeqCst) {
+                hit[op as usize] += 1;
+            }
+            let images = disk.lock().unwrap().clone();
+            let cut = open_image(seed, &images.durable, "power cut");
+            wb_check(seed, "power cut", &cut, &model);
+            drop(cut);
+            let crash = open_image(seed, &images.volatile, "process crash");
+            if crash.overlay().dirty_len() > 0 {
+                replayed += 1;
+            }
+            let crash_model = match unknown {
+                Some(m) if wb_holds(&crash, &m) && !wb_holds(&crash, &model) => m,
+                _ => model.clone(),
+            };
+            wb_check(seed, "process crash", &crash, &crash_model);
+            // Everything written to the table: the table alone is the state.
+            let txn = crash.begin().unwrap();
+            let tail = Tables::log_tail(&txn.tables().unwrap()).unwrap();
+            txn.tables_write_back()
+                .unwrap()
+                .finish_with(&FlushPlan::all(tail))
+                .unwrap();
+            txn.commit().unwrap();
+            assert_eq!(crash.overlay().dirty_len(), 0, "seed {seed}");
+            check_committed(seed, &crash_model, &crash.read().unwrap());
+            drop(crash);
+            let (image, next) = if rng.random_bool(0.5) {
+                (images.durable, model)
+            } else {
+                (images.volatile, crash_model)
+            };
+            *disk.lock().unwrap() = Disk {
+                volatile: image.clone(),
+                durable: image,
+            };
+            model = next;
+            // Our core restarts from what survived.
+            nodes.core = Core::open(me, "dc-test", &model).unwrap();
+        }
+    }
+    for (op, n) in [Fault::Write, Fault::Sync, Fault::Read].iter().zip(hit) {
+        assert!(n > 0, "no {op:?} fault was ever hit in {rounds} rounds");
+    }
+    let total: u64 = hit.iter().sum();
+    assert!(
+        total * 2 > rounds,
+        "faults hit in only {total} of {rounds} rounds: {hit:?}"
+    );
+    assert!(
+        replayed * 4 > rounds,
+        "the log was merged into the state at reopen in only {replayed} of {rounds} rounds"
+    );
+}
+
+/// Invariant 1 under retention: the log records after `state_upto` are what a restart merges
+/// into the state, so retention never trims them, however old; once a flush moved
+/// `state_upto`, they go.
+#[test]
+fn retention_keeps_the_log_the_state_table_does_not_hold_yet() {
+    let dir = TempDir::new("trim-upto");
+    let store = open_init(&dir, 3);
+    let me = node_meta(3).node_id;
+    let mut core = Core::open(me, "dc-test", &store.begin().unwrap().tables().unwrap()).unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    let write_back = FlushPlan {
+        through: false,
+        round: None,
+        chunk_max: 0,
+    };
+    for n in 0..20 {
+        let txn = store.begin().unwrap();
+        let mut t = txn.tables_write_back().unwrap();
+        core.ingest(&mut t, 1_000 + n, &wb_event(&mut rng, n)).unwrap();
+        t.finish_with(&write_back).unwrap();
+        txn.commit().unwrap();
+    }
+    assert!(store.overlay().dirty_len() > 0);
+    let trim = |store: &Store| {
+        let txn = store.begin().unwrap();
+        let mut t = txn.tables_write_back().unwrap();
+        let n = t.trim_log(u64::MAX, 0, 1000).unwrap();
+        t.finish_with(&write_back).unwrap();
+        txn.commit().unwrap();
+        n
+    };
+    assert_eq!(trim(&store), 0, "nothing after state_upto (0) is trimmed");
+    let txn = store.begin().unwrap();
+    txn.tables_write_back()
+        .unwrap()
+        .finish_with(&FlushPlan::all(20))
+        .unwrap();
+    txn.commit().unwrap();
+    assert_eq!(store.read().unwrap().state_upto().unwrap(), 20);
+    assert_eq!(trim(&store), 20, "after the flush, retention trims as before");
 }
