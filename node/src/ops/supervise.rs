@@ -77,12 +77,12 @@ pub async fn ping_writer(shared: &Shared, timeout: Duration) -> Result<Duration,
 /// What `systemctl status` shows, e.g.
 /// `datacenter dc-east: 2/3 peers up, max lag 0, 1234 entries, log tail 5678`.
 pub async fn status_line(shared: &Arc<Shared>) -> String {
-    // Counts the table's entries: everything dirty goes to it first (errors show below).
-    let _ = shared.flush_state().await;
     let s = shared.clone();
     let read = tokio::task::spawn_blocking(move || {
-        let r = s.store.read()?;
-        Ok::<_, crate::replication::StoreError>((r.log_tail()?, r.entry_count()?, r.peers()?))
+        let store = s.store.get()?;
+        let entries = store.entry_count()?;
+        let r = store.read()?;
+        Ok::<_, crate::replication::StoreError>((r.log_tail()?, entries, r.peers()?))
     })
     .await;
     let head = format!("{} {}", shared.meta.role, shared.meta.name);

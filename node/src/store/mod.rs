@@ -290,6 +290,13 @@ impl Store {
         Ok(out.finish())
     }
 
+    /// Entries of the committed state: the table's rows plus the dirty entries of keys it does
+    /// not hold yet. Needs no flush (the metrics and the status line read it often).
+    pub fn entry_count(&self) -> Result<u64> {
+        let dirty_new = self.overlay.dirty_new();
+        Ok(self.read()?.entry_count()? + dirty_new)
+    }
+
     /// The overlay of committed state entries not yet (or also) in the state table.
     pub fn overlay(&self) -> &StateOverlay {
         &self.overlay

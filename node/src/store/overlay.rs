@@ -41,6 +41,8 @@ pub(super) fn cost(account: &str, e: &Entry) -> usize {
 #[derive(Debug)]
 struct Dirty {
     entry: Entry,
+    /// The table holds no entry of this key (it is counted in `dirty_new`).
+    new: bool,
     /// The log tail when the entry became dirty (after that commit): a flush round that
     /// started at `upto` covers the entries dirty since at most `upto`.
     since: u64,
@@ -59,6 +61,9 @@ pub struct Round {
 struct Inner {
     dirty: BTreeMap<Key, Dirty>,
     dirty_bytes: usize,
+    /// Dirty entries whose key the table does not hold yet: the entry count is the table's
+    /// rows plus these.
+    dirty_new: u64,
     clean: HashMap<Key, Entry>,
     clean_bytes: usize,
     round: Option<Round>,
@@ -72,11 +77,21 @@ pub struct StateOverlay {
     clean_bytes_max: usize,
 }
 
+/// One entry a transaction wrote.
+#[derive(Debug)]
+pub struct TxnEntry {
+    pub(super) entry: Entry,
+    pub(super) in_table: bool,
+    /// No committed entry of this key existed (overlay or table) when it was written.
+    pub(super) new: bool,
+}
+
 /// What one write transaction did to the state, applied to the overlay once it committed.
 #[derive(Debug, Default)]
 pub struct TxnState {
-    /// Entries this transaction wrote, and whether it wrote each to the table too.
-    pub(super) entries: BTreeMap<Key, (Entry, bool)>,
+    /// Entries this transaction wrote: the entry, whether it wrote it to the table too, and
+    /// whether the key was in the state before (overlay or table).
+    pub(super) entries: BTreeMap<Key, TxnEntry>,
     /// Dirty entries of the overlay this transaction wrote to the table (a flush chunk).
     pub(super) flushed: Vec<Key>,
     /// The log tail at the end of the transaction.
@@ -127,6 +142,11 @@ impl StateOverlay {
         self.read().dirty.contains_key(key)
     }
 
+    /// Dirty entries whose key the state table does not hold yet.
+    pub fn dirty_new(&self) -> u64 {
+        self.read().dirty_new
+    }
+
     pub fn dirty_len(&self) -> usize {
         self.read().dirty.len()
     }
@@ -152,33 +172,32 @@ impl StateOverlay {
         let mut i = self.write();
         let i = &mut *i;
         for key in t.flushed {
-            if let Some(d) = i.dirty.remove(&key) {
-                i.dirty_bytes -= cost(&key.0, &d.entry);
+            if let Some(d) = take_dirty(i, &key) {
                 put_clean(i, key, d.entry);
             }
         }
-        for (key, (entry, in_table)) in t.entries {
-            if in_table {
-                if let Some(d) = i.dirty.remove(&key) {
-                    i.dirty_bytes -= cost(&key.0, &d.entry);
-                }
-                put_clean(i, key, entry);
+        for (key, e) in t.entries {
+            if e.in_table {
+                take_dirty(i, &key);
+                put_clean(i, key, e.entry);
             } else {
                 if let Some(old) = i.clean.remove(&key) {
                     i.clean_bytes -= cost(&key.0, &old);
                 }
-                let c = cost(&key.0, &entry);
+                let c = cost(&key.0, &e.entry);
                 match i.dirty.get_mut(&key) {
                     Some(d) => {
                         i.dirty_bytes = i.dirty_bytes - cost(&key.0, &d.entry) + c;
-                        d.entry = entry;
+                        d.entry = e.entry;
                     }
                     None => {
                         i.dirty_bytes += c;
+                        i.dirty_new += u64::from(e.new);
                         i.dirty.insert(
                             key,
                             Dirty {
-                                entry,
+                                entry: e.entry,
+                                new: e.new,
                                 since: t.tail,
                             },
                         );
@@ -194,6 +213,14 @@ impl StateOverlay {
             "a transaction that moved state_upto ended its round"
         );
     }
+}
+
+/// Removes a dirty entry (the table holds it now), keeping the counts.
+fn take_dirty(i: &mut Inner, key: &Key) -> Option<Dirty> {
+    let d = i.dirty.remove(key)?;
+    i.dirty_bytes -= cost(&key.0, &d.entry);
+    i.dirty_new -= u64::from(d.new);
+    Some(d)
 }
 
 fn put_clean(i: &mut Inner, key: Key, entry: Entry) {
@@ -284,7 +311,14 @@ mod tests {
         TxnState {
             entries: writes
                 .iter()
-                .map(|&(a, n, bytes, in_table)| ((a.to_string(), 3), (entry(n, bytes), in_table)))
+                .map(|&(a, n, bytes, in_table)| {
+                    let e = TxnEntry {
+                        entry: entry(n, bytes),
+                        in_table,
+                        new: true,
+                    };
+                    ((a.to_string(), 3), e)
+                })
                 .collect(),
             tail,
             ..TxnState::default()
@@ -307,10 +341,7 @@ mod tests {
             o.committed(txn(round + 2, &writes));
             assert!(o.clean_bytes() <= max, "round {round}: {}", o.clean_bytes());
             assert_eq!(o.dirty_len(), 1);
-            assert_eq!(
-                o.get("dirty", EventType::Presence).map(|e| e.oseq),
-                Some(1)
-            );
+            assert_eq!(o.get("dirty", EventType::Presence).map(|e| e.oseq), Some(1));
         }
     }
 
@@ -336,7 +367,7 @@ mod tests {
             tail: 9,
             ..TxnState::default()
         });
-        assert_eq!(o.dirty_len(), 1);
+        assert_eq!((o.dirty_len(), o.dirty_new()), (1, 1));
         assert_eq!(o.get("a", EventType::Presence).map(|e| e.oseq), Some(4));
     }
 }

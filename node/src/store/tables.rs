@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, TableError};
 use serde::{Deserialize, Serialize};
 
-use super::overlay::{Key, Round, StateOverlay, TxnState};
+use super::overlay::{Key, Round, StateOverlay, TxnEntry, TxnState};
 use super::{db_err, decode, fixed, NodeMeta, Result};
 use crate::ids::{MsgId, NodeId};
 use crate::model::{ElementRecord, EventType, Version};
@@ -315,6 +315,8 @@ pub struct RedbTables<'txn> {
     txn_state: TxnState,
     cell: &'txn RefCell<TxnState>,
     overlay: &'txn StateOverlay,
+    /// Keys this transaction looked up and found nowhere: a put of one is a new entry.
+    absent: RefCell<std::collections::BTreeSet<Key>>,
     /// Reused encoding buffer, so a put does not allocate.
     buf: Vec<u8>,
 }
@@ -391,6 +393,7 @@ impl<'txn> RedbTables<'txn> {
             txn_state: cell.take(),
             cell,
             overlay,
+            absent: RefCell::default(),
             buf: Vec::with_capacity(1024),
         })
     }
@@ -430,7 +433,7 @@ impl<'txn> RedbTables<'txn> {
             for (key, entry) in chunk {
                 r.after = Some(key.clone());
                 match ts.entries.get_mut(&key) {
-                    Some((_, in_table)) => *in_table = true,
+                    Some(e) => e.in_table = true,
                     None => {
                         self.put_state_row(&key, &entry)?;
                         ts.flushed.push(key);
@@ -439,12 +442,12 @@ impl<'txn> RedbTables<'txn> {
             }
             completed = done;
         }
-        for (key, (entry, in_table)) in ts.entries.iter_mut() {
+        for (key, e) in ts.entries.iter_mut() {
             if plan.through {
-                *in_table = true;
+                e.in_table = true;
             }
-            if *in_table {
-                let buf = self.encode(entry);
+            if e.in_table {
+                let buf = self.encode(&e.entry);
                 let r = self.state.insert((key.0.as_str(), key.1), buf.as_slice());
                 self.buf = buf;
                 r.map_err(db_err)?;
@@ -573,19 +576,31 @@ impl Tables for RedbTables<'_> {
 
     fn entry(&self, account: &str, etype: EventType) -> Result<Option<Entry>> {
         let key = (account.to_owned(), etype.code());
-        if let Some((e, _)) = self.txn_state.entries.get(&key) {
-            return Ok(Some(e.clone()));
+        if let Some(e) = self.txn_state.entries.get(&key) {
+            return Ok(Some(e.entry.clone()));
         }
         if let Some(e) = self.overlay.get_code(&key) {
             return Ok(Some(e));
         }
-        get_entry(&self.state, account, etype)
+        let found = get_entry(&self.state, account, etype)?;
+        if found.is_none() {
+            self.absent.borrow_mut().insert(key);
+        }
+        Ok(found)
     }
 
     fn put_entry(&mut self, account: &str, etype: EventType, entry: &Entry) -> Result<()> {
-        self.txn_state
-            .entries
-            .insert((account.to_owned(), etype.code()), (entry.clone(), false));
+        let key = (account.to_owned(), etype.code());
+        let new = match self.txn_state.entries.get(&key) {
+            Some(e) => e.new,
+            None => self.absent.get_mut().remove(&key),
+        };
+        let e = TxnEntry {
+            entry: entry.clone(),
+            in_table: false,
+            new,
+        };
+        self.txn_state.entries.insert(key, e);
         Ok(())
     }
 

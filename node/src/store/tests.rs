@@ -1157,6 +1157,11 @@ fn wb_try_check(seed: u64, what: &str, store: &Store, m: &MemStore) -> Result<()
         digest(m.state()),
         "seed {seed} ({what}): digest of table and overlay"
     );
+    assert_eq!(
+        store.entry_count()?,
+        m.entries.len() as u64,
+        "seed {seed} ({what}): entries counted without a flush"
+    );
     for a in WB_ACCOUNTS {
         for t in EventType::ALL {
             let got = store.state(a, Some(t))?.pop().map(|r| r.entry);
@@ -1324,7 +1329,8 @@ fn retention_keeps_the_log_the_state_table_does_not_hold_yet() {
     for n in 0..20 {
         let txn = store.begin().unwrap();
         let mut t = txn.tables_write_back().unwrap();
-        core.ingest(&mut t, 1_000 + n, &wb_event(&mut rng, n)).unwrap();
+        core.ingest(&mut t, 1_000 + n, &wb_event(&mut rng, n))
+            .unwrap();
         t.finish_with(&write_back).unwrap();
         txn.commit().unwrap();
     }
@@ -1345,5 +1351,9 @@ fn retention_keeps_the_log_the_state_table_does_not_hold_yet() {
         .unwrap();
     txn.commit().unwrap();
     assert_eq!(store.read().unwrap().state_upto().unwrap(), 20);
-    assert_eq!(trim(&store), 20, "after the flush, retention trims as before");
+    assert_eq!(
+        trim(&store),
+        20,
+        "after the flush, retention trims as before"
+    );
 }
