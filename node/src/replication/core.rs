@@ -51,7 +51,8 @@ pub struct Ingested {
     /// Where the message's record is: this node's origin sequence for it.
     pub oseq: u64,
     pub version: Version,
-    pub element: Value,
+    /// The element as logged: canonical JSON.
+    pub element: Vec<u8>,
     pub lseq: u64,
 }
 
@@ -168,6 +169,7 @@ impl Core {
         t.put_entry(&ev.account, ev.etype, &entry)?;
         let lseq = t.log_tail()? + 1;
         t.append_log(lseq, &rec)?;
+        let element = entry.element;
         t.put_message(&MsgRecord {
             msg_id: rec.msg_id,
             origin: self.node_id,
