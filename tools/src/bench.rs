@@ -44,6 +44,8 @@ const TARGET_GROWTH_EPS_RATIO: f64 = 0.8;
 const TARGET_GROWTH_RSS_RATIO: f64 = 1.1;
 /// Accounts of the growth ingest run, and entries written in the recovery runs.
 const GROWTH_ACCOUNTS: u64 = 1_000_000;
+/// Records written before `batch1000-log3m` measures (the log and message records it retains).
+const GROWTH_LOG_RECORDS: u64 = 3_000_000;
 /// The run a growth ingest run is compared with.
 const GROWTH_BASELINE: &str = "batch1000";
 /// How often the nodes' VmRSS is sampled.
@@ -190,6 +192,8 @@ struct RunFigures {
     replication: Option<Replication>,
     /// Accounts the load was spread over.
     accounts: u64,
+    /// Records written before the measured load (`batch1000-log3m`), 0 for the others.
+    prefilled_records: u64,
     /// Entries the (first) node holds at the end of the run.
     entries_end: u64,
     /// The recovery runs' figures (catchup-1m, snapshot-1m).
@@ -234,6 +238,9 @@ struct RunDef {
 enum Shape {
     /// Closed-loop load for the run's duration (load.rs).
     Load,
+    /// The same, after this many records were written (over the run's accounts) to make the
+    /// log and the message records that long first.
+    LoadOnLog(u64),
     /// The last node stopped, this many entries written at the others, the node restarted and
     /// timed until it holds them (growth.rs).
     Recover(growth::Recovery, u64),
@@ -337,6 +344,17 @@ const RUNS: &[RunDef] = &[
         kind: Kind::Batch(growth::FILL_BATCH as usize),
         accounts: GROWTH_ACCOUNTS,
         shape: Shape::Recover(growth::Recovery::Log, GROWTH_ACCOUNTS),
+        growth: true,
+    },
+    RunDef {
+        name: "batch1000-log3m",
+        section: "5",
+        description: "1 DC, batches of 1,000 onto a retained log of 3,000,000 records",
+        nodes: 1,
+        clients_per_node: 4,
+        kind: Kind::Batch(1000),
+        accounts: load::ACCOUNTS,
+        shape: Shape::LoadOnLog(GROWTH_LOG_RECORDS),
         growth: true,
     },
     RunDef {
@@ -524,7 +542,9 @@ fn select_runs(only: Option<&[String]>, growth: bool) -> Vec<&'static RunDef> {
             None => !d.growth || growth,
         })
         .collect();
-    let needs_baseline = chosen.iter().any(|d| d.growth && d.shape == Shape::Load);
+    let needs_baseline = chosen
+        .iter()
+        .any(|d| d.growth && matches!(d.shape, Shape::Load | Shape::LoadOnLog(_)));
     if needs_baseline && !chosen.iter().any(|d| d.name == GROWTH_BASELINE) {
         eprintln!("outpost-bench: running {GROWTH_BASELINE} too, as the baseline of batch1000-1m");
         chosen.insert(
@@ -552,7 +572,7 @@ fn compare_growth(runs: &mut [RunFigures]) {
     };
     let rss = |f: &RunFigures| f.node.iter().map(|n| n.rss_max_mib).reduce(f64::max);
     for r in runs.iter_mut() {
-        if r.accounts <= base.accounts
+        if (r.accounts <= base.accounts && r.prefilled_records == 0)
             || r.growth.is_some()
             || r.events_per_request != base.events_per_request
         {
@@ -685,6 +705,16 @@ async fn run_one(ctx: &Ctx, def: &RunDef) -> anyhow::Result<RunFigures> {
         cluster.wait_quiet().await?;
     }
     let apis: Vec<Api> = (0..def.nodes).map(|i| cluster.api(i)).collect();
+    if let Shape::LoadOnLog(records) = def.shape {
+        let targets: Vec<Target> = (0..def.nodes)
+            .map(|i| Target {
+                node: i,
+                base: format!("http://{}", cluster.node(i).api_addr),
+                token: cluster.node(i).token.clone(),
+            })
+            .collect();
+        growth::fill_over(def.name, &targets, records, def.accounts).await?;
+    }
     let mut pids = Vec::new();
     for i in 0..def.nodes {
         pids.push(nodes::pid_of_config(&cluster.node(i).config)?);
@@ -708,6 +738,10 @@ async fn run_one(ctx: &Ctx, def: &RunDef) -> anyhow::Result<RunFigures> {
         clients: def.clients_per_node * def.nodes,
         events_per_request: per,
         accounts: def.accounts,
+        prefilled_records: match def.shape {
+            Shape::LoadOnLog(n) => n,
+            _ => 0,
+        },
         loadavg_before: procstat::loadavg(),
         ..RunFigures::default()
     };
@@ -1085,11 +1119,11 @@ fn growth_text(runs: &[RunFigures]) -> String {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "growth: the same load over more accounts (ratio: this run over the baseline in the same sitting)"
+            "growth: the same load over more accounts or onto a longer log (ratio: this run over the baseline in the same sitting)"
         );
         let _ = writeln!(
             s,
-            "{:<12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "{:<16} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
             "run",
             "accounts",
             "entries",
@@ -1105,7 +1139,7 @@ fn growth_text(runs: &[RunFigures]) -> String {
             if let Some(b) = runs.iter().find(|r| r.name == v.baseline) {
                 let _ = writeln!(
                     s,
-                    "{:<12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                    "{:<16} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
                     b.name,
                     thousands(b.accounts as f64),
                     thousands(b.entries_end as f64),
@@ -1119,7 +1153,7 @@ fn growth_text(runs: &[RunFigures]) -> String {
             }
             let _ = writeln!(
                 s,
-                "{:<12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                "{:<16} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
                 f.name,
                 thousands(f.accounts as f64),
                 thousands(f.entries_end as f64),

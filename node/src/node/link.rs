@@ -38,6 +38,13 @@ const _: () = assert!(DIAL_BACKOFF_MIN.as_millis() <= DIAL_BACKOFF_MAX.as_millis
 const _: () = assert!(DIAL_TIMEOUT_MIN.as_millis() <= DIAL_TIMEOUT_MAX.as_millis());
 /// Frames in flight between the reader and the writer thread, per connection.
 const PENDING_MAX: usize = 64;
+/// Bytes of those frames, per connection, as decoded (records and their parsed elements:
+/// [`frame_weight`]): the bound on what a fast peer (a snapshot, a catch-up) can make this
+/// node hold before its writer has applied it. 8 MiB: a few frames of the largest size.
+const PENDING_BYTES_MAX: usize = 8 << 20;
+/// The unit of the pending byte budget's semaphore permits.
+const PENDING_PERMIT_BYTES: usize = 1024;
+const _: () = assert!(PENDING_BYTES_MAX / PENDING_PERMIT_BYTES <= u32::MAX as usize);
 /// Outgoing control frames (acks) waiting for the sender, per connection.
 const CONTROL_MAX: usize = 256;
 
@@ -722,7 +729,33 @@ async fn run_link(
     }
 }
 
-type Pending = (u64, oneshot::Receiver<Result<Received, StoreError>>);
+type Pending = (
+    u64,
+    oneshot::Receiver<Result<Received, StoreError>>,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
+/// What a received frame holds in memory until applied, by a rough measure: each record's
+/// bytes, its parsed element (about twice its bytes) and fixed overhead.
+fn frame_weight<'a>(records: impl Iterator<Item = (&'a str, &'a [u8])>) -> usize {
+    records.map(|(a, el)| a.len() + 3 * el.len() + 160).sum()
+}
+
+/// Waits until the connection's pending byte budget has room for a frame of `weight` (a frame
+/// over the whole budget waits for all of it).
+async fn reserve(
+    budget: &Arc<tokio::sync::Semaphore>,
+    weight: usize,
+) -> Result<tokio::sync::OwnedSemaphorePermit, SessionError> {
+    let permits = weight
+        .div_ceil(PENDING_PERMIT_BYTES)
+        .clamp(1, PENDING_BYTES_MAX / PENDING_PERMIT_BYTES) as u32;
+    budget
+        .clone()
+        .acquire_many_owned(permits)
+        .await
+        .map_err(|_| SessionError::Shutdown)
+}
 
 #[allow(clippy::too_many_arguments)]
 async fn read_loop(
@@ -738,6 +771,9 @@ async fn read_loop(
 ) -> Result<(), SessionError> {
     let max = shared.config.limits.frame_bytes_max;
     let epoch = shared.meta.log_epoch;
+    let budget = Arc::new(tokio::sync::Semaphore::new(
+        PENDING_BYTES_MAX / PENDING_PERMIT_BYTES,
+    ));
     loop {
         let Some(msg) = read_frame(&mut recv, max).await? else {
             return Ok(());
@@ -749,6 +785,13 @@ async fn read_loop(
             .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
         match msg {
             Message::Elements(frame) => {
+                let weight = frame_weight(
+                    frame
+                        .items
+                        .iter()
+                        .map(|(_, r)| (r.account.as_str(), r.element.as_slice())),
+                );
+                let permit = reserve(&budget, weight).await?;
                 let els = Core::check_elements(&frame)
                     .map_err(|e| SessionError::Protocol(e.to_string()))?;
                 let (tx, rx) = oneshot::channel();
@@ -764,11 +807,18 @@ async fn read_loop(
                     .await
                     .map_err(|_| SessionError::Shutdown)?;
                 pending
-                    .send((frame_epoch, rx))
+                    .send((frame_epoch, rx, permit))
                     .await
                     .map_err(|_| SessionError::Shutdown)?;
             }
             Message::Snapshot(chunk) => {
+                let weight = frame_weight(
+                    chunk
+                        .entries
+                        .iter()
+                        .map(|e| (e.account.as_str(), e.element.as_slice())),
+                );
+                let permit = reserve(&budget, weight).await?;
                 let els = Core::check_snapshot(&chunk)
                     .map_err(|e| SessionError::Protocol(e.to_string()))?;
                 let (tx, rx) = oneshot::channel();
@@ -784,7 +834,7 @@ async fn read_loop(
                     .await
                     .map_err(|_| SessionError::Shutdown)?;
                 pending
-                    .send((chunk_epoch, rx))
+                    .send((chunk_epoch, rx, permit))
                     .await
                     .map_err(|_| SessionError::Shutdown)?;
             }
@@ -857,8 +907,10 @@ async fn ack_loop(
     mut pending: mpsc::Receiver<Pending>,
     ctl: mpsc::Sender<Message>,
 ) -> Result<(), SessionError> {
-    while let Some((epoch, rx)) = pending.recv().await {
+    while let Some((epoch, rx, permit)) = pending.recv().await {
         let got = rx.await.map_err(|_| SessionError::Shutdown)??;
+        // Applied: its bytes are no longer held.
+        drop(permit);
         ctl.send(Message::Ack {
             epoch,
             upto: got.ack,
@@ -1081,4 +1133,46 @@ fn chosen_for_relay(shared: &Shared, msg: &[u8; 32], peer_id: NodeId, k: usize) 
         .filter(|(_, p)| rank(&p.cfg.name) < mine)
         .count()
         < k
+}
+
+#[cfg(test)]
+mod pending_budget_tests {
+    use futures_util::FutureExt as _;
+
+    use super::*;
+
+    /// Bounded memory: frames read from a peer and not yet applied hold at most
+    /// `PENDING_BYTES_MAX` of the connection's budget; the next frame waits until one is
+    /// applied, and a frame over the whole budget waits for all of it.
+    #[tokio::test]
+    async fn frames_waiting_for_the_writer_stay_within_the_byte_budget() {
+        let budget = Arc::new(tokio::sync::Semaphore::new(
+            PENDING_BYTES_MAX / PENDING_PERMIT_BYTES,
+        ));
+        let frame = PENDING_BYTES_MAX / 8;
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let p = reserve(&budget, frame).now_or_never();
+            held.push(p.expect("room in the budget").unwrap());
+        }
+        assert!(
+            reserve(&budget, 1).now_or_never().is_none(),
+            "a ninth frame must wait"
+        );
+        drop(held.pop());
+        let p = reserve(&budget, frame).now_or_never();
+        held.push(p.expect("room again once one is applied").unwrap());
+        held.clear();
+        let huge = reserve(&budget, 10 * PENDING_BYTES_MAX).now_or_never();
+        let huge = huge
+            .expect("a frame over the budget takes all of it")
+            .unwrap();
+        assert_eq!(budget.available_permits(), 0);
+        drop(huge);
+        // The weight counts records and their parsed elements.
+        assert_eq!(
+            frame_weight([("alice", &[0u8; 100][..])].into_iter()),
+            5 + 300 + 160
+        );
+    }
 }

@@ -70,6 +70,17 @@ async fn counters(api: &Api) -> anyhow::Result<nodes::Counters> {
 /// [`FILL_CLIENTS`] requests at a time per target; prints progress. Fails on the first refused
 /// request (the count would no longer be exact).
 async fn fill(label: &str, targets: &[load::Target], total: u64) -> anyhow::Result<()> {
+    fill_over(label, targets, total, u64::MAX).await
+}
+
+/// [`fill`] over at most `accounts` accounts (`acct-{i % accounts}`): a log of `total` records
+/// over a state of `accounts` entries.
+pub async fn fill_over(
+    label: &str,
+    targets: &[load::Target],
+    total: u64,
+    accounts: u64,
+) -> anyhow::Result<()> {
     let http = load::client(targets.len() * FILL_CLIENTS);
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
@@ -96,8 +107,9 @@ async fn fill(label: &str, targets: &[load::Target], total: u64) -> anyhow::Resu
                         if i > first {
                             body.push(',');
                         }
+                        let a = i % accounts;
                         body.push_str(&format!(
-                            r#"{{"account":"acct-{i}","type":"presence","data":{{"status":"s{i}"}}}}"#
+                            r#"{{"account":"acct-{a}","type":"presence","data":{{"status":"s{i}"}}}}"#
                         ));
                     }
                     body.push(']');
