@@ -73,11 +73,59 @@ impl From<StoreError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Bytes of ingest requests in progress across all connections, counting each request's body
+/// [`INGEST_BODY_FACTOR`] times (the body, the events decoded from it, their answers): a
+/// request waits for room instead of adding to memory. Beside `limits.api_body_bytes_max`
+/// (one request), this bounds what clients can make the node hold at once.
+pub const INGEST_BYTES_IN_FLIGHT_MAX: usize = 64 << 20;
+/// What an ingest request is counted for, per byte of its body.
+pub const INGEST_BODY_FACTOR: usize = 4;
+const INGEST_PERMIT_BYTES: usize = 1024;
+const _: () = assert!(INGEST_BYTES_IN_FLIGHT_MAX / INGEST_PERMIT_BYTES <= u32::MAX as usize);
+
+/// The permits of [`INGEST_BYTES_IN_FLIGHT_MAX`] an ingest request takes: by its declared
+/// length (the body limit when it declares none), at least one, at most all.
+fn ingest_permits(content_length: Option<usize>, body_max: usize) -> u32 {
+    let body = content_length.unwrap_or(body_max).min(body_max);
+    body.saturating_mul(INGEST_BODY_FACTOR)
+        .div_ceil(INGEST_PERMIT_BYTES)
+        .clamp(1, INGEST_BYTES_IN_FLIGHT_MAX / INGEST_PERMIT_BYTES) as u32
+}
+
+async fn ingest_budget(
+    budget: Arc<tokio::sync::Semaphore>,
+    body_max: usize,
+    req: Request,
+    next: Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let Ok(_held) = budget
+        .acquire_many_owned(ingest_permits(declared, body_max))
+        .await
+    else {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down")
+            .into_response();
+    };
+    next.run(req).await
+}
+
 pub fn router(shared: Arc<Shared>) -> Router {
     let body_max = shared.config.limits.api_body_bytes_max;
-    let authed = Router::new()
+    let budget = Arc::new(tokio::sync::Semaphore::new(
+        INGEST_BYTES_IN_FLIGHT_MAX / INGEST_PERMIT_BYTES,
+    ));
+    let ingest = Router::new()
         .route("/v1/events", post(post_event))
         .route("/v1/events/batch", post(post_batch))
+        .route_layer(middleware::from_fn(move |req: Request, next: Next| {
+            ingest_budget(budget.clone(), body_max, req, next)
+        }));
+    let authed = Router::new()
+        .merge(ingest)
         .route("/v1/state/{account}", get(get_state))
         .route("/v1/state/{account}/{etype}", get(get_state_typed))
         .route("/v1/digest", get(get_digest))
@@ -488,4 +536,25 @@ pub async fn status(s: &Arc<Shared>) -> ApiResult<Value> {
         "peers": peers,
         "last_errors": s.last_errors(),
     }))
+}
+
+#[cfg(test)]
+mod ingest_budget_tests {
+    use super::*;
+
+    /// Bounded memory: an ingest request is counted by its declared body (the body limit when
+    /// it declares none, so a chunked body cannot claim less), never more than the whole
+    /// budget (so one request over it still runs, alone).
+    #[test]
+    fn ingest_requests_are_counted_against_the_in_flight_budget() {
+        let all = (INGEST_BYTES_IN_FLIGHT_MAX / INGEST_PERMIT_BYTES) as u32;
+        assert_eq!(ingest_permits(Some(0), 1 << 20), 1);
+        assert_eq!(ingest_permits(Some(256 << 10), 16 << 20), 1024);
+        assert_eq!(ingest_permits(None, 1 << 20), 4096);
+        assert_eq!(ingest_permits(Some(usize::MAX), 1 << 20), 4096);
+        assert_eq!(ingest_permits(None, 64 << 20), all);
+        // 10,000-event batches (about 2.2 MB): seven in flight at once, the eighth waits.
+        let batch = ingest_permits(Some(2_200_000), 16 << 20);
+        assert_eq!(all / batch, 7);
+    }
 }
