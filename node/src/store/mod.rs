@@ -9,13 +9,16 @@
 //! write transaction at a time and `begin`/`commit` block: only the writer thread calls
 //! [`Store::begin`], never a tokio worker.
 //!
-//! Layout (schema version 2). Keys are redb-native so that redb's key order is the order the
+//! Layout (schema version 3). Keys are redb-native so that redb's key order is the order the
 //! code relies on; values are postcard unless marked. `meta`'s own key and value types never
 //! change, so any version can read `schema_version` before touching anything else.
 //!
 //! What an acknowledgement waits for writes the log and the message records, both at the end of
 //! their key order (the log by local sequence; message records by origin then origin
-//! sequence: one append point per origin), and the state entry of the account. Version 1 keyed
+//! sequence: one append point per origin). The state entries it changes stay in memory
+//! ([`overlay`], version 3) and reach the state table later in key-ordered flush rounds;
+//! `meta.state_upto` says up to which log position the table is complete, and opening the
+//! database merges the log after it into the state. Version 1 keyed
 //! message records by their random blake3 id, plus an index by origin: two rows per event at
 //! random places, written and later deleted. A message is still named by its id: the state entry
 //! and the log record say where its record is, and a lookup by id alone scans the retained log.
@@ -29,6 +32,8 @@
 //!                &str "hlc"                   u64 ms LE ++ u32 logical LE (raw, 12 bytes)
 //!                &str "log_tail"              u64 LE (raw); highest lseq ever appended, kept
 //!                                             apart from `log` so trimming never lowers it
+//!                &str "state_upto"            u64 LE (raw); the state table holds every log
+//!                                             record up to here; retention keeps the rest
 //!                &str "secret/NAME"           raw bytes (identity material)
 //! state          (&str account, u8 etype)     Entry          order = MemStore's (String, u8)
 //! log            u64 lseq                     ElementRecord  local log, trimmed at the head

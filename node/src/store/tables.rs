@@ -303,6 +303,8 @@ pub struct RedbTables<'txn> {
     tail_dirty: bool,
     /// The log position up to which the state table is complete (as committed).
     state_upto: u64,
+    /// The log tail as committed before this transaction.
+    committed_tail: u64,
     /// Whether `finish_with` may leave this transaction's entries in the overlay (the writer's
     /// sessions); every other session writes them to the table.
     write_back: bool,
@@ -381,6 +383,7 @@ impl<'txn> RedbTables<'txn> {
             tail,
             tail_dirty: false,
             state_upto,
+            committed_tail: tail,
             write_back,
             // A session that writes its entries through, with nothing dirty in the overlay,
             // leaves the table complete: nothing to replay, so nothing to keep.
@@ -463,8 +466,11 @@ impl<'txn> RedbTables<'txn> {
                     .count();
             written == self.overlay.dirty_len()
         };
+        // A round covers what was dirty when it started (up to `r.upto`); entries dirtied since
+        // (after `r.upto`, before this transaction) are not in it. Only a round that started
+        // with this transaction's committed tail leaves nothing else dirty.
         let upto = match &round {
-            Some(_) if completed && plan.through => Some(tail),
+            Some(r) if completed && plan.through && r.upto >= self.committed_tail => Some(tail),
             Some(r) if completed => Some(r.upto.max(self.state_upto)),
             _ if nothing_else_dirty => Some(tail),
             _ => None,
