@@ -705,20 +705,6 @@ async fn run_one(ctx: &Ctx, def: &RunDef) -> anyhow::Result<RunFigures> {
         cluster.wait_quiet().await?;
     }
     let apis: Vec<Api> = (0..def.nodes).map(|i| cluster.api(i)).collect();
-    if let Shape::LoadOnLog(records) = def.shape {
-        let targets: Vec<Target> = (0..def.nodes)
-            .map(|i| Target {
-                node: i,
-                base: format!("http://{}", cluster.node(i).api_addr),
-                token: cluster.node(i).token.clone(),
-            })
-            .collect();
-        growth::fill_over(def.name, &targets, records, def.accounts).await?;
-    }
-    let mut pids = Vec::new();
-    for i in 0..def.nodes {
-        pids.push(nodes::pid_of_config(&cluster.node(i).config)?);
-    }
     let targets: Vec<Target> = (0..def.nodes)
         .map(|i| Target {
             node: i,
@@ -726,6 +712,13 @@ async fn run_one(ctx: &Ctx, def: &RunDef) -> anyhow::Result<RunFigures> {
             token: cluster.node(i).token.clone(),
         })
         .collect();
+    if let Shape::LoadOnLog(records) = def.shape {
+        growth::fill_over(def.name, &targets, records, def.accounts).await?;
+    }
+    let mut pids = Vec::new();
+    for i in 0..def.nodes {
+        pids.push(nodes::pid_of_config(&cluster.node(i).config)?);
+    }
     let per = match def.kind {
         Kind::Single => 1,
         Kind::Batch(n) => n,

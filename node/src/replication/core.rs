@@ -159,13 +159,7 @@ impl Core {
             msg_id: rec.expected_id(),
             ..rec
         };
-        let entry = Entry {
-            version,
-            origin: self.node_id,
-            oseq,
-            msg_id: rec.msg_id,
-            element: rec.element.clone(),
-        };
+        let entry = Entry::of(&rec);
         t.put_entry(&ev.account, ev.etype, &entry)?;
         let lseq = t.log_tail()? + 1;
         t.append_log(lseq, &rec)?;
@@ -232,19 +226,7 @@ impl Core {
         // could lose a message.)
         let mut mark = t.mark(rec.origin)?;
         self.hlc.observe(now_ms, rec.version);
-        merge_entry(
-            t,
-            &rec.account,
-            rec.etype,
-            &Entry {
-                version: rec.version,
-                origin: rec.origin,
-                oseq: rec.oseq,
-                msg_id: rec.msg_id,
-                element: rec.element.clone(),
-            },
-            el,
-        )?;
+        merge_entry(t, &rec.account, rec.etype, &Entry::of(rec), el)?;
         let lseq = t.log_tail()? + 1;
         t.append_log(lseq, rec)?;
         let senders = if rec.origin == self.node_id {
@@ -600,19 +582,7 @@ fn merge_entry(
 /// nothing.
 pub fn replay_record(t: &mut impl Tables, rec: &ElementRecord) -> Result<(), StoreError> {
     let el = parse_stored(&rec.element)?;
-    merge_entry(
-        t,
-        &rec.account,
-        rec.etype,
-        &Entry {
-            version: rec.version,
-            origin: rec.origin,
-            oseq: rec.oseq,
-            msg_id: rec.msg_id,
-            element: rec.element.clone(),
-        },
-        &el,
-    )
+    merge_entry(t, &rec.account, rec.etype, &Entry::of(rec), &el)
 }
 
 fn parse_stored(bytes: &[u8]) -> Result<Value, StoreError> {

@@ -37,6 +37,17 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The entry a logged record sets (before any merge with what the table holds).
+    pub fn of(rec: &ElementRecord) -> Entry {
+        Entry {
+            version: rec.version,
+            origin: rec.origin,
+            oseq: rec.oseq,
+            msg_id: rec.msg_id,
+            element: rec.element.clone(),
+        }
+    }
+
     /// Where the record of the message that set this entry is kept.
     pub fn msg_key(&self) -> MsgKey {
         MsgKey::new(self.origin, self.oseq, &self.msg_id)
