@@ -130,7 +130,7 @@ pub struct Limits {
     /// Most peers in `[[peers]]`.
     pub peers_max: usize,
     /// Most HTTP API connections open at once; at the bound the oldest idle one is closed to
-    /// make room (see `crate::api::serve`).
+    /// make room (see `crate::http::serve`).
     pub api_connections_max: usize,
     /// Time a client has to send a whole request head, from its first byte.
     pub api_header_timeout: Duration,

@@ -14,8 +14,8 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::config::{Config, PeerConfig};
+use crate::datacenter::{self, Running};
 use crate::ids::Fingerprint;
-use crate::node::{self, Running};
 use crate::wire::Role;
 
 pub struct DemoOpts {
@@ -75,7 +75,7 @@ pub fn local_configs(dir: &Path, n: usize) -> anyhow::Result<Vec<Config>> {
     for i in 0..n {
         let name = format!("dc-{}", i + 1);
         let data = dir.join(&name);
-        let info = node::init(&data, Role::Datacenter, Some(&name))?;
+        let info = crate::roles::init(&data, Role::Datacenter, Some(&name))?;
         nodes.push((name, data, info.fingerprint, free_port()?));
     }
     let addr = |port: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], port)) };
@@ -107,7 +107,7 @@ async fn demo(dir: &Path, opts: &DemoOpts) -> anyhow::Result<bool> {
     );
     let mut dcs = Vec::new();
     for config in local_configs(dir, n)? {
-        let running = node::start(config.clone()).await?;
+        let running = datacenter::start(config.clone()).await?;
         let api = format!("http://{}", running.api_addr);
         let token = running.shared.token.clone();
         println!(
@@ -182,7 +182,7 @@ async fn demo(dir: &Path, opts: &DemoOpts) -> anyhow::Result<bool> {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let running = node::start(dcs[last].config.clone()).await?;
+    let running = datacenter::start(dcs[last].config.clone()).await?;
     dcs[last].running = Some(running);
     println!("   {} restarted", dcs[last].config.name);
 

@@ -15,7 +15,6 @@ use serde_json::Value;
 use crate::cluster::controller::{self, ControllerRunning};
 use crate::cluster::worker::{self, WorkerRunning};
 use crate::config::{AdmissionConfig, Config, ControllerConfig, MachineConfig};
-use crate::node;
 use crate::ops::notify::Notifier;
 use crate::wire::Role;
 
@@ -65,7 +64,7 @@ impl Fleet {
         let token_file = dir.join("join-token");
         std::fs::write(&token_file, format!("{:032x}\n", rand::random::<u128>()))?;
         let ctl_dir = dir.join("controller");
-        let info = node::init(&ctl_dir, Role::Controller, Some("controller"))?;
+        let info = crate::roles::init(&ctl_dir, Role::Controller, Some("controller"))?;
         let port = free_port()?;
         let mut c = Config::with_defaults(Role::Controller, "controller", &ctl_dir);
         c.listen = local(port);
@@ -102,7 +101,7 @@ impl Fleet {
                 ),
             };
             let wdir = dir.join(&name);
-            node::init(&wdir, Role::Worker, Some(&name))?;
+            crate::roles::init(&wdir, Role::Worker, Some(&name))?;
             let port = free_port()?;
             let mut w = Config::with_defaults(Role::Worker, &name, &wdir);
             w.listen = local(port);

@@ -13,7 +13,6 @@ use std::cell::RefCell;
 
 use axum::http::StatusCode;
 
-use crate::api::{parse_batch_body, parse_event_body};
 use crate::cluster::controller::core::{
     ControllerCore, KeyStatus, MachineRecord, Output, Settings,
 };
@@ -21,6 +20,7 @@ use crate::cluster::controller::parse_deployment_request;
 use crate::cluster::keys::{token_proof, token_proof_matches, ControllerKey};
 use crate::cluster::worker::core::{JoinInfo, Standing, WorkerCore, WorkerRecord, WorkerRefusal};
 use crate::config::{self, Limits, SERVICES};
+use crate::datacenter::api::{parse_batch_body, parse_event_body};
 use crate::ids::{Fingerprint, NodeId};
 use crate::model::events::{check_element, validate_account, Event};
 use crate::model::to_canonical;

@@ -3,7 +3,7 @@
 //! (here: restored from a backup, waiting for a peer that never answers).
 
 use outpost::config::{Config, PeerConfig};
-use outpost::node;
+use outpost::datacenter;
 use outpost::wire::Role;
 use serde_json::Value;
 
@@ -27,8 +27,8 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restoring_datacenter_is_alive_but_not_ready_and_says_why() {
     let (d1, d2, d3) = (dir("health-a"), dir("health-b"), dir("health-peer"));
-    node::init(&d1, Role::Datacenter, Some("dc")).unwrap();
-    let n = node::start(config(&d1)).await.unwrap();
+    outpost::roles::init(&d1, Role::Datacenter, Some("dc")).unwrap();
+    let n = datacenter::start(config(&d1)).await.unwrap();
     assert_eq!(get(n.api_addr, "/healthz").await.0, 200);
     let (status, ready) = get(n.api_addr, "/readyz").await;
     assert_eq!(status, 200, "{ready}");
@@ -40,14 +40,14 @@ async fn a_restoring_datacenter_is_alive_but_not_ready_and_says_why() {
     let backup = d1.join("health-backup.redb");
     n.shared.store.get().unwrap().backup_to(&backup).unwrap();
     std::fs::rename(&backup, d2.join(outpost::store::DB_FILE)).unwrap();
-    let peer = node::init(&d3, Role::Datacenter, Some("dc-gone")).unwrap();
+    let peer = outpost::roles::init(&d3, Role::Datacenter, Some("dc-gone")).unwrap();
     let mut c = config(&d2);
     c.peers = vec![PeerConfig {
         name: "dc-gone".into(),
         addr: "127.0.0.1:9".parse().unwrap(),
         fingerprints: vec![peer.fingerprint],
     }];
-    let restored = node::start(c).await.unwrap();
+    let restored = datacenter::start(c).await.unwrap();
     let (status, alive) = get(restored.api_addr, "/healthz").await;
     assert_eq!(status, 200, "{alive}");
     let (status, ready) = get(restored.api_addr, "/readyz").await;

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use outpost::config::Config;
-use outpost::node;
+use outpost::datacenter;
 use outpost::testkit::{wait_for, Check};
 use outpost::wire::Role;
 use serde_json::Value;
@@ -16,14 +16,17 @@ use tokio::net::TcpStream;
 /// Generous: every wait ends as soon as its condition holds.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-async fn start(label: &str, set: impl FnOnce(&mut Config)) -> (node::Running, std::path::PathBuf) {
+async fn start(
+    label: &str,
+    set: impl FnOnce(&mut Config),
+) -> (datacenter::Running, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("outpost-{label}-{}", rand::random::<u64>()));
-    node::init(&dir, Role::Datacenter, Some("dc")).unwrap();
+    outpost::roles::init(&dir, Role::Datacenter, Some("dc")).unwrap();
     let mut c = Config::with_defaults(Role::Datacenter, "dc", &dir);
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.api = "127.0.0.1:0".parse().unwrap();
     set(&mut c);
-    (node::start(c).await.unwrap(), dir)
+    (datacenter::start(c).await.unwrap(), dir)
 }
 
 /// Reads until the server closes the connection (or `limit` passes); what it sent.

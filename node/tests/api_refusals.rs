@@ -2,19 +2,19 @@
 //! changes no stored state; a batch with one bad event stores none of it.
 
 use outpost::config::Config;
-use outpost::node;
+use outpost::datacenter;
 use outpost::wire::Role;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_a_reason_and_change_nothing() {
     let dir = std::env::temp_dir().join(format!("outpost-api-{}", rand::random::<u64>()));
-    node::init(&dir, Role::Datacenter, Some("dc")).unwrap();
+    outpost::roles::init(&dir, Role::Datacenter, Some("dc")).unwrap();
     let mut c = Config::with_defaults(Role::Datacenter, "dc", &dir);
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.api = "127.0.0.1:0".parse().unwrap();
     c.limits.batch_events_max = 5;
-    let n = node::start(c).await.unwrap();
+    let n = datacenter::start(c).await.unwrap();
     let base = format!("http://{}", n.api_addr);
     let http = reqwest::Client::new();
     let token = n.shared.token.clone();

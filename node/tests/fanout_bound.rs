@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use outpost::datacenter::{self, Running};
 use outpost::model::{Event, RawEvent};
-use outpost::node::{self, Running};
 use serde_json::json;
 
 fn event(i: usize) -> Event {
@@ -42,7 +42,7 @@ async fn relays_are_bounded_by_fanout_and_everything_converges() {
     }
     let mut nodes = Vec::new();
     for c in &configs {
-        nodes.push(node::start(c.clone()).await.unwrap());
+        nodes.push(datacenter::start(c.clone()).await.unwrap());
     }
     let mut ids = Vec::new();
     for (i, n) in nodes.iter().enumerate() {

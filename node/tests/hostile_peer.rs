@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use outpost::config::{Config, PeerConfig};
+use outpost::datacenter::{self, Running};
 use outpost::ids::{MsgId, NodeId};
 use outpost::model::{message_id, to_canonical, ElementRecord, EventType, Version};
 use outpost::net::{self, close, Identity, PinSet, TransportLimits};
-use outpost::node::{self, Running};
 use outpost::wire::{
     encode_frame, read_frame, write_frame, Elements, Hello, Message, Role, PROTOCOL_VERSION,
 };
@@ -25,7 +25,7 @@ async fn setup() -> (Running, Evil, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("outpost-hostile-{}", rand::random::<u64>()));
     let node_id = NodeId::random();
     let id = Identity::generate(node_id, "evil").unwrap();
-    let info = node::init(&dir, Role::Datacenter, Some("dc")).unwrap();
+    let info = outpost::roles::init(&dir, Role::Datacenter, Some("dc")).unwrap();
     let mut c = Config::with_defaults(Role::Datacenter, "dc", &dir);
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.api = "127.0.0.1:0".parse().unwrap();
@@ -35,7 +35,7 @@ async fn setup() -> (Running, Evil, std::path::PathBuf) {
         addr: "127.0.0.1:9".parse().unwrap(),
         fingerprints: vec![id.fingerprint],
     }];
-    let running = node::start(c).await.unwrap();
+    let running = datacenter::start(c).await.unwrap();
     let ep = net::endpoint(
         "127.0.0.1:0".parse().unwrap(),
         &id,

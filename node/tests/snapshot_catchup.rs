@@ -5,8 +5,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use outpost::datacenter::{self, Running};
 use outpost::model::{Event, RawEvent};
-use outpost::node::{self, Running};
 use serde_json::json;
 
 fn event(i: usize) -> Event {
@@ -62,9 +62,9 @@ async fn a_node_behind_retention_catches_up_by_snapshot() {
     for c in &mut configs {
         c.limits.log_records_max = 20;
     }
-    let a = node::start(configs[0].clone()).await.unwrap();
-    let b = node::start(configs[1].clone()).await.unwrap();
-    let c = node::start(configs[2].clone()).await.unwrap();
+    let a = datacenter::start(configs[0].clone()).await.unwrap();
+    let b = datacenter::start(configs[1].clone()).await.unwrap();
+    let c = datacenter::start(configs[2].clone()).await.unwrap();
     a.ingest((0..30).map(event).collect()).await.unwrap();
     wait_converged(&[&a, &b, &c]).await;
     c.shutdown().await;
@@ -97,7 +97,7 @@ async fn a_node_behind_retention_catches_up_by_snapshot() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let c = node::start(configs[2].clone()).await.unwrap();
+    let c = datacenter::start(configs[2].clone()).await.unwrap();
     wait_converged(&[&a, &b, &c]).await;
     let snapshots = a.shared.metrics.snapshots_sent.load(Ordering::Relaxed)
         + b.shared.metrics.snapshots_sent.load(Ordering::Relaxed);

@@ -702,7 +702,7 @@ fn init(role: Role, data_dir: &Path, name: Option<&str>, config_path: Option<&Pa
             }
         }
     };
-    let info = match crate::node::init(data_dir, role, name) {
+    let info = match crate::roles::init(data_dir, role, name) {
         Ok(info) => info,
         Err(e) => return failed(&e),
     };
@@ -829,7 +829,7 @@ fn run(role: Option<Role>, config_path_flag: Option<PathBuf>) -> i32 {
         tracing::warn!("not notifying systemd: {e}");
         crate::ops::Notifier::disabled()
     });
-    let opts = crate::node::RunOpts {
+    let opts = crate::roles::RunOpts {
         source: crate::ops::reload::Source {
             path: path.clone(),
             role_override: role,
@@ -837,7 +837,7 @@ fn run(role: Option<Role>, config_path_flag: Option<PathBuf>) -> i32 {
         log,
         notify,
     };
-    match crate::node::run(config, opts) {
+    match crate::roles::run(config, opts) {
         Ok(()) => EXIT_OK,
         Err(e) => failed(&e),
     }

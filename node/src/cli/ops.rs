@@ -20,7 +20,7 @@ pub(super) fn backup_online(opts: &ApiOpts, out: &Path, as_json: bool) -> i32 {
             return EXIT_USAGE;
         }
     };
-    match client.download(&["v1", "backup"], out, crate::api::BACKUP_HASH_HEADER) {
+    match client.download(&["v1", "backup"], out, crate::http::BACKUP_HASH_HEADER) {
         Ok(d) if as_json => {
             let answer = serde_json::json!({
                 "file": out.display().to_string(), "bytes": d.bytes, "blake3": d.blake3,

@@ -52,7 +52,7 @@ impl LogFormat {
 }
 
 /// Checks a filter: a comma-separated list of directives, each a level (`info`) or
-/// `TARGET=LEVEL` (`outpost=debug`, `outpost::node[span]=trace`), whose level is one of
+/// `TARGET=LEVEL` (`outpost=debug`, `outpost::datacenter[span]=trace`), whose level is one of
 /// [`LEVELS`]; and the whole a filter `EnvFilter` accepts. Refuses what `EnvFilter` would take as
 /// a bare target name (`infoo`), which silently logs nothing at the intended level.
 pub fn check_level(filter: &str) -> Result<(), String> {
@@ -225,7 +225,7 @@ mod tests {
             "INFO",
             "off",
             "warn,outpost=debug",
-            "info,outpost::node=trace",
+            "info,outpost::datacenter=trace",
             "outpost[link]=debug",
         ] {
             check_level(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));

@@ -1,13 +1,13 @@
-//! Running the node for an operator: the systemd notify protocol and its watchdog
-//! (`notify`, `supervise`), configuration reload on SIGHUP (`reload`), and the log (`logging`:
-//! text or JSON, journald priorities) whose filter reload can change. It owns no storage or
-//! replication logic: it reads `Shared` and talks to the writer thread like any other client.
+//! Running the node for an operator, for every role: the systemd notify protocol (`notify`),
+//! what a config reload changes (`reload`), the recent-errors log (`errors`) and the log itself
+//! (`logging`: text or JSON, journald priorities) whose filter a reload can change. It owns no
+//! storage or replication logic and imports no role: a datacenter's watchdog loop and reload
+//! are `crate::datacenter::{supervise, reload}`.
 
 pub mod errors;
 pub mod logging;
 pub mod notify;
 pub mod reload;
-pub mod supervise;
 
 pub use errors::ErrorLog;
 pub use notify::Notifier;

@@ -4,10 +4,8 @@
 //! running on what it has.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use crate::config::{self, Config, Limits};
-use crate::node::Shared;
+use crate::config::{Config, Limits};
 use crate::wire::Role;
 
 /// Sets the log filter at run time (a `tracing_subscriber` reload handle, wrapped by
@@ -17,9 +15,9 @@ type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// How the running process's log filter can be changed.
 #[derive(Default)]
 pub struct LogControl {
-    set: Option<SetFilter>,
+    pub(crate) set: Option<SetFilter>,
     /// `RUST_LOG` was set at start: it wins over `log.level`, now and on reload.
-    env_override: bool,
+    pub(crate) env_override: bool,
 }
 
 impl LogControl {
@@ -35,73 +33,6 @@ impl LogControl {
 pub struct Source {
     pub path: PathBuf,
     pub role_override: Option<Role>,
-}
-
-/// Reloads the config from `source`; returns the summary line it logged.
-pub async fn reload(shared: &Arc<Shared>, source: &Source, log: &LogControl) -> String {
-    let path = source.path.clone();
-    let role = source.role_override;
-    // Reading the file and resolving host names block.
-    let loaded = tokio::task::spawn_blocking(move || config::load(&path, role)).await;
-    let new = match loaded {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            shared
-                .metrics
-                .reload_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let line = format!("reload refused, still running on the previous config: {e}");
-            shared.note_error(line.clone());
-            return line;
-        }
-        Err(e) => {
-            let line = format!("reload failed: {e}");
-            shared.note_error(line.clone());
-            return line;
-        }
-    };
-    let old = shared.current_config();
-    let plan = plan(&old, &new);
-    let mut applied = plan.applied.clone();
-    if plan.log_changed {
-        match (&log.set, log.env_override) {
-            (_, true) => applied.push(format!(
-                "log.level {:?} recorded but RUST_LOG, set at start, still decides the filter",
-                new.log.level
-            )),
-            (Some(set), false) => match set(&new.log.level) {
-                Ok(()) => applied.push(format!(
-                    "log.level {:?} -> {:?}",
-                    old.log.level, new.log.level
-                )),
-                Err(e) => applied.push(format!("log.level not applied: {e}")),
-            },
-            (None, false) => applied.push("log.level not applied: no reloadable logger".into()),
-        }
-    }
-    // Peers apply now: new addresses and fingerprints (a certificate rotation, a moved peer),
-    // peers added (dialled at once) and removed (unpinned, disconnected).
-    applied.extend(crate::node::link::reload_peers(shared, &new.peers));
-    shared.set_config(new);
-    shared
-        .metrics
-        .reloads
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut line = format!("reloaded {}: ", source.path.display());
-    if applied.is_empty() {
-        line.push_str("nothing changed");
-    } else {
-        line.push_str(&applied.join(", "));
-    }
-    if !plan.restart.is_empty() {
-        line.push_str(&format!(
-            "; restart required to apply: {}",
-            plan.restart.join(", ")
-        ));
-    }
-
-    tracing::info!("{line}");
-    line
 }
 
 /// What a new config changes, sorted into what is applied now and what waits for a restart.
@@ -200,7 +131,7 @@ mod tests {
         new.limits.log_retention = Duration::from_secs(3600);
         new.limits.frame_bytes_max *= 2;
         new.log.level = "debug".into();
-        new.log.format = config::LogFormat::Json;
+        new.log.format = crate::config::LogFormat::Json;
         new.api = "127.0.0.1:9999".parse().unwrap();
         let p = plan(&old, &new);
         assert_eq!(p.applied, vec!["limits.log_retention 1day -> 1h"]);

@@ -1,5 +1,5 @@
 //! The controller's HTTP API: status, machines, keys (accept, reject), bundles, deployments
-//! and `/metrics`. Same rules as the datacenter's (`crate::api`): every request but `/metrics`
+//! and `/metrics`. Same rules as the datacenter's (`crate::http`): every request but `/metrics`
 //! needs the bearer token, every refusal is a JSON `{"error"}` naming the field. It reads
 //! machine and deployment state only through the core thread (never the database behind its
 //! back), and an accept, a reject or a new deployment is answered after its commit.
@@ -36,11 +36,11 @@ use super::deploy::{ask_core, status_of, DeployCmd, DeployError, DeploymentView,
 use super::rollout::{self, Control, RolloutSpec};
 use super::run::ControllerShared;
 use super::thread::{Cmd, KeyCmdError, KeyView, MachineView};
-use crate::api::ApiError;
 use crate::bundle::is_bundle_id;
+use crate::clock::now_ms;
 use crate::config::SERVICES;
+use crate::http::ApiError;
 use crate::ids::NodeId;
-use crate::node::now_ms;
 
 type ApiResult<T> = Result<T, ApiError>;
 type S = State<Arc<ControllerShared>>;
@@ -104,9 +104,9 @@ pub(crate) fn router(shared: Arc<ControllerShared>) -> Router {
     Router::new()
         .merge(authed)
         .route("/metrics", get(get_metrics))
-        .route("/healthz", get(crate::api::healthz))
+        .route("/healthz", get(crate::http::healthz))
         .route("/readyz", get(get_readyz))
-        .route_layer(middleware::from_fn(crate::api::serve::record_route))
+        .route_layer(middleware::from_fn(crate::http::serve::record_route))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(body_max))
         .with_state(shared)
@@ -122,13 +122,13 @@ async fn get_readyz(State(s): S) -> Response {
         if !s.summary().available {
             return Err("the database is unavailable after a failed write".to_owned());
         }
-        super::run::ping(&s, crate::api::READY_PING_TIMEOUT).await
+        super::run::ping(&s, crate::http::READY_PING_TIMEOUT).await
     };
-    crate::api::readiness(s.meta.role, check.await, json!({}))
+    crate::http::readiness(s.meta.role, check.await, json!({}))
 }
 
 async fn auth(State(s): S, req: Request, next: Next) -> Response {
-    if let Err(e) = crate::api::check_bearer(req.headers(), &s.token) {
+    if let Err(e) = crate::http::check_bearer(req.headers(), &s.token) {
         s.metrics.api_unauthorized.fetch_add(1, Ordering::Relaxed);
         return e.into_response();
     }
@@ -182,7 +182,7 @@ async fn ask<T>(
 /// from here.
 async fn get_backup(State(s): S) -> ApiResult<Response> {
     let copy = ask(&s, |reply| Cmd::Backup { reply }).await?;
-    Ok(crate::api::backup::stream_copy(copy, &s.meta.name, ()))
+    Ok(crate::http::backup::stream_copy(copy, &s.meta.name, ()))
 }
 
 async fn machines(s: &ControllerShared, name: Option<String>) -> ApiResult<Vec<MachineView>> {
@@ -810,7 +810,7 @@ async fn get_metrics(State(s): S) -> Response {
     let m = &s.metrics;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let o =
-        crate::api::metrics::Scrape::new("controller", &s.meta.name, &s.config.data_dir, &m.http);
+        crate::http::metrics::Scrape::new("controller", &s.meta.name, &s.config.data_dir, &m.http);
     o.labelled(
         "outpost_machines",
         "Machine keys by status (up and down: admitted).",
@@ -887,7 +887,7 @@ async fn get_metrics(State(s): S) -> Response {
     o.gauge(
         "outpost_watchers",
         "GET /v1/watch streams open.",
-        crate::api::watch::watchers() as f64,
+        crate::http::watch::watchers() as f64,
     );
     o.counter(
         "outpost_bundles_deleted_total",

@@ -27,7 +27,7 @@ use super::configdata::{self, ConfigChange, Scope};
 use super::core::{ConfigSet, MachineRecord};
 use super::run::ControllerShared;
 use super::thread::{Cmd, ConfigCmd, ConfigCmdError, ConfigReply};
-use crate::api::ApiError;
+use crate::http::ApiError;
 
 type S = State<Arc<ControllerShared>>;
 

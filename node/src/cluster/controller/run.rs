@@ -18,11 +18,12 @@ use super::bundles::{BundleStore, UPLOADS_MAX, UPLOAD_BYTES_MAX};
 use super::conn::{RefusalLog, JOINING_MAX, REFUSAL_LOG_EVERY};
 use super::core::{ControllerCore, Settings};
 use super::thread::{Cmd, CoreThread, Summary, CMD_QUEUE_MAX};
+use crate::boot::open_node;
+use crate::clock::now_ms;
 use crate::cluster::keys::{ControllerKey, SIGNING_SECRET};
 use crate::config::{Config, ConfigError};
 use crate::ids::Fingerprint;
 use crate::net::{PinPolicy, PinSet, TransportLimits};
-use crate::node::{now_ms, open_node};
 use crate::ops::Notifier;
 use crate::store::{NodeMeta, Store};
 use crate::wire::Role;
@@ -65,7 +66,7 @@ pub struct ControllerMetrics {
     pub transfers_in_flight: AtomicU64,
     pub transfers_refused: AtomicU64,
     /// The API server's requests and connections.
-    pub http: Arc<crate::api::serve::HttpStats>,
+    pub http: Arc<crate::http::serve::HttpStats>,
 }
 
 /// What the API, the connections and the core thread share.
@@ -295,8 +296,8 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
     let (api_stop, api_stop_rx) = oneshot::channel();
     let api_task = {
         let app = super::api::router(shared.clone());
-        let limits = crate::api::serve::ApiLimits::from_limits(&shared.config.limits);
-        tokio::spawn(crate::api::serve::serve(
+        let limits = crate::http::serve::ApiLimits::from_limits(&shared.config.limits);
+        tokio::spawn(crate::http::serve::serve(
             api_listener,
             app,
             limits,

@@ -768,13 +768,13 @@ async fn the_watch_feed_carries_machine_changes_and_resumes_from_its_cursor() {
 #[test]
 fn init_creates_the_signing_key_once() {
     let dir = temp_dir("init");
-    crate::node::init(&dir, crate::wire::Role::Controller, Some("ctl")).unwrap();
+    crate::roles::init(&dir, crate::wire::Role::Controller, Some("ctl")).unwrap();
     let first = crate::store::Store::open(&dir)
         .unwrap()
         .secret(SIGNING_SECRET)
         .unwrap()
         .expect("init stores the signing key");
-    crate::node::init(&dir, crate::wire::Role::Controller, Some("ctl")).unwrap();
+    crate::roles::init(&dir, crate::wire::Role::Controller, Some("ctl")).unwrap();
     let second = crate::store::Store::open(&dir)
         .unwrap()
         .secret(SIGNING_SECRET)

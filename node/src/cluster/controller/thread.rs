@@ -24,10 +24,10 @@ use super::core::{
 };
 use super::deploy::{DeployBook, DeployCmd, DeploymentRecord, SealJob};
 use super::run::ControllerShared;
+use crate::clock::now_ms;
 use crate::cluster::keys::ControllerKey;
 use crate::ids::{Fingerprint, NodeId};
 use crate::net::close;
-use crate::node::now_ms;
 use crate::store::Store;
 use crate::wire::{Join, Message};
 
@@ -114,7 +114,7 @@ pub(crate) enum Cmd {
     Stop,
     /// `GET /v1/backup`: a consistent copy of the database, written after the batch's commit.
     Backup {
-        reply: oneshot::Sender<Result<crate::api::backup::BackupCopy, KeyCmdError>>,
+        reply: oneshot::Sender<Result<crate::http::backup::BackupCopy, KeyCmdError>>,
     },
 }
 
@@ -227,7 +227,7 @@ enum Reply {
     ConfigRead(ConfigCmd),
     Machines(MachinesReply, Option<String>),
     Ping(oneshot::Sender<()>),
-    Backup(oneshot::Sender<Result<crate::api::backup::BackupCopy, KeyCmdError>>),
+    Backup(oneshot::Sender<Result<crate::http::backup::BackupCopy, KeyCmdError>>),
 }
 
 pub(crate) struct CoreThread {
@@ -444,7 +444,7 @@ impl CoreThread {
             return;
         };
         let journal = &self.shared.journal;
-        let now = crate::node::now_ms();
+        let now = crate::clock::now_ms();
         let mut touched: std::collections::BTreeSet<u64> =
             deployments.iter().map(|d| d.id).collect();
         for m in &dirty.machines {
@@ -679,7 +679,7 @@ impl CoreThread {
                 // On this thread: a controller's database is small (machines, channels,
                 // deployments), and the copy sees exactly what the batch committed.
                 let answer = match &self.store {
-                    Some(store) => crate::api::backup::write_copy(store).map_err(|e| {
+                    Some(store) => crate::http::backup::write_copy(store).map_err(|e| {
                         self.shared.note_error(format!("backup failed: {e}"));
                         KeyCmdError::Unavailable(format!("backup failed: {e}"))
                     }),

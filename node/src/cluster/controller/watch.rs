@@ -23,8 +23,8 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::run::ControllerShared;
-use crate::api::watch::{self as feed, Cursor, Sink, Slot};
-use crate::api::ApiError;
+use crate::http::watch::{self as feed, Cursor, Sink, Slot};
+use crate::http::ApiError;
 
 /// Changes kept for watchers that reconnect.
 pub const JOURNAL_MAX: usize = 4096;

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::core::Standing;
 use super::WorkerShared;
-use crate::api::ApiError;
+use crate::http::ApiError;
 
 pub(crate) fn standing_str(s: Standing) -> &'static str {
     match s {
@@ -33,9 +33,9 @@ pub(crate) fn router(shared: Arc<WorkerShared>) -> Router {
     Router::new()
         .merge(authed)
         .route("/metrics", get(get_metrics))
-        .route("/healthz", get(crate::api::healthz))
+        .route("/healthz", get(crate::http::healthz))
         .route("/readyz", get(get_readyz))
-        .route_layer(middleware::from_fn(crate::api::serve::record_route))
+        .route_layer(middleware::from_fn(crate::http::serve::record_route))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -48,7 +48,7 @@ pub(crate) fn router(shared: Arc<WorkerShared>) -> Router {
 /// `GET /v1/backup`: the driver writes a consistent copy between two steps.
 async fn get_backup(State(s): State<Arc<WorkerShared>>) -> Result<Response, ApiError> {
     match s.backup().await {
-        Some(Ok(copy)) => Ok(crate::api::backup::stream_copy(copy, &s.name, ())),
+        Some(Ok(copy)) => Ok(crate::http::backup::stream_copy(copy, &s.name, ())),
         Some(Err(e)) => {
             s.note_error(format!("backup failed: {e}"));
             Err(ApiError::new(
@@ -64,7 +64,7 @@ async fn get_backup(State(s): State<Arc<WorkerShared>>) -> Result<Response, ApiE
 }
 
 async fn auth(State(s): State<Arc<WorkerShared>>, req: Request, next: Next) -> Response {
-    if let Err(e) = crate::api::check_bearer(req.headers(), &s.token) {
+    if let Err(e) = crate::http::check_bearer(req.headers(), &s.token) {
         s.metrics.api_refused.fetch_add(1, Ordering::Relaxed);
         return e.into_response();
     }
@@ -89,16 +89,16 @@ async fn get_readyz(State(s): State<Arc<WorkerShared>>) -> Response {
                 ));
             }
         }
-        match tokio::time::timeout(crate::api::READY_PING_TIMEOUT, s.ping_driver()).await {
+        match tokio::time::timeout(crate::http::READY_PING_TIMEOUT, s.ping_driver()).await {
             Ok(true) => Ok(()),
             _ => Err(format!(
                 "the driver did not answer within {:?}",
-                crate::api::READY_PING_TIMEOUT
+                crate::http::READY_PING_TIMEOUT
             )),
         }
     };
     let connected = s.controller_connected();
-    crate::api::readiness(
+    crate::http::readiness(
         crate::wire::Role::Worker,
         check.await,
         json!({ "controller_connected": connected }),
@@ -221,7 +221,7 @@ async fn get_metrics(State(s): State<Arc<WorkerShared>>) -> Response {
     let relay_conns = s.relay.lock().expect("relay lock").connections().len() as u64;
     let lb_connected = s.dependent.lock().expect("dependent lock").connected;
     let sw = s.software.view();
-    let o = crate::api::metrics::Scrape::new("worker", &s.name, &s.config.data_dir, &m.http);
+    let o = crate::http::metrics::Scrape::new("worker", &s.name, &s.config.data_dir, &m.http);
     let gauges = [
         (
             "outpost_worker_publications_applied",

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::core::{Effect, WorkerCore, WorkerOutput, WorkerRecord, WorkerRefusal};
 use super::{pool_file, relay, WorkerShared};
-use crate::api::backup::BackupCopy;
+use crate::http::backup::BackupCopy;
 use crate::store::Store;
 use crate::wire::{ConfigReport, Join, MachineReport, Message, Publication};
 
@@ -191,7 +191,7 @@ impl Driver {
     async fn backup(&mut self) -> Result<BackupCopy, String> {
         let store = self.store.take().ok_or("the database is closed")?;
         let (store, res) = tokio::task::spawn_blocking(move || {
-            let res = crate::api::backup::write_copy(&store).map_err(|e| e.to_string());
+            let res = crate::http::backup::write_copy(&store).map_err(|e| e.to_string());
             (store, res)
         })
         .await

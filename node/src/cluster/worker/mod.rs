@@ -102,7 +102,7 @@ pub struct WorkerMetrics {
     /// Restarts of software that died after it was healthy.
     pub software_restarts: AtomicU64,
     /// The API server's requests and connections.
-    pub http: Arc<crate::api::serve::HttpStats>,
+    pub http: Arc<crate::http::serve::HttpStats>,
 }
 
 /// What the API and the heartbeat read of the core, refreshed by the driver after each step.
@@ -240,7 +240,7 @@ impl WorkerShared {
     }
 
     /// A consistent copy of the database; `None` when the worker is shutting down.
-    pub(crate) async fn backup(&self) -> Option<Result<crate::api::backup::BackupCopy, String>> {
+    pub(crate) async fn backup(&self) -> Option<Result<crate::http::backup::BackupCopy, String>> {
         let (tx, rx) = oneshot::channel();
         if !self.input(Input::Backup(tx)).await {
             return None;
@@ -366,7 +366,7 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<WorkerRun
         .context("a worker needs [machine] in its config")?;
     let data_dir = config.data_dir.clone();
     let (store, meta, identity, _) =
-        crate::node::open_node(&data_dir, Role::Worker, Some(&config.name))?;
+        crate::boot::open_node(&data_dir, Role::Worker, Some(&config.name))?;
     let token = crate::config::ensure_token(&data_dir)
         .with_context(|| format!("creating the API token in {}", data_dir.display()))?;
     let seal = ensure_seal_key(&store)?;
@@ -469,8 +469,8 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<WorkerRun
     let (api_stop, api_stop_rx) = oneshot::channel();
     let api_task = {
         let app = api::router(shared.clone());
-        let limits = crate::api::serve::ApiLimits::from_limits(&shared.config.limits);
-        tokio::spawn(crate::api::serve::serve(
+        let limits = crate::http::serve::ApiLimits::from_limits(&shared.config.limits);
+        tokio::spawn(crate::http::serve::serve(
             api_listener,
             app,
             limits,

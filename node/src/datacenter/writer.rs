@@ -242,7 +242,8 @@ pub fn run(
         // idle nodes are trimmed by the periodic Trim command.
         if !group.is_empty() {
             group.push(Cmd::Trim {
-                cutoff_ms: super::now_ms().saturating_sub(limits.log_retention.as_millis() as u64),
+                cutoff_ms: crate::clock::now_ms()
+                    .saturating_sub(limits.log_retention.as_millis() as u64),
                 keep_max: limits.log_records_max,
             });
         }
@@ -388,7 +389,7 @@ fn commit_group(
 ) -> Option<(StoreError, Vec<Cmd>)> {
     loop {
         let started = Instant::now();
-        let now_ms = super::now_ms();
+        let now_ms = crate::clock::now_ms();
         match try_group(store, core, &mut run, now_ms, &group) {
             // A request refused for its own content is answered alone, and the group is
             // redone without it, so nothing of that request is committed.

@@ -1,14 +1,11 @@
-//! The local HTTP API (axum): events in, state, digest, status and message lookups out, and
-//! `/metrics`, `/healthz`, `/readyz`. Every request but those three needs the bearer token.
-//! Bodies are parsed here, not by axum's extractors, so that every refusal is a JSON
-//! `{"error"}` naming the field. Every role's API is served by [`serve::serve`].
+//! A datacenter's HTTP API (axum): events in, state, digest, status and message lookups out,
+//! the backup, the watch feed, and `/metrics`, `/healthz`, `/readyz`. Every request but those
+//! three needs the bearer token. Bodies are parsed here, not by axum's extractors, so that every
+//! refusal is a JSON `{"error"}` naming the field. Served by [`crate::http::serve::serve`].
 
 pub(crate) mod backup;
 pub(crate) mod metrics;
-pub mod serve;
 pub mod watch;
-
-pub use backup::HASH_HEADER as BACKUP_HASH_HEADER;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,53 +22,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+use crate::clock::now_ms;
+use crate::datacenter::writer::Cmd;
+use crate::datacenter::Shared;
+use crate::http::{healthz, readiness, serve, ApiError, ApiResult, READY_PING_TIMEOUT};
 use crate::ids::{MsgId, NodeId};
 use crate::model::events::view;
 use crate::model::{Event, EventType, RawEvent};
-use crate::node::writer::Cmd;
-use crate::node::{now_ms, Shared};
 use crate::replication::{IngestError, Ingested, LogRead, MsgKey, StoreError};
-
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-impl ApiError {
-    /// The status the refusal is answered with.
-    pub(crate) fn status(&self) -> StatusCode {
-        self.status
-    }
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-    pub(crate) fn bad(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Full(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{e}; nothing was changed, retry when space is freed"),
-            ),
-            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        }
-    }
-}
-
-type ApiResult<T> = Result<T, ApiError>;
 
 /// Bytes of ingest requests in progress across all connections, counting each request's body
 /// [`INGEST_BODY_FACTOR`] times (the body, the events decoded from it, their answers): a
@@ -145,37 +103,6 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// How long `/readyz` waits for a round trip through the role's core (the writer thread, the
-/// controller's core, the worker's driver) before it answers 503.
-pub const READY_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// `GET /healthz` of every role, without a token: 200 while the process serves HTTP at all.
-pub(crate) async fn healthz() -> Json<Value> {
-    Json(json!({ "alive": true }))
-}
-
-/// `GET /readyz` of every role, without a token: 200 `{"ready": true, "role"}` when ready to
-/// serve, else 503 `{"ready": false, "role", "error": reason}`; `extra`'s fields are added.
-pub(crate) fn readiness(
-    role: crate::wire::Role,
-    check: Result<(), String>,
-    extra: Value,
-) -> Response {
-    let mut body = json!({ "ready": check.is_ok(), "role": role });
-    if let Err(reason) = &check {
-        body["error"] = json!(reason);
-    }
-    if let (Some(b), Value::Object(more)) = (body.as_object_mut(), extra) {
-        b.extend(more);
-    }
-    let status = if check.is_ok() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body)).into_response()
-}
-
 async fn get_readyz(State(s): State<Arc<Shared>>) -> Response {
     readiness(s.meta.role, datacenter_ready(&s).await, json!({}))
 }
@@ -196,39 +123,17 @@ async fn datacenter_ready(s: &Shared) -> Result<(), String> {
     if s.disk_full.load(Ordering::Relaxed) {
         return Err("the disk is full: commits fail, events are refused".into());
     }
-    crate::ops::supervise::ping_writer(s, READY_PING_TIMEOUT)
+    crate::datacenter::supervise::ping_writer(s, READY_PING_TIMEOUT)
         .await
         .map(|_| ())
 }
 
 async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
-    if let Err(e) = crate::api::check_bearer(req.headers(), &s.token) {
+    if let Err(e) = crate::http::check_bearer(req.headers(), &s.token) {
         s.metrics.api_refused.fetch_add(1, Ordering::Relaxed);
         return e.into_response();
     }
     next.run(req).await
-}
-
-/// Every role's API: the request must carry `Authorization: Bearer <token>`; a 401 saying
-/// where the token is otherwise.
-pub(crate) fn check_bearer(headers: &axum::http::HeaderMap, token: &str) -> Result<(), ApiError> {
-    let ok = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), token.as_bytes()));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (see the `token` file in the data directory)",
-        ))
-    }
-}
-
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::writer::Cmd;
-use super::{now_ms, Shared};
+use super::Shared;
+use crate::clock::now_ms;
 use crate::config::PeerConfig;
 use crate::ids::{Fingerprint, NodeId};
 use crate::model::EventType;

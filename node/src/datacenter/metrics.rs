@@ -1,4 +1,4 @@
-//! Counters and histograms the datacenter keeps for `/metrics` (encoded in `crate::api::metrics`).
+//! Counters and histograms the datacenter keeps for `/metrics` (encoded in `crate::http::metrics`).
 //! Counters are atomics; the histograms are the `prometheus` crate's.
 
 use std::sync::atomic::AtomicU64;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use prometheus::{Histogram, HistogramOpts};
 
-use crate::api::serve::HttpStats;
+use crate::http::serve::HttpStats;
 
 /// Upper bounds (seconds) of the commit latency histogram.
 pub const COMMIT_BUCKETS_S: [f64; 10] =
@@ -100,7 +100,7 @@ impl Metrics {
     /// One observation per element, from its origin HLC time (ms) to now; a clock ahead of
     /// ours counts as 0.
     pub fn observe_replication(&self, origin_ms: impl Iterator<Item = u64>) {
-        let now = super::now_ms();
+        let now = crate::clock::now_ms();
         for ms in origin_ms {
             self.replication_latency
                 .observe(now.saturating_sub(ms) as f64 / 1000.0);

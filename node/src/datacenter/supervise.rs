@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::time::MissedTickBehavior;
 
-use super::notify::Notifier;
-use crate::node::writer::Cmd;
-use crate::node::Shared;
+use crate::datacenter::writer::Cmd;
+use crate::datacenter::Shared;
+use crate::ops::notify::Notifier;
 use crate::replication::LogRead;
 
 /// How often the STATUS line is refreshed.

@@ -4,17 +4,13 @@
 //! the client can verify what it wrote. One backup at a time.
 
 use std::io::Seek;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use tokio::io::AsyncReadExt;
 
-use super::{ApiError, ApiResult};
-use crate::node::{now_ms, Shared};
+use crate::clock::now_ms;
 use crate::replication::StoreError;
 use crate::store::backup::BackupInfo;
 use crate::store::Store;
@@ -23,41 +19,6 @@ use crate::store::Store;
 pub const HASH_HEADER: &str = "x-outpost-blake3";
 /// Bytes read from the copy per body chunk.
 const CHUNK_BYTES: usize = 256 * 1024;
-
-/// Held while a backup is written and streamed.
-struct Busy(Arc<Shared>);
-
-impl Busy {
-    fn take(s: &Arc<Shared>) -> ApiResult<Busy> {
-        if s.backup_running.swap(true, Ordering::AcqRel) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "a backup is already running; retry when it is done",
-            ));
-        }
-        Ok(Busy(s.clone()))
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.backup_running.store(false, Ordering::Release);
-    }
-}
-
-pub async fn get_backup(State(s): State<Arc<Shared>>) -> ApiResult<Response> {
-    let busy = Busy::take(&s)?;
-    let store = s.store.get()?;
-    let written = tokio::task::spawn_blocking(move || write_copy(&store))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let copy = written.map_err(|e| {
-        s.note_error(format!("backup failed: {e}"));
-        ApiError::from(e)
-    })?;
-    s.metrics.backups.fetch_add(1, Ordering::Relaxed);
-    Ok(stream_copy(copy, &s.meta.name, busy))
-}
 
 /// A finished, hashed copy of a database, unlinked and open, ready to stream.
 pub struct BackupCopy {

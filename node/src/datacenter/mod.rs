@@ -1,115 +1,37 @@
 //! The node runtime: opens the store, creates the identity on first boot, and runs a role. For a
 //! datacenter: the writer thread (`writer`), the peer links over QUIC (`link`) and the local
-//! HTTP API (`crate::api`). Decisions live in `replication`; this module only moves bytes,
+//! HTTP API (`crate::http`). Decisions live in `replication`; this module only moves bytes,
 //! time and threads. A controller or a worker is started from here too
 //! ([`start_role`]), but its runtime lives in `crate::cluster`.
 
+pub mod api;
 pub mod link;
 pub mod metrics;
+pub mod reload;
+pub mod supervise;
 pub mod writer;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, ConfigError, Limits};
-use crate::ids::{Fingerprint, NodeId};
-use crate::net::{Identity, PinSet, TransportLimits};
-use crate::ops::{reload, LogControl, Notifier};
+use crate::boot::open_node;
+use crate::clock::now_ms;
+use crate::config::{Config, Limits};
+use crate::ids::Fingerprint;
+use crate::net::{PinSet, TransportLimits};
+use crate::ops::Notifier;
 use crate::replication::Core;
 use crate::replication::StoreError;
 use crate::store::{NodeMeta, ReadTxn, Store};
 use crate::wire::Role;
 
 pub use metrics::Metrics;
-
-const SECRET_CERT: &str = "tls_cert_der";
-const SECRET_KEY: &str = "tls_key_der";
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-pub struct InitInfo {
-    pub node_id: NodeId,
-    pub fingerprint: Fingerprint,
-    /// False when the directory already held a database.
-    pub created: bool,
-}
-
-/// Opens (or creates) the database, its meta and the node identity. A database created for
-/// another role is refused as bad config (exit 2).
-pub(crate) fn open_node(
-    data_dir: &Path,
-    role: Role,
-    name: Option<&str>,
-) -> anyhow::Result<(Store, NodeMeta, Identity, bool)> {
-    let store = Store::open(data_dir)?;
-    let (meta, created) = match store.meta()? {
-        Some(m) => {
-            if m.role != role {
-                return Err(ConfigError {
-                    origin: data_dir.display().to_string(),
-                    field: "role".into(),
-                    reason: format!(
-                        "this database was created for a {}; refusing to run it as a {role}",
-                        m.role
-                    ),
-                }
-                .into());
-            }
-            (m, false)
-        }
-        None => {
-            let m = NodeMeta {
-                node_id: NodeId::random(),
-                role,
-                name: name.map(str::to_string).unwrap_or_else(|| {
-                    format!("{role}-{}", &hex::encode(rand::random::<[u8; 3]>()))
-                }),
-                log_epoch: rand::random::<u64>() | 1,
-                created_ms: now_ms(),
-            };
-            store.init_meta(&m)?;
-            (m, true)
-        }
-    };
-    let identity = match (store.secret(SECRET_CERT)?, store.secret(SECRET_KEY)?) {
-        (Some(c), Some(k)) => Identity::from_der(c, k)?,
-        _ => {
-            let id = Identity::generate(meta.node_id, &meta.name)?;
-            store.put_secret(SECRET_KEY, &id.key_der)?;
-            store.put_secret(SECRET_CERT, &id.cert_der)?;
-            id
-        }
-    };
-    Ok((store, meta, identity, created))
-}
-
-pub fn init(data_dir: &Path, role: Role, name: Option<&str>) -> anyhow::Result<InitInfo> {
-    let (store, meta, id, created) = open_node(data_dir, role, name)?;
-    match role {
-        Role::Controller => {
-            crate::cluster::controller::ensure_signing_key(&store)?;
-        }
-        Role::Worker => {
-            crate::cluster::worker::ensure_seal_key(&store)?;
-        }
-        Role::Datacenter => {}
-    }
-    Ok(InitInfo {
-        node_id: meta.node_id,
-        fingerprint: id.fingerprint,
-        created,
-    })
-}
 
 /// The open database, replaceable. After a failed write (a full disk, an I/O error) redb refuses
 /// every later operation until the file is reopened; the writer thread then reopens it
@@ -327,7 +249,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Running> {
     if config.role != Role::Datacenter {
         anyhow::bail!(
-            "node::start_with runs a datacenter, not a {}; use node::start_role",
+            "datacenter::start_with runs a datacenter, not a {}; use roles::start_role",
             config.role
         );
     }
@@ -415,9 +337,9 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
     };
     let (api_stop, api_stop_rx) = tokio::sync::oneshot::channel();
     let api_task = {
-        let app = crate::api::router(shared.clone());
-        let limits = crate::api::serve::ApiLimits::from_limits(&shared.config.limits);
-        tokio::spawn(crate::api::serve::serve(
+        let app = api::router(shared.clone());
+        let limits = crate::http::serve::ApiLimits::from_limits(&shared.config.limits);
+        tokio::spawn(crate::http::serve::serve(
             api_listener,
             app,
             limits,
@@ -432,7 +354,7 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
     link_tasks.push(tokio::spawn(flush_tick(shared.clone())));
     shared.ready.store(true, Ordering::Relaxed);
     notify.ready();
-    link_tasks.push(tokio::spawn(crate::ops::supervise::supervise(
+    link_tasks.push(tokio::spawn(crate::datacenter::supervise::supervise(
         shared.clone(),
         notify,
     )));
@@ -515,99 +437,4 @@ async fn flush_tick(shared: Arc<Shared>) {
             return;
         }
     }
-}
-
-/// A node of any role, running inside this process.
-pub enum RoleRunning {
-    Datacenter(Running),
-    Controller(crate::cluster::controller::ControllerRunning),
-    Worker(crate::cluster::worker::WorkerRunning),
-}
-
-impl RoleRunning {
-    pub fn api_addr(&self) -> SocketAddr {
-        match self {
-            RoleRunning::Datacenter(r) => r.api_addr,
-            RoleRunning::Controller(r) => r.api_addr,
-            RoleRunning::Worker(r) => r.api_addr,
-        }
-    }
-
-    pub fn quic_addr(&self) -> SocketAddr {
-        match self {
-            RoleRunning::Datacenter(r) => r.quic_addr,
-            RoleRunning::Controller(r) => r.quic_addr,
-            RoleRunning::Worker(r) => r.quic_addr,
-        }
-    }
-
-    pub async fn shutdown(self) {
-        match self {
-            RoleRunning::Datacenter(r) => r.shutdown().await,
-            RoleRunning::Controller(r) => r.shutdown().await,
-            RoleRunning::Worker(r) => r.shutdown().await,
-        }
-    }
-}
-
-/// Starts the node of `config.role`, telling `notify` READY=1 once it serves.
-pub async fn start_role(config: Config, notify: Notifier) -> anyhow::Result<RoleRunning> {
-    match config.role {
-        Role::Datacenter => start_with(config, notify)
-            .await
-            .map(RoleRunning::Datacenter),
-        Role::Controller => crate::cluster::controller::start(config, notify)
-            .await
-            .map(RoleRunning::Controller),
-        Role::Worker => crate::cluster::worker::start(config, notify)
-            .await
-            .map(RoleRunning::Worker),
-    }
-}
-
-/// What `outpost run` needs besides the config: where to read it again on SIGHUP, how to
-/// change the log filter, and the supervisor to notify.
-pub struct RunOpts {
-    pub source: reload::Source,
-    pub log: LogControl,
-    pub notify: Notifier,
-}
-
-/// `outpost run`: runs until SIGTERM or SIGINT; SIGHUP reloads the config.
-pub fn run(config: Config, opts: RunOpts) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("outpost")
-        .build()?;
-    rt.block_on(async move {
-        // Installed before READY, so an early `systemctl reload` is never fatal.
-        let mut term = signal(SignalKind::terminate())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        let running = start_role(config, opts.notify.clone()).await?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => {
-                    tracing::info!("SIGTERM: shutting down");
-                    break;
-                }
-                _ = tokio::signal::ctrl_c() => {
-                    tracing::info!("SIGINT: shutting down");
-                    break;
-                }
-                _ = hup.recv() => match &running {
-                    RoleRunning::Datacenter(r) => {
-                        reload::reload(&r.shared, &opts.source, &opts.log).await;
-                    }
-                    RoleRunning::Controller(_) | RoleRunning::Worker(_) => {
-                        tracing::info!("SIGHUP: nothing to reload for this role; restart to apply config changes");
-                    }
-                },
-            }
-        }
-        opts.notify.stopping();
-        running.shutdown().await;
-        tracing::info!("stopped");
-        Ok(())
-    })
 }
