@@ -21,6 +21,10 @@ use std::time::Duration;
 use crate::ids::Fingerprint;
 use crate::wire::Role;
 
+use crate::limits::{
+    self, CONFIG_BYTES_MAX, FRAME_BYTES_MAX_HIGHEST, FRAME_BYTES_MAX_LOWEST, NODE_NAME_BYTES_MAX,
+    PEER_FINGERPRINTS_MAX,
+};
 pub use crate::ops::logging::LogFormat;
 pub use starter::{starter, FINGERPRINT_PLACEHOLDER};
 pub use token::{ensure_token, read_join_token, read_token};
@@ -33,15 +37,6 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7400";
 pub const DEFAULT_API: &str = "127.0.0.1:7480";
 /// The API token's file name inside the data directory.
 pub const TOKEN_FILE: &str = "token";
-/// A config file larger than this is refused before it is parsed.
-pub const CONFIG_BYTES_MAX: u64 = 1024 * 1024;
-/// Node, peer and machine names: at most this many bytes of `[A-Za-z0-9._-]`.
-pub const NAME_BYTES_MAX: usize = 64;
-/// `limits.frame_bytes_max` must lie in this range.
-pub const FRAME_BYTES_MAX_LOWEST: usize = 64 * 1024;
-pub const FRAME_BYTES_MAX_HIGHEST: usize = 64 * 1024 * 1024;
-/// A peer may carry at most this many fingerprints (two while its certificate rotates).
-pub const PEER_FINGERPRINTS_MAX: usize = 2;
 
 /// The services a worker may belong to.
 pub const SERVICES: &[&str] = &["voice", "messaging", "video"];
@@ -143,19 +138,19 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            log_retention: Duration::from_secs(24 * 3600),
-            log_records_max: 10_000_000,
-            frame_bytes_max: 1024 * 1024,
-            ingest_queue_max: 4096,
-            batch_events_max: 10_000,
-            commit_events_max: 20_000,
-            in_flight_max: 16_384,
-            api_body_bytes_max: 16 * 1024 * 1024,
-            peers_max: 64,
-            api_connections_max: 1024,
-            api_header_timeout: Duration::from_secs(10),
-            api_idle_timeout: Duration::from_secs(60),
-            api_body_timeout: Duration::from_secs(30),
+            log_retention: limits::LOG_RETENTION_DEFAULT,
+            log_records_max: limits::LOG_RECORDS_MAX_DEFAULT,
+            frame_bytes_max: limits::FRAME_BYTES_MAX_DEFAULT,
+            ingest_queue_max: limits::INGEST_QUEUE_MAX_DEFAULT,
+            batch_events_max: limits::BATCH_EVENTS_MAX_DEFAULT,
+            commit_events_max: limits::COMMIT_EVENTS_MAX_DEFAULT,
+            in_flight_max: limits::IN_FLIGHT_MAX_DEFAULT,
+            api_body_bytes_max: limits::API_BODY_BYTES_MAX_DEFAULT,
+            peers_max: limits::PEERS_MAX_DEFAULT,
+            api_connections_max: limits::API_CONNECTIONS_MAX_DEFAULT,
+            api_header_timeout: limits::API_HEADER_TIMEOUT_DEFAULT,
+            api_idle_timeout: limits::API_IDLE_TIMEOUT_DEFAULT,
+            api_body_timeout: limits::API_BODY_TIMEOUT_DEFAULT,
         }
     }
 }
@@ -316,8 +311,11 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".to_owned());
     }
-    if name.len() > NAME_BYTES_MAX {
-        return Err(format!("{} bytes, more than {NAME_BYTES_MAX}", name.len()));
+    if name.len() > NODE_NAME_BYTES_MAX {
+        return Err(format!(
+            "{} bytes, more than {NODE_NAME_BYTES_MAX}",
+            name.len()
+        ));
     }
     if let Some(c) = name
         .chars()

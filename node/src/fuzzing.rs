@@ -304,7 +304,7 @@ pub fn fuzz_controller_keys(data: &[u8]) {
 /// once it has read at most `CONFIG_BYTES_MAX` bytes of UTF-8), with the file's role and with
 /// each `--role`. What validates is a config the roles can start from.
 pub fn fuzz_config(data: &[u8]) {
-    if data.len() as u64 > config::CONFIG_BYTES_MAX {
+    if data.len() as u64 > crate::limits::CONFIG_BYTES_MAX {
         return;
     }
     let Ok(text) = std::str::from_utf8(data) else {
@@ -325,12 +325,12 @@ pub fn fuzz_config(data: &[u8]) {
         config::check_name(&c.name).expect("accepted a bad node name");
         assert!(c.limits.commit_events_max >= c.limits.batch_events_max);
         assert!(
-            (config::FRAME_BYTES_MAX_LOWEST..=config::FRAME_BYTES_MAX_HIGHEST)
+            (crate::limits::FRAME_BYTES_MAX_LOWEST..=crate::limits::FRAME_BYTES_MAX_HIGHEST)
                 .contains(&c.limits.frame_bytes_max)
         );
         for p in &c.peers {
             config::check_name(&p.name).expect("accepted a bad peer name");
-            assert!((1..=config::PEER_FINGERPRINTS_MAX).contains(&p.fingerprints.len()));
+            assert!((1..=crate::limits::PEER_FINGERPRINTS_MAX).contains(&p.fingerprints.len()));
         }
         if c.role == Role::Worker {
             assert!(

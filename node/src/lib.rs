@@ -16,6 +16,7 @@ pub mod fsmode;
 pub mod fuzzing;
 pub mod http;
 pub mod ids;
+pub mod limits;
 pub mod model;
 pub mod net;
 pub mod ops;

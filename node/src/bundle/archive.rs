@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use tar::{Builder, EntryType, Header};
 
 use super::manifest::Manifest;
-use super::paths::{check_link_target, file_mode, DIR_MODE, NAME_BYTES_MAX};
+use super::paths::{check_link_target, file_mode, DIR_MODE};
 use super::{BundleError, BundleLimits};
+use crate::limits::BUNDLE_PATH_NAME_BYTES_MAX;
 
 /// What [`pack`] wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -237,7 +238,7 @@ impl<W: Write> Packer<'_, W> {
                 .to_str()
                 .ok_or_else(|| unpackable("the name is not UTF-8"))?
                 .to_owned();
-            if name.len() > NAME_BYTES_MAX {
+            if name.len() > BUNDLE_PATH_NAME_BYTES_MAX {
                 return Err(unpackable("the name is over 255 bytes"));
             }
             rel.push(name);

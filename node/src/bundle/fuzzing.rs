@@ -5,9 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::manifest::{Manifest, DURATION_MAX};
-use super::paths::{check_link_target, components, NAME_BYTES_MAX};
+use super::manifest::Manifest;
+use super::paths::{check_link_target, components};
 use super::{unpack, BundleLimits};
+use crate::limits::{BUNDLE_PATH_NAME_BYTES_MAX, MANIFEST_DURATION_MAX};
 
 /// Target `bundle_manifest`: arbitrary bytes as `outpost-bundle.toml`.
 pub fn fuzz_manifest(data: &[u8]) {
@@ -19,8 +20,8 @@ pub fn fuzz_manifest(data: &[u8]) {
     assert!(!m.exec.is_empty());
     assert!(!m.exec[0].starts_with('/'));
     assert!(!m.exec[0].split('/').any(|c| c == ".."));
-    assert!(m.stop_timeout <= DURATION_MAX && !m.stop_timeout.is_zero());
-    assert!(m.health.timeout <= DURATION_MAX);
+    assert!(m.stop_timeout <= MANIFEST_DURATION_MAX && !m.stop_timeout.is_zero());
+    assert!(m.health.timeout <= MANIFEST_DURATION_MAX);
     for name in m.env.keys() {
         assert!(!name.to_ascii_uppercase().starts_with("OUTPOST_"));
         assert_ne!(name.to_ascii_uppercase(), "NOTIFY_SOCKET");
@@ -99,7 +100,7 @@ pub fn fuzz_bundle_paths(data: &[u8]) {
     for p in &parts {
         assert!(!p.is_empty() && *p != "." && *p != "..", "component {p:?}");
         assert!(!p.contains(['/', '\0']), "component {p:?}");
-        assert!(p.len() <= NAME_BYTES_MAX);
+        assert!(p.len() <= BUNDLE_PATH_NAME_BYTES_MAX);
     }
     if parts.is_empty() || check_link_target(&parts, target, max).is_err() {
         return;

@@ -23,14 +23,12 @@ use std::time::SystemTime;
 use super::archive::HashingReader;
 use super::manifest::Manifest;
 use super::{is_bundle_id, unpack, BundleError, BundleLimits};
+use crate::limits::BUNDLE_TRAILING_BYTES_MAX;
 
 /// The link to the running software's directory.
 pub const CURRENT_LINK: &str = "current";
 /// The link to the software `rollback` returns to.
 pub const PREVIOUS_LINK: &str = "previous";
-/// Bytes accepted after the archive's end marker (tar pads to records of 10 KiB) before the
-/// stream is refused.
-const TRAILING_BYTES_MAX: u64 = 64 * 1024;
 
 /// An installed bundle.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,13 +130,13 @@ impl Installer {
         let mut hashing = HashingReader::new(reader);
         let manifest = unpack(&mut hashing, tmp, &self.limits)?;
         let trailing = io::copy(
-            &mut (&mut hashing).take(TRAILING_BYTES_MAX + 1),
+            &mut (&mut hashing).take(BUNDLE_TRAILING_BYTES_MAX + 1),
             &mut io::sink(),
         )
         .map_err(|e| BundleError::io("reading the bundle", e))?;
-        if trailing > TRAILING_BYTES_MAX {
+        if trailing > BUNDLE_TRAILING_BYTES_MAX {
             return Err(BundleError::Malformed(format!(
-                "more than {TRAILING_BYTES_MAX} bytes after the end of the archive"
+                "more than {BUNDLE_TRAILING_BYTES_MAX} bytes after the end of the archive"
             )));
         }
         let actual = hashing.bundle_id();

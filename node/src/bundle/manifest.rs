@@ -12,35 +12,14 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use super::paths::{components, walk_no_symlinks, PathProblem};
+use crate::limits::{
+    ARG_BYTES_MAX, ENV_BYTES_MAX, ENV_NAME_BYTES_MAX, ENV_VARS_MAX, EXEC_ARGS_MAX,
+    EXEC_PATH_BYTES_MAX, HEALTH_ALIVE_DEFAULT, HEALTH_TARGET_BYTES_MAX, HEALTH_TIMEOUT_DEFAULT,
+    MANIFEST_BYTES_MAX, MANIFEST_DURATION_MAX, MANIFEST_VERSION_BYTES_MAX, STOP_TIMEOUT_DEFAULT,
+};
 
 /// The manifest's file name, at the root of the bundle.
 pub const MANIFEST_FILE: &str = "outpost-bundle.toml";
-/// A larger manifest is refused before it is parsed.
-pub const MANIFEST_BYTES_MAX: u64 = 64 * 1024;
-/// `version`: at most this many bytes of `[A-Za-z0-9._+~-]`.
-pub const VERSION_BYTES_MAX: usize = 64;
-/// `exec`: at most this many strings (the program and its arguments).
-pub const EXEC_ARGS_MAX: usize = 256;
-/// Any one `exec` string or `[env]` value.
-pub const ARG_BYTES_MAX: usize = 4096;
-/// `exec[0]`, a path inside the bundle.
-pub const EXEC_PATH_BYTES_MAX: usize = 1024;
-/// `[env]`: at most this many variables...
-pub const ENV_VARS_MAX: usize = 128;
-/// ... whose names are at most this long ...
-pub const ENV_NAME_BYTES_MAX: usize = 128;
-/// ... and whose names and values together are at most this many bytes.
-pub const ENV_BYTES_MAX: usize = 64 * 1024;
-/// `stop_timeout` when the manifest does not say.
-pub const STOP_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
-/// The longest `stop_timeout`, `health.alive` or `health.timeout`.
-pub const DURATION_MAX: Duration = Duration::from_secs(600);
-/// The health check when there is no `[health]`: alive for this long.
-pub const HEALTH_ALIVE_DEFAULT: Duration = Duration::from_secs(5);
-/// `health.timeout` when the manifest does not say.
-pub const HEALTH_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
-/// `health.tcp` and `health.http`.
-pub const HEALTH_TARGET_BYTES_MAX: usize = 2048;
 
 /// A validated manifest.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,10 +274,10 @@ fn check_version(v: &str) -> Result<(), ManifestError> {
     if v.is_empty() {
         return Err(err("version", "empty"));
     }
-    if v.len() > VERSION_BYTES_MAX {
+    if v.len() > MANIFEST_VERSION_BYTES_MAX {
         return Err(err(
             "version",
-            format!("{} bytes (at most {VERSION_BYTES_MAX})", v.len()),
+            format!("{} bytes (at most {MANIFEST_VERSION_BYTES_MAX})", v.len()),
         ));
     }
     if let Some(c) = v
@@ -466,12 +445,12 @@ fn duration(field: &str, v: Value) -> Result<Duration, ManifestError> {
     if d.is_zero() {
         return Err(err(field, "must be greater than 0"));
     }
-    if d > DURATION_MAX {
+    if d > MANIFEST_DURATION_MAX {
         return Err(err(
             field,
             format!(
                 "{s:?} is over the limit of {}",
-                humantime::format_duration(DURATION_MAX)
+                humantime::format_duration(MANIFEST_DURATION_MAX)
             ),
         ));
     }

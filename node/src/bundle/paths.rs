@@ -1,12 +1,10 @@
 //! Path rules shared by the packer, the unpacker and the manifest check: what a path inside a
 //! bundle may look like, and where a symlink may point. Pure functions over bytes.
 
+use crate::limits::BUNDLE_PATH_NAME_BYTES_MAX;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-
-/// Longest file name (one component) Linux file systems accept.
-pub(crate) const NAME_BYTES_MAX: usize = 255;
 
 /// Why a path was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,9 +34,9 @@ pub(crate) fn components(raw: &[u8], max: usize) -> Result<Vec<&str>, PathProble
         match c {
             "" | "." => {}
             ".." => return Err(PathProblem::Parent),
-            name if name.len() > NAME_BYTES_MAX => {
+            name if name.len() > BUNDLE_PATH_NAME_BYTES_MAX => {
                 return Err(PathProblem::Bad(format!(
-                    "a name of {} bytes (at most {NAME_BYTES_MAX})",
+                    "a name of {} bytes (at most {BUNDLE_PATH_NAME_BYTES_MAX})",
                     name.len()
                 )))
             }

@@ -18,11 +18,8 @@ use super::manifest::Manifest;
 use super::paths::{check_link_target, components, file_mode, set_mode, shown, walk_no_symlinks};
 use super::paths::{PathProblem, DIR_MODE};
 use super::{BundleError, BundleLimits};
+use crate::limits::{PAX_BYTES_MAX, UNPACK_COPY_BUF_BYTES};
 
-/// Largest PAX extension header (`x` or `g`) read.
-const PAX_BYTES_MAX: u64 = 64 * 1024;
-/// Copy buffer for file contents.
-const COPY_BUF_BYTES: usize = 64 * 1024;
 const BLOCK: u64 = 512;
 
 /// Unpacks the bundle read from `reader` into `dest_dir`, which must exist and be empty, and
@@ -66,7 +63,7 @@ pub fn unpack(
         next_header: 0,
         meta: Pending::default(),
         checked_parent: None,
-        buf: vec![0; COPY_BUF_BYTES],
+        buf: vec![0; UNPACK_COPY_BUF_BYTES],
     };
     loop {
         let entry = match entries.next() {

@@ -4,15 +4,12 @@
 
 use std::time::Duration;
 
+use crate::limits::{
+    CLI_CONNECT_TIMEOUT, CLI_DOWNLOAD_TIMEOUT, CLI_ERROR_BODY_SHOWN_MAX, CLI_REQUEST_TIMEOUT,
+    CLI_UPLOAD_CHUNK_BYTES,
+};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
-
-/// How long to wait for the TCP connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long to wait for a whole answer (an event is answered after its commit).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-/// An error answer's body is shown up to this many bytes.
-const ERROR_BODY_SHOWN_MAX: usize = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -49,8 +46,8 @@ impl ApiClient {
             )));
         }
         let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CLI_CONNECT_TIMEOUT)
+            .timeout(CLI_REQUEST_TIMEOUT)
             .build()
             .map_err(|e| ClientError::Other(format!("cannot set up the HTTP client: {e}")))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -207,9 +204,6 @@ pub struct Downloaded {
     pub blake3: String,
 }
 
-/// A whole backup may take long; a stalled one still ends.
-const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
-
 impl ApiClient {
     /// GETs `segments` into `dest` atomically: a temporary file beside it, fsynced, renamed
     /// over `dest`, the directory fsynced. Checks the length and, when the node sends it, the
@@ -221,7 +215,7 @@ impl ApiClient {
         hash_header: &str,
     ) -> Result<Downloaded, ClientError> {
         let url = self.url(segments);
-        let mut req = self.http.get(url.clone()).timeout(DOWNLOAD_TIMEOUT);
+        let mut req = self.http.get(url.clone()).timeout(CLI_DOWNLOAD_TIMEOUT);
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
@@ -291,7 +285,7 @@ fn transport_error(base: &str, url: &Url, e: reqwest::Error) -> ClientError {
     } else if e.is_timeout() {
         ClientError::Other(format!(
             "{url}: no answer within {}s",
-            REQUEST_TIMEOUT.as_secs()
+            CLI_REQUEST_TIMEOUT.as_secs()
         ))
     } else {
         ClientError::Other(format!("{url}: {e}"))
@@ -310,15 +304,12 @@ fn error_message(body: &[u8]) -> String {
     if text.is_empty() {
         return "(no message)".to_owned();
     }
-    let mut end = text.len().min(ERROR_BODY_SHOWN_MAX);
+    let mut end = text.len().min(CLI_ERROR_BODY_SHOWN_MAX);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
     text[..end].to_owned()
 }
-
-/// Chunks an upload is read and sent in.
-const UPLOAD_CHUNK: usize = 256 * 1024;
 
 impl ApiClient {
     /// POSTs the file at `path` as the request body, streamed (never read whole into memory);
@@ -346,7 +337,7 @@ impl ApiClient {
             let stream = futures_util::stream::unfold((file, 0u64), move |(mut f, sent)| {
                 let progress = progress.clone();
                 async move {
-                    let mut buf = vec![0u8; UPLOAD_CHUNK];
+                    let mut buf = vec![0u8; CLI_UPLOAD_CHUNK_BYTES];
                     match f.read(&mut buf).await {
                         Ok(0) => None,
                         Ok(n) => {
@@ -362,7 +353,7 @@ impl ApiClient {
             let mut req = self
                 .http
                 .post(url.clone())
-                .timeout(DOWNLOAD_TIMEOUT)
+                .timeout(CLI_DOWNLOAD_TIMEOUT)
                 .header(reqwest::header::CONTENT_LENGTH, len)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                 .body(reqwest::Body::wrap_stream(stream));

@@ -11,11 +11,9 @@ use serde_json::{json, Value};
 
 use super::commands::{connect, text};
 use super::{ApiOpts, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
-use crate::bundle::manifest::MANIFEST_BYTES_MAX;
 use crate::bundle::{Manifest, MANIFEST_FILE};
-
-/// How often `--wait` asks where the deployment stands.
-const POLL: Duration = Duration::from_millis(250);
+use crate::limits::CLI_DEPLOY_POLL;
+use crate::limits::MANIFEST_BYTES_MAX;
 
 /// Statuses after which a machine's part of a deployment does not change any more.
 const FINAL: [&str; 4] = ["running", "rolled_back", "failed", "skipped"];
@@ -348,7 +346,7 @@ fn follow(
             );
             return (EXIT_FAILED, Some(d));
         }
-        std::thread::sleep(POLL);
+        std::thread::sleep(CLI_DEPLOY_POLL);
     }
 }
 

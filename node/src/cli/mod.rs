@@ -755,7 +755,7 @@ fn host_name() -> String {
                 '-'
             }
         })
-        .take(config::NAME_BYTES_MAX)
+        .take(crate::limits::NODE_NAME_BYTES_MAX)
         .collect();
     if name.is_empty() {
         "outpost".to_owned()

@@ -7,6 +7,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use super::TOKEN_FILE;
+use crate::limits::JOIN_TOKEN_BYTES_MAX;
 
 /// Creates `DIR/token` (32 random bytes, hex) with mode 0640 when it is absent; returns the
 /// token either way. The file appears complete or not at all.
@@ -57,9 +58,6 @@ pub fn read_token(data_dir: &Path) -> io::Result<String> {
     }
     Ok(token.to_owned())
 }
-
-/// Longest join token file read; anything larger is not a token.
-const JOIN_TOKEN_BYTES_MAX: u64 = 4096;
 
 /// A join token file's trimmed contents (the controller's `admission.join_token_file` and a
 /// worker's `controller.join_token_file` read it the same way, so both sides agree on the

@@ -31,6 +31,7 @@ use crate::replication::StoreError;
 use crate::store::{NodeMeta, ReadTxn, Store};
 use crate::wire::Role;
 
+use crate::limits::RETENTION_TRIM_EVERY;
 pub use metrics::Metrics;
 
 /// The open database, replaceable. After a failed write (a full disk, an I/O error) redb refuses
@@ -401,13 +402,10 @@ fn remove_stale_backups(data_dir: &Path) {
     }
 }
 
-/// How often an idle node trims old log records (busy nodes trim with their commits).
-const TRIM_EVERY: Duration = Duration::from_secs(60);
-
 /// Trims the local log by age (`limits.log_retention`) and size (`limits.log_records_max`).
 /// A peer that falls behind what is kept needs a snapshot to catch up.
 async fn retention(shared: Arc<Shared>) {
-    let mut every = tokio::time::interval(TRIM_EVERY);
+    let mut every = tokio::time::interval(RETENTION_TRIM_EVERY);
     loop {
         every.tick().await;
         let limits = shared.limits();
@@ -422,10 +420,10 @@ async fn retention(shared: Arc<Shared>) {
     }
 }
 
-/// Ticks the writer's state flush (`writer::STATE_FLUSH_INTERVAL`): an idle node writes its
+/// Ticks the writer's state flush (`crate::limits::STATE_FLUSH_INTERVAL`): an idle node writes its
 /// dirty state entries to the table, a busy one starts a flush round when one is due.
 async fn flush_tick(shared: Arc<Shared>) {
-    let mut every = tokio::time::interval(writer::STATE_FLUSH_INTERVAL);
+    let mut every = tokio::time::interval(crate::limits::STATE_FLUSH_INTERVAL);
     loop {
         every.tick().await;
         if shared

@@ -10,11 +10,9 @@ use tokio::time::MissedTickBehavior;
 
 use crate::datacenter::writer::Cmd;
 use crate::datacenter::Shared;
+use crate::limits::STATUS_EVERY;
 use crate::ops::notify::Notifier;
 use crate::replication::LogRead;
-
-/// How often the STATUS line is refreshed.
-pub const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs until the task is aborted (at shutdown).
 pub async fn supervise(shared: Arc<Shared>, notify: Notifier) {

@@ -16,6 +16,11 @@ use crate::store::{FlushPlan, Round, Store};
 use crate::wire::{CatchUpBatch, CatchUpRequest, Elements, SnapshotChunk};
 
 use super::Shared;
+use crate::limits::{
+    STATE_DIRTY_BYTES_MAX, STATE_DIRTY_BYTES_TARGET, STATE_FLUSH_CHUNK_MIN, STATE_FLUSH_INTERVAL,
+    STATE_FLUSH_ROUND_COMMITS, STATE_REPLAY_RECORDS_MAX, STORE_REOPEN_WAIT_MAX,
+    WRITER_RETRY_AFTER_FAILURE,
+};
 
 pub enum Cmd {
     Ingest {
@@ -90,26 +95,6 @@ enum Outcome {
     CatchUp(Result<Option<CatchUpRequest>, StoreError>),
     None,
 }
-
-/// After a failed write, work is refused with the same error for this long before the database
-/// is reopened and a commit tried again: a full disk costs at most one reopen a second.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
-/// How long a reopen waits for readers to let go of the old database.
-const REOPEN_WAIT_MAX: Duration = Duration::from_secs(5);
-/// The state write-back (see `store::overlay`). Dirty entries over this many bytes are all
-/// written to the state table in the next commit, whatever else it holds: the hard bound.
-pub const STATE_DIRTY_BYTES_MAX: usize = 16 << 20;
-/// A flush round starts when the dirty entries reach this many bytes, ...
-pub const STATE_DIRTY_BYTES_TARGET: usize = 8 << 20;
-/// ... or this many log records follow `state_upto` (what a restart replays: bounded by it),
-pub const STATE_REPLAY_RECORDS_MAX: u64 = 200_000;
-/// ... or this long after the last round ended, if anything is dirty.
-pub const STATE_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-/// A round writes its entries over about this many commits, in key-ordered chunks of at
-/// least [`STATE_FLUSH_CHUNK_MIN`], so no one commit (and no acknowledgement) waits for all.
-pub const STATE_FLUSH_ROUND_COMMITS: usize = 8;
-pub const STATE_FLUSH_CHUNK_MIN: usize = 1024;
-const _: () = assert!(STATE_DIRTY_BYTES_TARGET < STATE_DIRTY_BYTES_MAX);
 
 /// The writer's side of the flush policy: when the last round ended, and the chunk size of
 /// the current one.
@@ -249,7 +234,9 @@ pub fn run(
         }
         if !group.is_empty() {
             match &failed {
-                Some((at, e)) if at.elapsed() < RETRY_AFTER_FAILURE => answer_failed(group, e),
+                Some((at, e)) if at.elapsed() < WRITER_RETRY_AFTER_FAILURE => {
+                    answer_failed(group, e)
+                }
                 _ => {
                     if store.is_none() {
                         reopen(&shared, &mut store, &mut core);
@@ -319,7 +306,7 @@ fn reopen(shared: &Shared, store: &mut Option<Arc<Store>>, core: &mut Core) {
     drop(store.take());
     if let Some(old) = old {
         // Readers hold it only while they begin a transaction; a backup holds it longer.
-        let deadline = Instant::now() + REOPEN_WAIT_MAX;
+        let deadline = Instant::now() + STORE_REOPEN_WAIT_MAX;
         while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -11,14 +11,13 @@ use axum::response::Response;
 use tokio::io::AsyncReadExt;
 
 use crate::clock::now_ms;
+use crate::limits::BACKUP_CHUNK_BYTES;
 use crate::replication::StoreError;
 use crate::store::backup::BackupInfo;
 use crate::store::Store;
 
 /// Header carrying the blake3 (hex) of the whole body.
 pub const HASH_HEADER: &str = "x-outpost-blake3";
-/// Bytes read from the copy per body chunk.
-const CHUNK_BYTES: usize = 256 * 1024;
 
 /// A finished, hashed copy of a database, unlinked and open, ready to stream.
 pub struct BackupCopy {
@@ -61,7 +60,7 @@ pub fn stream_copy(copy: BackupCopy, node_name: &str, guard: impl Send + 'static
     let state = Some((tokio::fs::File::from_std(file), guard));
     let stream = futures_util::stream::unfold(state, |state| async move {
         let (mut file, guard) = state?;
-        let mut buf = vec![0u8; CHUNK_BYTES];
+        let mut buf = vec![0u8; BACKUP_CHUNK_BYTES];
         match file.read(&mut buf).await {
             Ok(0) => None,
             Ok(n) => {

@@ -60,10 +60,6 @@ impl From<StoreError> for ApiError {
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
-/// How long `/readyz` waits for a round trip through the role's core (the writer thread, the
-/// controller's core, the worker's driver) before it answers 503.
-pub const READY_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// `GET /healthz` of every role, without a token: 200 while the process serves HTTP at all.
 pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({ "alive": true }))

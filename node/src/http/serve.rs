@@ -46,6 +46,7 @@ use tower_service::Service;
 
 use super::ApiError;
 use crate::config::Limits;
+use crate::limits::{API_ACCEPT_RETRY, REWRITE_BYTES_MAX};
 
 /// The bounds of one API server, from `[limits]`.
 #[derive(Clone, Debug)]
@@ -78,10 +79,6 @@ pub const HTTP_BUCKETS_S: [f64; 12] = [
 /// The `route` label of a request that matched no route (one value, so that scanning paths
 /// cannot grow the label set).
 pub const ROUTE_UNMATCHED: &str = "unmatched";
-
-/// Largest non-JSON error body rewritten as `{"error"}`; a larger one (none of axum's
-/// rejections is) passes unchanged.
-const REWRITE_BYTES_MAX: usize = 4096;
 
 /// How the server's connections ended, for `outpost_http_connections_closed_total{reason}`.
 const CLOSE_REASONS: [&str; 4] = ["idle", "header_timeout", "evicted", "client"];
@@ -199,7 +196,7 @@ pub async fn serve(
                     tracing::warn!("HTTP API: accept failed: {e}");
                     tokio::select! {
                         _ = &mut shutdown => break,
-                        _ = tokio::time::sleep(ACCEPT_RETRY) => continue,
+                        _ = tokio::time::sleep(API_ACCEPT_RETRY) => continue,
                     }
                 }
             },
@@ -220,9 +217,6 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
 }
-
-/// Pause after a failed accept (out of file descriptors), so the loop does not spin.
-const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 struct Server {
     limits: ApiLimits,

@@ -4,7 +4,6 @@
 //! `crate::cluster::controller::watch`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -13,19 +12,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::{ApiError, ApiResult};
-
-/// Log records read per page.
-pub const PAGE: usize = 512;
-/// A chunk is sent once it holds this many bytes (or the page ends).
-pub const CHUNK_BYTES: usize = 64 * 1024;
-/// Chunks queued for one watcher; one slot is kept for the last line.
-pub const QUEUE: usize = 8;
-/// A watcher whose queue stays full this long is disconnected.
-pub const SLOW_AFTER: Duration = Duration::from_secs(10);
-/// A heartbeat line is sent after this long without a change that matched.
-pub const HEARTBEAT: Duration = Duration::from_secs(15);
-/// Watchers at once, per node.
-pub const WATCHERS_MAX: usize = 64;
+use crate::limits::{WATCHERS_MAX, WATCH_SLOW_AFTER};
 
 static WATCHERS: AtomicUsize = AtomicUsize::new(0);
 
@@ -196,7 +183,7 @@ impl Sink {
             return !self.tx.is_closed();
         }
         // Two free slots: one for this chunk, one kept for a last line.
-        match tokio::time::timeout(SLOW_AFTER, self.tx.reserve_many(2)).await {
+        match tokio::time::timeout(WATCH_SLOW_AFTER, self.tx.reserve_many(2)).await {
             Ok(Ok(mut permits)) => {
                 permits
                     .next()
@@ -210,12 +197,12 @@ impl Sink {
                 tracing::info!(
                     cursor = %pos,
                     "disconnecting a watcher that has not read for {}",
-                    humantime::format_duration(SLOW_AFTER)
+                    humantime::format_duration(WATCH_SLOW_AFTER)
                 );
                 let line = json!({
                     "error": format!(
                         "this client did not read for {}: disconnected; reconnect with the cursor of the last line it read",
-                        humantime::format_duration(SLOW_AFTER)
+                        humantime::format_duration(WATCH_SLOW_AFTER)
                     ),
                     "cursor": pos.to_string(),
                 });

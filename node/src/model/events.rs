@@ -15,15 +15,7 @@ use serde_json::{Map, Value};
 
 use super::canonical::to_canonical;
 use super::version::Version;
-
-/// Largest account name, in bytes.
-pub const ACCOUNT_BYTES_MAX: usize = 256;
-/// Largest key-like string in event data (contact, call id, setting key, status).
-pub const NAME_BYTES_MAX: usize = 1024;
-/// Largest encoded element, in bytes; bounds what one event or one remote element may carry.
-pub const ELEMENT_BYTES_MAX: usize = 64 * 1024;
-/// Longest registration, ten years.
-pub const EXPIRES_S_MAX: u64 = 10 * 365 * 24 * 3600;
+use crate::limits::{ACCOUNT_BYTES_MAX, ELEMENT_BYTES_MAX, EVENT_NAME_BYTES_MAX, EXPIRES_S_MAX};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -212,10 +204,13 @@ fn check_name(field: &str, s: &str) -> Result<(), EventError> {
     if s.is_empty() {
         return Err(EventError::new(field, "must not be empty"));
     }
-    if s.len() > NAME_BYTES_MAX {
+    if s.len() > EVENT_NAME_BYTES_MAX {
         return Err(EventError::new(
             field,
-            format!("is {} bytes, at most {NAME_BYTES_MAX} allowed", s.len()),
+            format!(
+                "is {} bytes, at most {EVENT_NAME_BYTES_MAX} allowed",
+                s.len()
+            ),
         ));
     }
     Ok(())

@@ -27,6 +27,7 @@ pub use identity::Identity;
 pub use pins::{PinPolicy, PinSet, PinVerifier, UnknownPeerCertificate};
 
 use crate::ids::Fingerprint;
+use crate::limits::STREAMS_MAX;
 
 /// The only application protocol spoken; the protocol version travels in the Hello.
 pub const ALPN: &[u8] = b"outpost";
@@ -107,10 +108,6 @@ impl Default for TransportLimits {
         }
     }
 }
-
-/// Concurrent streams a peer may open, each direction: enough for control, replication and a
-/// few bundle transfers at once.
-pub const STREAMS_MAX: u32 = 64;
 
 impl TransportLimits {
     fn transport_config(&self) -> Result<TransportConfig, NetError> {

@@ -1,11 +1,9 @@
 //! The last errors a node met, for `outpost status`: bounded, timestamped, also logged.
 
+use crate::limits::LAST_ERRORS_MAX;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::SystemTime;
-
-/// How many errors `outpost status` shows.
-pub const LAST_ERRORS_MAX: usize = 16;
 
 #[derive(Debug, Default)]
 pub struct ErrorLog(Mutex<VecDeque<String>>);

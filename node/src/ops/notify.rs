@@ -7,6 +7,7 @@
 //! `$WATCHDOG_*` (a child could feed the watchdog of a stuck node): remove
 //! [`CHILD_ENV_REMOVE`] from their environment.
 
+use crate::limits::{NOTIFY_SEND_TIMEOUT, NOTIFY_STATUS_BYTES_MAX};
 use std::ffi::OsStr;
 use std::io;
 use std::os::linux::net::SocketAddrExt;
@@ -26,11 +27,6 @@ pub const CHILD_ENV_REMOVE: &[&str] = &[
     "LISTEN_FDNAMES",
     "OUTPOST_TOKEN",
 ];
-
-/// How long one send may block when the supervisor's queue is full.
-const SEND_TIMEOUT: Duration = Duration::from_millis(250);
-/// A STATUS text is cut to this many bytes (systemd shows one line).
-pub const STATUS_BYTES_MAX: usize = 200;
 
 /// Why the notify environment could not be used. The node then runs without notifying.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +103,7 @@ impl Notifier {
         }
         .map_err(|_| NotifyError::BadSocket(name.clone()))?;
         let sock = UnixDatagram::unbound().map_err(NotifyError::Socket)?;
-        sock.set_write_timeout(Some(SEND_TIMEOUT))
+        sock.set_write_timeout(Some(NOTIFY_SEND_TIMEOUT))
             .map_err(NotifyError::Socket)?;
         let ours = watchdog_pid
             .is_none_or(|p| p.to_str().and_then(|p| p.trim().parse().ok()) == Some(my_pid));
@@ -186,14 +182,14 @@ impl Notifier {
     }
 }
 
-/// A STATUS value: one line, at most [`STATUS_BYTES_MAX`] bytes.
+/// A STATUS value: one line, at most [`NOTIFY_STATUS_BYTES_MAX`] bytes.
 fn status_text(text: &str) -> String {
     let mut s: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    if s.len() > STATUS_BYTES_MAX {
-        let mut end = STATUS_BYTES_MAX;
+    if s.len() > NOTIFY_STATUS_BYTES_MAX {
+        let mut end = NOTIFY_STATUS_BYTES_MAX;
         while !s.is_char_boundary(end) {
             end -= 1;
         }
@@ -251,8 +247,8 @@ mod tests {
 
     #[test]
     fn status_is_one_bounded_line() {
-        let long = "é".repeat(STATUS_BYTES_MAX);
+        let long = "é".repeat(NOTIFY_STATUS_BYTES_MAX);
         let s = status_text(&long);
-        assert!(s.len() <= STATUS_BYTES_MAX && !s.is_empty());
+        assert!(s.len() <= NOTIFY_STATUS_BYTES_MAX && !s.is_empty());
     }
 }

@@ -10,7 +10,8 @@ use serde_json::Value;
 
 use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError, Tables};
 use crate::ids::{MsgId, NodeId};
-use crate::model::events::{self, ElementError, ELEMENT_BYTES_MAX};
+use crate::limits::ELEMENT_BYTES_MAX;
+use crate::model::events::{self, ElementError};
 use crate::model::{to_canonical, ElementRecord, Event, EventError, EventType, Hlc, Version};
 use crate::wire::{
     CatchUpBatch, CatchUpRequest, Elements, Hello, Role, SnapshotChunk, PROTOCOL_VERSION,

@@ -18,7 +18,9 @@ use redb::{Database, Durability, Key, ReadableDatabase, ReadableTable, TableDefi
 
 use super::cluster::{CHANNEL, CONFIG, DEPLOYMENTS, MACHINES};
 use super::tables::{LOG, MARKS, MESSAGES, META, META_NODE, PEERS, STATE};
-use super::{db_err, decode, NodeMeta, Result, Store, CACHE_BYTES};
+use super::{db_err, decode, NodeMeta, Result, Store};
+use crate::limits::BACKUP_COPY_ROWS_PER_TXN;
+use crate::limits::STORE_CACHE_BYTES;
 use crate::replication::StoreError;
 
 /// Meta key: present with value `[1]` in a database restored from a backup until the node has
@@ -27,8 +29,6 @@ pub const META_RESTORED: &str = "restored";
 /// Where backups are assembled, inside the data directory (writable under systemd's
 /// `ProtectSystem=strict`, and on the same file system as the database).
 pub const TMP_DIR: &str = "tmp";
-/// Rows copied per write transaction of the copy: bounds the memory of its dirty pages.
-const COPY_ROWS_PER_TXN: u64 = 50_000;
 
 /// What a backup wrote.
 #[derive(Clone, Debug)]
@@ -75,7 +75,7 @@ impl Store {
             .open(dest)
             .map_err(|e| io_err(dest, e))?;
         let out = Database::builder()
-            .set_cache_size(CACHE_BYTES)
+            .set_cache_size(STORE_CACHE_BYTES)
             .create(dest)
             .map_err(db_err)?;
         let mut rows = 0;
@@ -166,7 +166,7 @@ fn copy_table<K: Key + 'static, V: Value + 'static>(
         let mut done = false;
         {
             let mut t = txn.open_table(def).map_err(db_err)?;
-            for _ in 0..COPY_ROWS_PER_TXN {
+            for _ in 0..BACKUP_COPY_ROWS_PER_TXN {
                 let Some(row) = rows.next() else {
                     done = true;
                     break;

@@ -17,22 +17,21 @@ use super::tables::{
     msg_key, StoredMsg, LOG, MARKS, MESSAGES, META, META_HLC, META_LOG_TAIL, META_NODE,
     META_SCHEMA_VERSION, PEERS, STATE,
 };
-use super::{open_err, NodeMeta, OpenError, CACHE_BYTES, DB_FILE, SCHEMA_VERSION};
+use super::{open_err, NodeMeta, OpenError, DB_FILE, SCHEMA_VERSION};
 use crate::ids::NodeId;
+use crate::limits::DB_CHECK_PROBLEMS_SHOWN_MAX;
+use crate::limits::STORE_CACHE_BYTES;
 use crate::model::{ElementRecord, EventType};
 use crate::replication::core::Digester;
 use crate::replication::tables::MARK_ABOVE_MAX;
 use crate::replication::{Entry, Mark, MsgKey, PeerProgress};
-
-/// Problems listed one by one; beyond this many only counted.
-pub const PROBLEMS_SHOWN_MAX: usize = 100;
 
 /// What `db check` found.
 #[derive(Debug, Default)]
 pub struct Report {
     /// What is wrong, each naming the table and key.
     pub problems: Vec<String>,
-    /// Problems beyond [`PROBLEMS_SHOWN_MAX`].
+    /// Problems beyond [`DB_CHECK_PROBLEMS_SHOWN_MAX`].
     pub more_problems: u64,
     pub node: Option<NodeMeta>,
     pub entries: u64,
@@ -57,7 +56,7 @@ impl Report {
     }
 
     fn problem(&mut self, p: String) {
-        if self.problems.len() < PROBLEMS_SHOWN_MAX {
+        if self.problems.len() < DB_CHECK_PROBLEMS_SHOWN_MAX {
             self.problems.push(p);
         } else {
             self.more_problems += 1;
@@ -132,7 +131,7 @@ pub fn check(data_dir: &Path) -> Result<Report, OpenError> {
 
 fn check_file(path: &Path) -> Result<Report, OpenError> {
     let mut db = Database::builder()
-        .set_cache_size(CACHE_BYTES)
+        .set_cache_size(STORE_CACHE_BYTES)
         .open(path)
         .map_err(|e| open_err(path, e))?;
     let mut report = Report::default();

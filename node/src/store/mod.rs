@@ -70,20 +70,14 @@ use crate::wire::Role;
 use overlay::TxnState;
 use tables::{META, META_NODE, META_SCHEMA_VERSION};
 
+use crate::limits::{
+    SECRET_BYTES_MAX, SECRET_NAME_BYTES_MAX, STATE_CLEAN_BYTES_MAX, STORE_CACHE_BYTES,
+};
 use crate::model::EventType;
 use crate::replication::Entry;
 
 pub const SCHEMA_VERSION: u32 = 3;
 pub const DB_FILE: &str = "outpost.redb";
-/// redb's page cache. The default (1 GiB) is too much for a small edge box; the working set
-/// (state table + log head + indexes) of a busy node fits comfortably in this.
-pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
-/// Bound on the overlay's clean entries (committed entries the table holds, kept so the writer
-/// need not read them back). Its dirty entries are bounded by the writer's flush policy.
-pub const STATE_CLEAN_BYTES_MAX: usize = 16 * 1024 * 1024;
-/// Bounds on what [`Store::put_secret`] accepts: identity material is small.
-pub const SECRET_NAME_BYTES_MAX: usize = 64;
-pub const SECRET_BYTES_MAX: usize = 64 * 1024;
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -160,7 +154,7 @@ impl Store {
         // refusal to start, not a crash.
         let opened = std::panic::catch_unwind(|| {
             Database::builder()
-                .set_cache_size(CACHE_BYTES)
+                .set_cache_size(STORE_CACHE_BYTES)
                 .create(&path)
         })
         .map_err(|_| OpenError::Corrupt {
@@ -180,7 +174,7 @@ impl Store {
     ) -> std::result::Result<Store, OpenError> {
         let path = path.to_path_buf();
         let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
+            .set_cache_size(STORE_CACHE_BYTES)
             .create_with_backend(backend)
             .map_err(|e| open_err(&path, e))?;
         Store::opened(db, path)

@@ -24,18 +24,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
 
+use crate::limits::STATE_ENTRY_OVERHEAD_BYTES;
 use crate::model::EventType;
 use crate::replication::Entry;
 
 /// A state table key: account and event type code.
 pub type Key = (String, u8);
 
-/// Bytes an entry is counted for beyond its account and element: the key's type code,
-/// version, origin, oseq, message id and the maps' own overhead.
-const ENTRY_OVERHEAD_BYTES: usize = 128;
-
 pub(super) fn cost(account: &str, e: &Entry) -> usize {
-    account.len() + e.element.len() + ENTRY_OVERHEAD_BYTES
+    account.len() + e.element.len() + STATE_ENTRY_OVERHEAD_BYTES
 }
 
 #[derive(Debug)]

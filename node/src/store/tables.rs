@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::overlay::{Key, Round, StateOverlay, TxnEntry, TxnState};
 use super::{db_err, decode, fixed, NodeMeta, Result};
 use crate::ids::{MsgId, NodeId};
+use crate::limits::MIGRATE_ROWS_PER_TXN;
 use crate::model::{ElementRecord, EventType, Version};
 use crate::replication::{
     Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError, Tables,
@@ -702,9 +703,6 @@ pub(super) struct Migrated {
     pub entries: u64,
 }
 
-/// Rows rewritten per pass over the state table (bounds the memory of a migration).
-const MIGRATE_CHUNK: usize = 4096;
-
 /// Schema 1 to 2, inside the caller's write transaction: message records rekeyed by origin
 /// (their log position taken from the old by-origin index), state entries given the origin
 /// sequence of their message, the old tables dropped.
@@ -753,7 +751,7 @@ pub(super) fn migrate_v1(txn: &redb::WriteTransaction) -> Result<Migrated> {
         let mut state = txn.open_table(STATE).map_err(db_err)?;
         let mut after: Option<(String, u8)> = None;
         loop {
-            let mut chunk = Vec::with_capacity(MIGRATE_CHUNK);
+            let mut chunk = Vec::with_capacity(MIGRATE_ROWS_PER_TXN);
             {
                 let rows = match &after {
                     None => state.iter().map_err(db_err)?,
@@ -764,7 +762,7 @@ pub(super) fn migrate_v1(txn: &redb::WriteTransaction) -> Result<Migrated> {
                         ))
                         .map_err(db_err)?,
                 };
-                for row in rows.take(MIGRATE_CHUNK) {
+                for row in rows.take(MIGRATE_ROWS_PER_TXN) {
                     let (k, v) = row.map_err(db_err)?;
                     let (account, code) = k.value();
                     let e: v1::Entry = decode("state entry (schema 1)", v.value())?;

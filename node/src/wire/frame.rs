@@ -21,9 +21,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Message;
 
-/// Default largest payload of one frame, in bytes (the length prefix not included).
-pub const FRAME_BYTES_MAX_DEFAULT: usize = 1 << 20;
-
 /// Bytes of the length prefix.
 pub const FRAME_HEADER_BYTES: usize = 4;
 
@@ -138,6 +135,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use crate::ids::NodeId;
+    use crate::limits::FRAME_BYTES_MAX_DEFAULT;
     use crate::wire::Goodbye;
 
     fn goodbye(code: u32) -> Message {

@@ -7,6 +7,9 @@ mod frame;
 mod fuzzing;
 mod messages;
 
+/// The frame bound peers assume unless configured (`limits.frame_bytes_max`); defined in
+/// [`crate::limits`], named here with the rest of the wire.
+pub use crate::limits::FRAME_BYTES_MAX_DEFAULT;
 pub use frame::*;
 #[doc(hidden)]
 pub use fuzzing::{

@@ -35,7 +35,7 @@ const UPLOAD_QUEUE: usize = 8;
 /// Buffer sizes for writing and reading bundle files.
 const IO_BUF_BYTES: usize = 256 * 1024;
 /// A manifest entry larger than this is not read (the manifest has its own, lower bound).
-const MANIFEST_READ_MAX: u64 = crate::bundle::manifest::MANIFEST_BYTES_MAX;
+const MANIFEST_READ_MAX: u64 = crate::limits::MANIFEST_BYTES_MAX;
 
 /// Paths of the bundle store.
 #[derive(Clone, Debug)]

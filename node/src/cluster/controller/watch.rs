@@ -155,7 +155,7 @@ pub(super) async fn get_watch(
             lseq: j.tail(),
         },
     };
-    let (tx, rx) = mpsc::channel(feed::QUEUE);
+    let (tx, rx) = mpsc::channel(crate::limits::WATCH_QUEUE_CHUNKS);
     let slow = s.clone();
     let sink = Sink {
         tx,
@@ -184,7 +184,7 @@ async fn run(
     let mut tail_rx = j.tail.subscribe();
     let mut buf = Vec::new();
     loop {
-        let (first, changes) = j.after(pos.lseq, feed::PAGE);
+        let (first, changes) = j.after(pos.lseq, crate::limits::WATCH_PAGE_RECORDS);
         let tail = j.tail();
         let lost = if pos.epoch != j.epoch {
             Some("the controller restarted since this cursor: re-read /v1/machines and /v1/deployments".to_owned())
@@ -212,7 +212,7 @@ async fn run(
             }
             continue;
         }
-        let full = changes.len() == feed::PAGE;
+        let full = changes.len() == crate::limits::WATCH_PAGE_RECORDS;
         let mut matched = false;
         for (seq, k, n, view) in changes {
             pos.lseq = seq;
@@ -223,7 +223,7 @@ async fn run(
             let mut line = json!({"cursor": pos.to_string(), "kind": k, "name": n});
             line[k] = (*view).clone();
             buf.extend_from_slice(&sink.line(k, &pos, &line));
-            if buf.len() >= feed::CHUNK_BYTES && !sink.flush(&mut buf, &pos).await {
+            if buf.len() >= crate::limits::WATCH_CHUNK_BYTES && !sink.flush(&mut buf, &pos).await {
                 return;
             }
         }
@@ -234,7 +234,7 @@ async fn run(
             continue;
         }
         let want = pos.lseq;
-        let moved = tokio::time::timeout(feed::HEARTBEAT, async {
+        let moved = tokio::time::timeout(crate::limits::WATCH_HEARTBEAT, async {
             tail_rx.wait_for(|t| *t != want).await.map(|_| ())
         })
         .await;

@@ -89,11 +89,11 @@ async fn get_readyz(State(s): State<Arc<WorkerShared>>) -> Response {
                 ));
             }
         }
-        match tokio::time::timeout(crate::http::READY_PING_TIMEOUT, s.ping_driver()).await {
+        match tokio::time::timeout(crate::limits::READY_PING_TIMEOUT, s.ping_driver()).await {
             Ok(true) => Ok(()),
             _ => Err(format!(
                 "the driver did not answer within {:?}",
-                crate::http::READY_PING_TIMEOUT
+                crate::limits::READY_PING_TIMEOUT
             )),
         }
     };

@@ -25,21 +25,13 @@ use tokio::sync::oneshot;
 use crate::clock::now_ms;
 use crate::datacenter::writer::Cmd;
 use crate::datacenter::Shared;
-use crate::http::{healthz, readiness, serve, ApiError, ApiResult, READY_PING_TIMEOUT};
+use crate::http::{healthz, readiness, serve, ApiError, ApiResult};
 use crate::ids::{MsgId, NodeId};
+use crate::limits::READY_PING_TIMEOUT;
+use crate::limits::{INGEST_BODY_FACTOR, INGEST_BYTES_IN_FLIGHT_MAX, INGEST_PERMIT_BYTES};
 use crate::model::events::view;
 use crate::model::{Event, EventType, RawEvent};
 use crate::replication::{IngestError, Ingested, LogRead, MsgKey, StoreError};
-
-/// Bytes of ingest requests in progress across all connections, counting each request's body
-/// [`INGEST_BODY_FACTOR`] times (the body, the events decoded from it, their answers): a
-/// request waits for room instead of adding to memory. Beside `limits.api_body_bytes_max`
-/// (one request), this bounds what clients can make the node hold at once.
-pub const INGEST_BYTES_IN_FLIGHT_MAX: usize = 64 << 20;
-/// What an ingest request is counted for, per byte of its body.
-pub const INGEST_BODY_FACTOR: usize = 4;
-const INGEST_PERMIT_BYTES: usize = 1024;
-const _: () = assert!(INGEST_BYTES_IN_FLIGHT_MAX / INGEST_PERMIT_BYTES <= u32::MAX as usize);
 
 /// The permits of [`INGEST_BYTES_IN_FLIGHT_MAX`] an ingest request takes: by its declared
 /// length (the body limit when it declares none), at least one, at most all.

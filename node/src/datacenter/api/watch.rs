@@ -9,8 +9,8 @@
 //! in order, once. When the records after its cursor were trimmed (retention) or the epoch is
 //! another, it is told to re-read from scratch: one `reset` line with the cursor to go on from.
 //!
-//! Bounded: each watcher holds at most [`QUEUE`] chunks of at most about [`CHUNK_BYTES`]; one
-//! that does not read for [`SLOW_AFTER`] is disconnected with a last line saying why (a slot is
+//! Bounded: each watcher holds at most [`WATCH_QUEUE_CHUNKS`] chunks of at most about [`WATCH_CHUNK_BYTES`]; one
+//! that does not read for [`WATCH_SLOW_AFTER`] is disconnected with a last line saying why (a slot is
 //! always kept free for it), and at most [`WATCHERS_MAX`] watch at once (503 beyond).
 //!
 //! Lines (NDJSON, or with `?format=sse` / `Accept: text/event-stream` server-sent events whose
@@ -43,6 +43,7 @@ use crate::replication::LogRead;
 
 use crate::clock::now_ms;
 use crate::http::watch::*;
+use crate::limits::{WATCH_CHUNK_BYTES, WATCH_HEARTBEAT, WATCH_PAGE_RECORDS, WATCH_QUEUE_CHUNKS};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,7 +104,7 @@ pub(super) async fn get_watch(
         }),
         None => Start::At(Cursor { epoch, lseq: tail }),
     };
-    let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (tx, rx) = mpsc::channel::<Bytes>(WATCH_QUEUE_CHUNKS);
     let filter = Filter {
         account: q.account,
         etype,
@@ -161,7 +162,7 @@ impl Watcher {
                     epoch: r.log_epoch()?,
                     first: r.log_first()?,
                     tail: r.log_tail()?,
-                    records: r.log_range(after, PAGE)?,
+                    records: r.log_range(after, WATCH_PAGE_RECORDS)?,
                 })
             })
             .await;
@@ -205,7 +206,7 @@ impl Watcher {
                 continue;
             }
             let now = now_ms();
-            let full = page.records.len() == PAGE;
+            let full = page.records.len() == WATCH_PAGE_RECORDS;
             let mut matched = false;
             for (lseq, r) in &page.records {
                 pos.lseq = *lseq;
@@ -225,7 +226,7 @@ impl Watcher {
                     "element": view(r.etype, &el, now),
                 });
                 buf.extend_from_slice(&self.sink.line("change", &pos, &line));
-                if buf.len() >= CHUNK_BYTES && !self.sink.flush(&mut buf, &pos).await {
+                if buf.len() >= WATCH_CHUNK_BYTES && !self.sink.flush(&mut buf, &pos).await {
                     return;
                 }
             }
@@ -238,7 +239,7 @@ impl Watcher {
             // Caught up: wait for the writer's next commit, or send a heartbeat (which also
             // finds out whether the client is still there).
             let want = pos.lseq;
-            let moved = tokio::time::timeout(HEARTBEAT, async {
+            let moved = tokio::time::timeout(WATCH_HEARTBEAT, async {
                 tail_rx.wait_for(|t| *t != want).await.map(|_| ())
             })
             .await;
