@@ -69,6 +69,14 @@ const _: () = assert!(FRAME_BYTES_MAX_LOWEST <= FRAME_BYTES_MAX_DEFAULT);
 const _: () = assert!(FRAME_BYTES_MAX_DEFAULT <= FRAME_BYTES_MAX_HIGHEST);
 const _: () = assert!(FRAME_BYTES_MAX_HIGHEST <= u32::MAX as usize);
 
+// ---- Cluster -------------------------------------------------------------------------------------
+
+/// A worker redials its controller or load balancer, and retries a bundle fetch, after waits
+/// doubling from this minimum to this maximum (`net::backoff`, each plus up to as much again).
+pub const WORKER_DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const WORKER_DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const _: () = assert!(WORKER_DIAL_BACKOFF_MIN.as_nanos() <= WORKER_DIAL_BACKOFF_MAX.as_nanos());
+
 // ---- Configuration -----------------------------------------------------------------------------
 
 /// A config file larger than this is refused before it is parsed.
@@ -160,6 +168,13 @@ pub const WATCH_HEARTBEAT: Duration = Duration::from_secs(15);
 pub const WATCHERS_MAX: usize = 64;
 // A watcher's flush reserves two slots: one for the chunk, one kept for a last line.
 const _: () = assert!(WATCH_QUEUE_CHUNKS >= 2);
+
+// ---- Shutdown ------------------------------------------------------------------------------------
+
+/// At a clean stop, requests in progress get this long before the API server is aborted.
+pub const API_STOP_WAIT: Duration = Duration::from_secs(5);
+/// ... and the QUIC endpoint this long to deliver its close to peers.
+pub const ENDPOINT_IDLE_WAIT: Duration = Duration::from_secs(2);
 
 // ---- Operator ----------------------------------------------------------------------------------
 

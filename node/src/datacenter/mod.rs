@@ -15,7 +15,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
@@ -212,30 +211,17 @@ impl Running {
     /// Stops cleanly: the API stops taking requests, links close with a reason, queued commits
     /// finish, then the writer thread ends.
     pub async fn shutdown(mut self) {
-        if let Some(stop) = self.api_stop.take() {
-            let _ = stop.send(());
-        }
-        if tokio::time::timeout(Duration::from_secs(5), &mut self.api_task)
-            .await
-            .is_err()
-        {
-            self.api_task.abort();
-        }
-        self.endpoint.close(
-            quinn::VarInt::from_u32(crate::net::close::SHUTDOWN),
-            crate::net::close::SHUTDOWN_REASON.as_bytes(),
-        );
-        for t in &self.link_tasks {
-            t.abort();
-        }
-        for t in self.link_tasks.drain(..) {
-            let _ = t.await;
-        }
+        use crate::ops::shutdown;
+        shutdown::stop_api(self.api_stop.take(), &mut self.api_task).await;
+        shutdown::close_and_abort(
+            &self.endpoint,
+            crate::net::close::SHUTDOWN_REASON,
+            &mut self.link_tasks,
+        )
+        .await;
         let _ = self.shared.writer.send(writer::Cmd::Stop).await;
-        if let Some(w) = self.writer_thread.take() {
-            let _ = tokio::task::spawn_blocking(move || w.join()).await;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        shutdown::join_thread(self.writer_thread.take()).await;
+        shutdown::wait_idle(&self.endpoint).await;
     }
 }
 
@@ -355,7 +341,7 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
     link_tasks.push(tokio::spawn(flush_tick(shared.clone())));
     shared.ready.store(true, Ordering::Relaxed);
     notify.ready();
-    link_tasks.push(tokio::spawn(crate::datacenter::supervise::supervise(
+    link_tasks.push(tokio::spawn(crate::ops::watchdog::run(
         shared.clone(),
         notify,
     )));

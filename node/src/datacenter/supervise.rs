@@ -1,52 +1,25 @@
-//! The loop that tells the supervisor how the node is doing: a STATUS line every few seconds,
-//! and WATCHDOG=1 only after a round trip through the writer thread, so a writer stuck in a
-//! commit (a hung disk, a deadlock) stops the pings and systemd restarts the node.
+//! What the watchdog loop (`crate::ops::watchdog`) asks of a datacenter: a round trip through
+//! the writer thread (it answers after whatever it is committing) and the STATUS line.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use tokio::time::MissedTickBehavior;
 
 use crate::datacenter::writer::Cmd;
 use crate::datacenter::Shared;
-use crate::limits::STATUS_EVERY;
-use crate::ops::notify::Notifier;
+use crate::ops::watchdog::Watched;
 use crate::replication::LogRead;
 
-/// Runs until the task is aborted (at shutdown).
-pub async fn supervise(shared: Arc<Shared>, notify: Notifier) {
-    let ping_every = notify.watchdog_interval();
-    let tick = ping_every.map_or(STATUS_EVERY, |p| p.min(STATUS_EVERY));
-    let mut every = tokio::time::interval(tick);
-    every.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut status_at: Option<Instant> = None;
-    let mut stuck = false;
-    loop {
-        every.tick().await;
-        if let Some(p) = ping_every {
-            match ping_writer(&shared, p).await {
-                Ok(took) => {
-                    notify.watchdog();
-                    if stuck {
-                        tracing::info!(
-                            "the writer thread answers again (after {took:?}); watchdog pings resumed"
-                        );
-                        stuck = false;
-                    }
-                }
-                Err(e) => {
-                    if !stuck {
-                        shared.note_error(format!("watchdog: {e}; withholding the watchdog ping"));
-                        stuck = true;
-                    }
-                }
-            }
-        }
-        if status_at.is_none_or(|t| t.elapsed() >= STATUS_EVERY) {
-            status_at = Some(Instant::now());
-            notify.status(&status_line(&shared).await);
-        }
+impl Watched for Shared {
+    async fn ping(&self, timeout: Duration) -> Result<(), String> {
+        ping_writer(self, timeout).await.map(|_| ())
+    }
+    async fn status_line(node: &Arc<Self>) -> String {
+        status_line(node).await
+    }
+    fn note_error(&self, e: String) {
+        Shared::note_error(self, e)
     }
 }
 

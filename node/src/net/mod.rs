@@ -7,6 +7,7 @@
 //! sides: a resumed session would skip the certificate check, so a fingerprint removed from the
 //! pin set could come back through an old ticket.
 
+pub mod backoff;
 pub mod cert_id;
 mod identity;
 mod pins;

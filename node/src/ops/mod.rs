@@ -8,6 +8,8 @@ pub mod errors;
 pub mod logging;
 pub mod notify;
 pub mod reload;
+pub mod shutdown;
+pub mod watchdog;
 
 pub use errors::ErrorLog;
 pub use notify::Notifier;

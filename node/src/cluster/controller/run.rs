@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, oneshot};
@@ -31,7 +31,6 @@ use crate::wire::Role;
 /// How often the core is ticked (silent machines marked down, publications resent).
 const TICK_EVERY: Duration = Duration::from_millis(100);
 /// How often the supervisor's STATUS line is refreshed.
-const STATUS_EVERY: Duration = Duration::from_secs(5);
 /// Counters for `/metrics`.
 #[derive(Default)]
 pub struct ControllerMetrics {
@@ -159,30 +158,13 @@ impl ControllerRunning {
     /// Stops cleanly: the API stops taking requests, connections close with a reason, the
     /// core thread commits what it has queued and ends.
     pub async fn shutdown(mut self) {
-        if let Some(stop) = self.api_stop.take() {
-            let _ = stop.send(());
-        }
-        if tokio::time::timeout(Duration::from_secs(5), &mut self.api_task)
-            .await
-            .is_err()
-        {
-            self.api_task.abort();
-        }
-        self.endpoint.close(
-            quinn::VarInt::from_u32(crate::net::close::SHUTDOWN),
-            b"controller shutting down",
-        );
-        for t in &self.tasks {
-            t.abort();
-        }
-        for t in self.tasks.drain(..) {
-            let _ = t.await;
-        }
+        use crate::ops::shutdown;
+        shutdown::stop_api(self.api_stop.take(), &mut self.api_task).await;
+        shutdown::close_and_abort(&self.endpoint, "controller shutting down", &mut self.tasks)
+            .await;
         let _ = self.shared.cmd.send(Cmd::Stop).await;
-        if let Some(t) = self.core_thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        shutdown::join_thread(self.core_thread.take()).await;
+        shutdown::wait_idle(&self.endpoint).await;
     }
 }
 
@@ -316,7 +298,10 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
     shared.ready.store(true, Ordering::Relaxed);
     notify.ready();
     let mut tasks = tasks;
-    tasks.push(tokio::spawn(supervise(shared.clone(), notify)));
+    tasks.push(tokio::spawn(crate::ops::watchdog::run(
+        shared.clone(),
+        notify,
+    )));
     tracing::info!(
         role = %Role::Controller,
         name = %shared.meta.name,
@@ -354,38 +339,17 @@ async fn tick(shared: Arc<ControllerShared>) {
     }
 }
 
-/// STATUS every few seconds, and WATCHDOG=1 only after a round trip through the core thread,
-/// so a thread stuck in a commit stops the pings and systemd restarts the node.
-async fn supervise(shared: Arc<ControllerShared>, notify: Notifier) {
-    let ping_every = notify.watchdog_interval();
-    let every = ping_every.map_or(STATUS_EVERY, |p| p.min(STATUS_EVERY));
-    let mut every = tokio::time::interval(every);
-    every.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut status_at: Option<Instant> = None;
-    let mut stuck = false;
-    loop {
-        every.tick().await;
-        if let Some(p) = ping_every {
-            match ping(&shared, p).await {
-                Ok(()) => {
-                    notify.watchdog();
-                    if stuck {
-                        tracing::info!("the core thread answers again; watchdog pings resumed");
-                        stuck = false;
-                    }
-                }
-                Err(e) => {
-                    if !stuck {
-                        shared.note_error(format!("watchdog: {e}; withholding the watchdog ping"));
-                        stuck = true;
-                    }
-                }
-            }
-        }
-        if status_at.is_none_or(|t| t.elapsed() >= STATUS_EVERY) {
-            status_at = Some(Instant::now());
-            notify.status(&status_line(&shared));
-        }
+/// The watchdog loop (`crate::ops::watchdog`) pings the core thread: a thread stuck in a
+/// commit stops the pings and systemd restarts the node.
+impl crate::ops::watchdog::Watched for ControllerShared {
+    async fn ping(&self, timeout: Duration) -> Result<(), String> {
+        ping(self, timeout).await
+    }
+    async fn status_line(node: &Arc<Self>) -> String {
+        status_line(node)
+    }
+    fn note_error(&self, e: String) {
+        ControllerShared::note_error(self, e)
     }
 }
 

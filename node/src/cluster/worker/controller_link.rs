@@ -13,13 +13,13 @@ use tokio::time::Instant;
 
 use super::core::{Standing, WorkerRefusal};
 use super::{relay, WorkerShared};
+use crate::limits::{WORKER_DIAL_BACKOFF_MAX, WORKER_DIAL_BACKOFF_MIN};
+use crate::net::backoff::{jittered, Backoff};
 use crate::net::{self, close};
 use crate::wire::{
     read_frame, write_frame, Admission, FrameError, JoinRefusal, Message, TOKEN_NOT_ACCEPTED,
 };
 
-pub(crate) const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
-pub(crate) const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A controller that refuses this machine is asked again this rarely.
 const REJECTED_RETRY: Duration = Duration::from_secs(30);
 /// A controller that refused this Join for now (name taken, too many waiting) is asked again
@@ -47,15 +47,8 @@ enum End {
     Shutdown,
 }
 
-/// A delay with up to a quarter of it added at random, so that many workers that lost their
-/// controller together do not come back in step.
-pub(crate) fn jittered(d: Duration) -> Duration {
-    let spread = (d.as_millis() as u64 / 4).max(1);
-    d + Duration::from_millis(rand::random::<u64>() % spread)
-}
-
 pub(crate) async fn run(shared: Arc<WorkerShared>) {
-    let mut backoff = DIAL_BACKOFF_MIN;
+    let mut backoff = Backoff::new(WORKER_DIAL_BACKOFF_MIN, WORKER_DIAL_BACKOFF_MAX);
     loop {
         let answered = AtomicBool::new(false);
         let wait = match session(&shared, &answered).await {
@@ -68,7 +61,7 @@ pub(crate) async fn run(shared: Arc<WorkerShared>) {
                     l.rejected = Some(reason.clone());
                     l.last_error = Some(format!("rejected: {reason}"));
                 });
-                REJECTED_RETRY
+                jittered(REJECTED_RETRY)
             }
             End::Refused(why) => {
                 let line = format!("the controller refused this machine: {why}");
@@ -79,8 +72,8 @@ pub(crate) async fn run(shared: Arc<WorkerShared>) {
                     }
                     l.last_error = Some(line.clone());
                 });
-                backoff = DIAL_BACKOFF_MIN;
-                REFUSED_RETRY
+                backoff.reset();
+                jittered(REFUSED_RETRY)
             }
             End::Hostile(e) => {
                 shared.note_error(format!("controller: {e}; connection closed"));
@@ -97,15 +90,15 @@ pub(crate) async fn run(shared: Arc<WorkerShared>) {
                 next(&shared, &mut backoff, &answered)
             }
         };
-        tokio::time::sleep(jittered(wait)).await;
+        tokio::time::sleep(wait).await;
     }
 }
 
 /// The wait before the next dial: short again after a session in which the controller answered;
 /// slow while it refuses this machine (it then refuses the key in the handshake itself).
-fn next(shared: &WorkerShared, backoff: &mut Duration, answered: &AtomicBool) -> Duration {
+fn next(shared: &WorkerShared, backoff: &mut Backoff, answered: &AtomicBool) -> Duration {
     if answered.load(Ordering::Relaxed) {
-        *backoff = DIAL_BACKOFF_MIN;
+        backoff.reset();
     } else if shared
         .controller
         .lock()
@@ -113,11 +106,9 @@ fn next(shared: &WorkerShared, backoff: &mut Duration, answered: &AtomicBool) ->
         .rejected
         .is_some()
     {
-        return REJECTED_RETRY;
+        return jittered(REJECTED_RETRY);
     }
-    let wait = *backoff;
-    *backoff = (*backoff * 2).min(DIAL_BACKOFF_MAX);
-    wait
+    backoff.next_wait()
 }
 
 fn set_state(shared: &WorkerShared, f: impl FnOnce(&mut super::ControllerLink)) {

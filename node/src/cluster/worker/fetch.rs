@@ -27,10 +27,11 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::controller_link::jittered;
 use super::core::Standing;
 use super::WorkerShared;
 use crate::cluster::body::DeployOrder;
+use crate::limits::{WORKER_DIAL_BACKOFF_MAX, WORKER_DIAL_BACKOFF_MIN};
+use crate::net::backoff::Backoff;
 use crate::net::close;
 use crate::wire::{read_frame, write_frame, BundleRequest, FrameError, Message};
 
@@ -55,8 +56,6 @@ const READ_IDLE: Duration = Duration::from_secs(60);
 /// A partly filled buffer goes to the writer when the stream pauses this long, so that what
 /// arrived is on disk (and shown) even if the stream then stalls.
 const FLUSH_IDLE: Duration = Duration::from_millis(50);
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Consecutive refusals (a Goodbye other than "busy", a header that does not match the order)
 /// before the deployment fails; a broken connection is retried without limit.
 const REFUSALS_MAX: u32 = 5;
@@ -104,7 +103,7 @@ pub(crate) async fn fetch(
     let limit = stall_at().map_or(total, |s| s.min(total));
     // The hash of the file's first `len` bytes, once a writer has computed it.
     let mut hasher: Option<blake3::Hasher> = None;
-    let mut backoff = RETRY_MIN;
+    let mut backoff = Backoff::new(WORKER_DIAL_BACKOFF_MIN, WORKER_DIAL_BACKOFF_MAX);
     let mut refusals = 0u32;
     let mut prefer_lb = true;
     let mut last_error = String::new();
@@ -128,7 +127,7 @@ pub(crate) async fn fetch(
         .await;
         progress.store(len, Ordering::Relaxed);
         if len > before {
-            backoff = RETRY_MIN;
+            backoff.reset();
             refusals = 0;
         }
         let Some(end) = end else { continue };
@@ -150,8 +149,7 @@ pub(crate) async fn fetch(
         }
         // After a failure through the load balancer, the next attempt goes to the controller.
         prefer_lb = !via_lb;
-        tokio::time::sleep(jittered(backoff)).await;
-        backoff = (backoff * 2).min(RETRY_MAX);
+        tokio::time::sleep(backoff.next_wait()).await;
     }
     if len < total {
         tracing::warn!("stalled at {len} for the test");

@@ -318,35 +318,14 @@ impl WorkerRunning {
     /// Stops cleanly: the API stops, the driver finishes what it is committing and closes the
     /// database, the software is stopped, connections close with a reason.
     pub async fn shutdown(mut self) {
-        if let Some(stop) = self.api_stop.take() {
-            let _ = stop.send(());
-        }
-        if tokio::time::timeout(Duration::from_secs(5), &mut self.api_task)
-            .await
-            .is_err()
-        {
-            self.api_task.abort();
-        }
+        use crate::ops::shutdown;
+        shutdown::stop_api(self.api_stop.take(), &mut self.api_task).await;
         let _ = self.stop.send(true);
         let _ = (&mut self.driver).await;
-        if tokio::time::timeout(SOFTWARE_STOP_WAIT, &mut self.software)
-            .await
-            .is_err()
-        {
-            self.software.abort();
-        }
-        self.endpoint.close(
-            quinn::VarInt::from_u32(close::SHUTDOWN),
-            b"worker shutting down",
-        );
+        shutdown::wait_or_abort(&mut self.software, SOFTWARE_STOP_WAIT).await;
         relay::stop_dependent_link(&self.shared);
-        for t in &self.tasks {
-            t.abort();
-        }
-        for t in self.tasks.drain(..) {
-            let _ = t.await;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        shutdown::close_and_abort(&self.endpoint, "worker shutting down", &mut self.tasks).await;
+        shutdown::wait_idle(&self.endpoint).await;
     }
 }
 
@@ -485,7 +464,10 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<WorkerRun
         tokio::spawn(relay::accept_loop(shared.clone())),
     ];
     notify.ready();
-    tasks.push(tokio::spawn(supervise(shared.clone(), notify)));
+    tasks.push(tokio::spawn(crate::ops::watchdog::run(
+        shared.clone(),
+        notify,
+    )));
     tracing::info!(
         role = %Role::Worker,
         name = %shared.name,
@@ -511,39 +493,20 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<WorkerRun
     })
 }
 
-/// How often the STATUS line is refreshed.
-const STATUS_EVERY: Duration = Duration::from_secs(5);
-
-/// Tells the supervisor how the worker is doing: a STATUS line, and WATCHDOG=1 only after a
-/// round trip through the driver, so a driver stuck in a commit stops the pings.
-async fn supervise(shared: Arc<WorkerShared>, notify: Notifier) {
-    let ping_every = notify.watchdog_interval();
-    let tick = ping_every.map_or(STATUS_EVERY, |p| p.min(STATUS_EVERY));
-    let mut every = tokio::time::interval(tick);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut status_at: Option<Instant> = None;
-    let mut stuck = false;
-    loop {
-        every.tick().await;
-        if let Some(p) = ping_every {
-            let answered = tokio::time::timeout(p, shared.ping_driver()).await;
-            if matches!(answered, Ok(true)) {
-                notify.watchdog();
-                if stuck {
-                    tracing::info!("the driver answers again; watchdog pings resumed");
-                    stuck = false;
-                }
-            } else if !stuck {
-                shared.note_error(format!(
-                    "watchdog: the driver did not answer within {p:?}; withholding the ping"
-                ));
-                stuck = true;
-            }
+/// The watchdog loop (`crate::ops::watchdog`) pings the driver: a driver stuck in a commit
+/// stops the pings.
+impl crate::ops::watchdog::Watched for WorkerShared {
+    async fn ping(&self, timeout: Duration) -> Result<(), String> {
+        match tokio::time::timeout(timeout, self.ping_driver()).await {
+            Ok(true) => Ok(()),
+            _ => Err(format!("the driver did not answer within {timeout:?}")),
         }
-        if status_at.is_none_or(|t| t.elapsed() >= STATUS_EVERY) {
-            status_at = Some(Instant::now());
-            notify.status(&status_line(&shared));
-        }
+    }
+    async fn status_line(node: &Arc<Self>) -> String {
+        status_line(node)
+    }
+    fn note_error(&self, e: String) {
+        WorkerShared::note_error(self, e)
     }
 }
 

@@ -19,11 +19,12 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::controller_link::{jittered, DIAL_BACKOFF_MAX, DIAL_BACKOFF_MIN};
 use super::core::WorkerRefusal;
 use super::WorkerShared;
 use crate::cluster::body::{Dependent, LbRoute, Pool};
 use crate::ids::{Fingerprint, NodeId};
+use crate::limits::{WORKER_DIAL_BACKOFF_MAX, WORKER_DIAL_BACKOFF_MIN};
+use crate::net::backoff::Backoff;
 use crate::net::{self, close};
 use crate::wire::{
     read_frame, write_frame, FrameError, Message, Publication, Relay, RelayHello,
@@ -405,7 +406,7 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
 }
 
 async fn dependent_loop(shared: Arc<WorkerShared>, route: LbRoute, generation: u64) {
-    let mut backoff = DIAL_BACKOFF_MIN;
+    let mut backoff = Backoff::new(WORKER_DIAL_BACKOFF_MIN, WORKER_DIAL_BACKOFF_MAX);
     loop {
         let started = Instant::now();
         let (worked, error) = dependent_session(&shared, &route, generation).await;
@@ -420,10 +421,9 @@ async fn dependent_loop(shared: Arc<WorkerShared>, route: LbRoute, generation: u
             }
         });
         if worked || started.elapsed() >= LINK_STABLE {
-            backoff = DIAL_BACKOFF_MIN;
+            backoff.reset();
         }
-        tokio::time::sleep(jittered(backoff)).await;
-        backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+        tokio::time::sleep(backoff.next_wait()).await;
     }
 }
 
