@@ -201,10 +201,10 @@ pub struct ClusterConfig {
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
-            down_after: Duration::from_secs(15),
-            pending_max: 1024,
-            channel_max: crate::cluster::controller::core::CHANNEL_MAX,
-            bundle_keep_unused: Duration::from_secs(24 * 3600),
+            down_after: limits::DOWN_AFTER_DEFAULT,
+            pending_max: limits::PENDING_MAX_DEFAULT,
+            channel_max: limits::CHANNEL_MAX_DEFAULT,
+            bundle_keep_unused: limits::BUNDLE_KEEP_UNUSED_DEFAULT,
         }
     }
 }

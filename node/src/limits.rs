@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-// ---- Configurable: the defaults of `[limits]` -----------------------------------------------------
+// ---- Configurable: the defaults of `[limits]` and `[cluster]` -----------------------------------
 
 /// `limits.log_retention`: how long origin logs are kept for catch-up.
 pub const LOG_RETENTION_DEFAULT: Duration = Duration::from_secs(24 * 3600);
@@ -34,6 +34,17 @@ pub const API_CONNECTIONS_MAX_DEFAULT: usize = 1024;
 pub const API_HEADER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 pub const API_IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 pub const API_BODY_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
+/// `cluster.down_after`: a worker silent this long is marked down and leaves its pool.
+pub const DOWN_AFTER_DEFAULT: Duration = Duration::from_secs(15);
+/// `cluster.pending_max`: machine keys waiting as pending.
+pub const PENDING_MAX_DEFAULT: usize = 1024;
+/// `cluster.channel_max`: publications stored unacknowledged for one machine. A machine that
+/// applies what it is sent holds a few; one that stopped acknowledging (hung, or replaying an
+/// old database) would otherwise grow the controller's table without end.
+pub const CHANNEL_MAX_DEFAULT: usize = 256;
+/// `cluster.bundle_keep_unused`: an uploaded bundle no deployment needs is deleted this old.
+pub const BUNDLE_KEEP_UNUSED_DEFAULT: Duration = Duration::from_secs(24 * 3600);
 
 const _: () = assert!(BATCH_EVENTS_MAX_DEFAULT <= COMMIT_EVENTS_MAX_DEFAULT);
 const _: () = assert!(IN_FLIGHT_MAX_DEFAULT > 0 && INGEST_QUEUE_MAX_DEFAULT > 0);

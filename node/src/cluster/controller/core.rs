@@ -38,11 +38,6 @@ pub const LOAD_BALANCER: &str = "load-balancer";
 /// `load_balancer` takes its jobs (it is not one of that load balancer's backends).
 pub const CALL_ROUTER: &str = "call-router";
 
-/// Default bound of a machine's channel of unacknowledged publications ([`Settings::channel_max`]).
-/// A machine that applies what it is sent holds a few; one that stopped acknowledging (hung,
-/// or replaying an old database) would otherwise grow the controller's table without end.
-pub const CHANNEL_MAX: usize = 256;
-
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// A machine silent this long is marked down and leaves its pool.
@@ -68,11 +63,11 @@ impl Settings {
         Settings {
             down_after_ms,
             heartbeat_ms: (down_after_ms / 4).max(50),
-            pending_max: 1024,
+            pending_max: crate::limits::PENDING_MAX_DEFAULT,
             resend_after_ms: 1000,
             join_token: None,
             controller_node_id: None,
-            channel_max: CHANNEL_MAX,
+            channel_max: crate::limits::CHANNEL_MAX_DEFAULT,
         }
     }
 }
