@@ -207,7 +207,15 @@ impl Store {
             let mut t = txn.tables_write_back()?;
             let upto = t.state_upto();
             let tail = crate::replication::Tables::log_tail(&t)?;
-            if upto >= tail {
+            // Invariant at load: the table is complete up to a position of the log, never past
+            // its tail (every commit that moves `state_upto` asserts it, see the overlay).
+            if upto > tail {
+                return Err(StoreError::Corrupt(format!(
+                    "the state table is said to be complete up to log position {upto}, past the \
+                     log tail {tail}"
+                )));
+            }
+            if upto == tail {
                 return Ok(());
             }
             if let Some(first) = crate::replication::LogRead::log_first(&t)? {

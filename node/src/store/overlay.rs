@@ -166,6 +166,13 @@ impl StateOverlay {
 
     /// Applies what a committed transaction did. Called once per commit, after it succeeded.
     pub(super) fn committed(&self, t: TxnState) {
+        // Invariant at commit: the state table is never said to be complete past the log.
+        assert!(
+            t.state_upto.is_none_or(|u| u <= t.tail),
+            "state_upto {:?} past the log tail {}",
+            t.state_upto,
+            t.tail
+        );
         let mut i = self.write();
         let i = &mut *i;
         for key in t.flushed {
