@@ -2,17 +2,15 @@
 //! the writer thread (it answers after whatever it is committing) and the STATUS line.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use tokio::sync::oneshot;
+use std::time::Duration;
 
 use crate::datacenter::writer::Cmd;
 use crate::datacenter::Shared;
-use crate::ops::watchdog::Watched;
+use crate::ops::watchdog::{round_trip, PingError, Watched};
 use crate::replication::LogRead;
 
 impl Watched for Shared {
-    async fn ping(&self, timeout: Duration) -> Result<(), String> {
+    async fn ping(&self, timeout: Duration) -> Result<(), PingError> {
         ping_writer(self, timeout).await.map(|_| ())
     }
     async fn status_line(node: &Arc<Self>) -> String {
@@ -24,25 +22,11 @@ impl Watched for Shared {
 }
 
 /// One round trip through the writer thread: it answers after whatever it is committing.
-pub async fn ping_writer(shared: &Shared, timeout: Duration) -> Result<Duration, String> {
-    let started = Instant::now();
-    let (tx, rx) = oneshot::channel();
-    let round_trip = async {
-        shared
-            .writer
-            .send(Cmd::Ping { reply: tx })
-            .await
-            .map_err(|_| "the writer thread has stopped".to_owned())?;
-        rx.await
-            .map_err(|_| "the writer thread has stopped".to_owned())
-    };
-    match tokio::time::timeout(timeout, round_trip).await {
-        Ok(Ok(())) => Ok(started.elapsed()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!(
-            "the writer thread did not answer within {timeout:?}"
-        )),
-    }
+pub async fn ping_writer(shared: &Shared, timeout: Duration) -> Result<Duration, PingError> {
+    round_trip("writer thread", timeout, |reply| async move {
+        shared.writer.send(Cmd::Ping { reply }).await.is_ok()
+    })
+    .await
 }
 
 /// What `systemctl status` shows, e.g.

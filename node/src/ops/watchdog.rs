@@ -7,15 +7,53 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::oneshot;
 use tokio::time::MissedTickBehavior;
 
 use super::Notifier;
 use crate::limits::STATUS_EVERY;
 
+/// Why a working thread did not answer a ping (the watchdog's and `/readyz`'s).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PingError {
+    #[error("the {0} has stopped")]
+    Stopped(&'static str),
+    #[error("the {what} did not answer within {after:?}")]
+    Timeout { what: &'static str, after: Duration },
+}
+
+/// One round trip through a working thread (`what`, e.g. "writer thread"): `send` hands it a
+/// ping carrying the reply sender and says whether the thread's queue took it; the thread
+/// answers after whatever it is doing. Returns how long the round trip took.
+pub async fn round_trip<Fut>(
+    what: &'static str,
+    timeout: Duration,
+    send: impl FnOnce(oneshot::Sender<()>) -> Fut,
+) -> Result<Duration, PingError>
+where
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    let (tx, rx) = oneshot::channel();
+    let trip = async {
+        if !send(tx).await {
+            return Err(PingError::Stopped(what));
+        }
+        rx.await.map_err(|_| PingError::Stopped(what))
+    };
+    match tokio::time::timeout(timeout, trip).await {
+        Ok(r) => r.map(|()| started.elapsed()),
+        Err(_) => Err(PingError::Timeout {
+            what,
+            after: timeout,
+        }),
+    }
+}
+
 /// What a role's runtime gives the watchdog loop.
 pub trait Watched: Send + Sync + 'static {
-    /// One round trip through the role's working thread, within `timeout`; the error says why not.
-    fn ping(&self, timeout: Duration) -> impl Future<Output = Result<(), String>> + Send;
+    /// One round trip through the role's working thread, within `timeout`.
+    fn ping(&self, timeout: Duration) -> impl Future<Output = Result<(), PingError>> + Send;
     /// What `systemctl status` shows.
     fn status_line(node: &Arc<Self>) -> impl Future<Output = String> + Send;
     /// Records an error for `outpost status` and the log.

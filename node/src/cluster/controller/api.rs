@@ -122,7 +122,9 @@ async fn get_readyz(State(s): S) -> Response {
         if !s.summary().available {
             return Err("the database is unavailable after a failed write".to_owned());
         }
-        super::run::ping(&s, crate::limits::READY_PING_TIMEOUT).await
+        super::run::ping(&s, crate::limits::READY_PING_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())
     };
     crate::http::readiness(s.meta.role, check.await, json!({}))
 }

@@ -24,6 +24,7 @@ use crate::cluster::keys::{ControllerKey, SIGNING_SECRET};
 use crate::config::{Config, ConfigError};
 use crate::ids::Fingerprint;
 use crate::net::{PinPolicy, PinSet, TransportLimits};
+use crate::ops::watchdog::{round_trip, PingError};
 use crate::ops::Notifier;
 use crate::store::{NodeMeta, Store};
 use crate::wire::Role;
@@ -342,7 +343,7 @@ async fn tick(shared: Arc<ControllerShared>) {
 /// The watchdog loop (`crate::ops::watchdog`) pings the core thread: a thread stuck in a
 /// commit stops the pings and systemd restarts the node.
 impl crate::ops::watchdog::Watched for ControllerShared {
-    async fn ping(&self, timeout: Duration) -> Result<(), String> {
+    async fn ping(&self, timeout: Duration) -> Result<(), PingError> {
         ping(self, timeout).await
     }
     async fn status_line(node: &Arc<Self>) -> String {
@@ -354,21 +355,12 @@ impl crate::ops::watchdog::Watched for ControllerShared {
 }
 
 /// One round trip through the core thread.
-pub(crate) async fn ping(shared: &ControllerShared, timeout: Duration) -> Result<(), String> {
-    let (tx, rx) = oneshot::channel();
-    let round_trip = async {
-        shared
-            .cmd
-            .send(Cmd::Ping { reply: tx })
-            .await
-            .map_err(|_| "the core thread has stopped".to_owned())?;
-        rx.await
-            .map_err(|_| "the core thread has stopped".to_owned())
-    };
-    match tokio::time::timeout(timeout, round_trip).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("the core thread did not answer within {timeout:?}")),
-    }
+pub(crate) async fn ping(shared: &ControllerShared, timeout: Duration) -> Result<(), PingError> {
+    round_trip("core thread", timeout, |reply| async move {
+        shared.cmd.send(Cmd::Ping { reply }).await.is_ok()
+    })
+    .await
+    .map(|_| ())
 }
 
 /// What `systemctl status` shows, e.g.

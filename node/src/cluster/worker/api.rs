@@ -89,13 +89,9 @@ async fn get_readyz(State(s): State<Arc<WorkerShared>>) -> Response {
                 ));
             }
         }
-        match tokio::time::timeout(crate::limits::READY_PING_TIMEOUT, s.ping_driver()).await {
-            Ok(true) => Ok(()),
-            _ => Err(format!(
-                "the driver did not answer within {:?}",
-                crate::limits::READY_PING_TIMEOUT
-            )),
-        }
+        s.ping_driver(crate::limits::READY_PING_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())
     };
     let connected = s.controller_connected();
     crate::http::readiness(

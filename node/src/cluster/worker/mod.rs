@@ -275,9 +275,14 @@ impl WorkerShared {
     }
 
     /// One round trip through the driver: it answers after whatever it is committing.
-    pub(crate) async fn ping_driver(&self) -> bool {
-        let (tx, rx) = oneshot::channel();
-        self.input(Input::Ping(tx)).await && rx.await.is_ok()
+    /// One round trip through the driver, within `timeout`.
+    pub(crate) async fn ping_driver(
+        &self,
+        timeout: Duration,
+    ) -> Result<(), crate::ops::watchdog::PingError> {
+        crate::ops::watchdog::round_trip("driver", timeout, |tx| self.input(Input::Ping(tx)))
+            .await
+            .map(|_| ())
     }
 
     /// The pool file changed: the software (the load balancer's) gets a SIGHUP to its process
@@ -496,11 +501,8 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<WorkerRun
 /// The watchdog loop (`crate::ops::watchdog`) pings the driver: a driver stuck in a commit
 /// stops the pings.
 impl crate::ops::watchdog::Watched for WorkerShared {
-    async fn ping(&self, timeout: Duration) -> Result<(), String> {
-        match tokio::time::timeout(timeout, self.ping_driver()).await {
-            Ok(true) => Ok(()),
-            _ => Err(format!("the driver did not answer within {timeout:?}")),
-        }
+    async fn ping(&self, timeout: Duration) -> Result<(), crate::ops::watchdog::PingError> {
+        self.ping_driver(timeout).await
     }
     async fn status_line(node: &Arc<Self>) -> String {
         status_line(node)

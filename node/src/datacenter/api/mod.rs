@@ -118,6 +118,7 @@ async fn datacenter_ready(s: &Shared) -> Result<(), String> {
     crate::datacenter::supervise::ping_writer(s, READY_PING_TIMEOUT)
         .await
         .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
