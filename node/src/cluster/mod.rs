@@ -7,6 +7,7 @@
 pub mod body;
 pub mod controller;
 pub mod keys;
+mod store;
 #[cfg(test)]
 mod tests;
 pub mod worker;

@@ -46,7 +46,7 @@
 
 pub mod backup;
 pub mod check;
-mod cluster;
+pub(crate) mod cluster;
 mod overlay;
 mod read;
 mod tables;
@@ -128,7 +128,7 @@ pub struct NodeMeta {
 /// An open database. `Send + Sync`: share it (e.g. in an `Arc`) between the writer thread and
 /// readers.
 pub struct Store {
-    db: Database,
+    pub(crate) db: Database,
     path: PathBuf,
     overlay: Arc<StateOverlay>,
 }
@@ -515,7 +515,7 @@ impl Store {
 /// One write transaction. Dropping it without [`WriteTxn::commit`] aborts it: nothing of it
 /// becomes visible, in the tables or in the state overlay.
 pub struct WriteTxn {
-    txn: redb::WriteTransaction,
+    pub(crate) txn: redb::WriteTransaction,
     overlay: Arc<StateOverlay>,
     /// The state entries written by this transaction's table sessions so far, and what its
     /// commit tells the overlay.

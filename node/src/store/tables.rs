@@ -16,7 +16,7 @@ use crate::replication::{
     Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError, Tables,
 };
 
-pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(super) const STATE: TableDefinition<(&str, u8), &[u8]> = TableDefinition::new("state");
 pub(super) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 /// Message records keyed by [`MsgKey`] as (origin, oseq, id prefix): appended in order.
