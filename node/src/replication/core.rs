@@ -12,9 +12,7 @@ use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, Store
 use crate::ids::{MsgId, NodeId};
 use crate::model::events::{self, ElementError, ELEMENT_BYTES_MAX};
 use crate::model::{to_canonical, ElementRecord, Event, EventError, EventType, Hlc, Version};
-use crate::wire::{
-    CatchUpBatch, CatchUpRequest, Elements, Hello, Role, SnapshotChunk, PROTOCOL_VERSION,
-};
+use crate::wire::{CatchUpBatch, CatchUpRequest, Elements, Hello, SnapshotChunk};
 
 /// Why an event was not ingested.
 #[derive(Debug, thiserror::Error)]
@@ -402,22 +400,14 @@ impl Core {
 
     /// Our Hello to `peer`: marks, and where we are in the peer's log.
     pub fn hello(&self, t: &impl Tables, peer: Option<NodeId>) -> Result<Hello, StoreError> {
-        let resume = match peer {
-            Some(p) => {
-                let pp = t.peer(p)?;
-                (pp.recv_epoch != 0).then_some((pp.recv_epoch, pp.received))
-            }
-            None => None,
-        };
-        Ok(Hello {
-            protocol: PROTOCOL_VERSION,
-            node_id: self.node_id,
-            role: Role::Datacenter,
-            name: self.name.clone(),
-            log_epoch: t.log_epoch()?,
-            resume,
-            marks: t.marks()?.iter().map(|(o, m)| m.to_wire(*o)).collect(),
-        })
+        let progress = peer.map(|p| t.peer(p)).transpose()?;
+        Ok(super::session::hello(
+            self.node_id,
+            &self.name,
+            t.log_epoch()?,
+            progress.as_ref(),
+            &t.marks()?,
+        ))
     }
 }
 
