@@ -16,7 +16,7 @@ use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, Store
 use crate::ids::{MsgId, NodeId};
 use crate::model::EventType;
 use crate::wire::{
-    CatchUpRequest, Elements, Hello, Role, SnapshotChunk, SnapshotEnd, SnapshotEntry,
+    CatchUpBatch, CatchUpRequest, Elements, Hello, Role, SnapshotChunk, SnapshotEnd, SnapshotEntry,
     PROTOCOL_VERSION,
 };
 
@@ -199,43 +199,64 @@ pub fn frame_weight<'a>(records: impl Iterator<Item = (&'a str, &'a [u8])>) -> u
 /// The permits of the pending budget a frame of `weight` takes: at least one, and a frame over
 /// the whole budget takes all of it (it waits until nothing else is held).
 pub fn weight_permits(weight: usize) -> u32 {
-    weight
-        .div_ceil(PENDING_PERMIT_BYTES)
-        .clamp(1, PENDING_PERMITS as usize) as u32
+    permits_within(weight, PENDING_PERMITS)
 }
 
-/// The receiving half's byte budget, counted in permits of [`PENDING_PERMIT_BYTES`]. The QUIC
-/// driver waits on a semaphore of [`PENDING_PERMITS`] sized by [`weight_permits`]; the
-/// simulation holds frames back with this.
+fn permits_within(weight: usize, capacity: u32) -> u32 {
+    weight
+        .div_ceil(PENDING_PERMIT_BYTES)
+        .clamp(1, capacity.max(1) as usize) as u32
+}
+
+/// The receiving half's budgets: frames and bytes (in permits of [`PENDING_PERMIT_BYTES`])
+/// read from the peer and not yet applied. The QUIC driver enforces the same bounds with a
+/// channel of [`PENDING_MAX`] and a semaphore of [`PENDING_PERMITS`] sized by
+/// [`weight_permits`] (it must wait asynchronously); the simulation holds frames back with this,
+/// at capacities small enough to bind.
 #[derive(Clone, Debug)]
 pub struct InboundBudget {
+    frames_max: usize,
+    frames: usize,
+    capacity: u32,
     free: u32,
 }
 
 impl Default for InboundBudget {
     fn default() -> Self {
-        InboundBudget {
-            free: PENDING_PERMITS,
-        }
+        InboundBudget::new(PENDING_MAX, PENDING_PERMITS)
     }
 }
 
 impl InboundBudget {
-    /// Takes room for a frame of `weight`, if there is: the permits to give back once applied.
+    pub fn new(frames_max: usize, permits: u32) -> Self {
+        InboundBudget {
+            frames_max: frames_max.max(1),
+            frames: 0,
+            capacity: permits.max(1),
+            free: permits.max(1),
+        }
+    }
+
+    /// Takes room for a frame of `weight`, if there is: the permits to give back once it is
+    /// applied (with [`Self::release`]).
     pub fn try_take(&mut self, weight: usize) -> Option<u32> {
-        let n = weight_permits(weight);
-        (n <= self.free).then(|| {
+        let n = permits_within(weight, self.capacity);
+        (n <= self.free && self.frames < self.frames_max).then(|| {
             self.free -= n;
+            self.frames += 1;
             n
         })
     }
 
+    /// A frame that held `permits` was applied (or dropped).
     pub fn release(&mut self, permits: u32) {
-        self.free = (self.free + permits).min(PENDING_PERMITS);
+        self.free = (self.free + permits).min(self.capacity);
+        self.frames = self.frames.saturating_sub(1);
     }
 
-    pub fn free(&self) -> u32 {
-        self.free
+    /// Whether nothing is held.
+    pub fn idle(&self) -> bool {
+        self.frames == 0 && self.free == self.capacity
     }
 }
 
@@ -390,6 +411,8 @@ pub struct Session {
     epoch: u64,
     outbound: Outbound,
     own_log: OwnLog,
+    /// The peer needs our state table: see [`Session::on_catch_up_answered`].
+    snapshot_wanted: bool,
 }
 
 impl Session {
@@ -418,6 +441,7 @@ impl Session {
             epoch,
             outbound: Outbound::new(limits, start, now_ms),
             own_log,
+            snapshot_wanted: false,
         }
     }
 
@@ -479,6 +503,31 @@ impl Session {
         epoch == self.epoch && self.outbound.on_ack(upto, now_ms)
     }
 
+    /// We answered the peer's catch-up request with `batch`; `ours` is our mark of that origin.
+    /// When we count as held sequences of the range whose records we could not send (trimmed
+    /// by retention, or held only through a snapshot, which carries no records), the peer,
+    /// restored from a backup, can recover them only from our state table: it gets a snapshot.
+    pub fn on_catch_up_answered(
+        &mut self,
+        req: &CatchUpRequest,
+        batch: &CatchUpBatch,
+        ours: &Mark,
+    ) {
+        let upto = match (batch.done, batch.items.last()) {
+            (false, Some(last)) => last.oseq,
+            _ => ours.highest(),
+        };
+        if held_in(ours, req.after_oseq, upto) > batch.items.len() as u64 {
+            self.snapshot_wanted = true;
+        }
+    }
+
+    /// Whether to send the peer a snapshot now (once per request for it): the driver sends
+    /// one as for a peer behind retention, then continues from the position it reflects.
+    pub fn poll_snapshot(&mut self) -> bool {
+        std::mem::take(&mut self.snapshot_wanted)
+    }
+
     /// Over a transport that loses frames within a session (the simulation's), resends from
     /// the last ack when nothing moved for the retransmit time. QUIC streams lose nothing
     /// within a connection, so the QUIC driver does not call it: a lost connection is a new
@@ -486,6 +535,22 @@ impl Session {
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.outbound.on_tick(now_ms);
     }
+}
+
+/// How many sequences of `(after, upto]` the mark holds.
+fn held_in(m: &Mark, after: u64, upto: u64) -> u64 {
+    if after >= upto {
+        return 0;
+    }
+    let below = m.contiguous.min(upto).saturating_sub(after);
+    let above = m
+        .above
+        .range((
+            std::ops::Bound::Excluded(after.max(m.contiguous)),
+            std::ops::Bound::Included(upto),
+        ))
+        .count() as u64;
+    below + above
 }
 
 /// After a restore from a backup: which peers have not yet confirmed that we hold all of our

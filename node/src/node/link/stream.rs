@@ -91,6 +91,9 @@ async fn read_loop(
 ) -> Result<(), SessionError> {
     let max = shared.config.limits.frame_bytes_max;
     let epoch = shared.meta.log_epoch;
+    // Set by the writer when a commit of this connection's frames fails: it applies none of
+    // the later ones.
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let budget = Arc::new(tokio::sync::Semaphore::new(
         session::PENDING_PERMITS as usize,
     ));
@@ -122,6 +125,7 @@ async fn read_loop(
                         from: peer_id,
                         frame,
                         els,
+                        broken: broken.clone(),
                         reply: tx,
                     })
                     .await
@@ -149,6 +153,7 @@ async fn read_loop(
                         from: peer_id,
                         chunk,
                         els,
+                        broken: broken.clone(),
                         reply: tx,
                     })
                     .await
@@ -177,11 +182,20 @@ async fn read_loop(
             }
             Message::CatchUpRequest(req) => {
                 let s = shared.clone();
-                let batch = tokio::task::spawn_blocking(move || {
-                    Core::answer_catch_up(&s.store.read()?, &req)
+                let (req, batch, ours) = tokio::task::spawn_blocking(move || {
+                    let r = s.store.read()?;
+                    let batch = Core::answer_catch_up(&r, &req)?;
+                    let ours = r.mark(req.origin)?;
+                    Ok::<_, StoreError>((req, batch, ours))
                 })
                 .await
                 .map_err(|_| SessionError::Shutdown)??;
+                session
+                    .lock()
+                    .expect("session lock")
+                    .on_catch_up_answered(&req, &batch, &ours);
+                // The sender may now owe the peer a snapshot.
+                notify.notify_one();
                 ctl.send(Message::CatchUpBatch(batch))
                     .await
                     .map_err(|_| SessionError::Shutdown)?;
@@ -255,6 +269,14 @@ async fn send_loop(
             write_frame(&mut send, &m).await?;
         }
         let tail = *tail_rx.borrow_and_update();
+        if session.lock().expect("session lock").poll_snapshot() {
+            let upto = send::send_snapshot(shared, peer_id, &mut send, frame_budget).await?;
+            session
+                .lock()
+                .expect("session lock")
+                .on_sent(upto, now_ms());
+            continue;
+        }
         let range = session.lock().expect("session lock").poll_range(tail);
         if let Some((after, upto)) = range {
             let s = shared.clone();
@@ -306,6 +328,9 @@ mod pending_budget_tests {
     /// applied, and a frame over the whole budget waits for all of it.
     #[tokio::test]
     async fn frames_waiting_for_the_writer_stay_within_the_byte_budget() {
+        // Set by the writer when a commit of this connection's frames fails: it applies none of
+        // the later ones.
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let budget = Arc::new(tokio::sync::Semaphore::new(PENDING_PERMITS as usize));
         let frame = PENDING_BYTES_MAX / 8;
         let mut held = Vec::new();
