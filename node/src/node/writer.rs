@@ -604,3 +604,42 @@ fn try_group(
 pub fn read_tail(store: &Store) -> Result<u64, StoreError> {
     LogRead::log_tail(&store.read()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Convergence (invariant 2): once a commit of a connection's frames failed, the writer
+    /// applies none of its later frames, so a snapshot's end never raises our marks over a
+    /// chunk that was not applied.
+    #[test]
+    fn convergence_no_frame_of_a_connection_applies_after_one_failed() {
+        let broken = Arc::new(AtomicBool::new(false));
+        let chunk = |broken: &Arc<AtomicBool>| {
+            let (reply, rx) = oneshot::channel();
+            let cmd = Cmd::Snapshot {
+                from: NodeId(2),
+                chunk: SnapshotChunk {
+                    epoch: 1,
+                    entries: Vec::new(),
+                    end: None,
+                },
+                els: Vec::new(),
+                broken: broken.clone(),
+                reply,
+            };
+            (cmd, rx)
+        };
+        let (first, mut first_rx) = chunk(&broken);
+        assert!(!first.broken());
+        answer_failed(vec![first], &StoreError::Io("disk".into()));
+        assert!(first_rx.try_recv().unwrap().is_err());
+        let (later, _rx) = chunk(&broken);
+        assert!(
+            later.broken(),
+            "a later chunk of that connection is refused"
+        );
+        let (other, _rx) = chunk(&Arc::new(AtomicBool::new(false)));
+        assert!(!other.broken(), "another connection is not");
+    }
+}

@@ -72,8 +72,6 @@ pub struct Received {
     pub first: u32,
     pub counted: u32,
     pub duplicate: u32,
-    /// The frame did not follow what we hold (a gap); nothing applied.
-    pub gap: bool,
 }
 
 /// One datacenter's replication state machine. Holds only a cache of the clock; everything
@@ -290,7 +288,8 @@ impl Core {
             ..Default::default()
         };
         if frame.after > p.received {
-            out.gap = true;
+            // A gap (an earlier frame was not applied): nothing applied, and the answer
+            // repeats our cursor.
             return Ok(out);
         }
         for ((lseq, rec), el) in frame.items.iter().zip(els) {

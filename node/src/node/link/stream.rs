@@ -328,9 +328,6 @@ mod pending_budget_tests {
     /// applied, and a frame over the whole budget waits for all of it.
     #[tokio::test]
     async fn frames_waiting_for_the_writer_stay_within_the_byte_budget() {
-        // Set by the writer when a commit of this connection's frames fails: it applies none of
-        // the later ones.
-        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let budget = Arc::new(tokio::sync::Semaphore::new(PENDING_PERMITS as usize));
         let frame = PENDING_BYTES_MAX / 8;
         let mut held = Vec::new();

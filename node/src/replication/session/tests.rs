@@ -295,3 +295,54 @@ fn counted_once_per_sender_acks_of_another_epoch_are_ignored() {
     assert_eq!(s.acked(), 50);
     assert_eq!(s.poll_range(100), Some((50, 100)));
 }
+
+/// Invariant 1 (durable ack) across a restore: when a peer asks for our own log back and we
+/// count as held sequences whose records we cannot send (trimmed, or held only through a
+/// snapshot), it gets a snapshot (found by the simulation: the restored node never got those
+/// elements back). When every held sequence was sent, no snapshot.
+#[test]
+fn durable_ack_restored_peer_gets_a_snapshot_for_records_we_cannot_send() {
+    let (me, peer) = (id(1), id(2));
+    let mut store = MemStore::new(4);
+    let mut core = Core::open(me, "dc", &store).unwrap();
+    ingest(&mut core, &mut store, 6);
+    let ours = store.mark(me).unwrap();
+    let mut s = Session::open(
+        peer,
+        7,
+        &hello(me, "dc", 4, None, &[]),
+        &PeerProgress::default(),
+        &Mark::default(),
+        0,
+        LinkLimits::default(),
+        0,
+    );
+    let req = CatchUpRequest {
+        origin: me,
+        after_oseq: 0,
+        max: 1024,
+    };
+    let batch = Core::answer_catch_up(&store, &req).unwrap();
+    assert_eq!(batch.items.len(), 6);
+    s.on_catch_up_answered(&req, &batch, &ours);
+    assert!(!s.poll_snapshot(), "every held record was sent");
+    // Records 1-3 trimmed: the mark still holds them, the answer cannot.
+    store.trim_log(3);
+    let batch = Core::answer_catch_up(&store, &req).unwrap();
+    assert_eq!(batch.items.len(), 3);
+    s.on_catch_up_answered(&req, &batch, &ours);
+    assert!(s.poll_snapshot());
+    assert!(!s.poll_snapshot(), "once per request");
+    // A partial batch judges only the range it covers.
+    let small = CatchUpRequest { max: 2, ..req };
+    let store2 = {
+        let mut st = MemStore::new(4);
+        let mut c = Core::open(me, "dc", &st).unwrap();
+        ingest(&mut c, &mut st, 6);
+        st
+    };
+    let batch = Core::answer_catch_up(&store2, &small).unwrap();
+    assert!(!batch.done);
+    s.on_catch_up_answered(&small, &batch, &ours);
+    assert!(!s.poll_snapshot());
+}
