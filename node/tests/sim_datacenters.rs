@@ -9,7 +9,8 @@
 //! crash (committed, the ack lost). After each run every link is healed, every node restarted,
 //! and the network drained; then invariants 1-4 of design.md are checked.
 //!
-//! `OUTPOST_SIM_SEEDS=N` runs N seeds (default 500); `OUTPOST_SIM_SEED=S` replays one seed.
+//! `OUTPOST_SIM_SEEDS=N` runs N seeds (default 500); `OUTPOST_SIM_SEED=S` replays one seed;
+//! `OUTPOST_SIM_KEEP_GOING=1` runs on past a failing seed (a soak) and lists the failures.
 //! A failure prints its seed.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -60,7 +61,7 @@ struct SimLink {
 /// What the writer thread commits, in order.
 enum Work {
     Ingest(Event),
-    Receive(NodeId, u64, Message, u32),
+    Receive(NodeId, u64, Box<Message>, u32),
 }
 
 struct SimNode {
@@ -90,6 +91,9 @@ impl SimNode {
     }
 }
 
+// Packets live in the simulated network's queue a short while; boxing the common case would
+// only add an allocation per packet.
+#[allow(clippy::large_enum_variant)]
 enum Payload {
     One(Message),
     /// A whole snapshot: over QUIC its chunks travel in order on one stream, so they arrive
@@ -541,7 +545,7 @@ impl Sim {
                 Work::Receive(from, generation, msg, permits) => {
                     let mut reply = None;
                     let mut own_log = None;
-                    match msg {
+                    match *msg {
                         Message::Elements(frame) => {
                             let els = Core::check_elements(&frame)
                                 .expect("honest peers send valid frames");
@@ -682,7 +686,7 @@ impl Sim {
             };
             let msg = link.held.remove(0);
             let generation = link.generation;
-            self.queue(i, Work::Receive(p, generation, msg, permits));
+            self.queue(i, Work::Receive(p, generation, Box::new(msg), permits));
         }
     }
 
@@ -731,7 +735,7 @@ impl Sim {
                 while let Some((after, upto)) = link.session.poll_range(tail) {
                     let built = session::build_elements(
                         &node.store,
-                        |s, k, m| Tables::message(s, k, m),
+                        Tables::message,
                         node.id,
                         peer,
                         relay,
@@ -1158,6 +1162,9 @@ fn simulated_datacenters_keep_invariants_1_to_4() {
     let mut events = 0;
     let mut restores = 0;
     let mut total = Stats::default();
+    // A soak: run every seed, print each failure as it happens, fail at the end.
+    let keep_going = std::env::var("OUTPOST_SIM_KEEP_GOING").is_ok();
+    let mut failed = Vec::new();
     for &seed in &seeds {
         match run_seed(seed) {
             Ok((e, r, s)) => {
@@ -1169,11 +1176,25 @@ fn simulated_datacenters_keep_invariants_1_to_4() {
                 total.duplicates += s.duplicates;
                 total.held_frames += s.held_frames;
             }
+            Err(why) if keep_going => {
+                eprintln!("seed {seed} failed: {why}");
+                failed.push(seed);
+            }
             Err(why) => panic!(
                 "seed {seed} failed: {why}\nreplay: OUTPOST_SIM_SEED={seed} cargo test -p outpost --test sim_datacenters"
             ),
         }
+        if keep_going && (seed - seeds[0] + 1) % 500 == 0 {
+            eprintln!(
+                "{} seeds run, failed so far: {failed:?}",
+                seed - seeds[0] + 1
+            );
+        }
     }
+    assert!(
+        failed.is_empty(),
+        "seeds failed: {failed:?}\nreplay one: OUTPOST_SIM_SEED=S cargo test -p outpost --test sim_datacenters"
+    );
     assert!(
         events > seeds.len() as u64,
         "the simulation ingested almost nothing"

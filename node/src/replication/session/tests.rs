@@ -98,7 +98,7 @@ fn durable_ack_peer_behind_retention_gets_a_snapshot_else_catch_up() {
     let build = |store: &MemStore, after: u64| {
         build_elements(
             store,
-            |s, k, m| Tables::message(s, k, m),
+            Tables::message,
             me,
             peer,
             Relay::ALL,
@@ -156,7 +156,7 @@ fn bounded_memory_frame_and_pending_byte_budgets() {
     };
     let built = build_elements(
         &store,
-        |s, k, m| Tables::message(s, k, m),
+        Tables::message,
         me,
         id(2),
         Relay::ALL,
