@@ -2,7 +2,7 @@
 //! reply channel per request; whatever has queued is committed together (group commit), so many
 //! concurrent clients and peers share one fsync. Replies go out only after the commit is durable.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,12 +31,16 @@ pub enum Cmd {
         from: NodeId,
         frame: Elements,
         els: Vec<Value>,
+        /// The connection's: see [`Cmd::broken`].
+        broken: Arc<AtomicBool>,
         reply: oneshot::Sender<Result<Received, StoreError>>,
     },
     Snapshot {
         from: NodeId,
         chunk: SnapshotChunk,
         els: Vec<Value>,
+        /// The connection's: see [`Cmd::broken`].
+        broken: Arc<AtomicBool>,
         reply: oneshot::Sender<Result<Received, StoreError>>,
     },
     /// Records of our own log a peer sent back after a restore (or of any origin we asked for).
@@ -85,6 +89,22 @@ impl Cmd {
             Cmd::CatchUp { batch, .. } => batch.items.len().max(1),
             Cmd::Acked { .. } | Cmd::Trim { .. } | Cmd::Stop => 1,
             Cmd::Ping { .. } | Cmd::ClearRestored { .. } | Cmd::Flush { .. } => 0,
+        }
+    }
+}
+
+impl Cmd {
+    /// Whether a frame's connection already had a commit of its frames fail. Then none of its
+    /// later frames is applied: the connection is ending, and the peer resends from our
+    /// cursor after the next Hello. Elements would be refused as a gap anyway, but a
+    /// snapshot's end would raise our marks and move our cursor over a chunk that was never
+    /// applied (found by the simulation's failed-commit fault).
+    fn broken(&self) -> bool {
+        match self {
+            Cmd::Receive { broken, .. } | Cmd::Snapshot { broken, .. } => {
+                broken.load(Ordering::Relaxed)
+            }
+            _ => false,
         }
     }
 }
@@ -204,6 +224,11 @@ pub fn run(
                     Some(r) => flushes.push(r),
                     None => flush_tick = true,
                 }
+            } else if c.broken() {
+                answer_failed(
+                    vec![c],
+                    &StoreError::Io("an earlier frame of this connection was not applied".into()),
+                );
             } else {
                 weight += c.weight();
                 group.push(c);
@@ -335,7 +360,8 @@ fn answer_failed(group: Vec<Cmd>, e: &StoreError) {
             Cmd::Ingest { reply, .. } => {
                 let _ = reply.send(Err(IngestError::Store(e.clone())));
             }
-            Cmd::Receive { reply, .. } | Cmd::Snapshot { reply, .. } => {
+            Cmd::Receive { reply, broken, .. } | Cmd::Snapshot { reply, broken, .. } => {
+                broken.store(true, Ordering::Relaxed);
                 let _ = reply.send(Err(e.clone()));
             }
             Cmd::CatchUp { reply, .. } => {
@@ -565,4 +591,43 @@ fn try_group(
 /// Convenience for LogRead users that need the tail of a read transaction.
 pub fn read_tail(store: &Store) -> Result<u64, StoreError> {
     LogRead::log_tail(&store.read()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Convergence (invariant 2): once a commit of a connection's frames failed, the writer
+    /// applies none of its later frames, so a snapshot's end never raises our marks over a
+    /// chunk that was not applied.
+    #[test]
+    fn convergence_no_frame_of_a_connection_applies_after_one_failed() {
+        let broken = Arc::new(AtomicBool::new(false));
+        let chunk = |broken: &Arc<AtomicBool>| {
+            let (reply, rx) = oneshot::channel();
+            let cmd = Cmd::Snapshot {
+                from: NodeId(2),
+                chunk: SnapshotChunk {
+                    epoch: 1,
+                    entries: Vec::new(),
+                    end: None,
+                },
+                els: Vec::new(),
+                broken: broken.clone(),
+                reply,
+            };
+            (cmd, rx)
+        };
+        let (first, mut first_rx) = chunk(&broken);
+        assert!(!first.broken());
+        answer_failed(vec![first], &StoreError::Io("disk".into()));
+        assert!(first_rx.try_recv().unwrap().is_err());
+        let (later, _rx) = chunk(&broken);
+        assert!(
+            later.broken(),
+            "a later chunk of that connection is refused"
+        );
+        let (other, _rx) = chunk(&Arc::new(AtomicBool::new(false)));
+        assert!(!other.broken(), "another connection is not");
+    }
 }

@@ -13,9 +13,7 @@ use crate::ids::{MsgId, NodeId};
 use crate::limits::ELEMENT_BYTES_MAX;
 use crate::model::events::{self, ElementError};
 use crate::model::{to_canonical, ElementRecord, Event, EventError, EventType, Hlc, Version};
-use crate::wire::{
-    CatchUpBatch, CatchUpRequest, Elements, Hello, Role, SnapshotChunk, PROTOCOL_VERSION,
-};
+use crate::wire::{CatchUpBatch, CatchUpRequest, Elements, Hello, SnapshotChunk};
 
 /// Why an event was not ingested.
 #[derive(Debug, thiserror::Error)]
@@ -75,8 +73,6 @@ pub struct Received {
     pub first: u32,
     pub counted: u32,
     pub duplicate: u32,
-    /// The frame did not follow what we hold (a gap); nothing applied.
-    pub gap: bool,
 }
 
 /// One datacenter's replication state machine. Holds only a cache of the clock; everything
@@ -293,7 +289,8 @@ impl Core {
             ..Default::default()
         };
         if frame.after > p.received {
-            out.gap = true;
+            // A gap (an earlier frame was not applied): nothing applied, and the answer
+            // repeats our cursor.
             return Ok(out);
         }
         for ((lseq, rec), el) in frame.items.iter().zip(els) {
@@ -403,22 +400,14 @@ impl Core {
 
     /// Our Hello to `peer`: marks, and where we are in the peer's log.
     pub fn hello(&self, t: &impl Tables, peer: Option<NodeId>) -> Result<Hello, StoreError> {
-        let resume = match peer {
-            Some(p) => {
-                let pp = t.peer(p)?;
-                (pp.recv_epoch != 0).then_some((pp.recv_epoch, pp.received))
-            }
-            None => None,
-        };
-        Ok(Hello {
-            protocol: PROTOCOL_VERSION,
-            node_id: self.node_id,
-            role: Role::Datacenter,
-            name: self.name.clone(),
-            log_epoch: t.log_epoch()?,
-            resume,
-            marks: t.marks()?.iter().map(|(o, m)| m.to_wire(*o)).collect(),
-        })
+        let progress = peer.map(|p| t.peer(p)).transpose()?;
+        Ok(super::session::hello(
+            self.node_id,
+            &self.name,
+            t.log_epoch()?,
+            progress.as_ref(),
+            &t.marks()?,
+        ))
     }
 }
 

@@ -1,7 +1,9 @@
 //! The sending half of one peer link, sans I/O: which slice of the local log to send next, how
-//! much may be in flight, and when to go back to the last acknowledged position. Both the
-//! simulation and the QUIC driver use it. Over QUIC a stream is reliable, so the retransmit
-//! timer only matters across reconnects; in the simulation frames are lost and reordered.
+//! much may be in flight, and when to go back to the last acknowledged position. It lives
+//! inside [`super::session::Session`], which both the simulation and the QUIC driver run. Over
+//! QUIC a stream loses nothing within a connection (a lost connection is a new session that
+//! resumes from the peer's Hello), so only the simulation, whose transport loses and reorders
+//! frames within a session, ticks the retransmit timer.
 
 /// Bounds of one link.
 #[derive(Clone, Copy, Debug)]
@@ -86,12 +88,6 @@ impl Outbound {
         self.sent = self.sent.max(upto);
         self.progress_ms = now_ms;
         true
-    }
-
-    /// A gap was reported (the peer holds only up to `held`): resend from there.
-    pub fn rewind(&mut self, held: u64, now_ms: u64) {
-        self.on_ack(held, now_ms);
-        self.sent = self.acked;
     }
 
     /// Goes back to the last ack when nothing has moved for `retransmit_ms`.
