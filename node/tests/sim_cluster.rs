@@ -42,15 +42,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use outpost::cluster::body::{
     Body, ConfigOrder, DeployOrder, LbEndpoint, LbRoute, Pool, RouterPeer,
 };
-use outpost::cluster::controller::configdata::{self, ConfigChange, Scope};
+use outpost::cluster::controller::configdata::{self, Scope};
 use outpost::cluster::controller::core::{
     ConnId, ControllerCore, Dirty, KeyActionError, KeyStatus, MachineRecord, NotPublished, Output,
     Peer, Settings,
 };
-use outpost::cluster::controller::deploy::{self, DeploymentRecord};
-use outpost::cluster::controller::rollout::{
-    self, Action, PlanTarget, Rollout, RolloutSpec, RolloutState, WaveSize,
-};
+use outpost::cluster::controller::deploy::{DeployCore, DeployEvent, NewDeployment, SealJob};
+use outpost::cluster::controller::rollout::{RolloutSpec, RolloutState, WaveSize};
+use outpost::cluster::controller::storage::{ClusterStore, CommitFault, MemClusterStore};
 use outpost::cluster::keys::{publication_digest, token_proof, ControllerKey, SealKey};
 use outpost::cluster::worker::core::{
     Effect, JoinInfo, Standing, WorkerCore, WorkerOutput, WorkerRecord, WorkerRefusal,
@@ -104,64 +103,25 @@ const DEPENDENT_COMPONENTS: [&str; 5] = [
 ];
 const STATES: [&str; 5] = ["idle", "starting", "running", "rolled_back", "failed"];
 
-/// The controller's disk: what `Store::controller_commit` keeps.
-#[derive(Clone, Debug, Default, PartialEq)]
-struct CtrlDisk {
-    machines: BTreeMap<NodeId, MachineRecord>,
-    pubs: BTreeMap<(NodeId, u64), Publication>,
-    /// Configuration changes by (scope, version).
-    config: BTreeMap<(String, u64), ConfigChange>,
-    /// Deployment records by id (through their stored bytes).
-    deployments: BTreeMap<u64, DeploymentRecord>,
-}
-
-impl CtrlDisk {
-    /// Same order as `Store::controller_commit`: records, removed records, new publications,
-    /// then deletions.
-    fn apply(&mut self, d: &Dirty) {
-        for m in &d.machines {
-            // Through the stored bytes, as the store keeps it.
-            let stored = MachineRecord::decode(&m.encode()).expect("a record decodes");
-            self.machines.insert(m.node_id, stored);
-        }
-        for c in &d.config {
-            self.config.insert((c.scope.clone(), c.version), c.clone());
-        }
-        for node in &d.removed {
-            self.machines.remove(node);
-            self.pubs.retain(|(m, _), _| m != node);
-        }
-        for p in &d.publications {
-            self.pubs.insert((p.machine, p.seq), p.clone());
-        }
-        for (node, upto) in &d.acked {
-            self.pubs.retain(|(m, seq), _| !(m == node && seq <= upto));
-        }
-    }
-
-    /// The newest change of each scope, as `Store::config_newest` reads it.
-    fn config_newest(&self) -> Vec<ConfigChange> {
-        let mut out: BTreeMap<&str, &ConfigChange> = BTreeMap::new();
-        for ((scope, _), c) in &self.config {
-            out.insert(scope, c);
-        }
-        out.into_values().cloned().collect()
-    }
-}
-
 struct Ctrl {
     settings: Settings,
     key_secret: Vec<u8>,
     core: Option<ControllerCore>,
-    disk: CtrlDisk,
+    /// The production storage trait's in-memory implementation: what `store::cluster` keeps.
+    disk: MemClusterStore,
     restart_at: u64,
     next_tick: u64,
-    /// Rollouts not over, as the core thread keeps them (rebuilt from disk at a restart),
-    /// and the deployment records to commit with the next batch.
-    rollouts: BTreeMap<u64, DeploymentRecord>,
-    dep_writes: Vec<DeploymentRecord>,
-    /// Deployments created (ids from 1).
+    /// The production deployments core (`DeployCore`), rebuilt from the store at a restart.
+    deploy: DeployCore,
+    /// The seal worker's queue: jobs handed over after their commit, sealed one target after
+    /// another (in memory: lost in a crash, queued again by `DeployCore::reload`).
+    sealing: VecDeque<(u64, SealJob)>,
+    /// Deployments created (committed) by the operator.
     deployments_made: u64,
+    /// A slow commit holds the core thread until then: it takes no input and performs the
+    /// batch's outputs (these) only once it is over.
+    stalled_until: u64,
+    stalled_outputs: Vec<Output>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,6 +227,11 @@ struct Faults {
     /// A worker restarts with another service (or relay) address.
     readdress: u64,
     latency_max: u64,
+    /// A commit fails (the transaction aborts) / is slow (per mille of commits).
+    commit_fail: u64,
+    commit_slow: u64,
+    /// Sealing a bundle for a target fails (per mille of targets).
+    seal_fail: u64,
 }
 
 #[derive(Debug, Default)]
@@ -288,6 +253,11 @@ struct Stats {
     /// Deployment orders run by workers, and waves started.
     deploys_run: u64,
     waves: u64,
+    /// Commits that failed (nothing applied, the controller rebuilt), commits that stalled the
+    /// controller, targets whose sealing failed.
+    failed_commits: u64,
+    slow_commits: u64,
+    seal_failures: u64,
 }
 
 struct Sim {
@@ -369,6 +339,13 @@ impl Plan {
             },
             readdress: rng.below(300),
             latency_max: rng.between(1, 40),
+            commit_fail: rng.below(8),
+            commit_slow: rng.below(60),
+            seal_fail: if rng.chance(300) {
+                rng.between(50, 300)
+            } else {
+                0
+            },
         };
         let down_after_ms = rng.between(800, 3000);
         let resend_after_ms = rng.between(200, 1500);
@@ -407,6 +384,9 @@ impl Plan {
                 reject: 0,
                 readdress: 0,
                 latency_max: 5,
+                commit_fail: 0,
+                commit_slow: 0,
+                seal_fail: 0,
             },
             down_after_ms: 2000,
             resend_after_ms: 500,
@@ -533,12 +513,14 @@ impl Sim {
                 settings,
                 key_secret,
                 core: None,
-                disk: CtrlDisk::default(),
+                disk: MemClusterStore::default(),
                 restart_at: 0,
                 next_tick: 0,
-                rollouts: BTreeMap::new(),
-                dep_writes: Vec::new(),
+                deploy: DeployCore::new(),
+                sealing: VecDeque::new(),
                 deployments_made: 0,
+                stalled_until: 0,
+                stalled_outputs: Vec::new(),
             },
             workers,
             conns: BTreeMap::new(),
@@ -605,14 +587,15 @@ impl Sim {
     fn start_ctrl(&mut self) {
         let key = ControllerKey::from_secret(&self.ctrl.key_secret).expect("32 bytes");
         let disk = &self.ctrl.disk;
+        let loaded = disk.load().expect("the in-memory store loads");
         let core = ControllerCore::open(
             self.ctrl.settings.clone(),
             key,
-            disk.machines.values().cloned().collect(),
-            disk.pubs.values().cloned().collect(),
+            loaded.machines,
+            loaded.publications,
             self.now,
         )
-        .with_config(disk.config_newest());
+        .with_config(loaded.config);
         // What it rebuilt is what was committed (up to the fresh `last_seen`).
         let mut rebuilt: Vec<MachineRecord> = core.machines().cloned().collect();
         for m in &mut rebuilt {
@@ -622,7 +605,7 @@ impl Sim {
         }
         let stored: Vec<MachineRecord> = disk.machines.values().cloned().collect();
         let same = rebuilt == stored;
-        let (n, m) = (core.unacked_len(), disk.pubs.len());
+        let (n, m) = (core.unacked_len(), disk.publications.len());
         if !same {
             self.fail("the controller rebuilt other records than it committed".into());
         }
@@ -631,18 +614,25 @@ impl Sim {
                 "the controller rebuilt {n} unacked publications from {m} stored"
             ));
         }
+        // As `DeployBook::reload`: the rollouts not over and the targets neither sent nor
+        // failed, from what was committed.
+        self.ctrl.deploy = DeployCore::new();
+        let jobs = self.ctrl.deploy.reload(&core, &self.ctrl.disk);
         self.ctrl.core = Some(core);
         self.ctrl.next_tick = self.now;
-        // As `DeployBook::reload`: the rollouts not over, from what was committed.
-        self.ctrl.dep_writes.clear();
-        self.ctrl.rollouts = disk_rollouts(&self.ctrl.disk);
+        self.ctrl.sealing.clear();
+        self.queue_seal_jobs(jobs);
+        self.deploy_events();
     }
 
     fn crash_ctrl(&mut self) {
         self.stats.ctrl_crashes += 1;
         self.ctrl.core = None;
-        self.ctrl.rollouts.clear();
-        self.ctrl.dep_writes.clear();
+        self.ctrl.deploy = DeployCore::new();
+        self.ctrl.sealing.clear();
+        // A crash between a (slow) commit and its outputs: the outputs are lost.
+        self.ctrl.stalled_outputs.clear();
+        self.ctrl.stalled_until = 0;
         self.ctrl.restart_at = self.now + self.rng.between(50, 3000);
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for c in ids {
@@ -650,22 +640,40 @@ impl Sim {
         }
     }
 
-    /// take, commit, perform (a crash may come in between).
+    /// take, commit, perform (a crash may come in between). A failed commit applies nothing
+    /// and performs nothing: as the core thread does, every connection is closed and the core
+    /// and the deployments are rebuilt from the store. A slow commit stalls the controller;
+    /// its outputs wait for the end of the stall.
     fn ctrl_flush(&mut self) {
         loop {
+            if self.ctrl_stalled() {
+                return;
+            }
             let Some(core) = self.ctrl.core.as_mut() else {
                 return;
             };
             let (dirty, outs) = core.take();
-            let deployments = std::mem::take(&mut self.ctrl.dep_writes);
+            let deployments = self.ctrl.deploy.take_writes();
             if dirty.is_empty() && outs.is_empty() && deployments.is_empty() {
+                let jobs = self.ctrl.deploy.after_commit(true);
+                self.queue_seal_jobs(jobs);
+                self.deploy_events();
                 return;
             }
             self.check_dirty(&dirty);
-            self.ctrl.disk.apply(&dirty);
-            for d in deployments {
-                let stored = DeploymentRecord::decode(&d.encode()).expect("a record decodes");
-                self.ctrl.disk.deployments.insert(d.id, stored);
+            if self.faults_on && self.rng.chance(self.faults.commit_fail) {
+                self.ctrl.disk.inject(CommitFault::Fail);
+            } else if self.faults_on && self.rng.chance(self.faults.commit_slow) {
+                let ms = self.rng.between(1, 400);
+                self.ctrl.disk.inject(CommitFault::LatencyMs(ms));
+            }
+            if self.ctrl.disk.commit(&dirty, &deployments).is_err() {
+                self.stats.failed_commits += 1;
+                let nothing = self.ctrl.deploy.after_commit(false);
+                assert!(nothing.is_empty(), "seal jobs after a failed commit");
+                self.deploy_events();
+                self.rebuild_ctrl();
+                return;
             }
             for p in &dirty.publications {
                 match self.published.get(&(p.machine, p.seq)) {
@@ -681,15 +689,133 @@ impl Sim {
                     }
                 }
             }
-            let crash_at =
-                (self.faults_on && !outs.is_empty() && self.rng.chance(self.faults.crash_mid))
-                    .then(|| self.rng.below(outs.len() as u64) as usize);
-            for (k, o) in outs.into_iter().enumerate() {
-                if Some(k) == crash_at {
-                    self.crash_ctrl();
-                    return;
+            let jobs = self.ctrl.deploy.after_commit(true);
+            self.queue_seal_jobs(jobs);
+            self.deploy_events();
+            let latency = self.ctrl.disk.take_latency_ms();
+            if latency > 0 {
+                self.stats.slow_commits += 1;
+                self.ctrl.stalled_until = self.now + latency;
+                self.ctrl.stalled_outputs = outs;
+                return;
+            }
+            if !self.ctrl_perform_all(outs) {
+                return;
+            }
+        }
+    }
+
+    /// Performs a committed batch's outputs; a crash may come before any of them (false).
+    fn ctrl_perform_all(&mut self, outs: Vec<Output>) -> bool {
+        let crash_at =
+            (self.faults_on && !outs.is_empty() && self.rng.chance(self.faults.crash_mid))
+                .then(|| self.rng.below(outs.len() as u64) as usize);
+        for (k, o) in outs.into_iter().enumerate() {
+            if Some(k) == crash_at {
+                self.crash_ctrl();
+                return false;
+            }
+            self.ctrl_perform(o);
+        }
+        true
+    }
+
+    /// Inside a slow commit: the controller takes no input.
+    fn ctrl_stalled(&self) -> bool {
+        self.ctrl.stalled_until > self.now
+    }
+
+    /// The end of a slow commit: its outputs are performed, then what came meanwhile.
+    fn ctrl_unstall(&mut self) {
+        if self.ctrl_stalled() || self.ctrl.core.is_none() {
+            return;
+        }
+        let outs = std::mem::take(&mut self.ctrl.stalled_outputs);
+        if !outs.is_empty() && self.ctrl_perform_all(outs) {
+            self.ctrl_flush();
+        }
+    }
+
+    /// After a failed commit, as `CoreThread::rebuild`: every connection closed, the core and
+    /// the deployments rebuilt from the store at once.
+    fn rebuild_ctrl(&mut self) {
+        self.crash_ctrl();
+        self.stats.ctrl_crashes -= 1;
+        self.ctrl.restart_at = self.now;
+        self.start_ctrl();
+    }
+
+    /// Seal jobs handed to the (simulated) seal worker once their batch committed.
+    fn queue_seal_jobs(&mut self, jobs: Vec<SealJob>) {
+        for job in jobs {
+            let last = self.ctrl.sealing.back().map_or(self.now, |(due, _)| *due);
+            let due = last.max(self.now) + self.rng.between(1, 60);
+            self.ctrl.sealing.push_back((due, job));
+        }
+    }
+
+    /// The seal worker: the next target of the first job, sealed (or not) and handed to the
+    /// deployments core as `DeployCmd::Sealed` / `SealFailed` are.
+    fn seal_next(&mut self) {
+        let now = self.now;
+        match self.ctrl.sealing.front() {
+            Some((due, _)) if *due <= now => {}
+            _ => return,
+        }
+        let (_, mut job) = self.ctrl.sealing.pop_front().expect("front");
+        if job.targets.is_empty() {
+            return;
+        }
+        let t = job.targets.remove(0);
+        let fails = self.faults_on && self.rng.chance(self.faults.seal_fail);
+        let Some(core) = self.ctrl.core.as_mut() else {
+            return;
+        };
+        let store = &self.ctrl.disk;
+        if t.recipient.is_none() {
+            self.ctrl.deploy.seal_failed(
+                store,
+                job.deployment,
+                t.node,
+                "the machine is not admitted; nothing was sealed for it".into(),
+            );
+        } else if fails {
+            self.stats.seal_failures += 1;
+            self.ctrl.deploy.seal_failed(
+                store,
+                job.deployment,
+                t.node,
+                "sealing the bundle failed: simulated I/O error".into(),
+            );
+        } else {
+            let order = DeployOrder {
+                deployment: job.deployment,
+                bundle_id: job.bundle_id.clone(),
+                service: job.service.clone(),
+                version: job.version.clone(),
+                sealed_bytes: 1,
+                sealed_hash: [job.deployment as u8; 32],
+            };
+            self.ctrl
+                .deploy
+                .sealed(core, store, job.deployment, t.node, order, now);
+        }
+        if !job.targets.is_empty() {
+            let due = now + self.rng.between(1, 60);
+            self.ctrl.sealing.push_front((due, job));
+        }
+        self.ctrl_flush();
+    }
+
+    /// What the deployments core reported (the core thread logs it).
+    fn deploy_events(&mut self) {
+        for e in self.ctrl.deploy.take_events() {
+            match e {
+                DeployEvent::NextWave { .. } => self.stats.waves += 1,
+                DeployEvent::StoreError { what, error } => {
+                    self.fail(format!("deployments: cannot read {what}: {error}"))
                 }
-                self.ctrl_perform(o);
+                _ => {}
             }
         }
     }
@@ -1295,6 +1421,7 @@ impl Sim {
         if self.ctrl.core.is_none() && now >= self.ctrl.restart_at {
             self.start_ctrl();
         }
+        self.ctrl_unstall();
         for i in 0..self.workers.len() {
             let w = &self.workers[i];
             if w.core.is_none() && !w.stopped && now >= w.restart_at {
@@ -1305,7 +1432,7 @@ impl Sim {
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in ids {
             while let Some(c) = self.conns.get_mut(&conn) {
-                if !c.ctrl_open || self.ctrl.core.is_none() {
+                if !c.ctrl_open || self.ctrl.core.is_none() || self.ctrl.stalled_until > now {
                     break;
                 }
                 match c.to_ctrl.front() {
@@ -1427,12 +1554,15 @@ impl Sim {
             }
         }
         if let Some(core) = self.ctrl.core.as_mut() {
-            if now >= self.ctrl.next_tick {
+            if now >= self.ctrl.next_tick && self.ctrl.stalled_until <= now {
                 core.tick(now);
+                self.ctrl.deploy.tick(core, now);
                 self.ctrl.next_tick = now + self.rng.between(100, 300);
-                self.step_rollouts();
                 self.ctrl_flush();
             }
+        }
+        if self.ctrl.core.is_some() && !self.ctrl_stalled() {
+            self.seal_next();
         }
     }
 
@@ -1575,6 +1705,10 @@ impl Sim {
 
     /// An operator rejects an admitted key, to accept it again later.
     fn reject_one(&mut self) {
+        // An operator's request waits behind a slow commit.
+        if self.ctrl_stalled() {
+            return;
+        }
         let Some(core) = self.ctrl.core.as_ref() else {
             return;
         };
@@ -1598,6 +1732,10 @@ impl Sim {
     }
 
     fn accept_again(&mut self, id: NodeId) {
+        // An operator's request waits behind a slow commit.
+        if self.ctrl_stalled() {
+            return;
+        }
         if self.ctrl.core.is_none() {
             return;
         }
@@ -1613,6 +1751,10 @@ impl Sim {
 
     /// An operator accepts a pending key, by name, full id or id prefix.
     fn accept_one(&mut self) {
+        // An operator's request waits behind a slow commit.
+        if self.ctrl_stalled() {
+            return;
+        }
         let Some(core) = self.ctrl.core.as_ref() else {
             return;
         };
@@ -1641,6 +1783,10 @@ impl Sim {
 
     /// The same state published once more (a new sequence, nothing new to apply).
     fn publish_again(&mut self) {
+        // An operator's request waits behind a slow commit.
+        if self.ctrl_stalled() {
+            return;
+        }
         let Some(core) = self.ctrl.core.as_ref() else {
             return;
         };
@@ -1686,18 +1832,15 @@ impl Sim {
     /// An operator deploys software to every admitted machine, in waves with a random gate and
     /// drain, as `POST /v1/deployments` does (`DeployBook::create`, then its first step).
     fn create_deployment(&mut self) {
+        if self.ctrl_stalled() {
+            return;
+        }
         let Some(core) = self.ctrl.core.as_ref() else {
             return;
         };
-        let mut targets: Vec<&MachineRecord> = core
-            .machines()
-            .filter(|m| m.key_status == KeyStatus::Admitted)
-            .collect();
-        if targets.is_empty() {
+        if !core.machines().any(|m| m.key_status == KeyStatus::Admitted) {
             return;
         }
-        targets.sort_by(|a, b| a.name.cmp(&b.name));
-        let planned: Vec<PlanTarget> = targets.iter().map(|m| PlanTarget::of(m)).collect();
         let spec = RolloutSpec {
             waves: if self.rng.chance(500) {
                 vec![
@@ -1724,91 +1867,33 @@ impl Sim {
         } else {
             spec
         };
-        self.ctrl.deployments_made += 1;
-        let id = self.ctrl.deployments_made;
-        let rec = DeploymentRecord {
-            id,
+        let id = self.ctrl.deploy.next_id();
+        let req = NewDeployment {
             service: "voice".into(),
             bundle_id: format!("{id:064x}"),
             version: format!("{id}.0"),
-            created_ms: self.now,
-            targets: targets
-                .iter()
-                .map(|m| (m.node_id, m.name.clone()))
-                .collect(),
-            failures: Vec::new(),
-            rollout: Rollout::new(rollout::plan(&planned, &spec), &spec, self.now),
+            machines: None,
+            bundle_path: std::path::PathBuf::new(),
+            rollout: spec,
         };
-        self.ctrl.rollouts.insert(id, rec);
-        self.step_rollouts();
-        self.ctrl_flush();
-    }
-
-    /// Every tick: steps each rollout that is not over with the production decision
-    /// (`deploy::step_rollout`) and performs what it decides, as `DeployBook::tick` does (the
-    /// sealing is instant here: an order is published in the same step).
-    fn step_rollouts(&mut self) {
         let now = self.now;
-        let Some(core) = self.ctrl.core.as_mut() else {
-            return;
-        };
-        let ids: Vec<u64> = self.ctrl.rollouts.keys().copied().collect();
-        for id in ids {
-            let mut rec = self.ctrl.rollouts.remove(&id).expect("listed");
-            let before = rec.clone();
-            let actions = deploy::step_rollout(core, &mut rec, now);
-            let (mut drains, mut undrains) = (Vec::new(), Vec::new());
-            for a in actions {
-                match a {
-                    Action::Drain(n) => drains.push(n),
-                    Action::Undrain(n) => undrains.push(n),
-                    Action::Send(n) => {
-                        let sent = core.machine(n).is_some_and(|m| {
-                            m.key_status == KeyStatus::Admitted
-                                && !m.deploys.iter().any(|d| d.deployment >= id)
-                        });
-                        let order = DeployOrder {
-                            deployment: id,
-                            bundle_id: rec.bundle_id.clone(),
-                            service: rec.service.clone(),
-                            version: rec.version.clone(),
-                            sealed_bytes: 1,
-                            sealed_hash: [id as u8; 32],
-                        };
-                        let failed = if sent {
-                            core.publish(n, &Body::Deploy(order), now)
-                                .err()
-                                .map(|e| format!("the order could not be published: {e}"))
-                        } else if core
-                            .machine(n)
-                            .is_some_and(|m| m.key_status != KeyStatus::Admitted)
-                        {
-                            Some("the machine is not admitted".into())
-                        } else {
-                            None
-                        };
-                        if let Some(reason) = failed {
-                            rec.failures.push((n, reason));
-                        }
-                    }
-                }
-            }
-            core.drain(id, &drains, &undrains, now);
-            if rec.rollout.wave != before.rollout.wave {
-                self.stats.waves += 1;
-            }
-            if rec != before {
-                self.ctrl.dep_writes.push(rec.clone());
-            }
-            if !rec.rollout.state.is_final() {
-                self.ctrl.rollouts.insert(id, rec);
-            }
+        let core = self.ctrl.core.as_mut().expect("up");
+        match self.ctrl.deploy.create(core, req, now) {
+            Ok(made) => assert_eq!(made, id),
+            Err(e) => return self.fail(format!("deployment refused: {e}")),
+        }
+        self.ctrl_flush();
+        // Created once its record committed (a failed commit created nothing: the operator
+        // asks again later).
+        if self.ctrl.disk.deployments.contains_key(&id) {
+            self.ctrl.deployments_made += 1;
         }
     }
 
     /// An operator sets (or deletes) the document of a random scope.
     fn set_config_random(&mut self) {
-        if self.ctrl.core.is_none() {
+        // The operator's request waits behind a slow commit.
+        if self.ctrl.core.is_none() || self.ctrl_stalled() {
             return;
         }
         let w = &self.workers[self.rng.below(self.workers.len() as u64) as usize];
@@ -1834,15 +1919,23 @@ impl Sim {
         });
         let now = self.now;
         let core = self.ctrl.core.as_mut().expect("up");
-        match core.set_config(&scope, doc.clone(), None, now) {
-            Ok(_) => {
-                self.config_set.insert(scope.key(), doc);
-            }
+        let change = match core.set_config(&scope, doc.clone(), None, now) {
+            Ok(set) => Some(set.change),
             // Deleting what is not there: nothing changed.
-            Err(_) => assert!(doc.is_none()),
-        }
+            Err(_) => {
+                assert!(doc.is_none());
+                None
+            }
+        };
         // The change is committed before anything it caused is sent.
         self.ctrl_flush();
+        // What the operator set is what committed (a failed commit answered an error).
+        if let Some(c) = change {
+            let key = (c.scope.clone(), c.version);
+            if self.ctrl.disk.config.get(&key) == Some(&c) {
+                self.config_set.insert(scope.key(), doc);
+            }
+        }
     }
 
     /// The effective configuration of worker `i` from what the operator set.
@@ -1963,14 +2056,14 @@ impl Sim {
         {
             bad.push("the controller's records differ from what it committed".to_string());
         }
-        if core.unacked_len() != disk.pubs.len() {
+        if core.unacked_len() != disk.publications.len() {
             bad.push(format!(
                 "{} unacked in memory, {} stored",
                 core.unacked_len(),
-                disk.pubs.len()
+                disk.publications.len()
             ));
         }
-        for (m, seq) in disk.pubs.keys() {
+        for (m, seq) in disk.publications.keys() {
             if let Some(r) = by_id.get(m) {
                 if *seq <= r.pub_acked || *seq > r.pub_seq {
                     bad.push(format!(
@@ -2041,7 +2134,7 @@ impl Sim {
             if rec != &w.disk {
                 bad.push(format!("{name}: its record is not all committed"));
             }
-            if disk.pubs.keys().any(|(n, _)| *n == w.id()) {
+            if disk.publications.keys().any(|(n, _)| *n == w.id()) {
                 bad.push(format!("(b) {name}: publications left unacked"));
             }
             // (d)
@@ -2301,15 +2394,6 @@ impl Sim {
     }
 }
 
-/// The rollouts not over among the committed deployment records.
-fn disk_rollouts(disk: &CtrlDisk) -> BTreeMap<u64, DeploymentRecord> {
-    disk.deployments
-        .iter()
-        .filter(|(_, d)| !d.rollout.is_legacy() && !d.rollout.state.is_final())
-        .map(|(id, d)| (*id, d.clone()))
-        .collect()
-}
-
 fn run_seed(seed: u64) -> Result<Stats, String> {
     let mut sim = Sim::new(seed);
     let steps = 1500 + sim.rng.below(2500);
@@ -2562,7 +2646,7 @@ fn hostile_pending_worker_may_not_notify_or_ack() {
 fn hostile_flood_of_unknown_joins_is_bounded() {
     let (mut ctrl, _) = controller(100, true);
     let seal = SealKey::generate().recipient();
-    let mut stored = CtrlDisk::default();
+    let mut stored = MemClusterStore::default();
     let mut refused = 0;
     for n in 0..10_000u64 {
         let conn = n + 1;
@@ -2584,7 +2668,7 @@ fn hostile_flood_of_unknown_joins_is_bounded() {
         let id = join.node_id;
         ctrl.joined(conn, Peer::new(fp, id), join, T0_MS + n);
         let (d, out) = ctrl.take();
-        stored.apply(&d);
+        stored.commit(&d, &[]).expect("commit");
         assert!(d.publications.is_empty());
         if n < 100 {
             assert_eq!(d.machines.len(), 1, "join {n} is recorded as pending");
@@ -2621,7 +2705,7 @@ fn hostile_flood_of_unknown_joins_is_bounded() {
         T0_MS + 20_000,
     );
     let (d, out) = ctrl.take();
-    stored.apply(&d);
+    stored.commit(&d, &[]).expect("commit");
     assert!(
         sends_to(&out, 20_000)
             .iter()
@@ -2760,7 +2844,7 @@ fn hostile_join_with_the_controllers_own_node_id_is_refused() {
     assert!(closes(&out, 1));
     assert_eq!(ctrl.machines().count(), 0);
     // A record of the controller's own id stored before this check is dropped on open.
-    let mut old = CtrlDisk::default();
+    let mut old = MemClusterStore::default();
     let other = Machine::new(8, "router-8", "call-router", None, true);
     let mut c2 = ControllerCore::open(
         Settings {
@@ -2774,7 +2858,7 @@ fn hostile_join_with_the_controllers_own_node_id_is_refused() {
     );
     for (conn, x) in [(1, &m), (2, &other)] {
         c2.joined(conn, x.peer(), x.core().join(), T0_MS);
-        old.apply(&c2.take().0);
+        old.commit(&c2.take().0, &[]).expect("commit");
     }
     assert_eq!(old.machines.len(), 2);
     let mut c3 = ControllerCore::open(
@@ -2788,7 +2872,7 @@ fn hostile_join_with_the_controllers_own_node_id_is_refused() {
     assert!(c3.accept(&own.to_string(), T0_MS).is_err());
     let (d, _) = c3.take();
     assert_eq!(d.removed, vec![own]);
-    old.apply(&d);
+    old.commit(&d, &[]).expect("commit");
     assert_eq!(
         old.machines.keys().copied().collect::<Vec<_>>(),
         vec![other.id()]
@@ -2798,11 +2882,11 @@ fn hostile_join_with_the_controllers_own_node_id_is_refused() {
 #[test]
 fn a_pending_name_squatter_gives_way_to_the_real_machine_with_the_token() {
     let (mut ctrl, _) = controller(100, true);
-    let mut disk = CtrlDisk::default();
+    let mut disk = MemClusterStore::default();
     let squatter = Machine::keyed(9, "w7", "call-router", None, false, "squatter");
     ctrl.joined(1, squatter.peer(), squatter.core().join(), T0_MS);
     let (d, out) = ctrl.take();
-    disk.apply(&d);
+    disk.commit(&d, &[]).expect("commit");
     assert_eq!(
         sends_to(&out, 1),
         vec![&Message::Admission(Admission::Pending)]
@@ -2819,7 +2903,7 @@ fn a_pending_name_squatter_gives_way_to_the_real_machine_with_the_token() {
     let real = Machine::keyed(11, "w7", "call-router", None, true, "real");
     ctrl.joined(3, real.peer(), real.core().join(), T0_MS + 2);
     let (d, out) = ctrl.take();
-    disk.apply(&d);
+    disk.commit(&d, &[]).expect("commit");
     assert!(admitted(&out, 3), "{out:?}");
     assert_eq!(refused_with(&out, 1), Some(JoinRefusal::NameTaken));
     assert!(closes(&out, 1));
@@ -2844,16 +2928,16 @@ fn a_pending_name_squatter_gives_way_to_the_real_machine_with_the_token() {
 #[test]
 fn a_pending_node_id_squatter_gives_way_to_the_real_machine_with_the_token() {
     let (mut ctrl, _) = controller(100, true);
-    let mut disk = CtrlDisk::default();
+    let mut disk = MemClusterStore::default();
     // A key whose certificate claims the real machine's node id, under another name.
     let squatter = Machine::keyed(12, "not-w8", "call-router", None, false, "squatter");
     ctrl.joined(1, squatter.peer(), squatter.core().join(), T0_MS);
-    disk.apply(&ctrl.take().0);
+    disk.commit(&ctrl.take().0, &[]).expect("commit");
     let real = Machine::keyed(12, "w8", "call-router", None, true, "real");
     assert_eq!(real.id(), squatter.id());
     ctrl.joined(2, real.peer(), real.core().join(), T0_MS + 1);
     let (d, out) = ctrl.take();
-    disk.apply(&d);
+    disk.commit(&d, &[]).expect("commit");
     assert!(admitted(&out, 2), "{out:?}");
     assert_eq!(refused_with(&out, 1), Some(JoinRefusal::NodeIdTaken));
     // Dropped and created again under the same id: written, not deleted.
@@ -2884,11 +2968,11 @@ fn many(n: u128, name: &str, token: bool, key: &str) -> Machine {
 fn a_full_pending_table_holds_no_name_from_a_key_with_the_token() {
     const PENDING: usize = 1024;
     let (mut ctrl, _) = controller(PENDING, true);
-    let mut disk = CtrlDisk::default();
+    let mut disk = MemClusterStore::default();
     for n in 0..PENDING {
         let m = many(0x1_0000 + n as u128, &format!("w{n}"), false, "squatter");
         ctrl.joined(n as u64 + 1, m.peer(), m.core().join(), T0_MS);
-        disk.apply(&ctrl.take().0);
+        disk.commit(&ctrl.take().0, &[]).expect("commit");
     }
     assert_eq!(disk.machines.len(), PENDING);
     // One more without the token: the table is full, and it is told so.
@@ -2904,7 +2988,7 @@ fn a_full_pending_table_holds_no_name_from_a_key_with_the_token() {
         let m = many(0x3_0000 + n as u128, &format!("w{n}"), true, "real");
         ctrl.joined(conn, m.peer(), m.core().join(), T0_MS + 2);
         let (d, out) = ctrl.take();
-        disk.apply(&d);
+        disk.commit(&d, &[]).expect("commit");
         assert!(admitted(&out, conn), "w{n}: {out:?}");
     }
     assert_eq!(disk.machines.len(), PENDING);
@@ -3127,7 +3211,7 @@ fn publish_through_lb(sim: &mut Sim, d: usize) -> Publication {
     // A route goes directly; anything else through the load balancer.
     let _ = ctrl.publish(id, &Body::Pool(Pool::default()), now);
     let (dirty, out) = ctrl.take();
-    sim.ctrl.disk.apply(&dirty);
+    sim.ctrl.disk.commit(&dirty, &[]).expect("commit");
     assert_eq!(dirty.publications.len(), 1);
     let p = dirty.publications[0].clone();
     sim.published.insert((p.machine, p.seq), p.clone());
