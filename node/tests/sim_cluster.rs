@@ -54,6 +54,9 @@ use outpost::cluster::keys::{publication_digest, token_proof, ControllerKey, Sea
 use outpost::cluster::worker::core::{
     Effect, JoinInfo, Standing, WorkerCore, WorkerOutput, WorkerRecord, WorkerRefusal,
 };
+use outpost::cluster::worker::lifecycle::{
+    Boot, Command as LifeCommand, Lifecycle, RolledBack, Switched,
+};
 use outpost::cluster::worker::pool_file;
 use outpost::ids::{Fingerprint, NodeId};
 use outpost::wire::{
@@ -160,9 +163,12 @@ struct Worker {
     /// A configuration being applied by its software (in memory: lost in a crash), and when
     /// it is done.
     config_due: Option<(u64, ConfigOrder)>,
-    /// A deployment order its software is running (in memory: lost in a crash, handed over
-    /// again when it restarts), and when it reports.
-    deploy_due: Option<(u64, DeployOrder)>,
+    /// The production software lifecycle core (in memory: rebuilt at a restart from what is
+    /// installed), the results of its commands in flight (lost in a crash), and what the
+    /// simulated installer keeps on disk (the `current` and `previous` software).
+    life: Option<Lifecycle>,
+    life_due: Vec<(u64, LifeDone)>,
+    installed: Installed,
     /// The newest configuration version handed to its software.
     config_seen: u64,
 }
@@ -174,6 +180,23 @@ impl Worker {
     fn name(&self) -> &str {
         &self.info.name
     }
+}
+
+/// The simulated installer's disk: what `current` and `previous` point at.
+#[derive(Clone, Debug, Default)]
+struct Installed {
+    current: Option<Software>,
+    previous: Option<Software>,
+}
+
+/// A lifecycle command's result, due at a time.
+#[derive(Clone, Debug)]
+enum LifeDone {
+    Fetched(u64, Result<(), String>),
+    Installed(u64, Result<Software, String>),
+    Switched(u64, Switched),
+    RolledBack(u64, RolledBack),
+    Restarted(Result<(), String>),
 }
 
 enum ToCtrl {
@@ -232,6 +255,13 @@ struct Faults {
     commit_slow: u64,
     /// Sealing a bundle for a target fails (per mille of targets).
     seal_fail: u64,
+    /// Per mille of deployments on a worker: the fetch fails, the bundle is refused at
+    /// install, the new software is not healthy (rolled back); per mille of steps: the
+    /// running software dies.
+    fetch_fail: u64,
+    install_fail: u64,
+    unhealthy: u64,
+    death: u64,
 }
 
 #[derive(Debug, Default)]
@@ -258,6 +288,10 @@ struct Stats {
     failed_commits: u64,
     slow_commits: u64,
     seal_failures: u64,
+    /// Deployment outcomes on workers, by final state, and software deaths.
+    deploys_rolled_back: u64,
+    deploys_failed: u64,
+    deaths: u64,
 }
 
 struct Sim {
@@ -346,6 +380,14 @@ impl Plan {
             } else {
                 0
             },
+            fetch_fail: rng.below(150),
+            install_fail: rng.below(150),
+            unhealthy: if rng.chance(500) {
+                rng.between(100, 600)
+            } else {
+                0
+            },
+            death: rng.below(3),
         };
         let down_after_ms = rng.between(800, 3000);
         let resend_after_ms = rng.between(200, 1500);
@@ -387,6 +429,10 @@ impl Plan {
                 commit_fail: 0,
                 commit_slow: 0,
                 seal_fail: 0,
+                fetch_fail: 0,
+                install_fail: 0,
+                unhealthy: 0,
+                death: 0,
             },
             down_after_ms: 2000,
             resend_after_ms: 500,
@@ -498,7 +544,9 @@ impl Sim {
                 doc_file: None,
                 relay_retry_at: 0,
                 config_due: None,
-                deploy_due: None,
+                life: None,
+                life_due: Vec::new(),
+                installed: Installed::default(),
                 config_seen: 0,
             });
         }
@@ -1043,12 +1091,23 @@ impl Sim {
                 w.reconnect_at = self.now;
                 w.next_heartbeat = self.now;
                 w.relay_retry_at = self.now;
+                let boot = match &w.installed.current {
+                    None => Boot::Nothing,
+                    Some(sw) => Boot::Healthy(sw.clone()),
+                };
+                // The software task boots what is installed (always healthy here: an
+                // unhealthy boot's report could overwrite an unacknowledged deployment
+                // outcome, a known gap of the protocol).
+                let mut life = Lifecycle::new();
+                life.booted(boot, w.disk.report.as_ref(), self.now);
+                w.life = Some(life);
                 if !same {
                     let name = w.info.name.clone();
                     self.fail(format!(
                         "{name} reopened with another record than committed"
                     ));
                 }
+                self.life_perform(i);
                 // The first take re-applies the stored state's effects.
                 self.worker_flush(i);
             }
@@ -1066,7 +1125,8 @@ impl Sim {
         w.core = None;
         w.route = None;
         w.config_due = None;
-        w.deploy_due = None;
+        w.life = None;
+        w.life_due.clear();
         w.frozen_until = 0;
         w.restart_at = self.now + downtime;
         if let Some(c) = w.conn.take() {
@@ -1084,6 +1144,136 @@ impl Sim {
                 self.cut_relay(d);
             }
         }
+    }
+
+    /// Performs what worker `i`'s lifecycle core asks, as the software task does: installer
+    /// steps answered later (failing by seed), reports and outcomes into the worker core.
+    fn life_perform(&mut self, i: usize) {
+        let Some(life) = self.workers[i].life.as_mut() else {
+            return;
+        };
+        let cmds = life.take();
+        let f = self.faults.clone();
+        let on = self.faults_on;
+        for c in cmds {
+            let now = self.now;
+            let later = now + self.rng.between(1, 150);
+            let w = &mut self.workers[i];
+            match c {
+                LifeCommand::Fetch(o) => {
+                    let r = if on && self.rng.chance(f.fetch_fail) {
+                        Err(
+                            "the sealed bundle's hash does not match the signed one (simulated)"
+                                .into(),
+                        )
+                    } else {
+                        Ok(())
+                    };
+                    w.life_due.push((later, LifeDone::Fetched(o.deployment, r)));
+                }
+                LifeCommand::CancelFetch(d) => w
+                    .life_due
+                    .retain(|(_, x)| !matches!(x, LifeDone::Fetched(e, _) if *e == d)),
+                LifeCommand::Install(o) => {
+                    let r = if on && self.rng.chance(f.install_fail) {
+                        Err("the bundle is not sealed to this machine (simulated)".into())
+                    } else {
+                        Ok(Software {
+                            service: o.service.clone(),
+                            bundle_id: o.bundle_id.clone(),
+                            version: o.version.clone(),
+                        })
+                    };
+                    w.life_due
+                        .push((later, LifeDone::Installed(o.deployment, r)));
+                }
+                LifeCommand::Discard(_) => {}
+                LifeCommand::Switch {
+                    deployment,
+                    software,
+                } => {
+                    // Activated at once (the link switch is atomic); then started and checked.
+                    if w.installed.current.as_ref() != Some(&software) {
+                        w.installed.previous = w.installed.current.replace(software);
+                    }
+                    let r = if on && self.rng.chance(f.unhealthy) {
+                        Switched::Unhealthy("the health check failed (simulated)".into())
+                    } else {
+                        Switched::Healthy
+                    };
+                    w.life_due.push((later, LifeDone::Switched(deployment, r)));
+                }
+                LifeCommand::RollBack { deployment } => {
+                    let r = match w.installed.previous.take() {
+                        Some(prev) => {
+                            w.installed.current = Some(prev.clone());
+                            RolledBack::Healthy(prev)
+                        }
+                        None => {
+                            w.installed.current = None;
+                            RolledBack::NoPrevious
+                        }
+                    };
+                    w.life_due
+                        .push((later, LifeDone::RolledBack(deployment, r)));
+                }
+                LifeCommand::Restart(_) => w.life_due.push((later, LifeDone::Restarted(Ok(())))),
+                LifeCommand::Report(r) => {
+                    if let Some(core) = w.core.as_mut() {
+                        core.report(r);
+                    }
+                }
+                LifeCommand::Deployed(d, r) => {
+                    match r.state.as_str() {
+                        "running" => self.stats.deploys_run += 1,
+                        "rolled_back" => self.stats.deploys_rolled_back += 1,
+                        _ => self.stats.deploys_failed += 1,
+                    }
+                    if let Some(core) = w.core.as_mut() {
+                        core.deployed(d, r);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Worker `i`'s software task: results that are due, the restart timer, and a death now
+    /// and then (not over an unacknowledged deployment outcome: see `act`).
+    fn life_step(&mut self, i: usize) {
+        let now = self.now;
+        let w = &mut self.workers[i];
+        let Some(life) = w.life.as_mut() else {
+            return;
+        };
+        let (due, rest): (Vec<_>, Vec<_>) = w.life_due.drain(..).partition(|(t, _)| *t <= now);
+        w.life_due = rest;
+        for (_, done) in due {
+            match done {
+                LifeDone::Fetched(d, r) => life.fetched(d, r, now),
+                LifeDone::Installed(d, r) => life.installed(d, r, now),
+                LifeDone::Switched(d, r) => life.switched(d, r, now),
+                LifeDone::RolledBack(d, r) => life.rolled_back(d, r, now),
+                LifeDone::Restarted(r) => life.restarted(r, now),
+            }
+        }
+        if life.poll_timeout().is_some_and(|t| t <= now) {
+            life.timeout(now);
+        }
+        let deploy_unacked = w.core.as_ref().is_some_and(|c| {
+            let r = c.record();
+            r.report_seq > r.report_acked
+                && r.report.as_ref().is_some_and(|p| p.deployment.is_some())
+        });
+        if self.faults_on
+            && life.running().is_some()
+            && !deploy_unacked
+            && self.rng.chance(self.faults.death)
+        {
+            self.stats.deaths += 1;
+            life.exited("signal 9 (simulated)", now);
+        }
+        self.life_perform(i);
+        self.worker_flush(i);
     }
 
     fn worker_flush(&mut self, i: usize) {
@@ -1114,10 +1304,14 @@ impl Sim {
                 if rec.applied > 0 && rec.controller_key.is_none() {
                     bad.push(format!("{name} applied publications before admission"));
                 }
+                if let Some(life) = self.workers[i].life.as_mut() {
+                    life.record(&rec);
+                }
                 self.workers[i].disk = rec;
                 for b in bad {
                     self.fail(b);
                 }
+                self.life_perform(i);
             }
             let crash_at =
                 (self.faults_on && !outs.is_empty() && self.rng.chance(self.faults.crash_mid))
@@ -1208,8 +1402,11 @@ impl Sim {
             }
             // Its software runs the order after a while (and says so).
             WorkerOutput::Apply(Effect::Deploy(order)) => {
-                let due = self.now + self.rng.between(1, 300);
-                self.workers[i].deploy_due = Some((due, order));
+                let now = self.now;
+                if let Some(life) = self.workers[i].life.as_mut() {
+                    life.orders(vec![order], now);
+                }
+                self.life_perform(i);
             }
             WorkerOutput::Apply(Effect::Route(r)) => {
                 let lb = self.relays.get(&i).map(|l| self.workers[l.lb].id());
@@ -1531,27 +1728,7 @@ impl Sim {
                 self.stats.configs_applied += 1;
                 self.worker_flush(i);
             }
-            if self.workers[i]
-                .deploy_due
-                .as_ref()
-                .is_some_and(|(due, _)| *due <= now)
-            {
-                let (_, order) = self.workers[i].deploy_due.take().expect("due");
-                let report = MachineReport {
-                    state: "running".into(),
-                    software: Some(Software {
-                        service: order.service.clone(),
-                        bundle_id: order.bundle_id.clone(),
-                        version: order.version.clone(),
-                    }),
-                    detail: None,
-                    deployment: Some(order.deployment),
-                };
-                let core = self.workers[i].core.as_mut().expect("running");
-                core.deployed(order.deployment, report);
-                self.stats.deploys_run += 1;
-                self.worker_flush(i);
-            }
+            self.life_step(i);
         }
         if let Some(core) = self.ctrl.core.as_mut() {
             if now >= self.ctrl.next_tick && self.ctrl.stalled_until <= now {
@@ -1993,17 +2170,17 @@ impl Sim {
             if !reported && self.all_running_admitted() {
                 for i in 0..self.workers.len() {
                     if let Some(core) = self.workers[i].core.as_mut() {
-                        // After a deployment, its software running (and said so).
-                        let mut r = running_report();
-                        if let Some(p) = core
+                        // After a deployment, its outcome said once more, as it was (running,
+                        // rolled back or failed, and why).
+                        let r = match core
                             .record()
                             .report
                             .as_ref()
                             .filter(|p| p.deployment.is_some())
                         {
-                            r.software = p.software.clone();
-                            r.deployment = p.deployment;
-                        }
+                            Some(p) => p.clone(),
+                            None => running_report(),
+                        };
                         core.report(r);
                         self.worker_flush(i);
                     }
@@ -2020,7 +2197,14 @@ impl Sim {
         }
         let s = &self.ctrl.settings;
         let settle = 3 * s.down_after_ms + 4 * s.resend_after_ms + 5_000;
-        let until = self.now + settle;
+        // Software waiting for its restart (backoff up to a minute) is started first.
+        let restart = self
+            .workers
+            .iter()
+            .filter_map(|w| w.life.as_ref().and_then(|l| l.poll_timeout()))
+            .max()
+            .unwrap_or(0);
+        let until = (self.now + settle).max(restart + settle);
         while self.now < until {
             self.step();
         }
@@ -2110,7 +2294,14 @@ impl Sim {
                 bad.push(format!("{name} is not running"));
                 continue;
             };
-            if w.kind == Kind::Dependent {
+            // Its software said it failed (a deployment without previous software to roll
+            // back to): out of the pool.
+            let failed = c
+                .record()
+                .report
+                .as_ref()
+                .is_some_and(|r| r.state == "failed");
+            if w.kind == Kind::Dependent && !failed {
                 running_deps.insert(w.id());
             }
             let rec = c.record();
@@ -2152,8 +2343,11 @@ impl Sim {
                     m.notify_seq
                 ));
             }
-            // The final report, or a deployment's that ran after it.
-            if rec.report.as_ref().map(|r| r.state.as_str()) != Some("running") {
+            // The final report, or a deployment's outcome (running, rolled back or failed).
+            let outcome = rec.report.as_ref().is_some_and(|r| {
+                r.deployment.is_some() && matches!(r.state.as_str(), "rolled_back" | "failed")
+            });
+            if rec.report.as_ref().map(|r| r.state.as_str()) != Some("running") && !outcome {
                 bad.push(format!("(d) {name}: its last report is not the final one"));
             }
             // Routes.
@@ -2314,6 +2508,35 @@ impl Sim {
                         "(h) {name}: last ran deployment {ran:?}, the newest is {newest}"
                     ));
                 }
+                // (i) software lifecycle: it runs the newest deployment's bundle, or the
+                // controller recorded that it rolled back or failed, and why.
+                let recorded = by_id
+                    .get(n)
+                    .and_then(|m| m.deploys.iter().find(|x| x.deployment == newest));
+                let running = w.life.as_ref().and_then(|l| l.running());
+                match recorded.map(|x| (x.state.as_str(), x.detail.as_deref())) {
+                    Some(("running", _)) => {
+                        if running.map(|s| s.bundle_id.as_str()) != Some(d.bundle_id.as_str())
+                            || w.installed.current.as_ref() != running
+                        {
+                            bad.push(format!(
+                                "(i) {name}: deployment {newest} recorded running, yet it runs {running:?} (installed {:?})",
+                                w.installed.current
+                            ));
+                        }
+                    }
+                    Some(("rolled_back" | "failed", Some(why))) if !why.is_empty() => {
+                        if running.is_some_and(|s| s.bundle_id == d.bundle_id) {
+                            bad.push(format!(
+                                "(i) {name}: deployment {newest} recorded as not run, yet it runs"
+                            ));
+                        }
+                    }
+                    other if !blocked => bad.push(format!(
+                        "(i) {name}: deployment {newest} ends as {other:?}, neither running nor rolled back or failed with a reason"
+                    )),
+                    _ => {}
+                }
             }
             for (id, old) in disk.deployments.range(..newest) {
                 let superseded = old.rollout.state == RolloutState::Halted
@@ -2459,6 +2682,14 @@ fn simulated_cluster_delivers_exactly_once_and_pools_follow() {
                 total.stopped += s.stopped;
                 total.configs_applied += s.configs_applied;
                 total.configs_replayed += s.configs_replayed;
+                total.deploys_run += s.deploys_run;
+                total.deploys_rolled_back += s.deploys_rolled_back;
+                total.deploys_failed += s.deploys_failed;
+                total.deaths += s.deaths;
+                total.waves += s.waves;
+                total.failed_commits += s.failed_commits;
+                total.slow_commits += s.slow_commits;
+                total.seal_failures += s.seal_failures;
             }
             Err(why) => panic!(
                 "seed {seed} failed:\n{why}\nreplay: OUTPOST_SIM_CLUSTER_SEED={seed} cargo nextest run --release -p outpost --test sim_cluster"
@@ -2483,6 +2714,18 @@ fn simulated_cluster_delivers_exactly_once_and_pools_follow() {
         assert!(
             total.configs_applied > seeds.len() as u64 && total.configs_replayed > 0,
             "configuration data was hardly applied, or never replayed after a crash"
+        );
+        // The production lifecycle and deployments cores met every outcome and fault.
+        assert!(
+            total.deploys_run > 0
+                && total.deploys_rolled_back > 0
+                && total.deploys_failed > 0
+                && total.deaths > 0,
+            "software was never deployed, rolled back, failed or restarted: {total:?}"
+        );
+        assert!(
+            total.failed_commits > 0 && total.slow_commits > 0 && total.seal_failures > 0,
+            "a commit never failed or stalled, or sealing never failed: {total:?}"
         );
     }
 }

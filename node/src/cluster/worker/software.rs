@@ -32,6 +32,8 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::driver::Input;
+// Details are clipped to what the controller accepts (`controller::core::DETAIL_MAX`).
+use super::lifecycle::{clip, report};
 use super::WorkerShared;
 use crate::bundle::{ConfigSpec, Installed, Installer, Supervisor, CURRENT_LINK};
 use crate::cluster::body::{ConfigOrder, DeployOrder};
@@ -46,8 +48,6 @@ pub(crate) const INCOMING_DIR: &str = "bundles/incoming";
 pub(crate) const SOFTWARE_LOG: &str = "software.log";
 /// How often the running software is looked at.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
-/// The controller refuses a report whose detail is over 2048 bytes.
-const DETAIL_BYTES_MAX: usize = 2000;
 /// Orders waiting for the task; beyond it the oldest is dropped (a newer one supersedes it).
 const ORDERS_MAX: usize = 16;
 
@@ -230,33 +230,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| format!("a blocking task failed: {e}"))
-}
-
-/// At most [`DETAIL_BYTES_MAX`] bytes, cut on a character boundary.
-fn clip(mut s: String) -> String {
-    if s.len() > DETAIL_BYTES_MAX {
-        let mut at = DETAIL_BYTES_MAX - 3;
-        while !s.is_char_boundary(at) {
-            at -= 1;
-        }
-        s.truncate(at);
-        s.push_str("...");
-    }
-    s
-}
-
-fn report(
-    state: &str,
-    software: Option<Software>,
-    detail: Option<String>,
-    deployment: Option<u64>,
-) -> MachineReport {
-    MachineReport {
-        state: state.into(),
-        software,
-        detail: detail.map(clip),
-        deployment,
-    }
 }
 
 fn software_of(i: &Installed) -> Software {
