@@ -207,21 +207,22 @@ impl Lifecycle {
         self.deploying.as_ref().map(|(o, _)| o.deployment)
     }
 
-    /// The software at boot. `stored` is the last report committed: when it already says the
-    /// same software runs (a deployment's outcome not yet acknowledged, say), it is not
-    /// replaced by a plain `running`, so the controller still learns that outcome; a failed
-    /// delivery's report (the old software kept running) is followed by `running` once
-    /// acknowledged, as before the restart.
-    pub fn booted(&mut self, boot: Boot, stored: Option<&MachineReport>, now_ms: u64) {
+    /// The software at boot. `rec` is the committed record: when its last report is a
+    /// deployment's outcome the controller has not acknowledged yet, it is not replaced by a
+    /// plain `running` (the controller would never learn that outcome); after a failed one,
+    /// `running` follows once it is acknowledged.
+    pub fn booted(&mut self, boot: Boot, rec: &WorkerRecord, now_ms: u64) {
         match boot {
             Boot::Nothing => {}
             Boot::Healthy(sw) => {
-                let same = stored.filter(|r| r.software.as_ref() == Some(&sw));
-                let said = same.is_some_and(|r| {
-                    matches!(r.state.as_str(), "running" | "rolled_back")
-                        || (r.state == "failed" && r.deployment.is_some())
+                let unacked = rec.report_acked < rec.report_seq;
+                let outcome = rec.report.as_ref().filter(|r| {
+                    unacked
+                        && r.deployment.is_some()
+                        && matches!(r.state.as_str(), "running" | "rolled_back" | "failed")
                 });
-                if let Some(d) = same
+                let said = outcome.is_some();
+                if let Some(d) = outcome
                     .filter(|r| r.state == "failed")
                     .and_then(|r| r.deployment)
                 {

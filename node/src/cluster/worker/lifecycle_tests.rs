@@ -100,7 +100,7 @@ fn an_order_waits_for_an_install_in_progress() {
 #[test]
 fn unhealthy_software_rolls_back_to_the_previous_and_says_why() {
     let mut l = Lifecycle::new();
-    l.booted(Boot::Healthy(sw("old")), None, 0);
+    l.booted(Boot::Healthy(sw("old")), &WorkerRecord::default(), 0);
     l.take();
     l.orders(vec![order(7)], 0);
     l.fetched(7, Ok(()), 0);
@@ -153,7 +153,7 @@ fn a_bundle_for_another_service_is_discarded_and_never_run() {
 #[test]
 fn restart_backoff_doubles_from_now_and_resets_after_a_stable_run() {
     let mut l = Lifecycle::new();
-    l.booted(Boot::Healthy(sw("a")), None, 0);
+    l.booted(Boot::Healthy(sw("a")), &WorkerRecord::default(), 0);
     l.take();
     let min = ms(BACKOFF_MIN);
     l.exited("exit 1", 100);
@@ -178,22 +178,47 @@ fn restart_backoff_doubles_from_now_and_resets_after_a_stable_run() {
 }
 
 #[test]
-fn boot_does_not_overwrite_a_stored_deployment_outcome_that_says_the_same() {
-    let mut l = Lifecycle::new();
+fn boot_does_not_overwrite_an_unacknowledged_deployment_outcome() {
     let stored = report("rolled_back", Some(sw("old")), Some("x".into()), Some(4));
-    l.booted(Boot::Healthy(sw("old")), Some(&stored), 0);
+    let mut rec = WorkerRecord {
+        report: Some(stored),
+        report_seq: 5,
+        report_acked: 4,
+        ..WorkerRecord::default()
+    };
+    let mut l = Lifecycle::new();
+    l.booted(Boot::Healthy(sw("old")), &rec, 0);
     assert!(l.take().is_empty());
     assert_eq!(l.running(), Some(&sw("old")));
-    // Other software than the stored report says: reported.
+    // Acknowledged, a boot says `running` as always.
+    rec.report_acked = 5;
     let mut l = Lifecycle::new();
-    l.booted(Boot::Healthy(sw("new")), Some(&stored), 0);
+    l.booted(Boot::Healthy(sw("old")), &rec, 0);
     assert_eq!(l.take().len(), 1);
+    // A failed outcome (the software was down then): `running` once acknowledged.
+    rec.report_acked = 4;
+    rec.report = Some(report("failed", None, Some("no".into()), Some(4)));
+    rec.last_deployment = 4;
+    let mut l = Lifecycle::new();
+    l.booted(Boot::Healthy(sw("old")), &rec, 0);
+    assert!(l.take().is_empty());
+    rec.report_acked = 5;
+    l.record(&rec);
+    assert_eq!(
+        l.take(),
+        vec![Command::Report(report(
+            "running",
+            Some(sw("old")),
+            None,
+            None
+        ))]
+    );
 }
 
 #[test]
 fn a_failed_delivery_reports_running_again_once_acknowledged() {
     let mut l = Lifecycle::new();
-    l.booted(Boot::Healthy(sw("old")), None, 0);
+    l.booted(Boot::Healthy(sw("old")), &WorkerRecord::default(), 0);
     l.take();
     l.orders(vec![order(2)], 0);
     l.fetched(2, Err("hash mismatch".into()), 0);
@@ -234,7 +259,7 @@ fn report_details_are_clipped_to_what_the_controller_accepts() {
 fn a_resumed_deployment_whose_software_already_runs_is_reported_running_without_a_fetch() {
     let mut l = Lifecycle::new();
     // Crashed after the switch to b3, before the outcome was committed: b3 boots.
-    l.booted(Boot::Healthy(sw("b3")), None, 0);
+    l.booted(Boot::Healthy(sw("b3")), &WorkerRecord::default(), 0);
     l.take();
     l.orders(vec![order(3)], 1);
     let out = l.take();
