@@ -2528,29 +2528,28 @@ impl Sim {
                     .get(n)
                     .and_then(|m| m.deploys.iter().find(|x| x.deployment == newest));
                 let running = w.life.as_ref().and_then(|l| l.running());
-                match recorded.map(|x| (x.state.as_str(), x.detail.as_deref())) {
-                    Some(("running", _)) => {
-                        if running.map(|s| s.bundle_id.as_str()) != Some(d.bundle_id.as_str())
-                            || w.installed.current.as_ref() != running
-                        {
-                            bad.push(format!(
+                let runs_new = running.is_some_and(|s| s.bundle_id == d.bundle_id);
+                let problem = match recorded.map(|x| (x.state.as_str(), x.detail.as_deref())) {
+                    Some(("running", _)) => (!runs_new || w.installed.current.as_ref() != running)
+                        .then(|| {
+                            format!(
                                 "(i) {name}: deployment {newest} recorded running, yet it runs {running:?} (installed {:?})",
                                 w.installed.current
-                            ));
-                        }
-                    }
-                    Some(("rolled_back" | "failed", Some(why))) if !why.is_empty() => {
-                        if running.is_some_and(|s| s.bundle_id == d.bundle_id) {
-                            bad.push(format!(
+                            )
+                        }),
+                    Some(("rolled_back" | "failed", Some(why))) if !why.is_empty() => runs_new
+                        .then(|| {
+                            format!(
                                 "(i) {name}: deployment {newest} recorded as not run, yet it runs"
-                            ));
-                        }
-                    }
-                    other if !blocked => bad.push(format!(
-                        "(i) {name}: deployment {newest} ends as {other:?}, neither running nor rolled back or failed with a reason"
-                    )),
-                    _ => {}
-                }
+                            )
+                        }),
+                    other => (!blocked).then(|| {
+                        format!(
+                            "(i) {name}: deployment {newest} ends as {other:?}, neither running nor rolled back or failed with a reason"
+                        )
+                    }),
+                };
+                bad.extend(problem);
             }
             for (id, old) in disk.deployments.range(..newest) {
                 let superseded = old.rollout.state == RolloutState::Halted
