@@ -42,18 +42,20 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use outpost::cluster::body::{
     Body, ConfigOrder, DeployOrder, LbEndpoint, LbRoute, Pool, RouterPeer,
 };
-use outpost::cluster::controller::configdata::{self, ConfigChange, Scope};
+use outpost::cluster::controller::configdata::{self, Scope};
 use outpost::cluster::controller::core::{
     ConnId, ControllerCore, Dirty, KeyActionError, KeyStatus, MachineRecord, NotPublished, Output,
     Peer, Settings,
 };
-use outpost::cluster::controller::deploy::{self, DeploymentRecord};
-use outpost::cluster::controller::rollout::{
-    self, Action, PlanTarget, Rollout, RolloutSpec, RolloutState, WaveSize,
-};
+use outpost::cluster::controller::deploy::{DeployCore, DeployEvent, NewDeployment, SealJob};
+use outpost::cluster::controller::rollout::{RolloutSpec, RolloutState, WaveSize};
+use outpost::cluster::controller::storage::{ClusterStore, CommitFault, MemClusterStore};
 use outpost::cluster::keys::{publication_digest, token_proof, ControllerKey, SealKey};
 use outpost::cluster::worker::core::{
     Effect, JoinInfo, Standing, WorkerCore, WorkerOutput, WorkerRecord, WorkerRefusal,
+};
+use outpost::cluster::worker::lifecycle::{
+    Boot, Command as LifeCommand, Lifecycle, RolledBack, Switched,
 };
 use outpost::cluster::worker::pool_file;
 use outpost::ids::{Fingerprint, NodeId};
@@ -104,64 +106,25 @@ const DEPENDENT_COMPONENTS: [&str; 5] = [
 ];
 const STATES: [&str; 5] = ["idle", "starting", "running", "rolled_back", "failed"];
 
-/// The controller's disk: what `Store::controller_commit` keeps.
-#[derive(Clone, Debug, Default, PartialEq)]
-struct CtrlDisk {
-    machines: BTreeMap<NodeId, MachineRecord>,
-    pubs: BTreeMap<(NodeId, u64), Publication>,
-    /// Configuration changes by (scope, version).
-    config: BTreeMap<(String, u64), ConfigChange>,
-    /// Deployment records by id (through their stored bytes).
-    deployments: BTreeMap<u64, DeploymentRecord>,
-}
-
-impl CtrlDisk {
-    /// Same order as `Store::controller_commit`: records, removed records, new publications,
-    /// then deletions.
-    fn apply(&mut self, d: &Dirty) {
-        for m in &d.machines {
-            // Through the stored bytes, as the store keeps it.
-            let stored = MachineRecord::decode(&m.encode()).expect("a record decodes");
-            self.machines.insert(m.node_id, stored);
-        }
-        for c in &d.config {
-            self.config.insert((c.scope.clone(), c.version), c.clone());
-        }
-        for node in &d.removed {
-            self.machines.remove(node);
-            self.pubs.retain(|(m, _), _| m != node);
-        }
-        for p in &d.publications {
-            self.pubs.insert((p.machine, p.seq), p.clone());
-        }
-        for (node, upto) in &d.acked {
-            self.pubs.retain(|(m, seq), _| !(m == node && seq <= upto));
-        }
-    }
-
-    /// The newest change of each scope, as `Store::config_newest` reads it.
-    fn config_newest(&self) -> Vec<ConfigChange> {
-        let mut out: BTreeMap<&str, &ConfigChange> = BTreeMap::new();
-        for ((scope, _), c) in &self.config {
-            out.insert(scope, c);
-        }
-        out.into_values().cloned().collect()
-    }
-}
-
 struct Ctrl {
     settings: Settings,
     key_secret: Vec<u8>,
     core: Option<ControllerCore>,
-    disk: CtrlDisk,
+    /// The production storage trait's in-memory implementation: what `store::cluster` keeps.
+    disk: MemClusterStore,
     restart_at: u64,
     next_tick: u64,
-    /// Rollouts not over, as the core thread keeps them (rebuilt from disk at a restart),
-    /// and the deployment records to commit with the next batch.
-    rollouts: BTreeMap<u64, DeploymentRecord>,
-    dep_writes: Vec<DeploymentRecord>,
-    /// Deployments created (ids from 1).
+    /// The production deployments core (`DeployCore`), rebuilt from the store at a restart.
+    deploy: DeployCore,
+    /// The seal worker's queue: jobs handed over after their commit, sealed one target after
+    /// another (in memory: lost in a crash, queued again by `DeployCore::reload`).
+    sealing: VecDeque<(u64, SealJob)>,
+    /// Deployments created (committed) by the operator.
     deployments_made: u64,
+    /// A slow commit holds the core thread until then: it takes no input and performs the
+    /// batch's outputs (these) only once it is over.
+    stalled_until: u64,
+    stalled_outputs: Vec<Output>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,9 +163,12 @@ struct Worker {
     /// A configuration being applied by its software (in memory: lost in a crash), and when
     /// it is done.
     config_due: Option<(u64, ConfigOrder)>,
-    /// A deployment order its software is running (in memory: lost in a crash, handed over
-    /// again when it restarts), and when it reports.
-    deploy_due: Option<(u64, DeployOrder)>,
+    /// The production software lifecycle core (in memory: rebuilt at a restart from what is
+    /// installed), the results of its commands in flight (lost in a crash), and what the
+    /// simulated installer keeps on disk (the `current` and `previous` software).
+    life: Option<Lifecycle>,
+    life_due: Vec<(u64, LifeDone)>,
+    installed: Installed,
     /// The newest configuration version handed to its software.
     config_seen: u64,
 }
@@ -214,6 +180,23 @@ impl Worker {
     fn name(&self) -> &str {
         &self.info.name
     }
+}
+
+/// The simulated installer's disk: what `current` and `previous` point at.
+#[derive(Clone, Debug, Default)]
+struct Installed {
+    current: Option<Software>,
+    previous: Option<Software>,
+}
+
+/// A lifecycle command's result, due at a time.
+#[derive(Clone, Debug)]
+enum LifeDone {
+    Fetched(u64, Result<(), String>),
+    Installed(u64, Result<Software, String>),
+    Switched(u64, Switched),
+    RolledBack(u64, RolledBack),
+    Restarted(Result<(), String>),
 }
 
 enum ToCtrl {
@@ -267,6 +250,18 @@ struct Faults {
     /// A worker restarts with another service (or relay) address.
     readdress: u64,
     latency_max: u64,
+    /// A commit fails (the transaction aborts) / is slow (per mille of commits).
+    commit_fail: u64,
+    commit_slow: u64,
+    /// Sealing a bundle for a target fails (per mille of targets).
+    seal_fail: u64,
+    /// Per mille of deployments on a worker: the fetch fails, the bundle is refused at
+    /// install, the new software is not healthy (rolled back); per mille of steps: the
+    /// running software dies.
+    fetch_fail: u64,
+    install_fail: u64,
+    unhealthy: u64,
+    death: u64,
 }
 
 #[derive(Debug, Default)]
@@ -288,6 +283,15 @@ struct Stats {
     /// Deployment orders run by workers, and waves started.
     deploys_run: u64,
     waves: u64,
+    /// Commits that failed (nothing applied, the controller rebuilt), commits that stalled the
+    /// controller, targets whose sealing failed.
+    failed_commits: u64,
+    slow_commits: u64,
+    seal_failures: u64,
+    /// Deployment outcomes on workers, by final state, and software deaths.
+    deploys_rolled_back: u64,
+    deploys_failed: u64,
+    deaths: u64,
 }
 
 struct Sim {
@@ -369,6 +373,21 @@ impl Plan {
             },
             readdress: rng.below(300),
             latency_max: rng.between(1, 40),
+            commit_fail: rng.below(8),
+            commit_slow: rng.below(60),
+            seal_fail: if rng.chance(300) {
+                rng.between(50, 300)
+            } else {
+                0
+            },
+            fetch_fail: rng.below(150),
+            install_fail: rng.below(150),
+            unhealthy: if rng.chance(500) {
+                rng.between(100, 600)
+            } else {
+                0
+            },
+            death: rng.below(3),
         };
         let down_after_ms = rng.between(800, 3000);
         let resend_after_ms = rng.between(200, 1500);
@@ -407,6 +426,13 @@ impl Plan {
                 reject: 0,
                 readdress: 0,
                 latency_max: 5,
+                commit_fail: 0,
+                commit_slow: 0,
+                seal_fail: 0,
+                fetch_fail: 0,
+                install_fail: 0,
+                unhealthy: 0,
+                death: 0,
             },
             down_after_ms: 2000,
             resend_after_ms: 500,
@@ -518,7 +544,9 @@ impl Sim {
                 doc_file: None,
                 relay_retry_at: 0,
                 config_due: None,
-                deploy_due: None,
+                life: None,
+                life_due: Vec::new(),
+                installed: Installed::default(),
                 config_seen: 0,
             });
         }
@@ -533,12 +561,14 @@ impl Sim {
                 settings,
                 key_secret,
                 core: None,
-                disk: CtrlDisk::default(),
+                disk: MemClusterStore::default(),
                 restart_at: 0,
                 next_tick: 0,
-                rollouts: BTreeMap::new(),
-                dep_writes: Vec::new(),
+                deploy: DeployCore::new(),
+                sealing: VecDeque::new(),
                 deployments_made: 0,
+                stalled_until: 0,
+                stalled_outputs: Vec::new(),
             },
             workers,
             conns: BTreeMap::new(),
@@ -605,14 +635,15 @@ impl Sim {
     fn start_ctrl(&mut self) {
         let key = ControllerKey::from_secret(&self.ctrl.key_secret).expect("32 bytes");
         let disk = &self.ctrl.disk;
+        let loaded = disk.load().expect("the in-memory store loads");
         let core = ControllerCore::open(
             self.ctrl.settings.clone(),
             key,
-            disk.machines.values().cloned().collect(),
-            disk.pubs.values().cloned().collect(),
+            loaded.machines,
+            loaded.publications,
             self.now,
         )
-        .with_config(disk.config_newest());
+        .with_config(loaded.config);
         // What it rebuilt is what was committed (up to the fresh `last_seen`).
         let mut rebuilt: Vec<MachineRecord> = core.machines().cloned().collect();
         for m in &mut rebuilt {
@@ -622,7 +653,7 @@ impl Sim {
         }
         let stored: Vec<MachineRecord> = disk.machines.values().cloned().collect();
         let same = rebuilt == stored;
-        let (n, m) = (core.unacked_len(), disk.pubs.len());
+        let (n, m) = (core.unacked_len(), disk.publications.len());
         if !same {
             self.fail("the controller rebuilt other records than it committed".into());
         }
@@ -631,18 +662,25 @@ impl Sim {
                 "the controller rebuilt {n} unacked publications from {m} stored"
             ));
         }
+        // As `DeployBook::reload`: the rollouts not over and the targets neither sent nor
+        // failed, from what was committed.
+        self.ctrl.deploy = DeployCore::new();
+        let jobs = self.ctrl.deploy.reload(&core, &self.ctrl.disk);
         self.ctrl.core = Some(core);
         self.ctrl.next_tick = self.now;
-        // As `DeployBook::reload`: the rollouts not over, from what was committed.
-        self.ctrl.dep_writes.clear();
-        self.ctrl.rollouts = disk_rollouts(&self.ctrl.disk);
+        self.ctrl.sealing.clear();
+        self.queue_seal_jobs(jobs);
+        self.deploy_events();
     }
 
     fn crash_ctrl(&mut self) {
         self.stats.ctrl_crashes += 1;
         self.ctrl.core = None;
-        self.ctrl.rollouts.clear();
-        self.ctrl.dep_writes.clear();
+        self.ctrl.deploy = DeployCore::new();
+        self.ctrl.sealing.clear();
+        // A crash between a (slow) commit and its outputs: the outputs are lost.
+        self.ctrl.stalled_outputs.clear();
+        self.ctrl.stalled_until = 0;
         self.ctrl.restart_at = self.now + self.rng.between(50, 3000);
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for c in ids {
@@ -650,22 +688,40 @@ impl Sim {
         }
     }
 
-    /// take, commit, perform (a crash may come in between).
+    /// take, commit, perform (a crash may come in between). A failed commit applies nothing
+    /// and performs nothing: as the core thread does, every connection is closed and the core
+    /// and the deployments are rebuilt from the store. A slow commit stalls the controller;
+    /// its outputs wait for the end of the stall.
     fn ctrl_flush(&mut self) {
         loop {
+            if self.ctrl_stalled() {
+                return;
+            }
             let Some(core) = self.ctrl.core.as_mut() else {
                 return;
             };
             let (dirty, outs) = core.take();
-            let deployments = std::mem::take(&mut self.ctrl.dep_writes);
+            let deployments = self.ctrl.deploy.take_writes();
             if dirty.is_empty() && outs.is_empty() && deployments.is_empty() {
+                let jobs = self.ctrl.deploy.after_commit(true);
+                self.queue_seal_jobs(jobs);
+                self.deploy_events();
                 return;
             }
             self.check_dirty(&dirty);
-            self.ctrl.disk.apply(&dirty);
-            for d in deployments {
-                let stored = DeploymentRecord::decode(&d.encode()).expect("a record decodes");
-                self.ctrl.disk.deployments.insert(d.id, stored);
+            if self.faults_on && self.rng.chance(self.faults.commit_fail) {
+                self.ctrl.disk.inject(CommitFault::Fail);
+            } else if self.faults_on && self.rng.chance(self.faults.commit_slow) {
+                let ms = self.rng.between(1, 400);
+                self.ctrl.disk.inject(CommitFault::LatencyMs(ms));
+            }
+            if self.ctrl.disk.commit(&dirty, &deployments).is_err() {
+                self.stats.failed_commits += 1;
+                let nothing = self.ctrl.deploy.after_commit(false);
+                assert!(nothing.is_empty(), "seal jobs after a failed commit");
+                self.deploy_events();
+                self.rebuild_ctrl();
+                return;
             }
             for p in &dirty.publications {
                 match self.published.get(&(p.machine, p.seq)) {
@@ -681,15 +737,133 @@ impl Sim {
                     }
                 }
             }
-            let crash_at =
-                (self.faults_on && !outs.is_empty() && self.rng.chance(self.faults.crash_mid))
-                    .then(|| self.rng.below(outs.len() as u64) as usize);
-            for (k, o) in outs.into_iter().enumerate() {
-                if Some(k) == crash_at {
-                    self.crash_ctrl();
-                    return;
+            let jobs = self.ctrl.deploy.after_commit(true);
+            self.queue_seal_jobs(jobs);
+            self.deploy_events();
+            let latency = self.ctrl.disk.take_latency_ms();
+            if latency > 0 {
+                self.stats.slow_commits += 1;
+                self.ctrl.stalled_until = self.now + latency;
+                self.ctrl.stalled_outputs = outs;
+                return;
+            }
+            if !self.ctrl_perform_all(outs) {
+                return;
+            }
+        }
+    }
+
+    /// Performs a committed batch's outputs; a crash may come before any of them (false).
+    fn ctrl_perform_all(&mut self, outs: Vec<Output>) -> bool {
+        let crash_at =
+            (self.faults_on && !outs.is_empty() && self.rng.chance(self.faults.crash_mid))
+                .then(|| self.rng.below(outs.len() as u64) as usize);
+        for (k, o) in outs.into_iter().enumerate() {
+            if Some(k) == crash_at {
+                self.crash_ctrl();
+                return false;
+            }
+            self.ctrl_perform(o);
+        }
+        true
+    }
+
+    /// Inside a slow commit: the controller takes no input.
+    fn ctrl_stalled(&self) -> bool {
+        self.ctrl.stalled_until > self.now
+    }
+
+    /// The end of a slow commit: its outputs are performed, then what came meanwhile.
+    fn ctrl_unstall(&mut self) {
+        if self.ctrl_stalled() || self.ctrl.core.is_none() {
+            return;
+        }
+        let outs = std::mem::take(&mut self.ctrl.stalled_outputs);
+        if !outs.is_empty() && self.ctrl_perform_all(outs) {
+            self.ctrl_flush();
+        }
+    }
+
+    /// After a failed commit, as `CoreThread::rebuild`: every connection closed, the core and
+    /// the deployments rebuilt from the store at once.
+    fn rebuild_ctrl(&mut self) {
+        self.crash_ctrl();
+        self.stats.ctrl_crashes -= 1;
+        self.ctrl.restart_at = self.now;
+        self.start_ctrl();
+    }
+
+    /// Seal jobs handed to the (simulated) seal worker once their batch committed.
+    fn queue_seal_jobs(&mut self, jobs: Vec<SealJob>) {
+        for job in jobs {
+            let last = self.ctrl.sealing.back().map_or(self.now, |(due, _)| *due);
+            let due = last.max(self.now) + self.rng.between(1, 60);
+            self.ctrl.sealing.push_back((due, job));
+        }
+    }
+
+    /// The seal worker: the next target of the first job, sealed (or not) and handed to the
+    /// deployments core as `DeployCmd::Sealed` / `SealFailed` are.
+    fn seal_next(&mut self) {
+        let now = self.now;
+        match self.ctrl.sealing.front() {
+            Some((due, _)) if *due <= now => {}
+            _ => return,
+        }
+        let (_, mut job) = self.ctrl.sealing.pop_front().expect("front");
+        if job.targets.is_empty() {
+            return;
+        }
+        let t = job.targets.remove(0);
+        let fails = self.faults_on && self.rng.chance(self.faults.seal_fail);
+        let Some(core) = self.ctrl.core.as_mut() else {
+            return;
+        };
+        let store = &self.ctrl.disk;
+        if t.recipient.is_none() {
+            self.ctrl.deploy.seal_failed(
+                store,
+                job.deployment,
+                t.node,
+                "the machine is not admitted; nothing was sealed for it".into(),
+            );
+        } else if fails {
+            self.stats.seal_failures += 1;
+            self.ctrl.deploy.seal_failed(
+                store,
+                job.deployment,
+                t.node,
+                "sealing the bundle failed: simulated I/O error".into(),
+            );
+        } else {
+            let order = DeployOrder {
+                deployment: job.deployment,
+                bundle_id: job.bundle_id.clone(),
+                service: job.service.clone(),
+                version: job.version.clone(),
+                sealed_bytes: 1,
+                sealed_hash: [job.deployment as u8; 32],
+            };
+            self.ctrl
+                .deploy
+                .sealed(core, store, job.deployment, t.node, order, now);
+        }
+        if !job.targets.is_empty() {
+            let due = now + self.rng.between(1, 60);
+            self.ctrl.sealing.push_front((due, job));
+        }
+        self.ctrl_flush();
+    }
+
+    /// What the deployments core reported (the core thread logs it).
+    fn deploy_events(&mut self) {
+        for e in self.ctrl.deploy.take_events() {
+            match e {
+                DeployEvent::NextWave { .. } => self.stats.waves += 1,
+                DeployEvent::StoreError { what, error } => {
+                    self.fail(format!("deployments: cannot read {what}: {error}"))
                 }
-                self.ctrl_perform(o);
+                _ => {}
             }
         }
     }
@@ -917,12 +1091,23 @@ impl Sim {
                 w.reconnect_at = self.now;
                 w.next_heartbeat = self.now;
                 w.relay_retry_at = self.now;
+                let boot = match &w.installed.current {
+                    None => Boot::Nothing,
+                    Some(sw) => Boot::Healthy(sw.clone()),
+                };
+                // The software task boots what is installed (always healthy here: an
+                // unhealthy boot's report could overwrite an unacknowledged deployment
+                // outcome, a known gap of the protocol).
+                let mut life = Lifecycle::new();
+                life.booted(boot, &w.disk, self.now);
+                w.life = Some(life);
                 if !same {
                     let name = w.info.name.clone();
                     self.fail(format!(
                         "{name} reopened with another record than committed"
                     ));
                 }
+                self.life_perform(i);
                 // The first take re-applies the stored state's effects.
                 self.worker_flush(i);
             }
@@ -940,7 +1125,8 @@ impl Sim {
         w.core = None;
         w.route = None;
         w.config_due = None;
-        w.deploy_due = None;
+        w.life = None;
+        w.life_due.clear();
         w.frozen_until = 0;
         w.restart_at = self.now + downtime;
         if let Some(c) = w.conn.take() {
@@ -958,6 +1144,139 @@ impl Sim {
                 self.cut_relay(d);
             }
         }
+    }
+
+    /// Performs what worker `i`'s lifecycle core asks, as the software task does: installer
+    /// steps answered later (failing by seed), reports and outcomes into the worker core.
+    fn life_perform(&mut self, i: usize) {
+        let Some(life) = self.workers[i].life.as_mut() else {
+            return;
+        };
+        let cmds = life.take();
+        let f = self.faults.clone();
+        let on = self.faults_on;
+        for c in cmds {
+            let now = self.now;
+            let later = now + self.rng.between(1, 150);
+            let w = &mut self.workers[i];
+            match c {
+                LifeCommand::Fetch(o) => {
+                    let r = if on && self.rng.chance(f.fetch_fail) {
+                        Err(
+                            "the sealed bundle's hash does not match the signed one (simulated)"
+                                .into(),
+                        )
+                    } else {
+                        Ok(())
+                    };
+                    w.life_due.push((later, LifeDone::Fetched(o.deployment, r)));
+                }
+                LifeCommand::CancelFetch(d) => w
+                    .life_due
+                    .retain(|(_, x)| !matches!(x, LifeDone::Fetched(e, _) if *e == d)),
+                LifeCommand::Install(o) => {
+                    let r = if on && self.rng.chance(f.install_fail) {
+                        Err("the bundle is not sealed to this machine (simulated)".into())
+                    } else {
+                        Ok(Software {
+                            service: o.service.clone(),
+                            bundle_id: o.bundle_id.clone(),
+                            version: o.version.clone(),
+                        })
+                    };
+                    w.life_due
+                        .push((later, LifeDone::Installed(o.deployment, r)));
+                }
+                LifeCommand::Discard(_) => {}
+                LifeCommand::Switch {
+                    deployment,
+                    software,
+                } => {
+                    // Activated at once (the link switch is atomic); then started and checked.
+                    if w.installed.current.as_ref() != Some(&software) {
+                        w.installed.previous = w.installed.current.replace(software);
+                    }
+                    let r = if on && self.rng.chance(f.unhealthy) {
+                        Switched::Unhealthy("the health check failed (simulated)".into())
+                    } else {
+                        Switched::Healthy
+                    };
+                    w.life_due.push((later, LifeDone::Switched(deployment, r)));
+                }
+                LifeCommand::RollBack { deployment } => {
+                    let r = match w.installed.previous.take() {
+                        Some(prev) => {
+                            w.installed.current = Some(prev.clone());
+                            RolledBack::Healthy(prev)
+                        }
+                        None => {
+                            w.installed.current = None;
+                            RolledBack::NoPrevious
+                        }
+                    };
+                    w.life_due
+                        .push((later, LifeDone::RolledBack(deployment, r)));
+                }
+                LifeCommand::Restart(_) => w.life_due.push((later, LifeDone::Restarted(Ok(())))),
+                LifeCommand::Report(r) => {
+                    if let Some(core) = w.core.as_mut() {
+                        core.report(r);
+                    }
+                }
+                LifeCommand::Deployed(d, r) => {
+                    match r.state.as_str() {
+                        "running" => self.stats.deploys_run += 1,
+                        "rolled_back" => self.stats.deploys_rolled_back += 1,
+                        _ => self.stats.deploys_failed += 1,
+                    }
+                    if let Some(core) = w.core.as_mut() {
+                        core.deployed(d, r);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Worker `i`'s software task: results that are due, the restart timer, and a death now
+    /// and then (not over an unacknowledged deployment outcome: see `act`).
+    fn life_step(&mut self, i: usize) {
+        let now = self.now;
+        let w = &mut self.workers[i];
+        let Some(life) = w.life.as_mut() else {
+            return;
+        };
+        let (due, rest): (Vec<_>, Vec<_>) = w.life_due.drain(..).partition(|(t, _)| *t <= now);
+        w.life_due = rest;
+        for (_, done) in due {
+            match done {
+                LifeDone::Fetched(d, r) => life.fetched(d, r, now),
+                LifeDone::Installed(d, r) => life.installed(d, r, now),
+                LifeDone::Switched(d, r) => life.switched(d, r, now),
+                LifeDone::RolledBack(d, r) => life.rolled_back(d, r, now),
+                LifeDone::Restarted(r) => life.restarted(r, now),
+            }
+        }
+        let deploy_unacked = w.core.as_ref().is_some_and(|c| {
+            let r = c.record();
+            r.report_seq > r.report_acked
+                && r.report.as_ref().is_some_and(|p| p.deployment.is_some())
+        });
+        // A restart's `running` would overwrite an unacknowledged deployment outcome (the
+        // known gap of reports being the latest state, not a log; see `act`): the simulated
+        // restart waits for the ack.
+        if !deploy_unacked && life.poll_timeout().is_some_and(|t| t <= now) {
+            life.timeout(now);
+        }
+        if self.faults_on
+            && life.running().is_some()
+            && !deploy_unacked
+            && self.rng.chance(self.faults.death)
+        {
+            self.stats.deaths += 1;
+            life.exited("signal 9 (simulated)", now);
+        }
+        self.life_perform(i);
+        self.worker_flush(i);
     }
 
     fn worker_flush(&mut self, i: usize) {
@@ -988,10 +1307,14 @@ impl Sim {
                 if rec.applied > 0 && rec.controller_key.is_none() {
                     bad.push(format!("{name} applied publications before admission"));
                 }
+                if let Some(life) = self.workers[i].life.as_mut() {
+                    life.record(&rec);
+                }
                 self.workers[i].disk = rec;
                 for b in bad {
                     self.fail(b);
                 }
+                self.life_perform(i);
             }
             let crash_at =
                 (self.faults_on && !outs.is_empty() && self.rng.chance(self.faults.crash_mid))
@@ -1082,8 +1405,11 @@ impl Sim {
             }
             // Its software runs the order after a while (and says so).
             WorkerOutput::Apply(Effect::Deploy(order)) => {
-                let due = self.now + self.rng.between(1, 300);
-                self.workers[i].deploy_due = Some((due, order));
+                let now = self.now;
+                if let Some(life) = self.workers[i].life.as_mut() {
+                    life.orders(vec![order], now);
+                }
+                self.life_perform(i);
             }
             WorkerOutput::Apply(Effect::Route(r)) => {
                 let lb = self.relays.get(&i).map(|l| self.workers[l.lb].id());
@@ -1295,6 +1621,7 @@ impl Sim {
         if self.ctrl.core.is_none() && now >= self.ctrl.restart_at {
             self.start_ctrl();
         }
+        self.ctrl_unstall();
         for i in 0..self.workers.len() {
             let w = &self.workers[i];
             if w.core.is_none() && !w.stopped && now >= w.restart_at {
@@ -1305,7 +1632,7 @@ impl Sim {
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in ids {
             while let Some(c) = self.conns.get_mut(&conn) {
-                if !c.ctrl_open || self.ctrl.core.is_none() {
+                if !c.ctrl_open || self.ctrl.core.is_none() || self.ctrl.stalled_until > now {
                     break;
                 }
                 match c.to_ctrl.front() {
@@ -1404,35 +1731,18 @@ impl Sim {
                 self.stats.configs_applied += 1;
                 self.worker_flush(i);
             }
-            if self.workers[i]
-                .deploy_due
-                .as_ref()
-                .is_some_and(|(due, _)| *due <= now)
-            {
-                let (_, order) = self.workers[i].deploy_due.take().expect("due");
-                let report = MachineReport {
-                    state: "running".into(),
-                    software: Some(Software {
-                        service: order.service.clone(),
-                        bundle_id: order.bundle_id.clone(),
-                        version: order.version.clone(),
-                    }),
-                    detail: None,
-                    deployment: Some(order.deployment),
-                };
-                let core = self.workers[i].core.as_mut().expect("running");
-                core.deployed(order.deployment, report);
-                self.stats.deploys_run += 1;
-                self.worker_flush(i);
-            }
+            self.life_step(i);
         }
         if let Some(core) = self.ctrl.core.as_mut() {
-            if now >= self.ctrl.next_tick {
+            if now >= self.ctrl.next_tick && self.ctrl.stalled_until <= now {
                 core.tick(now);
+                self.ctrl.deploy.tick(core, now);
                 self.ctrl.next_tick = now + self.rng.between(100, 300);
-                self.step_rollouts();
                 self.ctrl_flush();
             }
+        }
+        if self.ctrl.core.is_some() && !self.ctrl_stalled() {
+            self.seal_next();
         }
     }
 
@@ -1575,6 +1885,10 @@ impl Sim {
 
     /// An operator rejects an admitted key, to accept it again later.
     fn reject_one(&mut self) {
+        // An operator's request waits behind a slow commit.
+        if self.ctrl_stalled() {
+            return;
+        }
         let Some(core) = self.ctrl.core.as_ref() else {
             return;
         };
@@ -1598,6 +1912,10 @@ impl Sim {
     }
 
     fn accept_again(&mut self, id: NodeId) {
+        // An operator's request waits behind a slow commit.
+        if self.ctrl_stalled() {
+            return;
+        }
         if self.ctrl.core.is_none() {
             return;
         }
@@ -1609,10 +1927,25 @@ impl Sim {
             other => self.fail(format!("accept again {key}: {other:?}")),
         }
         self.ctrl_flush();
+        // A failed commit answered the operator an error: asked again later.
+        let committed = self
+            .ctrl
+            .disk
+            .machines
+            .get(&id)
+            .is_some_and(|m| m.key_status == KeyStatus::Admitted);
+        if !committed {
+            let later = self.now + self.rng.between(200, 2000);
+            self.reaccept.insert(id, later);
+        }
     }
 
     /// An operator accepts a pending key, by name, full id or id prefix.
     fn accept_one(&mut self) {
+        // An operator's request waits behind a slow commit.
+        if self.ctrl_stalled() {
+            return;
+        }
         let Some(core) = self.ctrl.core.as_ref() else {
             return;
         };
@@ -1641,6 +1974,10 @@ impl Sim {
 
     /// The same state published once more (a new sequence, nothing new to apply).
     fn publish_again(&mut self) {
+        // An operator's request waits behind a slow commit.
+        if self.ctrl_stalled() {
+            return;
+        }
         let Some(core) = self.ctrl.core.as_ref() else {
             return;
         };
@@ -1686,18 +2023,15 @@ impl Sim {
     /// An operator deploys software to every admitted machine, in waves with a random gate and
     /// drain, as `POST /v1/deployments` does (`DeployBook::create`, then its first step).
     fn create_deployment(&mut self) {
+        if self.ctrl_stalled() {
+            return;
+        }
         let Some(core) = self.ctrl.core.as_ref() else {
             return;
         };
-        let mut targets: Vec<&MachineRecord> = core
-            .machines()
-            .filter(|m| m.key_status == KeyStatus::Admitted)
-            .collect();
-        if targets.is_empty() {
+        if !core.machines().any(|m| m.key_status == KeyStatus::Admitted) {
             return;
         }
-        targets.sort_by(|a, b| a.name.cmp(&b.name));
-        let planned: Vec<PlanTarget> = targets.iter().map(|m| PlanTarget::of(m)).collect();
         let spec = RolloutSpec {
             waves: if self.rng.chance(500) {
                 vec![
@@ -1724,91 +2058,33 @@ impl Sim {
         } else {
             spec
         };
-        self.ctrl.deployments_made += 1;
-        let id = self.ctrl.deployments_made;
-        let rec = DeploymentRecord {
-            id,
+        let id = self.ctrl.deploy.next_id();
+        let req = NewDeployment {
             service: "voice".into(),
             bundle_id: format!("{id:064x}"),
             version: format!("{id}.0"),
-            created_ms: self.now,
-            targets: targets
-                .iter()
-                .map(|m| (m.node_id, m.name.clone()))
-                .collect(),
-            failures: Vec::new(),
-            rollout: Rollout::new(rollout::plan(&planned, &spec), &spec, self.now),
+            machines: None,
+            bundle_path: std::path::PathBuf::new(),
+            rollout: spec,
         };
-        self.ctrl.rollouts.insert(id, rec);
-        self.step_rollouts();
-        self.ctrl_flush();
-    }
-
-    /// Every tick: steps each rollout that is not over with the production decision
-    /// (`deploy::step_rollout`) and performs what it decides, as `DeployBook::tick` does (the
-    /// sealing is instant here: an order is published in the same step).
-    fn step_rollouts(&mut self) {
         let now = self.now;
-        let Some(core) = self.ctrl.core.as_mut() else {
-            return;
-        };
-        let ids: Vec<u64> = self.ctrl.rollouts.keys().copied().collect();
-        for id in ids {
-            let mut rec = self.ctrl.rollouts.remove(&id).expect("listed");
-            let before = rec.clone();
-            let actions = deploy::step_rollout(core, &mut rec, now);
-            let (mut drains, mut undrains) = (Vec::new(), Vec::new());
-            for a in actions {
-                match a {
-                    Action::Drain(n) => drains.push(n),
-                    Action::Undrain(n) => undrains.push(n),
-                    Action::Send(n) => {
-                        let sent = core.machine(n).is_some_and(|m| {
-                            m.key_status == KeyStatus::Admitted
-                                && !m.deploys.iter().any(|d| d.deployment >= id)
-                        });
-                        let order = DeployOrder {
-                            deployment: id,
-                            bundle_id: rec.bundle_id.clone(),
-                            service: rec.service.clone(),
-                            version: rec.version.clone(),
-                            sealed_bytes: 1,
-                            sealed_hash: [id as u8; 32],
-                        };
-                        let failed = if sent {
-                            core.publish(n, &Body::Deploy(order), now)
-                                .err()
-                                .map(|e| format!("the order could not be published: {e}"))
-                        } else if core
-                            .machine(n)
-                            .is_some_and(|m| m.key_status != KeyStatus::Admitted)
-                        {
-                            Some("the machine is not admitted".into())
-                        } else {
-                            None
-                        };
-                        if let Some(reason) = failed {
-                            rec.failures.push((n, reason));
-                        }
-                    }
-                }
-            }
-            core.drain(id, &drains, &undrains, now);
-            if rec.rollout.wave != before.rollout.wave {
-                self.stats.waves += 1;
-            }
-            if rec != before {
-                self.ctrl.dep_writes.push(rec.clone());
-            }
-            if !rec.rollout.state.is_final() {
-                self.ctrl.rollouts.insert(id, rec);
-            }
+        let core = self.ctrl.core.as_mut().expect("up");
+        match self.ctrl.deploy.create(core, req, now) {
+            Ok(made) => assert_eq!(made, id),
+            Err(e) => return self.fail(format!("deployment refused: {e}")),
+        }
+        self.ctrl_flush();
+        // Created once its record committed (a failed commit created nothing: the operator
+        // asks again later).
+        if self.ctrl.disk.deployments.contains_key(&id) {
+            self.ctrl.deployments_made += 1;
         }
     }
 
     /// An operator sets (or deletes) the document of a random scope.
     fn set_config_random(&mut self) {
-        if self.ctrl.core.is_none() {
+        // The operator's request waits behind a slow commit.
+        if self.ctrl.core.is_none() || self.ctrl_stalled() {
             return;
         }
         let w = &self.workers[self.rng.below(self.workers.len() as u64) as usize];
@@ -1834,15 +2110,23 @@ impl Sim {
         });
         let now = self.now;
         let core = self.ctrl.core.as_mut().expect("up");
-        match core.set_config(&scope, doc.clone(), None, now) {
-            Ok(_) => {
-                self.config_set.insert(scope.key(), doc);
-            }
+        let change = match core.set_config(&scope, doc.clone(), None, now) {
+            Ok(set) => Some(set.change),
             // Deleting what is not there: nothing changed.
-            Err(_) => assert!(doc.is_none()),
-        }
+            Err(_) => {
+                assert!(doc.is_none());
+                None
+            }
+        };
         // The change is committed before anything it caused is sent.
         self.ctrl_flush();
+        // What the operator set is what committed (a failed commit answered an error).
+        if let Some(c) = change {
+            let key = (c.scope.clone(), c.version);
+            if self.ctrl.disk.config.get(&key) == Some(&c) {
+                self.config_set.insert(scope.key(), doc);
+            }
+        }
     }
 
     /// The effective configuration of worker `i` from what the operator set.
@@ -1900,17 +2184,17 @@ impl Sim {
             if !reported && self.all_running_admitted() {
                 for i in 0..self.workers.len() {
                     if let Some(core) = self.workers[i].core.as_mut() {
-                        // After a deployment, its software running (and said so).
-                        let mut r = running_report();
-                        if let Some(p) = core
+                        // After a deployment, its outcome said once more, as it was (running,
+                        // rolled back or failed, and why).
+                        let r = match core
                             .record()
                             .report
                             .as_ref()
                             .filter(|p| p.deployment.is_some())
                         {
-                            r.software = p.software.clone();
-                            r.deployment = p.deployment;
-                        }
+                            Some(p) => p.clone(),
+                            None => running_report(),
+                        };
                         core.report(r);
                         self.worker_flush(i);
                     }
@@ -1927,7 +2211,14 @@ impl Sim {
         }
         let s = &self.ctrl.settings;
         let settle = 3 * s.down_after_ms + 4 * s.resend_after_ms + 5_000;
-        let until = self.now + settle;
+        // Software waiting for its restart (backoff up to a minute) is started first.
+        let restart = self
+            .workers
+            .iter()
+            .filter_map(|w| w.life.as_ref().and_then(|l| l.poll_timeout()))
+            .max()
+            .unwrap_or(0);
+        let until = (self.now + settle).max(restart + settle);
         while self.now < until {
             self.step();
         }
@@ -1963,14 +2254,14 @@ impl Sim {
         {
             bad.push("the controller's records differ from what it committed".to_string());
         }
-        if core.unacked_len() != disk.pubs.len() {
+        if core.unacked_len() != disk.publications.len() {
             bad.push(format!(
                 "{} unacked in memory, {} stored",
                 core.unacked_len(),
-                disk.pubs.len()
+                disk.publications.len()
             ));
         }
-        for (m, seq) in disk.pubs.keys() {
+        for (m, seq) in disk.publications.keys() {
             if let Some(r) = by_id.get(m) {
                 if *seq <= r.pub_acked || *seq > r.pub_seq {
                     bad.push(format!(
@@ -2017,7 +2308,14 @@ impl Sim {
                 bad.push(format!("{name} is not running"));
                 continue;
             };
-            if w.kind == Kind::Dependent {
+            // Its software said it failed (a deployment without previous software to roll
+            // back to): out of the pool.
+            let failed = c
+                .record()
+                .report
+                .as_ref()
+                .is_some_and(|r| r.state == "failed");
+            if w.kind == Kind::Dependent && !failed {
                 running_deps.insert(w.id());
             }
             let rec = c.record();
@@ -2041,7 +2339,7 @@ impl Sim {
             if rec != &w.disk {
                 bad.push(format!("{name}: its record is not all committed"));
             }
-            if disk.pubs.keys().any(|(n, _)| *n == w.id()) {
+            if disk.publications.keys().any(|(n, _)| *n == w.id()) {
                 bad.push(format!("(b) {name}: publications left unacked"));
             }
             // (d)
@@ -2059,8 +2357,11 @@ impl Sim {
                     m.notify_seq
                 ));
             }
-            // The final report, or a deployment's that ran after it.
-            if rec.report.as_ref().map(|r| r.state.as_str()) != Some("running") {
+            // The final report, or a deployment's outcome (running, rolled back or failed).
+            let outcome = rec.report.as_ref().is_some_and(|r| {
+                r.deployment.is_some() && matches!(r.state.as_str(), "rolled_back" | "failed")
+            });
+            if rec.report.as_ref().map(|r| r.state.as_str()) != Some("running") && !outcome {
                 bad.push(format!("(d) {name}: its last report is not the final one"));
             }
             // Routes.
@@ -2221,6 +2522,34 @@ impl Sim {
                         "(h) {name}: last ran deployment {ran:?}, the newest is {newest}"
                     ));
                 }
+                // (i) software lifecycle: it runs the newest deployment's bundle, or the
+                // controller recorded that it rolled back or failed, and why.
+                let recorded = by_id
+                    .get(n)
+                    .and_then(|m| m.deploys.iter().find(|x| x.deployment == newest));
+                let running = w.life.as_ref().and_then(|l| l.running());
+                let runs_new = running.is_some_and(|s| s.bundle_id == d.bundle_id);
+                let problem = match recorded.map(|x| (x.state.as_str(), x.detail.as_deref())) {
+                    Some(("running", _)) => (!runs_new || w.installed.current.as_ref() != running)
+                        .then(|| {
+                            format!(
+                                "(i) {name}: deployment {newest} recorded running, yet it runs {running:?} (installed {:?})",
+                                w.installed.current
+                            )
+                        }),
+                    Some(("rolled_back" | "failed", Some(why))) if !why.is_empty() => runs_new
+                        .then(|| {
+                            format!(
+                                "(i) {name}: deployment {newest} recorded as not run, yet it runs"
+                            )
+                        }),
+                    other => (!blocked).then(|| {
+                        format!(
+                            "(i) {name}: deployment {newest} ends as {other:?}, neither running nor rolled back or failed with a reason"
+                        )
+                    }),
+                };
+                bad.extend(problem);
             }
             for (id, old) in disk.deployments.range(..newest) {
                 let superseded = old.rollout.state == RolloutState::Halted
@@ -2301,15 +2630,6 @@ impl Sim {
     }
 }
 
-/// The rollouts not over among the committed deployment records.
-fn disk_rollouts(disk: &CtrlDisk) -> BTreeMap<u64, DeploymentRecord> {
-    disk.deployments
-        .iter()
-        .filter(|(_, d)| !d.rollout.is_legacy() && !d.rollout.state.is_final())
-        .map(|(id, d)| (*id, d.clone()))
-        .collect()
-}
-
 fn run_seed(seed: u64) -> Result<Stats, String> {
     let mut sim = Sim::new(seed);
     let steps = 1500 + sim.rng.below(2500);
@@ -2375,6 +2695,14 @@ fn simulated_cluster_delivers_exactly_once_and_pools_follow() {
                 total.stopped += s.stopped;
                 total.configs_applied += s.configs_applied;
                 total.configs_replayed += s.configs_replayed;
+                total.deploys_run += s.deploys_run;
+                total.deploys_rolled_back += s.deploys_rolled_back;
+                total.deploys_failed += s.deploys_failed;
+                total.deaths += s.deaths;
+                total.waves += s.waves;
+                total.failed_commits += s.failed_commits;
+                total.slow_commits += s.slow_commits;
+                total.seal_failures += s.seal_failures;
             }
             Err(why) => panic!(
                 "seed {seed} failed:\n{why}\nreplay: OUTPOST_SIM_CLUSTER_SEED={seed} cargo nextest run --release -p outpost --test sim_cluster"
@@ -2399,6 +2727,18 @@ fn simulated_cluster_delivers_exactly_once_and_pools_follow() {
         assert!(
             total.configs_applied > seeds.len() as u64 && total.configs_replayed > 0,
             "configuration data was hardly applied, or never replayed after a crash"
+        );
+        // The production lifecycle and deployments cores met every outcome and fault.
+        assert!(
+            total.deploys_run > 0
+                && total.deploys_rolled_back > 0
+                && total.deploys_failed > 0
+                && total.deaths > 0,
+            "software was never deployed, rolled back, failed or restarted: {total:?}"
+        );
+        assert!(
+            total.failed_commits > 0 && total.slow_commits > 0 && total.seal_failures > 0,
+            "a commit never failed or stalled, or sealing never failed: {total:?}"
         );
     }
 }
@@ -2562,7 +2902,7 @@ fn hostile_pending_worker_may_not_notify_or_ack() {
 fn hostile_flood_of_unknown_joins_is_bounded() {
     let (mut ctrl, _) = controller(100, true);
     let seal = SealKey::generate().recipient();
-    let mut stored = CtrlDisk::default();
+    let mut stored = MemClusterStore::default();
     let mut refused = 0;
     for n in 0..10_000u64 {
         let conn = n + 1;
@@ -2584,7 +2924,7 @@ fn hostile_flood_of_unknown_joins_is_bounded() {
         let id = join.node_id;
         ctrl.joined(conn, Peer::new(fp, id), join, T0_MS + n);
         let (d, out) = ctrl.take();
-        stored.apply(&d);
+        stored.commit(&d, &[]).expect("commit");
         assert!(d.publications.is_empty());
         if n < 100 {
             assert_eq!(d.machines.len(), 1, "join {n} is recorded as pending");
@@ -2621,7 +2961,7 @@ fn hostile_flood_of_unknown_joins_is_bounded() {
         T0_MS + 20_000,
     );
     let (d, out) = ctrl.take();
-    stored.apply(&d);
+    stored.commit(&d, &[]).expect("commit");
     assert!(
         sends_to(&out, 20_000)
             .iter()
@@ -2760,7 +3100,7 @@ fn hostile_join_with_the_controllers_own_node_id_is_refused() {
     assert!(closes(&out, 1));
     assert_eq!(ctrl.machines().count(), 0);
     // A record of the controller's own id stored before this check is dropped on open.
-    let mut old = CtrlDisk::default();
+    let mut old = MemClusterStore::default();
     let other = Machine::new(8, "router-8", "call-router", None, true);
     let mut c2 = ControllerCore::open(
         Settings {
@@ -2774,7 +3114,7 @@ fn hostile_join_with_the_controllers_own_node_id_is_refused() {
     );
     for (conn, x) in [(1, &m), (2, &other)] {
         c2.joined(conn, x.peer(), x.core().join(), T0_MS);
-        old.apply(&c2.take().0);
+        old.commit(&c2.take().0, &[]).expect("commit");
     }
     assert_eq!(old.machines.len(), 2);
     let mut c3 = ControllerCore::open(
@@ -2788,7 +3128,7 @@ fn hostile_join_with_the_controllers_own_node_id_is_refused() {
     assert!(c3.accept(&own.to_string(), T0_MS).is_err());
     let (d, _) = c3.take();
     assert_eq!(d.removed, vec![own]);
-    old.apply(&d);
+    old.commit(&d, &[]).expect("commit");
     assert_eq!(
         old.machines.keys().copied().collect::<Vec<_>>(),
         vec![other.id()]
@@ -2798,11 +3138,11 @@ fn hostile_join_with_the_controllers_own_node_id_is_refused() {
 #[test]
 fn a_pending_name_squatter_gives_way_to_the_real_machine_with_the_token() {
     let (mut ctrl, _) = controller(100, true);
-    let mut disk = CtrlDisk::default();
+    let mut disk = MemClusterStore::default();
     let squatter = Machine::keyed(9, "w7", "call-router", None, false, "squatter");
     ctrl.joined(1, squatter.peer(), squatter.core().join(), T0_MS);
     let (d, out) = ctrl.take();
-    disk.apply(&d);
+    disk.commit(&d, &[]).expect("commit");
     assert_eq!(
         sends_to(&out, 1),
         vec![&Message::Admission(Admission::Pending)]
@@ -2819,7 +3159,7 @@ fn a_pending_name_squatter_gives_way_to_the_real_machine_with_the_token() {
     let real = Machine::keyed(11, "w7", "call-router", None, true, "real");
     ctrl.joined(3, real.peer(), real.core().join(), T0_MS + 2);
     let (d, out) = ctrl.take();
-    disk.apply(&d);
+    disk.commit(&d, &[]).expect("commit");
     assert!(admitted(&out, 3), "{out:?}");
     assert_eq!(refused_with(&out, 1), Some(JoinRefusal::NameTaken));
     assert!(closes(&out, 1));
@@ -2844,16 +3184,16 @@ fn a_pending_name_squatter_gives_way_to_the_real_machine_with_the_token() {
 #[test]
 fn a_pending_node_id_squatter_gives_way_to_the_real_machine_with_the_token() {
     let (mut ctrl, _) = controller(100, true);
-    let mut disk = CtrlDisk::default();
+    let mut disk = MemClusterStore::default();
     // A key whose certificate claims the real machine's node id, under another name.
     let squatter = Machine::keyed(12, "not-w8", "call-router", None, false, "squatter");
     ctrl.joined(1, squatter.peer(), squatter.core().join(), T0_MS);
-    disk.apply(&ctrl.take().0);
+    disk.commit(&ctrl.take().0, &[]).expect("commit");
     let real = Machine::keyed(12, "w8", "call-router", None, true, "real");
     assert_eq!(real.id(), squatter.id());
     ctrl.joined(2, real.peer(), real.core().join(), T0_MS + 1);
     let (d, out) = ctrl.take();
-    disk.apply(&d);
+    disk.commit(&d, &[]).expect("commit");
     assert!(admitted(&out, 2), "{out:?}");
     assert_eq!(refused_with(&out, 1), Some(JoinRefusal::NodeIdTaken));
     // Dropped and created again under the same id: written, not deleted.
@@ -2884,11 +3224,11 @@ fn many(n: u128, name: &str, token: bool, key: &str) -> Machine {
 fn a_full_pending_table_holds_no_name_from_a_key_with_the_token() {
     const PENDING: usize = 1024;
     let (mut ctrl, _) = controller(PENDING, true);
-    let mut disk = CtrlDisk::default();
+    let mut disk = MemClusterStore::default();
     for n in 0..PENDING {
         let m = many(0x1_0000 + n as u128, &format!("w{n}"), false, "squatter");
         ctrl.joined(n as u64 + 1, m.peer(), m.core().join(), T0_MS);
-        disk.apply(&ctrl.take().0);
+        disk.commit(&ctrl.take().0, &[]).expect("commit");
     }
     assert_eq!(disk.machines.len(), PENDING);
     // One more without the token: the table is full, and it is told so.
@@ -2904,7 +3244,7 @@ fn a_full_pending_table_holds_no_name_from_a_key_with_the_token() {
         let m = many(0x3_0000 + n as u128, &format!("w{n}"), true, "real");
         ctrl.joined(conn, m.peer(), m.core().join(), T0_MS + 2);
         let (d, out) = ctrl.take();
-        disk.apply(&d);
+        disk.commit(&d, &[]).expect("commit");
         assert!(admitted(&out, conn), "w{n}: {out:?}");
     }
     assert_eq!(disk.machines.len(), PENDING);
@@ -3127,7 +3467,7 @@ fn publish_through_lb(sim: &mut Sim, d: usize) -> Publication {
     // A route goes directly; anything else through the load balancer.
     let _ = ctrl.publish(id, &Body::Pool(Pool::default()), now);
     let (dirty, out) = ctrl.take();
-    sim.ctrl.disk.apply(&dirty);
+    sim.ctrl.disk.commit(&dirty, &[]).expect("commit");
     assert_eq!(dirty.publications.len(), 1);
     let p = dirty.publications[0].clone();
     sim.published.insert((p.machine, p.seq), p.clone());

@@ -45,7 +45,8 @@ use crate::ids::NodeId;
 type ApiResult<T> = Result<T, ApiError>;
 type S = State<Arc<ControllerShared>>;
 
-/// How long a request waits for the core thread (behind a slow commit) before a 503.
+/// How long a request waits for the core thread (behind a slow commit) before a 503; also how
+/// long a deployment's background task (seal worker, sweeper) waits for it.
 pub(super) const CORE_WAIT: Duration = Duration::from_secs(30);
 
 /// Paths only a datacenter serves.

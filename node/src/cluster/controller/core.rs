@@ -1578,7 +1578,8 @@ fn is_member(m: &MachineRecord) -> bool {
 
 /// Bounds on what a worker may claim about itself.
 const TEXT_MAX: usize = 256;
-const DETAIL_MAX: usize = 2048;
+/// The longest report detail the controller accepts (bytes); workers clip theirs to it.
+pub const DETAIL_MAX: usize = 2048;
 
 fn check_join(j: &Join) -> Result<(), String> {
     if j.protocol != CLUSTER_PROTOCOL_VERSION {

@@ -16,10 +16,13 @@ pub mod configdata;
 mod conn;
 pub mod core;
 pub mod deploy;
+pub mod deploy_core;
 #[cfg(test)]
 mod deploy_tests;
+mod deploy_view;
 pub mod rollout;
 mod run;
+pub mod storage;
 #[cfg(test)]
 mod tests;
 mod thread;

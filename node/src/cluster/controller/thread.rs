@@ -24,6 +24,7 @@ use super::core::{
 };
 use super::deploy::{DeployBook, DeployCmd, DeploymentRecord, SealJob};
 use super::run::ControllerShared;
+use super::storage::ClusterStore;
 use crate::clock::now_ms;
 use crate::cluster::keys::ControllerKey;
 use crate::ids::{Fingerprint, NodeId};
@@ -407,14 +408,14 @@ impl CoreThread {
         let (dirty, outputs) = core.take();
         let deployments = self.deploy.take_writes();
         if !dirty.is_empty() || !deployments.is_empty() {
-            let result = match &self.store {
+            let result = match &mut self.store {
                 #[cfg(test)]
                 Some(_) if self.shared.fail_commits.load(Ordering::Relaxed) => {
                     Err("injected commit failure".to_owned())
                 }
-                Some(store) => store
-                    .controller_commit_with(&dirty, &deployments)
-                    .map_err(|e| e.to_string()),
+                Some(store) => {
+                    ClusterStore::commit(store, &dirty, &deployments).map_err(|e| e.to_string())
+                }
                 None => Err("the database is not open".to_owned()),
             };
             if let Err(e) = result {
@@ -754,16 +755,20 @@ impl CoreThread {
         let opened = Store::open(&self.shared.config.data_dir)
             .map_err(|e| e.to_string())
             .and_then(|s| {
-                let (machines, pubs) = s.controller_load().map_err(|e| e.to_string())?;
-                let config = s.config_newest().map_err(|e| e.to_string())?;
-                Ok((s, machines, pubs, config))
+                let loaded = ClusterStore::load(&s).map_err(|e| e.to_string())?;
+                Ok((s, loaded))
             });
         let key = ControllerKey::from_secret(&self.key_secret);
         match (opened, key) {
-            (Ok((store, machines, pubs, config)), Ok(key)) => {
-                let core =
-                    ControllerCore::open(self.settings.clone(), key, machines, pubs, now_ms())
-                        .with_config(config);
+            (Ok((store, loaded)), Ok(key)) => {
+                let core = ControllerCore::open(
+                    self.settings.clone(),
+                    key,
+                    loaded.machines,
+                    loaded.publications,
+                    now_ms(),
+                )
+                .with_config(loaded.config);
                 self.shared.deny.replace(core.rejected_fingerprints());
                 self.core = Some(core);
                 self.store = Some(store);

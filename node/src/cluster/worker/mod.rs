@@ -28,6 +28,7 @@ pub mod core;
 mod deploy_tests;
 mod driver;
 mod fetch;
+pub mod lifecycle;
 pub mod pool_file;
 mod relay;
 mod software;

@@ -32,6 +32,8 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::driver::Input;
+// Details are clipped to what the controller accepts (`controller::core::DETAIL_MAX`).
+use super::lifecycle::{clip, Boot, Lifecycle};
 use super::WorkerShared;
 use crate::bundle::{ConfigSpec, Installed, Installer, Supervisor, CURRENT_LINK};
 use crate::cluster::body::{ConfigOrder, DeployOrder};
@@ -46,8 +48,6 @@ pub(crate) const INCOMING_DIR: &str = "bundles/incoming";
 pub(crate) const SOFTWARE_LOG: &str = "software.log";
 /// How often the running software is looked at.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
-/// The controller refuses a report whose detail is over 2048 bytes.
-const DETAIL_BYTES_MAX: usize = 2000;
 /// Orders waiting for the task; beyond it the oldest is dropped (a newer one supersedes it).
 const ORDERS_MAX: usize = 16;
 
@@ -185,12 +185,10 @@ struct Child {
     since: SystemTime,
     /// Passed its health check since it was last started.
     healthy: bool,
-    restart_at: Option<Instant>,
 }
 
 struct Fetching {
     order: DeployOrder,
-    path: PathBuf,
     started: Instant,
     handle: tokio::task::JoinHandle<Result<(), String>>,
 }
@@ -204,13 +202,15 @@ struct Task {
     log_path: PathBuf,
     extra_env: BTreeMap<String, String>,
     child: Option<Child>,
-    /// The highest deployment taken up by this task.
-    handled: u64,
+    /// The decisions: which order runs, its stages, its outcome, the restart deadlines.
+    life: Lifecycle,
+    /// The lifecycle's clock: milliseconds since this instant.
+    clock: Instant,
+    /// Recent orders, by deployment (for their outcome's view).
+    orders: BTreeMap<u64, DeployOrder>,
+    /// The bundle installed for the deployment being switched to.
+    installed: Option<Installed>,
     fetching: Option<Fetching>,
-    /// A deployment reported `failed` while the old software kept running: once the
-    /// controller has acknowledged that, the machine reports `running` again, so that a refused
-    /// delivery does not keep it out of its load balancer's pool.
-    restore_after: Option<u64>,
     data_dir: PathBuf,
     /// The configuration in effect (last applied healthy), and where the software last
     /// started reads it (`None`: no software started yet; the default path).
@@ -230,33 +230,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| format!("a blocking task failed: {e}"))
-}
-
-/// At most [`DETAIL_BYTES_MAX`] bytes, cut on a character boundary.
-fn clip(mut s: String) -> String {
-    if s.len() > DETAIL_BYTES_MAX {
-        let mut at = DETAIL_BYTES_MAX - 3;
-        while !s.is_char_boundary(at) {
-            at -= 1;
-        }
-        s.truncate(at);
-        s.push_str("...");
-    }
-    s
-}
-
-fn report(
-    state: &str,
-    software: Option<Software>,
-    detail: Option<String>,
-    deployment: Option<u64>,
-) -> MachineReport {
-    MachineReport {
-        state: state.into(),
-        software,
-        detail: detail.map(clip),
-        deployment,
-    }
 }
 
 fn software_of(i: &Installed) -> Software {
@@ -317,16 +290,21 @@ pub(crate) async fn run(shared: Arc<WorkerShared>, seal: SealKey, mut stop: watc
         log_path: data_dir.join(SOFTWARE_LOG),
         extra_env,
         child: None,
-        handled: 0,
+        life: Lifecycle::new(),
+        clock: Instant::now(),
+        orders: BTreeMap::new(),
+        installed: None,
         fetching: None,
-        restore_after: None,
     };
     t.show("starting", None);
     t.boot().await;
     let mut tick = tokio::time::interval(WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let restart_at = t.child.as_ref().and_then(|c| c.restart_at);
+        let restart_at = t
+            .life
+            .poll_timeout()
+            .map(|ms| t.clock + Duration::from_millis(ms));
         let fetching = t.fetching.as_mut().map(|f| &mut f.handle);
         let wake = &t.shared.software.wake;
         let fetching_now = fetching.is_some();
@@ -348,16 +326,27 @@ pub(crate) async fn run(shared: Arc<WorkerShared>, seal: SealKey, mut stop: watc
             }
             Event::Wake => t.wake().await,
             Event::Fetched(r) => t.fetched(r).await,
-            Event::Restart => t.restart().await,
+            Event::Restart => {
+                let now = t.now_ms();
+                t.life.timeout(now);
+                t.drive().await;
+            }
             Event::Tick => {
                 t.watch_child().await;
-                t.restore().await;
+                // Once the controller acknowledged a failed delivery: `running` again.
+                let rec = t.shared.record();
+                t.life.record(&rec);
+                t.drive().await;
             }
         }
     }
 }
 
 impl Task {
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
     async fn send(&self, r: MachineReport) {
         let _ = self.shared.input(Input::Report(r)).await;
     }
@@ -419,40 +408,40 @@ impl Task {
         })
         .await
         .and_then(|r| r);
-        let installed = match current {
-            Ok(Some(i)) => i,
+        let boot = match current {
             Ok(None) => {
                 self.show("idle", None);
-                return;
+                Boot::Nothing
             }
             Err(e) => {
-                let e = format!("the installed software cannot be started: {e}");
-                self.shared.note_error(e.clone());
-                self.show("failed", Some(e.clone()));
-                self.send(report("failed", None, Some(e), None)).await;
-                return;
+                let why = format!("the installed software cannot be started: {e}");
+                self.shared.note_error(why.clone());
+                self.show("failed", Some(why));
+                Boot::Broken(e)
+            }
+            Ok(Some(installed)) => {
+                self.show("starting", None);
+                match self.launch(&installed).await {
+                    Ok(child) => {
+                        self.child = Some(child);
+                        self.show("running", None);
+                        Boot::Healthy(software_of(&installed))
+                    }
+                    Err((child, reason)) => {
+                        tracing::warn!("the installed software is not healthy: {reason}");
+                        // It was current, so it ran healthy once: the lifecycle tries again
+                        // with backoff.
+                        self.child = child;
+                        self.show("failed", Some(reason.clone()));
+                        Boot::Unhealthy(software_of(&installed), reason)
+                    }
+                }
             }
         };
-        self.show("starting", None);
-        match self.launch(&installed).await {
-            Ok(child) => {
-                self.child = Some(child);
-                self.show("running", None);
-                let sw = self.running_software();
-                self.send(report("running", sw, None, None)).await;
-            }
-            Err((child, reason)) => {
-                tracing::warn!("the installed software is not healthy: {reason}");
-                // It was current, so it ran healthy once: tried again with backoff.
-                self.child = child.map(|mut c| {
-                    c.restart_at = Some(Instant::now() + c.sup.restart_delay());
-                    c
-                });
-                self.show("failed", Some(reason.clone()));
-                let sw = Some(software_of(&installed));
-                self.send(report("failed", sw, Some(reason), None)).await;
-            }
-        }
+        let rec = self.shared.record();
+        let now = self.now_ms();
+        self.life.booted(boot, &rec, now);
+        self.drive().await;
     }
 
     /// Starts `installed` and checks its health. Unhealthy, it is stopped and returned (if it
@@ -491,7 +480,6 @@ impl Task {
             software,
             since,
             healthy: false,
-            restart_at: None,
         };
         match health {
             Ok(()) => {
@@ -518,17 +506,8 @@ impl Task {
             .expect("orders lock")
             .drain(..)
             .collect();
-        let Some(newest) = orders.iter().map(|o| o.deployment).max() else {
-            return;
-        };
-        for order in orders {
-            if order.deployment == newest {
-                self.take_order(order).await;
-            } else if order.deployment > self.handled {
-                // Queued behind a newer one: never started.
-                self.handled = order.deployment;
-                self.superseded(&order, newest).await;
-            }
+        if !orders.is_empty() {
+            self.take_orders(orders).await;
         }
     }
 
@@ -581,36 +560,41 @@ impl Task {
         };
         let mut c = c;
         if let Some(status) = status {
-            let delay = c.sup.restart_delay();
             c.healthy = false;
-            c.restart_at = Some(Instant::now() + delay);
+            let now = self.now_ms();
+            self.life.exited(&status.to_string(), now);
+            let delay = self.life.poll_timeout().unwrap_or(now).saturating_sub(now);
             let why = format!(
                 "{} {} exited ({status}); restarting it in {}",
                 c.software.service,
                 c.software.version,
-                humantime::format_duration(delay)
+                humantime::format_duration(Duration::from_millis(delay))
             );
             self.shared.note_error(format!("software: {why}"));
-            let sw = c.software.clone();
             self.child = Some(c);
-            self.show("failed", Some(why.clone()));
-            self.send(report("failed", Some(sw), Some(why), None)).await;
+            self.show("failed", Some(why));
+            // The lifecycle's report says the same, and it sets the restart's deadline.
+            self.drive().await;
         } else {
             self.child = Some(c);
         }
     }
 
-    /// The backoff after a death has passed: starts the software again.
-    async fn restart(&mut self) {
-        let Some(mut c) = self.child.take() else {
+    /// The backoff after a death has passed: starts the software again (the lifecycle's
+    /// `Restart`) and tells the lifecycle how it went.
+    pub(super) async fn restart(&mut self) {
+        let Some(c) = self.child.take() else {
+            let now = self.now_ms();
+            self.life
+                .restarted(Err("no software to restart".into()), now);
             return;
         };
-        c.restart_at = None;
         self.shared
             .metrics
             .software_restarts
             .fetch_add(1, Ordering::Relaxed);
         let r = blocking(move || {
+            let mut c = c;
             let h = c
                 .sup
                 .restart()
@@ -622,11 +606,13 @@ impl Task {
             (c, h)
         })
         .await;
+        let now = self.now_ms();
         let (mut c, health) = match r {
             Ok(x) => x,
             Err(e) => {
-                self.shared.note_error(e);
+                self.shared.note_error(e.clone());
                 self.show("failed", Some("lost track of the software".into()));
+                self.life.restarted(Err(e), now);
                 return;
             }
         };
@@ -634,23 +620,26 @@ impl Task {
             Ok(()) => {
                 c.healthy = true;
                 c.since = SystemTime::now();
-                let sw = c.software.clone();
-                tracing::info!("{} {} is running again", sw.service, sw.version);
+                tracing::info!(
+                    "{} {} is running again",
+                    c.software.service,
+                    c.software.version
+                );
                 self.child = Some(c);
                 self.show("running", None);
                 self.pending_reload();
-                self.send(report("running", Some(sw), None, None)).await;
+                self.life.restarted(Ok(()), now);
             }
             Err(reason) => {
-                let delay = c.sup.restart_delay();
-                c.restart_at = Some(Instant::now() + delay);
-                tracing::warn!(
-                    "restarting {} failed: {reason}; next attempt in {}",
-                    c.software.service,
-                    humantime::format_duration(delay)
-                );
+                let software = format!("{} {}", c.software.service, c.software.version);
                 self.child = Some(c);
-                self.show("failed", Some(reason));
+                self.show("failed", Some(reason.clone()));
+                self.life.restarted(Err(reason.clone()), now);
+                let delay = self.life.poll_timeout().unwrap_or(now).saturating_sub(now);
+                tracing::warn!(
+                    "restarting {software} failed: {reason}; next attempt in {}",
+                    humantime::format_duration(Duration::from_millis(delay))
+                );
             }
         }
     }

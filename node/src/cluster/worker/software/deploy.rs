@@ -1,8 +1,9 @@
-//! The deployment half of the software task: an order taken up (its fetch started, an older
-//! one still fetching cancelled), the fetched bundle opened with this machine's key straight
-//! into the installer, the switch to it (the old software stopped, the new one activated,
-//! started and checked, rolled back when unhealthy), and the outcome handed to the driver
-//! (`core.deployed`). Runs inside the software task, whose state it shares.
+//! The deployment half of the software task, as the shell of the lifecycle core
+//! ([`crate::cluster::worker::lifecycle`]): it performs what the core decides (an order's
+//! fetch started or cancelled, the fetched bundle opened with this machine's key straight into
+//! the installer, the switch to it, the roll back to the previous software, a restart) and
+//! feeds each result back; the outcome goes to the driver (`core.deployed`). Runs inside the
+//! software task, whose state it shares.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,39 +14,75 @@ use tokio::time::Instant;
 
 use super::super::driver::Input;
 use super::super::fetch;
-use super::{
-    blocking, report, software_of, stop_child, DeployingView, Fetching, OutcomeView, Task,
-};
+use super::super::lifecycle::{Command, RolledBack, Switched};
+use super::{blocking, software_of, stop_child, DeployingView, Fetching, OutcomeView, Task};
 use crate::bundle::{BundleError, Installed, Installer, CURRENT_LINK};
 use crate::cluster::body::DeployOrder;
 use crate::cluster::keys::SealKey;
 use crate::wire::{MachineReport, Software};
 
+/// Orders remembered for their outcome's view (the newest).
+const ORDERS_KEPT: usize = 16;
+
 impl Task {
-    pub(super) async fn superseded(&mut self, order: &DeployOrder, by: u64) {
-        let why = format!("superseded by deployment {by} before it was installed");
-        tracing::info!(deployment = order.deployment, "{why}");
-        let r = report(
-            "failed",
-            self.running_software(),
-            Some(why),
-            Some(order.deployment),
-        );
-        self.finish(order, r).await;
+    /// Deployment orders handed over by the driver: to the lifecycle, which picks the newest.
+    pub(super) async fn take_orders(&mut self, orders: Vec<DeployOrder>) {
+        for o in &orders {
+            self.orders.insert(o.deployment, o.clone());
+        }
+        while self.orders.len() > ORDERS_KEPT {
+            self.orders.pop_first();
+        }
+        let now = self.now_ms();
+        self.life.orders(orders, now);
+        self.drive().await;
     }
 
-    pub(super) async fn take_order(&mut self, order: DeployOrder) {
-        if order.deployment <= self.handled {
-            tracing::debug!(deployment = order.deployment, "deployment already taken up");
-            return;
+    /// Performs what the lifecycle asks, until it asks nothing more.
+    pub(super) async fn drive(&mut self) {
+        loop {
+            let cmds = self.life.take();
+            if cmds.is_empty() {
+                return;
+            }
+            for c in cmds {
+                self.perform(c).await;
+            }
         }
-        self.handled = order.deployment;
-        if let Some(old) = self.fetching.take() {
-            old.handle.abort();
-            let _ = old.handle.await;
-            self.superseded(&old.order, order.deployment).await;
+    }
+
+    async fn perform(&mut self, c: Command) {
+        match c {
+            Command::Fetch(order) => self.start_fetch(order).await,
+            Command::CancelFetch(d) => {
+                if let Some(f) = self.fetching.take_if(|f| f.order.deployment == d) {
+                    f.handle.abort();
+                    let _ = f.handle.await;
+                    tracing::info!(deployment = d, "fetch cancelled: a newer deployment came");
+                }
+            }
+            Command::Install(order) => self.install(order).await,
+            Command::Discard(id) => {
+                let inst = self.installer.clone();
+                let _ = blocking(move || remove_unused(&inst, &id)).await;
+            }
+            Command::Switch {
+                deployment,
+                software,
+            } => self.switch(deployment, software).await,
+            Command::RollBack { deployment } => self.roll_back(deployment).await,
+            Command::Restart(_) => self.restart().await,
+            Command::Report(r) => {
+                if r.deployment.is_none() && r.state == "running" {
+                    self.show("running", None);
+                }
+                self.send(r).await
+            }
+            Command::Deployed(d, r) => self.finish(d, r).await,
         }
-        self.restore_after = None;
+    }
+
+    async fn start_fetch(&mut self, order: DeployOrder) {
         let path = fetch::incoming_path(&self.incoming_dir, order.deployment);
         // Leftovers of older deployments (cancelled, or finished before a crash).
         let (dir, keep) = (self.incoming_dir.clone(), path.clone());
@@ -72,9 +109,6 @@ impl Task {
                 total: order.sealed_bytes,
             })
         });
-        let sw = self.running_software();
-        self.send(report("delivering", sw, None, Some(order.deployment)))
-            .await;
         let handle = tokio::spawn(fetch::fetch(
             self.shared.clone(),
             order.clone(),
@@ -83,7 +117,6 @@ impl Task {
         ));
         self.fetching = Some(Fetching {
             order,
-            path,
             started: Instant::now(),
             handle,
         });
@@ -93,36 +126,40 @@ impl Task {
         let Some(f) = self.fetching.take() else {
             return;
         };
-        let order = f.order;
-        let failed = |reason: String| report("failed", None, Some(reason), Some(order.deployment));
-        let reason = match r {
-            Ok(Ok(())) => None,
-            Ok(Err(reason)) => Some(reason),
-            Err(e) => Some(format!("the fetch failed: {e}")),
+        let d = f.order.deployment;
+        let result = match r {
+            Ok(Ok(())) => {
+                tracing::info!(
+                    deployment = d,
+                    elapsed = ?f.started.elapsed(),
+                    "sealed bundle fetched and its hash checked; opening and installing it"
+                );
+                Ok(())
+            }
+            Ok(Err(reason)) => Err(reason),
+            Err(e) => Err(format!("the fetch failed: {e}")),
         };
-        if let Some(reason) = reason {
-            tracing::warn!(deployment = order.deployment, "deployment failed: {reason}");
-            let mut r = failed(reason);
-            r.software = self.running_software();
-            return self.finish(&order, r).await;
+        if let Err(reason) = &result {
+            tracing::warn!(deployment = d, "deployment failed: {reason}");
         }
-        tracing::info!(
-            deployment = order.deployment,
-            elapsed = ?f.started.elapsed(),
-            "sealed bundle fetched and its hash checked; opening and installing it"
-        );
+        let now = self.now_ms();
+        self.life.fetched(d, result, now);
+        self.drive().await;
+    }
+
+    async fn install(&mut self, order: DeployOrder) {
         let installing = Instant::now();
         self.set_stage("installing");
-        let (inst, seal, path, id) = (
+        let path = fetch::incoming_path(&self.incoming_dir, order.deployment);
+        let (inst, seal, id) = (
             self.installer.clone(),
             self.seal.clone(),
-            f.path.clone(),
             order.bundle_id.clone(),
         );
         let installed = blocking(move || open_and_install(&inst, &seal, &path, &id))
             .await
             .and_then(|r| r);
-        let installed = match installed {
+        let result = match installed {
             Ok(i) => {
                 tracing::info!(
                     deployment = order.deployment,
@@ -130,49 +167,43 @@ impl Task {
                     "bundle {} opened and installed",
                     i.bundle_id
                 );
-                i
+                let sw = software_of(&i);
+                self.installed = Some(i);
+                Ok(sw)
             }
             Err(reason) => {
                 tracing::warn!(
                     deployment = order.deployment,
                     "deployment refused: {reason}"
                 );
-                let mut r = failed(reason);
-                r.software = self.running_software();
-                return self.finish(&order, r).await;
+                Err(reason)
             }
         };
-        if installed.manifest.service != order.service {
-            let reason = format!(
-                "the bundle's manifest is for service {}, the deployment for {}; not run",
-                installed.manifest.service, order.service
-            );
-            let inst = self.installer.clone();
-            let id = installed.bundle_id.clone();
-            let _ = blocking(move || remove_unused(&inst, &id)).await;
-            let mut r = failed(reason);
-            r.software = self.running_software();
-            return self.finish(&order, r).await;
-        }
-        let sw = self.running_software();
-        self.send(report("installed", sw, None, Some(order.deployment)))
-            .await;
-        self.set_stage("starting");
-        let r = self.switch(&order, &installed).await;
-        self.finish(&order, r).await;
+        let now = self.now_ms();
+        self.life.installed(order.deployment, result, now);
     }
 
-    /// Stops what runs, activates `installed`, starts it and checks it; rolls back when it is
-    /// not healthy. Returns the deployment's final report.
-    async fn switch(&mut self, order: &DeployOrder, installed: &Installed) -> MachineReport {
-        let d = Some(order.deployment);
-        let new = software_of(installed);
+    /// Stops what runs, activates the installed bundle, starts it and checks it; the
+    /// lifecycle rolls back when it is not healthy.
+    async fn switch(&mut self, deployment: u64, new: Software) {
+        self.set_stage("starting");
+        let Some(installed) = self
+            .installed
+            .take()
+            .filter(|i| i.bundle_id == new.bundle_id)
+        else {
+            let reason = format!("bundle {} is not installed", new.bundle_id);
+            let running = self.running_software();
+            let now = self.now_ms();
+            return self
+                .life
+                .switched(deployment, Switched::NotActivated { reason, running }, now);
+        };
         if let Some(old) = self.child.take() {
             tracing::info!(
-                "stopping {} {} for deployment {}",
+                "stopping {} {} for deployment {deployment}",
                 old.software.service,
                 old.software.version,
-                order.deployment
             );
             drop(stop_child(old).await);
         }
@@ -191,29 +222,36 @@ impl Task {
             // Nothing switched: what was current runs again.
             let reason = format!("switching to bundle {}: {e}", installed.bundle_id);
             self.boot_current_again().await;
-            return report("failed", self.running_software(), Some(reason), d);
+            let running = self.running_software();
+            let now = self.now_ms();
+            return self
+                .life
+                .switched(deployment, Switched::NotActivated { reason, running }, now);
         }
-        let reason = match self.launch(installed).await {
+        let result = match self.launch(&installed).await {
             Ok(child) => {
                 self.child = Some(child);
                 self.show("running", None);
                 self.pending_reload();
-                tracing::info!(
-                    deployment = order.deployment,
-                    "{} {} is running",
+                tracing::info!(deployment, "{} {} is running", new.service, new.version);
+                Switched::Healthy
+            }
+            Err((_stopped, reason)) => {
+                tracing::warn!(
+                    deployment,
+                    "{} {} is not healthy, rolling back: {reason}",
                     new.service,
                     new.version
                 );
-                return report("running", Some(new), None, d);
+                Switched::Unhealthy(reason)
             }
-            Err((_stopped, reason)) => reason,
         };
-        tracing::warn!(
-            deployment = order.deployment,
-            "{} {} is not healthy, rolling back: {reason}",
-            new.service,
-            new.version
-        );
+        let now = self.now_ms();
+        self.life.switched(deployment, result, now);
+    }
+
+    /// Back to the previous software after an unhealthy switch.
+    async fn roll_back(&mut self, deployment: u64) {
         let inst = self.installer.clone();
         let back = blocking(move || {
             let mut i = inst.lock().unwrap_or_else(|p| p.into_inner());
@@ -232,51 +270,34 @@ impl Task {
         })
         .await
         .and_then(|r| r);
-        let previous = match back {
-            Ok(Some(p)) => p,
-            Ok(None) => {
-                self.show("failed", Some(reason.clone()));
-                return report(
-                    "failed",
-                    None,
-                    Some(format!("{reason}; no previous software to roll back to")),
-                    d,
-                );
+        let result = match back {
+            Ok(Some(previous)) => {
+                let prev = software_of(&previous);
+                match self.launch(&previous).await {
+                    Ok(child) => {
+                        self.child = Some(child);
+                        self.show("running", None);
+                        self.pending_reload();
+                        tracing::info!(
+                            deployment,
+                            "rolled back to {} {}",
+                            prev.service,
+                            prev.version
+                        );
+                        RolledBack::Healthy(prev)
+                    }
+                    Err((child, r2)) => {
+                        // The previous software ran before: tried again with backoff.
+                        self.child = child;
+                        RolledBack::Unhealthy(prev, r2)
+                    }
+                }
             }
-            Err(e) => {
-                let why = format!("{reason}; rolling back: {e}");
-                self.show("failed", Some(why.clone()));
-                return report("failed", None, Some(why), d);
-            }
+            Ok(None) => RolledBack::NoPrevious,
+            Err(e) => RolledBack::Failed(e),
         };
-        let prev = software_of(&previous);
-        match self.launch(&previous).await {
-            Ok(child) => {
-                self.child = Some(child);
-                self.show("running", None);
-                self.pending_reload();
-                tracing::info!(
-                    deployment = order.deployment,
-                    "rolled back to {} {}",
-                    prev.service,
-                    prev.version
-                );
-                report("rolled_back", Some(prev), Some(reason), d)
-            }
-            Err((child, r2)) => {
-                // The previous software ran before: tried again with backoff.
-                self.child = child.map(|mut c| {
-                    c.restart_at = Some(Instant::now() + c.sup.restart_delay());
-                    c
-                });
-                let why = format!(
-                    "{reason}; rolled back to {} {}, which is not healthy either: {r2}",
-                    prev.service, prev.version
-                );
-                self.show("failed", Some(why.clone()));
-                report("failed", Some(prev), Some(why), d)
-            }
-        }
+        let now = self.now_ms();
+        self.life.rolled_back(deployment, result, now);
     }
 
     /// After a failed switch: starts what is current again (as at boot).
@@ -299,10 +320,7 @@ impl Task {
                 self.show("running", None);
             }
             Err((child, reason)) => {
-                self.child = child.map(|mut c| {
-                    c.restart_at = Some(Instant::now() + c.sup.restart_delay());
-                    c
-                });
+                self.child = child;
                 self.show("failed", Some(reason));
             }
         }
@@ -310,7 +328,7 @@ impl Task {
 
     /// The deployment is over: its file goes, old versions are pruned, the outcome is counted
     /// and handed to the driver (`core.deployed`).
-    async fn finish(&mut self, order: &DeployOrder, r: MachineReport) {
+    async fn finish(&mut self, deployment: u64, r: MachineReport) {
         let dir = self.incoming_dir.clone();
         let _ = blocking(move || remove_incoming_except(&dir, None)).await;
         if r.state == "running" || r.state == "rolled_back" {
@@ -324,6 +342,9 @@ impl Task {
                 Err(e) => tracing::warn!("pruning old software versions: {e}"),
             }
         }
+        if r.state == "failed" && self.running_software().is_none() {
+            self.show("failed", r.detail.clone());
+        }
         let m = &self.shared.metrics;
         match r.state.as_str() {
             "running" => &m.deployments_running,
@@ -331,50 +352,27 @@ impl Task {
             _ => &m.deployments_failed,
         }
         .fetch_add(1, Ordering::Relaxed);
+        let bundle_id = self
+            .orders
+            .get(&deployment)
+            .map(|o| o.bundle_id.clone())
+            .unwrap_or_default();
         self.shared.software.set_view(|v| {
             if v.deploying
                 .as_ref()
-                .is_some_and(|x| x.deployment == order.deployment)
+                .is_some_and(|x| x.deployment == deployment)
             {
                 v.deploying = None;
             }
             v.last = Some(OutcomeView {
-                deployment: order.deployment,
-                bundle_id: order.bundle_id.clone(),
+                deployment,
+                bundle_id,
                 state: r.state.clone(),
                 detail: r.detail.clone(),
                 at: SystemTime::now(),
             });
         });
-        if r.state == "failed" && self.child.as_ref().is_some_and(|c| c.healthy) {
-            self.restore_after = Some(order.deployment);
-        }
-        let _ = self
-            .shared
-            .input(Input::Deployed(order.deployment, r))
-            .await;
-    }
-
-    /// Once the controller acknowledged a failed deployment's report while the old software
-    /// kept running: says it runs.
-    pub(super) async fn restore(&mut self) {
-        let Some(d) = self.restore_after else { return };
-        let rec = self.shared.record();
-        let last = rec.report.as_ref().and_then(|r| r.deployment);
-        if last != Some(d) || rec.last_deployment < d {
-            if rec.last_deployment >= d {
-                // Another report came after it.
-                self.restore_after = None;
-            }
-            return;
-        }
-        if rec.report_acked < rec.report_seq {
-            return;
-        }
-        self.restore_after = None;
-        if let Some(sw) = self.running_software() {
-            self.send(report("running", Some(sw), None, None)).await;
-        }
+        let _ = self.shared.input(Input::Deployed(deployment, r)).await;
     }
 }
 

@@ -1,0 +1,202 @@
+//! How deployments are shown and what they still need, from what is committed: the status of
+//! each target (`/v1/deployments`), who may fetch a sealed bundle, which sealed files and
+//! uploaded bundles no deployment needs any more. Pure reads over the [`ControllerCore`] and a
+//! [`ClusterStore`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use super::core::{ControllerCore, KeyStatus};
+use super::deploy_core::{
+    settled, short, DeploymentRecord, DeploymentView, TargetView, RESUME_MAX,
+};
+use super::storage::ClusterStore;
+use crate::ids::{Fingerprint, NodeId};
+
+/// The API's status for a state the core recorded (`pending`, `delivering`) or a worker
+/// reported. A state this controller does not know counts as still delivering.
+pub(crate) fn status_of(state: &str) -> &'static str {
+    match state {
+        "pending" => "pending",
+        "delivering" | "fetching" | "installing" => "delivering",
+        "installed" | "starting" => "installed",
+        "running" => "running",
+        "rolled_back" => "rolled_back",
+        "failed" => "failed",
+        _ => "delivering",
+    }
+}
+
+/// Where `rec` stands on `node`.
+pub(crate) fn target_view(
+    core: &ControllerCore,
+    rec: &DeploymentRecord,
+    node: NodeId,
+    name: &str,
+) -> TargetView {
+    let view = |status: &'static str, reason: Option<String>| TargetView {
+        node_id: node,
+        name: name.to_owned(),
+        status,
+        reason,
+    };
+    if let Some((_, reason)) = rec.failures.iter().find(|(n, _)| *n == node) {
+        return view("failed", Some(reason.clone()));
+    }
+    let r = &rec.rollout;
+    if !r.is_legacy() && !r.is_sent(node) {
+        let wave = r.wave_of(node).map_or(0, |w| w + 1);
+        if r.state.is_final() {
+            return view(
+                "skipped",
+                Some(format!(
+                    "not sent: the rollout {} before wave {wave} ({})",
+                    r.state.as_str(),
+                    r.reason.as_deref().unwrap_or("")
+                )),
+            );
+        }
+        if r.draining_since(node).is_some() {
+            return view(
+                "draining",
+                Some(format!(
+                    "out of its load balancer's pool for {} before it is replaced",
+                    humantime::format_duration(Duration::from_millis(r.drain_ms.unwrap_or(0)))
+                )),
+            );
+        }
+        return view(
+            "waiting",
+            Some(format!("in wave {wave} of {}, not started", r.waves.len())),
+        );
+    }
+    let Some(m) = core.machine(node) else {
+        return view("failed", Some("the machine is no longer known".into()));
+    };
+    if let Some(d) = m.deploys.iter().find(|d| d.deployment == rec.id) {
+        let status = status_of(&d.state);
+        let reason = match (&d.detail, status) {
+            (Some(detail), _) => Some(detail.clone()),
+            (None, "pending") => Some("sent; not yet received by the machine".into()),
+            (None, "delivering") if d.state != "delivering" => {
+                Some(format!("the machine says {:?}", short(&d.state)))
+            }
+            _ => None,
+        };
+        return view(status, reason);
+    }
+    if let Some(newer) = m
+        .deploys
+        .iter()
+        .map(|d| d.deployment)
+        .filter(|&d| d > rec.id)
+        .min()
+    {
+        return view(
+            "failed",
+            Some(format!(
+                "superseded by deployment {newer}; this one's outcome is no longer recorded"
+            )),
+        );
+    }
+    view("pending", Some("being sealed for this machine".into()))
+}
+
+/// Deployment `id` as the API shows it, from what is committed.
+pub(crate) fn view_of(
+    core: &ControllerCore,
+    store: &dyn ClusterStore,
+    id: u64,
+) -> Option<DeploymentView> {
+    store.deployment(id).ok().flatten().map(|r| view(core, r))
+}
+
+pub(crate) fn view(core: &ControllerCore, rec: DeploymentRecord) -> DeploymentView {
+    let machines = rec
+        .targets
+        .iter()
+        .map(|(node, name)| target_view(core, &rec, *node, name))
+        .collect();
+    DeploymentView {
+        record: rec,
+        machines,
+    }
+}
+
+pub(crate) fn authorize(
+    core: &ControllerCore,
+    requester: NodeId,
+    fingerprint: Fingerprint,
+    machine: NodeId,
+) -> Result<(), String> {
+    let me = core
+        .machine(requester)
+        .filter(|m| m.fingerprint == fingerprint && m.key_status == KeyStatus::Admitted)
+        .ok_or_else(|| "this machine is not admitted".to_owned())?;
+    if requester == machine {
+        return Ok(());
+    }
+    let target = core
+        .machine(machine)
+        .ok_or_else(|| format!("no machine {machine}"))?;
+    if me.is_load_balancer() && target.load_balancer.as_deref() == Some(me.name.as_str()) {
+        return Ok(());
+    }
+    Err(format!(
+        "the bundles of {} go only to it or to its load balancer",
+        target.name
+    ))
+}
+
+/// The sealed files whose machine is done with them: it reported a final state for that
+/// deployment, got a newer one, could not be sent it, or is gone.
+pub(crate) fn sweepable(
+    core: &ControllerCore,
+    store: &dyn ClusterStore,
+    files: &[(u64, NodeId)],
+) -> Vec<(u64, NodeId)> {
+    let mut records: BTreeMap<u64, Option<DeploymentRecord>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for &(dep, node) in files {
+        let rec = records
+            .entry(dep)
+            .or_insert_with(|| store.deployment(dep).ok().flatten());
+        let failed = match rec {
+            // An unreadable or unknown deployment: keep the file, it costs only disk.
+            None => continue,
+            Some(r) => r.failures.iter().any(|(n, _)| *n == node),
+        };
+        let done = failed
+            || match core.machine(node) {
+                None => true,
+                Some(m) => m.deploys.iter().any(|d| {
+                    d.deployment > dep
+                        || (d.deployment == dep
+                            && matches!(status_of(&d.state), "running" | "rolled_back" | "failed"))
+                }),
+            };
+        if done {
+            out.push((dep, node));
+        }
+    }
+    out
+}
+
+/// The bundles a deployment still needs: the newest deployment's of each service (so that it
+/// can be sent to more machines), and every recent deployment's with a target not yet sealed
+/// and sent (a restart resumes those from the plaintext bundle). Sealed copies are served on
+/// their own; workers keep what they installed.
+pub(crate) fn bundles_needed(
+    core: &ControllerCore,
+    store: &dyn ClusterStore,
+) -> Result<BTreeSet<String>, crate::replication::StoreError> {
+    let mut needed = BTreeSet::new();
+    let mut services = BTreeSet::new();
+    for rec in store.deployments_newest(RESUME_MAX)? {
+        let unfinished = rec.targets.iter().any(|(n, _)| !settled(core, &rec, *n));
+        if services.insert(rec.service.clone()) || unfinished {
+            needed.insert(rec.bundle_id);
+        }
+    }
+    Ok(needed)
+}
