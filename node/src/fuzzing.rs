@@ -374,7 +374,7 @@ pub fn fuzz_datacenter_hello(data: &[u8]) {
     for m in &h.marks {
         let mark = Mark::from_wire(m);
         assert!(mark.contiguous >= m.contiguous);
-        assert!(mark.above.len() <= crate::replication::tables::MARK_ABOVE_MAX);
+        assert!(mark.above.len() <= crate::limits::MARK_ABOVE_MAX);
         assert!(mark
             .above
             .iter()

@@ -245,3 +245,228 @@ pub const HEALTH_ALIVE_DEFAULT: Duration = Duration::from_secs(5);
 pub const HEALTH_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 /// `health.tcp` and `health.http`.
 pub const HEALTH_TARGET_BYTES_MAX: usize = 2048;
+
+// ---- Replication links -------------------------------------------------------------------------
+
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between dial attempts: doubles from MIN after each failed attempt, up to MAX; back to
+/// MIN after a session. Kept short so that a peer restarting is found within about a second.
+pub const PEER_DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const PEER_DIAL_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long one dial attempt may take. A handshake whose Initial packet went to a peer that was
+/// down is retransmitted only after QUIC's growing probe timeouts (1 s, 2 s, 4 s, ...), so an
+/// attempt is abandoned early and a fresh one made; the bound doubles after each failure (a
+/// lossy or distant link gets its time) up to MAX, and is back to MIN after a session.
+pub const PEER_DIAL_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+pub const PEER_DIAL_TIMEOUT_MAX: Duration = Duration::from_secs(8);
+const _: () = assert!(PEER_DIAL_BACKOFF_MIN.as_millis() <= PEER_DIAL_BACKOFF_MAX.as_millis());
+const _: () = assert!(PEER_DIAL_TIMEOUT_MIN.as_millis() <= PEER_DIAL_TIMEOUT_MAX.as_millis());
+/// Chunks of a snapshot in flight between the reading thread and the stream.
+pub const SNAPSHOT_CHUNKS_AHEAD: usize = 4;
+/// Outgoing control frames (acks) waiting for the sender, per connection.
+pub const PEER_CONTROL_QUEUE_MAX: usize = 256;
+/// Most records in one catch-up batch.
+pub const CATCH_UP_BATCH_MAX: u32 = 1024;
+/// Bound on the sequences remembered above an origin's contiguous mark. Above it the highest are
+/// forgotten: the mark then under-reports, which costs a retransmission, never correctness.
+pub const MARK_ABOVE_MAX: usize = 4096;
+/// Frames read from a peer and not yet applied by the writer, per connection.
+pub const PEER_PENDING_FRAMES_MAX: usize = 64;
+/// Bytes of those frames, per connection, as decoded (records and their parsed elements:
+/// [`frame_weight`]): the bound on what a fast peer (a snapshot, a catch-up) can make this
+/// node hold before its writer has applied it. 8 MiB: a few frames of the largest size.
+pub const PEER_PENDING_BYTES_MAX: usize = 8 << 20;
+/// The unit of the pending byte budget.
+pub const PEER_PENDING_PERMIT_BYTES: usize = 1024;
+/// What one record costs in an outgoing frame beyond its account and element bytes (its
+/// sequence numbers, version, id and postcard framing), for the frame byte budget.
+pub const RECORD_OVERHEAD_BYTES: usize = 96;
+/// Most state rows read at once for a snapshot chunk.
+pub const SNAPSHOT_ROWS_MAX: usize = 4096;
+const _: () = assert!(PEER_PENDING_BYTES_MAX / PEER_PENDING_PERMIT_BYTES <= u32::MAX as usize);
+
+// ---- Cluster worker ----------------------------------------------------------------------------
+
+/// Publications waiting for one dependent's connection; beyond it they are dropped (the
+/// controller resends them directly).
+pub const RELAY_QUEUE_MAX: usize = 64;
+/// A link to the load balancer that lasted this long counts as having worked.
+pub const RELAY_LINK_STABLE: Duration = Duration::from_secs(5);
+/// Inputs fed to the core before one commit.
+pub const WORKER_DRIVER_BATCH_MAX: usize = 64;
+pub const WORKER_COMMIT_RETRY_MIN: Duration = Duration::from_millis(100);
+pub const WORKER_COMMIT_RETRY_MAX: Duration = Duration::from_secs(5);
+/// A pool file that could not be written is tried again this often.
+pub const POOL_FILE_RETRY: Duration = Duration::from_secs(5);
+/// A controller that refuses this machine is asked again this rarely.
+pub const JOIN_REJECTED_RETRY: Duration = Duration::from_secs(30);
+/// A controller that refused this Join for now (name taken, too many waiting) is asked again
+/// after this long.
+pub const JOIN_REFUSED_RETRY: Duration = Duration::from_secs(10);
+/// Opening the stream after the handshake.
+pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames waiting for the connection's writer.
+pub const WORKER_CONTROL_QUEUE_MAX: usize = 1024;
+/// Heartbeat interval when the controller's admission did not say.
+pub const HEARTBEAT_DEFAULT: Duration = Duration::from_secs(5);
+/// How often a worker not yet admitted looks whether it is.
+pub const STANDING_POLL: Duration = Duration::from_secs(1);
+/// Inputs queued for the driver (frames from the controller and the load balancer, reports).
+pub const WORKER_INPUTS_MAX: usize = 256;
+/// How long shutdown waits for the software to stop before leaving it to its supervisor's
+/// drop (SIGKILL).
+pub const SOFTWARE_STOP_WAIT: Duration = Duration::from_secs(30);
+/// How often the running software is looked at.
+pub const SOFTWARE_WATCH_EVERY: Duration = Duration::from_millis(200);
+/// Orders waiting for the task; beyond it the oldest is dropped (a newer one supersedes it).
+pub const SOFTWARE_ORDERS_MAX: usize = 16;
+/// Orders remembered for their outcome's view (the newest).
+pub const SOFTWARE_ORDERS_KEPT: usize = 16;
+/// A `config.reload` command running longer than this is killed (the change is rolled back).
+pub const SOFTWARE_RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// One buffer handed to the writer thread.
+pub const FETCH_WRITE_BUF_BYTES: usize = 1 << 20;
+/// Buffers queued for the writer thread: at most this many MiB of a transfer in memory.
+pub const FETCH_WRITE_QUEUE_MAX: usize = 4;
+/// The file is fsynced after this many new bytes, and at the end of every attempt.
+pub const FETCH_SYNC_EVERY_BYTES: u64 = 16 << 20;
+/// The answer (header or Goodbye) to a request.
+pub const FETCH_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A transfer stream that delivers nothing for this long is given up and asked again.
+pub const FETCH_READ_IDLE: Duration = Duration::from_secs(60);
+/// A partly filled buffer goes to the writer when the stream pauses this long, so that what
+/// arrived is on disk (and shown) even if the stream then stalls.
+pub const FETCH_FLUSH_IDLE: Duration = Duration::from_millis(50);
+/// Consecutive refusals (a Goodbye other than "busy", a header that does not match the order)
+/// before the deployment fails; a broken connection is retried without limit.
+pub const FETCH_REFUSALS_MAX: u32 = 5;
+/// Transfers one dependent may have going through this load balancer at once.
+pub const TRANSFERS_PER_DEPENDENT_MAX: usize = 4;
+/// The request must arrive this soon after the stream opens.
+pub const TRANSFER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest chunk taken from the controller's stream at a time.
+pub const TRANSFER_CHUNK_BYTES_MAX: usize = 256 * 1024;
+
+// ---- Cluster controller ------------------------------------------------------------------------
+
+/// Most waves a rollout may have.
+pub const ROLLOUT_WAVES_MAX: usize = 64;
+/// Default `healthy_for` of a phased rollout: how long a wave must be running and healthy
+/// before the next starts.
+pub const ROLLOUT_HEALTHY_FOR_DEFAULT_MS: u64 = 10_000;
+/// Bounds of the times a request may give.
+pub const ROLLOUT_HOLD_MAX_MS: u64 = 24 * 3600 * 1000;
+/// How often sealed files are checked for deletion.
+pub const BUNDLE_SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Commands waiting for the core thread. Readers wait when it is full (backpressure onto
+/// QUIC's flow control); the tick is skipped instead.
+pub const CONTROLLER_CMD_QUEUE_MAX: usize = 4096;
+/// Most commands stepped before one commit: bounds the time a command waits behind others
+/// and the size of one transaction.
+pub const CONTROLLER_COMMIT_BATCH_MAX: usize = 1024;
+/// After a failed commit the database is reopened; while that fails, at most this often.
+pub const CONTROLLER_REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// A close reason longer than this is cut (it travels in one QUIC frame).
+pub const REFUSAL_REASON_BYTES_MAX: usize = 256;
+/// How many of the newest deployments are looked at for unfinished targets after a restart.
+pub const DEPLOY_RESUME_MAX: usize = 64;
+/// How many deployments a machine record remembers.
+pub const DEPLOYS_KEPT: usize = 16;
+/// Bounds on what a worker may claim about itself.
+pub const REPORT_TEXT_MAX: usize = 256;
+/// The longest report detail the controller accepts (bytes); workers clip theirs to it.
+pub const REPORT_DETAIL_MAX: usize = 2048;
+/// The largest upload accepted (the bundle file, tar headers included).
+pub const UPLOAD_BYTES_MAX: u64 = 1 << 30;
+/// Uploads at once; more answer 503.
+pub const UPLOADS_MAX: usize = 4;
+/// Chunks of an upload queued between the HTTP body and the thread writing them to disk.
+pub const UPLOAD_QUEUE_CHUNKS: usize = 8;
+/// Buffer sizes for writing and reading bundle files.
+pub const UPLOAD_IO_BUF_BYTES: usize = 256 * 1024;
+/// Connections open at once, past their Join. A constant rather than a config field: each
+/// costs a few tasks and two small queues, and the target is 1,000 workers per controller with
+/// room to spare.
+pub const CONTROLLER_CONNECTIONS_MAX: usize = 4096;
+/// Connections still in their handshake or before their Join, at once: a flood of strangers
+/// costs at most this many handshakes in flight. At the bound the oldest is cut.
+pub const JOINING_MAX: usize = 1024;
+/// From the first packet to the end of the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// From the end of the handshake to the Join frame: a worker sends it at once, one round trip.
+pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(2);
+/// Messages queued for one connection before it counts as not keeping up and is closed.
+pub const CONNECTION_OUTBOUND_MAX: usize = 256;
+/// How long a closing connection may take to deliver what was queued before it.
+pub const CONNECTION_CLOSE_FLUSH: Duration = Duration::from_secs(2);
+/// The writer coalesces queued frames into writes of about this size.
+pub const CONNECTION_WRITE_CHUNK_BYTES: usize = 64 * 1024;
+/// How often refused connections are summed up in the log: in each interval the first of each
+/// kind is logged in full, the rest only counted, and one line at the end of the interval says
+/// how many of each were not logged. A flood then costs a few lines per interval, not one per
+/// connection.
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Kinds of refusal counted apart in one interval; more are counted as "other".
+pub const REFUSAL_KINDS_MAX: usize = 16;
+/// How often the core is ticked (silent machines marked down, publications resent).
+pub const CONTROLLER_TICK_EVERY: Duration = Duration::from_millis(100);
+/// A document larger than this is refused (413), as JSON or as TOML.
+pub const CONFIG_DOC_BYTES_MAX: usize = 64 * 1024;
+/// Objects and arrays nest at most this deep in a document.
+pub const CONFIG_DOC_DEPTH_MAX: usize = 32;
+/// Changes kept per scope (`outpost config history`, `rollback`); older ones are deleted.
+pub const CONFIG_HISTORY_KEPT: usize = 32;
+/// Changes kept for watchers that reconnect.
+pub const JOURNAL_MAX: usize = 4096;
+/// And at most this many bytes of them (their JSON): a deployment's view grows with its
+/// targets, and a rollout to a thousand machines changes it on many ticks.
+pub const JOURNAL_BYTES_MAX: usize = 32 << 20;
+/// How long a request waits for the core thread (behind a slow commit) before a 503; also how
+/// long a deployment's background task (seal worker, sweeper) waits for it.
+pub const CORE_WAIT: Duration = Duration::from_secs(30);
+/// How many deployments `GET /v1/deployments` lists by default, and at most.
+pub const DEPLOYMENTS_LISTED_DEFAULT: usize = 20;
+pub const DEPLOYMENTS_LISTED_MAX: usize = 200;
+const _: () = assert!(DEPLOYMENTS_LISTED_DEFAULT <= DEPLOYMENTS_LISTED_MAX);
+/// Transfers served at once on one connection.
+pub const TRANSFERS_PER_CONN: usize = 4;
+/// A `BundleRequest` is a few dozen bytes.
+pub const TRANSFER_REQUEST_FRAME_MAX: usize = 4096;
+/// Read from disk and written to the stream in chunks of this size.
+pub const TRANSFER_CHUNK_BYTES: usize = 256 * 1024;
+/// Chunks read ahead of the stream.
+pub const TRANSFER_READ_AHEAD_CHUNKS: usize = 4;
+
+// ---- Software ----------------------------------------------------------------------------------
+
+/// First delay before restarting software that died.
+pub const SOFTWARE_RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// The delay doubles with each restart, up to this.
+pub const SOFTWARE_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Software that ran at least this long before it died is restarted after `BACKOFF_MIN` again.
+pub const SOFTWARE_RESTART_BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+/// How often a blocking wait looks at the child.
+pub const SUPERVISOR_POLL: Duration = Duration::from_millis(50);
+/// How often `wait_exit` looks.
+pub const SUPERVISOR_WATCH_POLL: Duration = Duration::from_millis(200);
+/// How long to wait for a group to vanish after SIGKILL (it is immediate unless a process is
+/// stuck in the kernel).
+pub const SOFTWARE_KILL_WAIT: Duration = Duration::from_secs(5);
+/// Pause between attempts of a `tcp` or `http` check.
+pub const HEALTH_RETRY_EVERY: Duration = Duration::from_millis(100);
+/// One attempt never takes longer than this, so the process is looked at in between.
+pub const HEALTH_ATTEMPT_MAX: Duration = Duration::from_secs(2);
+/// The HTTP status line is looked for in at most this many bytes.
+pub const HEALTH_STATUS_LINE_BYTES_MAX: usize = 1024;
+/// The log tail quoted in a failure: at most this many bytes...
+pub const HEALTH_LOG_TAIL_BYTES: u64 = 4096;
+/// ... and lines.
+pub const HEALTH_LOG_TAIL_LINES: usize = 10;
+
+// ---- Relations across sections -----------------------------------------------------------------
+
+// A load balancer relays a bundle in the chunks the controller sends.
+const _: () = assert!(TRANSFER_CHUNK_BYTES <= TRANSFER_CHUNK_BYTES_MAX);
+const _: () =
+    assert!(SOFTWARE_RESTART_BACKOFF_MIN.as_millis() <= SOFTWARE_RESTART_BACKOFF_MAX.as_millis());
+const _: () = assert!(WORKER_COMMIT_RETRY_MIN.as_millis() <= WORKER_COMMIT_RETRY_MAX.as_millis());

@@ -8,17 +8,10 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use super::manifest::HttpTarget;
-
-/// Pause between attempts of a `tcp` or `http` check.
-const RETRY_EVERY: Duration = Duration::from_millis(100);
-/// One attempt never takes longer than this, so the process is looked at in between.
-const ATTEMPT_MAX: Duration = Duration::from_secs(2);
-/// The HTTP status line is looked for in at most this many bytes.
-const STATUS_LINE_BYTES_MAX: usize = 1024;
-/// The log tail quoted in a failure: at most this many bytes...
-const LOG_TAIL_BYTES: u64 = 4096;
-/// ... and lines.
-const LOG_TAIL_LINES: usize = 10;
+use crate::limits::{
+    HEALTH_ATTEMPT_MAX, HEALTH_LOG_TAIL_BYTES, HEALTH_LOG_TAIL_LINES, HEALTH_RETRY_EVERY,
+    HEALTH_STATUS_LINE_BYTES_MAX,
+};
 
 pub(crate) enum Failure {
     /// The software exited while it was being checked.
@@ -44,7 +37,7 @@ pub(crate) fn retry(
         if now >= deadline {
             return Err(Failure::Timeout(last));
         }
-        match attempt((deadline - now).min(ATTEMPT_MAX)) {
+        match attempt((deadline - now).min(HEALTH_ATTEMPT_MAX)) {
             Ok(()) => return Ok(()),
             Err(e) => last = e,
         }
@@ -52,7 +45,7 @@ pub(crate) fn retry(
         if now >= deadline {
             return Err(Failure::Timeout(last));
         }
-        std::thread::sleep(RETRY_EVERY.min(deadline - now));
+        std::thread::sleep(HEALTH_RETRY_EVERY.min(deadline - now));
     }
 }
 
@@ -99,7 +92,7 @@ pub(crate) fn http_get(t: &HttpTarget, budget: Duration) -> Result<(), String> {
         .map_err(|e| format!("sending the request: {e}"))?;
     let mut head = Vec::new();
     let mut buf = [0u8; 256];
-    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < STATUS_LINE_BYTES_MAX {
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < HEALTH_STATUS_LINE_BYTES_MAX {
         let n = stream
             .read(&mut buf)
             .map_err(|e| format!("reading the answer: {e}"))?;
@@ -135,12 +128,15 @@ pub(crate) fn log_tail(path: &Path) -> String {
         return String::new();
     };
     let len = f.metadata().map_or(0, |m| m.len());
-    let from = len.saturating_sub(LOG_TAIL_BYTES);
+    let from = len.saturating_sub(HEALTH_LOG_TAIL_BYTES);
     if f.seek(SeekFrom::Start(from)).is_err() {
         return String::new();
     }
     let mut bytes = Vec::new();
-    if f.take(LOG_TAIL_BYTES).read_to_end(&mut bytes).is_err() {
+    if f.take(HEALTH_LOG_TAIL_BYTES)
+        .read_to_end(&mut bytes)
+        .is_err()
+    {
         return String::new();
     }
     let text = String::from_utf8_lossy(&bytes);
@@ -148,6 +144,6 @@ pub(crate) fn log_tail(path: &Path) -> String {
     if lines.is_empty() {
         return String::new();
     }
-    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+    let tail = &lines[lines.len().saturating_sub(HEALTH_LOG_TAIL_LINES)..];
     format!("; last lines of {}:\n{}", path.display(), tail.join("\n"))
 }

@@ -34,10 +34,7 @@ pub use manifest::{
     ConfigFormat, ConfigSpec, Health, HealthCheck, HttpTarget, Manifest, ManifestError,
     MANIFEST_FILE,
 };
-pub use supervisor::{
-    Supervisor, SupervisorError, BACKOFF_MAX, BACKOFF_MIN, BACKOFF_RESET_AFTER, CHILD_PATH,
-    PID_FILE,
-};
+pub use supervisor::{Supervisor, SupervisorError, CHILD_PATH, PID_FILE};
 pub use unpack::unpack;
 
 /// Length of a bundle id: blake3, as lowercase hex.

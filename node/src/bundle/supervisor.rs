@@ -39,24 +39,15 @@ use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 use super::health;
 use super::manifest::{check_env_name, HealthCheck, Manifest};
 use super::procfs::{self, PidRecord};
+use crate::limits::{
+    SOFTWARE_KILL_WAIT, SOFTWARE_RESTART_BACKOFF_MAX, SOFTWARE_RESTART_BACKOFF_MIN,
+    SOFTWARE_RESTART_BACKOFF_RESET_AFTER, SUPERVISOR_POLL, SUPERVISOR_WATCH_POLL,
+};
 
 /// The pid file in the software directory (pid, process group and start time of the child).
 pub const PID_FILE: &str = "running.pid";
 /// `PATH` in the child's environment.
 pub const CHILD_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-/// First delay before restarting software that died.
-pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
-/// The delay doubles with each restart, up to this.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// Software that ran at least this long before it died is restarted after `BACKOFF_MIN` again.
-pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
-/// How often a blocking wait looks at the child.
-const POLL: Duration = Duration::from_millis(50);
-/// How often `wait_exit` looks.
-const WATCH_POLL: Duration = Duration::from_millis(200);
-/// How long to wait for a group to vanish after SIGKILL (it is immediate unless a process is
-/// stuck in the kernel).
-const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Variables the child never gets from `extra_env`.
 const FORBIDDEN_ENV: &[&str] = &["OUTPOST_TOKEN", "NOTIFY_SOCKET"];
 
@@ -161,7 +152,7 @@ impl Supervisor {
                 status: None,
             }),
             started: Instant::now(),
-            backoff: BACKOFF_MIN,
+            backoff: SOFTWARE_RESTART_BACKOFF_MIN,
             restarts: 0,
         })
     }
@@ -224,7 +215,7 @@ impl Supervisor {
                     if now >= deadline {
                         return Ok(());
                     }
-                    std::thread::sleep(POLL.min(deadline - now));
+                    std::thread::sleep(SUPERVISOR_POLL.min(deadline - now));
                 }
             }
             HealthCheck::Tcp { host, port } => health::retry(
@@ -278,7 +269,7 @@ impl Supervisor {
             if let Some(s) = self.poll_exit() {
                 return s;
             }
-            tokio::time::sleep(WATCH_POLL).await;
+            tokio::time::sleep(SUPERVISOR_WATCH_POLL).await;
         }
     }
 
@@ -358,7 +349,7 @@ impl Supervisor {
                         humantime::format_duration(timeout)
                     ));
                 }
-                Ok(None) => std::thread::sleep(POLL),
+                Ok(None) => std::thread::sleep(SUPERVISOR_POLL),
                 Err(e) => return Err(format!("waiting for the reload command: {e}")),
             }
         }
@@ -404,7 +395,7 @@ impl Supervisor {
         if let Err(e) = procfs::signal_group(st.pid, Signal::KILL) {
             tracing::warn!("SIGKILL to process group {}: {e}", st.pid);
         }
-        group_gone(st.pid, Instant::now() + KILL_WAIT);
+        group_gone(st.pid, Instant::now() + SOFTWARE_KILL_WAIT);
         let status = match st.child.wait() {
             Ok(s) => s,
             Err(e) => {
@@ -430,9 +421,9 @@ impl Supervisor {
         };
         let killed = if rec.group_alive() {
             procfs::signal_group(rec.pgid, Signal::KILL)?;
-            let deadline = Instant::now() + KILL_WAIT;
+            let deadline = Instant::now() + SOFTWARE_KILL_WAIT;
             while !procfs::live_members(rec.pgid).is_empty() && Instant::now() < deadline {
-                std::thread::sleep(POLL);
+                std::thread::sleep(SUPERVISOR_POLL);
             }
             tracing::info!("killed process group {} left by a previous run", rec.pgid);
             Some(rec.pgid)
@@ -457,12 +448,12 @@ impl Drop for Supervisor {
 
 /// (delay before this restart, delay stored for the next one).
 fn backoff(current: Duration, ran_for: Duration) -> (Duration, Duration) {
-    let delay = if ran_for >= BACKOFF_RESET_AFTER {
-        BACKOFF_MIN
+    let delay = if ran_for >= SOFTWARE_RESTART_BACKOFF_RESET_AFTER {
+        SOFTWARE_RESTART_BACKOFF_MIN
     } else {
         current
     };
-    (delay, (delay * 2).min(BACKOFF_MAX))
+    (delay, (delay * 2).min(SOFTWARE_RESTART_BACKOFF_MAX))
 }
 
 fn spawn(
@@ -552,12 +543,12 @@ fn group_gone(pgid: u32, deadline: Instant) -> bool {
         if now >= deadline {
             break;
         }
-        std::thread::sleep(POLL.min(deadline - now));
+        std::thread::sleep(SUPERVISOR_POLL.min(deadline - now));
     }
     let _ = procfs::signal_group(pgid, Signal::KILL);
-    let until = Instant::now() + KILL_WAIT;
+    let until = Instant::now() + SOFTWARE_KILL_WAIT;
     while !gone() && Instant::now() < until {
-        std::thread::sleep(POLL);
+        std::thread::sleep(SUPERVISOR_POLL);
     }
     false
 }
@@ -575,7 +566,7 @@ mod tests {
     #[test]
     fn backoff_doubles_to_a_minute_and_resets_after_a_stable_run() {
         let short = Duration::from_secs(2);
-        let mut cur = BACKOFF_MIN;
+        let mut cur = SOFTWARE_RESTART_BACKOFF_MIN;
         let mut delays = Vec::new();
         for _ in 0..8 {
             let (d, next) = backoff(cur, short);
@@ -583,6 +574,13 @@ mod tests {
             cur = next;
         }
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
-        assert_eq!(backoff(BACKOFF_MAX, BACKOFF_RESET_AFTER).0, BACKOFF_MIN);
+        assert_eq!(
+            backoff(
+                SOFTWARE_RESTART_BACKOFF_MAX,
+                SOFTWARE_RESTART_BACKOFF_RESET_AFTER
+            )
+            .0,
+            SOFTWARE_RESTART_BACKOFF_MIN
+        );
     }
 }

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::cluster::table;
 use super::commands::{connect, pretty, text};
 use super::{ApiOpts, EXIT_OK, EXIT_USAGE};
-use crate::cluster::controller::configdata::DOC_BYTES_MAX;
+use crate::limits::CONFIG_DOC_BYTES_MAX;
 
 fn segments(scope: &str) -> Vec<&str> {
     let mut s = vec!["v1", "config"];
@@ -24,19 +24,21 @@ pub(super) fn set(opts: &ApiOpts, scope: &str, file: &Path, toml: bool) -> i32 {
     let mut bytes = Vec::new();
     let read = if file == Path::new("-") {
         std::io::stdin()
-            .take(DOC_BYTES_MAX as u64 + 1)
+            .take(CONFIG_DOC_BYTES_MAX as u64 + 1)
             .read_to_end(&mut bytes)
     } else {
-        std::fs::File::open(file)
-            .and_then(|f| f.take(DOC_BYTES_MAX as u64 + 1).read_to_end(&mut bytes))
+        std::fs::File::open(file).and_then(|f| {
+            f.take(CONFIG_DOC_BYTES_MAX as u64 + 1)
+                .read_to_end(&mut bytes)
+        })
     };
     if let Err(e) = read {
         eprintln!("error: reading {}: {e}", file.display());
         return EXIT_USAGE;
     }
-    if bytes.len() > DOC_BYTES_MAX {
+    if bytes.len() > CONFIG_DOC_BYTES_MAX {
         eprintln!(
-            "error: {}: more than {DOC_BYTES_MAX} bytes, the most a document may hold",
+            "error: {}: more than {CONFIG_DOC_BYTES_MAX} bytes, the most a document may hold",
             file.display()
         );
         return EXIT_USAGE;

@@ -4,10 +4,11 @@
 
 use redb::{ReadableDatabase, ReadableTable};
 
-use crate::cluster::controller::configdata::{ConfigChange, HISTORY_KEPT};
+use crate::cluster::controller::configdata::ConfigChange;
 use crate::cluster::controller::core::{Dirty, MachineRecord};
 use crate::cluster::controller::deploy::DeploymentRecord;
 use crate::cluster::worker::core::WorkerRecord;
+use crate::limits::CONFIG_HISTORY_KEPT;
 use crate::replication::StoreError;
 use crate::store::cluster::{CHANNEL, CONFIG, DEPLOYMENTS, MACHINES};
 use crate::store::{db_err, decode, Store};
@@ -107,17 +108,19 @@ impl Store {
                     let scope = change.scope.as_str();
                     t.insert((scope, change.version), enc(change).as_slice())
                         .map_err(db_err)?;
-                    // The scope's newest HISTORY_KEPT stay.
+                    // The scope's newest CONFIG_HISTORY_KEPT stay.
                     let range = (scope, 0)..=(scope, u64::MAX);
                     let kept: Vec<u64> = t
                         .range(range.clone())
                         .map_err(db_err)?
                         .rev()
-                        .take(HISTORY_KEPT)
+                        .take(CONFIG_HISTORY_KEPT)
                         .map(|r| r.map(|(k, _)| k.value().1))
                         .collect::<std::result::Result<_, _>>()
                         .map_err(db_err)?;
-                    if let Some(&oldest_kept) = kept.last().filter(|_| kept.len() == HISTORY_KEPT) {
+                    if let Some(&oldest_kept) =
+                        kept.last().filter(|_| kept.len() == CONFIG_HISTORY_KEPT)
+                    {
                         t.retain_in((scope, 0)..(scope, oldest_kept), |_, _| false)
                             .map_err(db_err)?;
                     }

@@ -1,4 +1,5 @@
-//! The waits of every loop that dials or retries: doubling from a minimum to a maximum, each
+//! The waits of every loop that dials or retries (a datacenter's peer links, a worker's links
+//! to its controller and load balancer, the bundle fetch): doubling from a minimum to a maximum, each
 //! with up to as much again added at random, so that many machines that lost the same peer do
 //! not come back in step. One type for all of them, over backon's exponential backoff.
 

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError, Tables};
 use crate::ids::{MsgId, NodeId};
+use crate::limits::CATCH_UP_BATCH_MAX;
 use crate::limits::ELEMENT_BYTES_MAX;
 use crate::model::events::{self, ElementError};
 use crate::model::{to_canonical, ElementRecord, Event, EventError, EventType, Hlc, Version};
@@ -429,9 +430,6 @@ pub fn resume_point(stored: &PeerProgress, epoch: u64, hello: &Hello, tail: u64)
         .map_or(0, |(_, l)| l);
     stored.acked_in(epoch, hello.log_epoch).max(said).min(tail)
 }
-
-/// Most records in one catch-up batch.
-pub const CATCH_UP_BATCH_MAX: u32 = 1024;
 
 impl Core {
     /// After a peer's Hello: if the peer holds more of *our own* log than we do (we were

@@ -14,28 +14,18 @@ use super::core::{goes_to, resume_point, Core};
 use super::link::{LinkLimits, Outbound};
 use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError};
 use crate::ids::{MsgId, NodeId};
+use crate::limits::{
+    PEER_PENDING_BYTES_MAX, PEER_PENDING_FRAMES_MAX, PEER_PENDING_PERMIT_BYTES,
+    RECORD_OVERHEAD_BYTES, SNAPSHOT_ROWS_MAX,
+};
 use crate::model::EventType;
 use crate::wire::{
     CatchUpBatch, CatchUpRequest, Elements, Hello, Role, SnapshotChunk, SnapshotEnd, SnapshotEntry,
     PROTOCOL_VERSION,
 };
 
-/// Frames read from a peer and not yet applied by the writer, per connection.
-pub const PENDING_MAX: usize = 64;
-/// Bytes of those frames, per connection, as decoded (records and their parsed elements:
-/// [`frame_weight`]): the bound on what a fast peer (a snapshot, a catch-up) can make this
-/// node hold before its writer has applied it. 8 MiB: a few frames of the largest size.
-pub const PENDING_BYTES_MAX: usize = 8 << 20;
-/// The unit of the pending byte budget.
-pub const PENDING_PERMIT_BYTES: usize = 1024;
-const _: () = assert!(PENDING_BYTES_MAX / PENDING_PERMIT_BYTES <= u32::MAX as usize);
 /// Permits of the whole pending budget.
-pub const PENDING_PERMITS: u32 = (PENDING_BYTES_MAX / PENDING_PERMIT_BYTES) as u32;
-/// What one record costs in an outgoing frame beyond its account and element bytes (its
-/// sequence numbers, version, id and postcard framing), for the frame byte budget.
-pub const RECORD_OVERHEAD_BYTES: usize = 96;
-/// Most state rows read at once for a snapshot chunk.
-pub const SNAPSHOT_ROWS_MAX: usize = 4096;
+pub const PENDING_PERMITS: u32 = (PEER_PENDING_BYTES_MAX / PEER_PENDING_PERMIT_BYTES) as u32;
 
 /// Why a peer's Hello was refused; the connection is closed with it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -204,13 +194,13 @@ pub fn weight_permits(weight: usize) -> u32 {
 
 fn permits_within(weight: usize, capacity: u32) -> u32 {
     weight
-        .div_ceil(PENDING_PERMIT_BYTES)
+        .div_ceil(PEER_PENDING_PERMIT_BYTES)
         .clamp(1, capacity.max(1) as usize) as u32
 }
 
-/// The receiving half's budgets: frames and bytes (in permits of [`PENDING_PERMIT_BYTES`])
+/// The receiving half's budgets: frames and bytes (in permits of [`PEER_PENDING_PERMIT_BYTES`])
 /// read from the peer and not yet applied. The QUIC driver enforces the same bounds with a
-/// channel of [`PENDING_MAX`] and a semaphore of [`PENDING_PERMITS`] sized by
+/// channel of [`PEER_PENDING_FRAMES_MAX`] and a semaphore of [`PENDING_PERMITS`] sized by
 /// [`weight_permits`] (it must wait asynchronously); the simulation holds frames back with this,
 /// at capacities small enough to bind.
 #[derive(Clone, Debug)]
@@ -223,7 +213,7 @@ pub struct InboundBudget {
 
 impl Default for InboundBudget {
     fn default() -> Self {
-        InboundBudget::new(PENDING_MAX, PENDING_PERMITS)
+        InboundBudget::new(PEER_PENDING_FRAMES_MAX, PENDING_PERMITS)
     }
 }
 

@@ -7,12 +7,9 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{MsgId, NodeId};
+use crate::limits::MARK_ABOVE_MAX;
 use crate::model::{ElementRecord, EventType, Version};
 use crate::wire::OriginMark;
-
-/// Bound on the sequences remembered above an origin's contiguous mark. Above it the highest are
-/// forgotten: the mark then under-reports, which costs a retransmission, never correctness.
-pub const MARK_ABOVE_MAX: usize = 4096;
 
 /// A storage failure. `Full` is the disk saying no: callers answer 503 and retry later.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -20,10 +20,10 @@ use super::tables::{
 use super::{open_err, NodeMeta, OpenError, DB_FILE, SCHEMA_VERSION};
 use crate::ids::NodeId;
 use crate::limits::DB_CHECK_PROBLEMS_SHOWN_MAX;
+use crate::limits::MARK_ABOVE_MAX;
 use crate::limits::STORE_CACHE_BYTES;
 use crate::model::{ElementRecord, EventType};
 use crate::replication::core::Digester;
-use crate::replication::tables::MARK_ABOVE_MAX;
 use crate::replication::{Entry, Mark, MsgKey, PeerProgress};
 
 /// What `db check` found.

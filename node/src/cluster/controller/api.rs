@@ -29,8 +29,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use super::bundles::{self, UploadError, UPLOADS_MAX};
-use super::conn::CONNECTIONS_MAX;
+use super::bundles::{self, UploadError};
 use super::core::{KeyActionError, KeyStatus, MachineRecord};
 use super::deploy::{ask_core, status_of, DeployCmd, DeployError, DeploymentView, NewDeployment};
 use super::rollout::{self, Control, RolloutSpec};
@@ -41,13 +40,13 @@ use crate::clock::now_ms;
 use crate::config::SERVICES;
 use crate::http::ApiError;
 use crate::ids::NodeId;
+use crate::limits::{
+    CONTROLLER_CONNECTIONS_MAX, ROLLOUT_HOLD_MAX_MS, ROLLOUT_WAVES_MAX, UPLOADS_MAX,
+};
+use crate::limits::{CORE_WAIT, DEPLOYMENTS_LISTED_DEFAULT, DEPLOYMENTS_LISTED_MAX};
 
 type ApiResult<T> = Result<T, ApiError>;
 type S = State<Arc<ControllerShared>>;
-
-/// How long a request waits for the core thread (behind a slow commit) before a 503; also how
-/// long a deployment's background task (seal worker, sweeper) waits for it.
-pub(super) const CORE_WAIT: Duration = Duration::from_secs(30);
 
 /// Paths only a datacenter serves.
 const DATACENTER_ONLY: &[&str] = &[
@@ -527,7 +526,7 @@ impl DeploymentRequest {
                 ))
             })?;
             let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-            if ms > rollout::HOLD_MAX_MS {
+            if ms > ROLLOUT_HOLD_MAX_MS {
                 return Err(bad(format!("{field}: at most 24h")));
             }
             Ok(Some(ms))
@@ -539,10 +538,10 @@ impl DeploymentRequest {
         }
         let mut waves = Vec::new();
         if let Some(list) = &self.waves {
-            if list.is_empty() || list.len() > rollout::WAVES_MAX {
+            if list.is_empty() || list.len() > ROLLOUT_WAVES_MAX {
                 return Err(bad(format!(
                     "waves: from 1 to {} sizes, such as [1, \"25%\", \"100%\"]",
-                    rollout::WAVES_MAX
+                    ROLLOUT_WAVES_MAX
                 )));
             }
             for (i, v) in list.iter().enumerate() {
@@ -642,12 +641,8 @@ async fn post_deployment(State(s): S, body: Bytes) -> ApiResult<(StatusCode, Jso
     Ok((StatusCode::CREATED, Json(json!({ "deployment_id": id }))))
 }
 
-/// How many deployments `GET /v1/deployments` lists by default, and at most.
-const DEPLOYMENTS_LISTED: usize = 20;
-const DEPLOYMENTS_LISTED_MAX: usize = 200;
-
 async fn get_deployments(State(s): S, RawQuery(q): RawQuery) -> ApiResult<Json<Value>> {
-    let mut limit = DEPLOYMENTS_LISTED;
+    let mut limit = DEPLOYMENTS_LISTED_DEFAULT;
     for (k, v) in q
         .as_deref()
         .unwrap_or("")
@@ -850,7 +845,7 @@ async fn get_metrics(State(s): S) -> Response {
     o.gauge(
         "outpost_controller_connections_max",
         "Most connections open at once.",
-        (CONNECTIONS_MAX as u64) as f64,
+        (CONTROLLER_CONNECTIONS_MAX as u64) as f64,
     );
     o.counter(
         "outpost_controller_connections_refused_total",

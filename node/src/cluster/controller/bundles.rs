@@ -25,15 +25,8 @@ use tokio::sync::mpsc;
 use crate::bundle::{is_bundle_id, Manifest, MANIFEST_FILE};
 use crate::cluster::keys;
 use crate::ids::NodeId;
+use crate::limits::{UPLOAD_IO_BUF_BYTES, UPLOAD_QUEUE_CHUNKS};
 
-/// The largest upload accepted (the bundle file, tar headers included).
-pub(crate) const UPLOAD_BYTES_MAX: u64 = 1 << 30;
-/// Uploads at once; more answer 503.
-pub(crate) const UPLOADS_MAX: usize = 4;
-/// Chunks of an upload queued between the HTTP body and the thread writing them to disk.
-const UPLOAD_QUEUE: usize = 8;
-/// Buffer sizes for writing and reading bundle files.
-const IO_BUF_BYTES: usize = 256 * 1024;
 /// A manifest entry larger than this is not read (the manifest has its own, lower bound).
 const MANIFEST_READ_MAX: u64 = crate::limits::MANIFEST_BYTES_MAX;
 
@@ -184,7 +177,7 @@ async fn receive_into(
     body: Body,
     max: u64,
 ) -> Result<Uploaded, UploadError> {
-    let (tx, rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE);
+    let (tx, rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE_CHUNKS);
     let writer = {
         let part = part.to_path_buf();
         tokio::task::spawn_blocking(move || write_upload(&part, rx))
@@ -250,7 +243,7 @@ async fn receive_into(
 fn write_upload(part: &Path, mut rx: mpsc::Receiver<Bytes>) -> io::Result<(u64, String)> {
     let file = crate::fsmode::private_file_options().open(part)?;
     // The hasher sees the buffer's large writes, not the HTTP body's small chunks.
-    let mut w = BufWriter::with_capacity(IO_BUF_BYTES, Hashing::new(file));
+    let mut w = BufWriter::with_capacity(UPLOAD_IO_BUF_BYTES, Hashing::new(file));
     while let Some(chunk) = rx.blocking_recv() {
         w.write_all(&chunk)?;
     }
@@ -319,7 +312,7 @@ pub(crate) fn seal(bundle: &Path, recipient: &str, out: &Path) -> Result<Sealed,
         let mut h = blake3::Hasher::new();
         let file = File::open(out).map_err(|e| format!("opening {}: {e}", out.display()))?;
         let bytes = file.metadata().map_err(|e| e.to_string())?.len();
-        h.update_reader(BufReader::with_capacity(IO_BUF_BYTES, file))
+        h.update_reader(BufReader::with_capacity(UPLOAD_IO_BUF_BYTES, file))
             .map_err(|e| format!("reading {}: {e}", out.display()))?;
         return Ok(Sealed {
             bytes,
@@ -359,7 +352,7 @@ fn seal_into(
     tmp: &Path,
 ) -> Result<(u64, [u8; 32]), String> {
     let input = File::open(bundle).map_err(|e| format!("opening the bundle: {e}"))?;
-    let mut input = BufReader::with_capacity(IO_BUF_BYTES, input);
+    let mut input = BufReader::with_capacity(UPLOAD_IO_BUF_BYTES, input);
     let file = crate::fsmode::private_file_options()
         .open(tmp)
         .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
@@ -368,7 +361,10 @@ fn seal_into(
         age::Encryptor::with_recipients(std::iter::once(recipient as &dyn age::Recipient))
             .map_err(|e| format!("age: {e}"))?;
     let mut w = encryptor
-        .wrap_output(Hashing::new(BufWriter::with_capacity(IO_BUF_BYTES, file)))
+        .wrap_output(Hashing::new(BufWriter::with_capacity(
+            UPLOAD_IO_BUF_BYTES,
+            file,
+        )))
         .map_err(write_err)?;
     io::copy(&mut input, &mut w).map_err(|e| format!("sealing: {e}"))?;
     let h = w.finish().map_err(write_err)?;

@@ -49,7 +49,7 @@ async fn ask<T>(
             .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
     };
-    let wait = super::api::CORE_WAIT;
+    let wait = crate::limits::CORE_WAIT;
     let answer = tokio::time::timeout(wait, asked).await.map_err(|_| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -139,13 +139,13 @@ pub(super) async fn put_config(
             "a scope's history is read with GET",
         ));
     }
-    if body.len() > configdata::DOC_BYTES_MAX {
+    if body.len() > crate::limits::CONFIG_DOC_BYTES_MAX {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "body: the document is {} bytes; at most {}",
                 body.len(),
-                configdata::DOC_BYTES_MAX
+                crate::limits::CONFIG_DOC_BYTES_MAX
             ),
         ));
     }

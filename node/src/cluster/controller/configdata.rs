@@ -9,7 +9,7 @@
 //! as a JSON merge patch (RFC 7386: objects merge key by key, `null` removes a key, anything
 //! else replaces), so an override names only what it changes.
 //!
-//! Pure: no I/O. The store keeps the newest [`HISTORY_KEPT`] changes of each scope.
+//! Pure: no I/O. The store keeps the newest [`CONFIG_HISTORY_KEPT`] changes of each scope.
 
 use std::collections::BTreeMap;
 
@@ -17,13 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config;
-
-/// A document larger than this is refused (413), as JSON or as TOML.
-pub const DOC_BYTES_MAX: usize = 64 * 1024;
-/// Objects and arrays nest at most this deep in a document.
-pub const DEPTH_MAX: usize = 32;
-/// Changes kept per scope (`outpost config history`, `rollback`); older ones are deleted.
-pub const HISTORY_KEPT: usize = 32;
+use crate::limits::{CONFIG_DOC_BYTES_MAX, CONFIG_DOC_DEPTH_MAX};
 
 /// What a document applies to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -217,12 +211,12 @@ pub fn canonical(v: &Value) -> String {
 }
 
 /// A document as `PUT` takes it: JSON (default) or TOML (`toml` true), at most
-/// [`DOC_BYTES_MAX`] bytes, an object at the top, nested at most [`DEPTH_MAX`] deep. The
+/// [`CONFIG_DOC_BYTES_MAX`] bytes, an object at the top, nested at most [`CONFIG_DOC_DEPTH_MAX`] deep. The
 /// error says what is wrong, for a 400.
 pub fn parse_doc(bytes: &[u8], toml: bool) -> Result<Value, String> {
-    if bytes.len() > DOC_BYTES_MAX {
+    if bytes.len() > CONFIG_DOC_BYTES_MAX {
         return Err(format!(
-            "the document is {} bytes; at most {DOC_BYTES_MAX}",
+            "the document is {} bytes; at most {CONFIG_DOC_BYTES_MAX}",
             bytes.len()
         ));
     }
@@ -236,8 +230,10 @@ pub fn parse_doc(bytes: &[u8], toml: bool) -> Result<Value, String> {
     if !v.is_object() {
         return Err("the document must be an object (a table of keys)".into());
     }
-    if depth(&v) > DEPTH_MAX {
-        return Err(format!("nested more than {DEPTH_MAX} levels deep"));
+    if depth(&v) > CONFIG_DOC_DEPTH_MAX {
+        return Err(format!(
+            "nested more than {CONFIG_DOC_DEPTH_MAX} levels deep"
+        ));
     }
     Ok(v)
 }
@@ -342,7 +338,7 @@ mod tests {
             let e = parse_doc(doc, toml).unwrap_err();
             assert!(e.contains(want), "{doc:?}: {e}");
         }
-        let big = format!("{{\"a\": \"{}\"}}", "x".repeat(DOC_BYTES_MAX));
+        let big = format!("{{\"a\": \"{}\"}}", "x".repeat(CONFIG_DOC_BYTES_MAX));
         assert!(parse_doc(big.as_bytes(), false)
             .unwrap_err()
             .contains("at most"));

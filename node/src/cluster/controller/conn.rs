@@ -23,30 +23,16 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::core::{ConnId, Peer};
 use super::run::ControllerShared;
 use super::thread::{cut, Cmd, ConnHandle, Out};
+use crate::limits::{
+    CONNECTION_CLOSE_FLUSH, CONNECTION_OUTBOUND_MAX, CONNECTION_WRITE_CHUNK_BYTES,
+    CONTROLLER_CONNECTIONS_MAX, FIRST_FRAME_TIMEOUT, HANDSHAKE_TIMEOUT, REFUSAL_KINDS_MAX,
+};
 use crate::net::{self, cert_id, close};
 use crate::wire::{encode_frame, read_frame, FrameError, Join, Message, CLUSTER_PROTOCOL_VERSION};
 
-/// Connections open at once, past their Join. A constant rather than a config field: each
-/// costs a few tasks and two small queues, and the target is 1,000 workers per controller with
-/// room to spare.
-pub(crate) const CONNECTIONS_MAX: usize = 4096;
-/// Connections still in their handshake or before their Join, at once: a flood of strangers
-/// costs at most this many handshakes in flight. At the bound the oldest is cut.
-pub(crate) const JOINING_MAX: usize = 1024;
-/// From the first packet to the end of the handshake.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// From the end of the handshake to the Join frame: a worker sends it at once, one round trip.
-pub(crate) const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(2);
-/// Messages queued for one connection before it counts as not keeping up and is closed.
-pub(crate) const OUTBOUND_MAX: usize = 256;
-/// How long a closing connection may take to deliver what was queued before it.
-const CLOSE_FLUSH: Duration = Duration::from_secs(2);
-/// The writer coalesces queued frames into writes of about this size.
-const WRITE_CHUNK_BYTES: usize = 64 * 1024;
-
 /// Accepts until the endpoint closes.
 pub(crate) async fn accept_loop(shared: Arc<ControllerShared>, endpoint: quinn::Endpoint) {
-    let open = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let open = Arc::new(Semaphore::new(CONTROLLER_CONNECTIONS_MAX));
     let joining = Joining::default();
     let next_id = AtomicU64::new(1);
     while let Some(incoming) = endpoint.accept().await {
@@ -221,7 +207,7 @@ async fn connection(
         fingerprint,
         node_id: cert_id::peer_node_id(&conn),
     };
-    let (out_tx, out_rx) = mpsc::channel(OUTBOUND_MAX);
+    let (out_tx, out_rx) = mpsc::channel(CONNECTION_OUTBOUND_MAX);
     let handle = ConnHandle {
         conn: conn.clone(),
         out: out_tx,
@@ -281,7 +267,10 @@ async fn connection(
     transfers.abort();
     let _ = shared.cmd.send(Cmd::Closed { conn: id }).await;
     // Give a closing writer its flush; the connection is closed by now either way.
-    if tokio::time::timeout(CLOSE_FLUSH, writer).await.is_err() {
+    if tokio::time::timeout(CONNECTION_CLOSE_FLUSH, writer)
+        .await
+        .is_err()
+    {
         tracing::debug!(conn = id, "writer did not finish");
     }
 }
@@ -340,14 +329,6 @@ fn refuse(
     shared.note_refusal(kind, format!("refused {remote}: {reason}"));
     conn.close(VarInt::from_u32(code), reason.as_bytes());
 }
-
-/// How often refused connections are summed up in the log: in each interval the first of each
-/// kind is logged in full, the rest only counted, and one line at the end of the interval says
-/// how many of each were not logged. A flood then costs a few lines per interval, not one per
-/// connection.
-pub(crate) const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
-/// Kinds of refusal counted apart in one interval; more are counted as "other".
-const REFUSAL_KINDS_MAX: usize = 16;
 
 /// The rate limit of refusal log lines (see [`REFUSAL_LOG_EVERY`]). Pure: the caller passes
 /// the time.
@@ -413,7 +394,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Out>,
     conn: quinn::Connection,
 ) {
-    let mut buf = Vec::with_capacity(WRITE_CHUNK_BYTES);
+    let mut buf = Vec::with_capacity(CONNECTION_WRITE_CHUNK_BYTES);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         let mut closing = None;
@@ -425,7 +406,7 @@ async fn write_loop(
                     break;
                 }
             }
-            if buf.len() < WRITE_CHUNK_BYTES {
+            if buf.len() < CONNECTION_WRITE_CHUNK_BYTES {
                 next = rx.try_recv().ok();
             }
         }
@@ -439,7 +420,7 @@ async fn write_loop(
         }
         if let Some((code, reason)) = closing {
             let _ = send.finish();
-            let _ = tokio::time::timeout(CLOSE_FLUSH, send.stopped()).await;
+            let _ = tokio::time::timeout(CONNECTION_CLOSE_FLUSH, send.stopped()).await;
             conn.close(VarInt::from_u32(code), reason.as_bytes());
             return;
         }

@@ -23,6 +23,7 @@ use crate::cluster::controller::configdata::{self, ConfigChange, ConfigData, Sco
 use crate::cluster::keys::{self, ControllerKey};
 use crate::config;
 use crate::ids::{Fingerprint, NodeId};
+use crate::limits::{DEPLOYS_KEPT, REPORT_DETAIL_MAX, REPORT_TEXT_MAX};
 use crate::net::close;
 use crate::wire::{
     Admission, ConfigReport, Join, JoinRefusal, MachineReport, Message, Publication, Relay,
@@ -192,9 +193,6 @@ impl MachineRecord {
         self.component == CALL_ROUTER
     }
 }
-
-/// How many deployments a machine record remembers.
-pub const DEPLOYS_KEPT: usize = 16;
 
 /// Where one deployment stands on one machine: `pending` (published, not yet received),
 /// `delivering` (the order is received; the bundle is being fetched), then what the machine
@@ -1576,11 +1574,6 @@ fn is_member(m: &MachineRecord) -> bool {
             .is_some_and(|r| matches!(r.state.as_str(), "failed" | "stopped"))
 }
 
-/// Bounds on what a worker may claim about itself.
-const TEXT_MAX: usize = 256;
-/// The longest report detail the controller accepts (bytes); workers clip theirs to it.
-pub const DETAIL_MAX: usize = 2048;
-
 fn check_join(j: &Join) -> Result<(), String> {
     if j.protocol != CLUSTER_PROTOCOL_VERSION {
         return Err(format!(
@@ -1610,7 +1603,7 @@ fn check_join(j: &Join) -> Result<(), String> {
                 .map_err(|_| format!("{field}: {:?} is not host:port", short(a)))?;
         }
     }
-    if j.seal_key.len() > TEXT_MAX {
+    if j.seal_key.len() > REPORT_TEXT_MAX {
         return Err("seal_key: too long".into());
     }
     keys::parse_recipient(&j.seal_key).map_err(|e| format!("seal_key: {e}"))?;
@@ -1618,16 +1611,19 @@ fn check_join(j: &Join) -> Result<(), String> {
 }
 
 fn check_report(r: &MachineReport) -> Result<(), String> {
-    if r.state.is_empty() || r.state.len() > TEXT_MAX {
+    if r.state.is_empty() || r.state.len() > REPORT_TEXT_MAX {
         return Err("state: empty or too long".into());
     }
-    if r.detail.as_ref().is_some_and(|d| d.len() > DETAIL_MAX) {
-        return Err(format!("detail: more than {DETAIL_MAX} bytes"));
+    if r.detail
+        .as_ref()
+        .is_some_and(|d| d.len() > REPORT_DETAIL_MAX)
+    {
+        return Err(format!("detail: more than {REPORT_DETAIL_MAX} bytes"));
     }
     if let Some(sw) = &r.software {
         if [&sw.service, &sw.bundle_id, &sw.version]
             .iter()
-            .any(|v| v.len() > TEXT_MAX)
+            .any(|v| v.len() > REPORT_TEXT_MAX)
         {
             return Err("software: a field is too long".into());
         }
@@ -1639,8 +1635,11 @@ fn check_config_report(r: &ConfigReport) -> Result<(), String> {
     if !matches!(r.state.as_str(), "applied" | "rolled_back" | "failed") {
         return Err(format!("state: unknown {:?}", short(&r.state)));
     }
-    if r.detail.as_ref().is_some_and(|d| d.len() > DETAIL_MAX) {
-        return Err(format!("detail: more than {DETAIL_MAX} bytes"));
+    if r.detail
+        .as_ref()
+        .is_some_and(|d| d.len() > REPORT_DETAIL_MAX)
+    {
+        return Err(format!("detail: more than {REPORT_DETAIL_MAX} bytes"));
     }
     Ok(())
 }

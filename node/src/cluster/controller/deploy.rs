@@ -28,13 +28,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::api::CORE_WAIT;
 use super::bundles;
 use super::core::ControllerCore;
 use super::run::ControllerShared;
 use super::thread::Cmd;
 use crate::cluster::body::DeployOrder;
 use crate::ids::{Fingerprint, NodeId};
+use crate::limits::CORE_WAIT;
 use crate::store::Store;
 
 pub use super::deploy_core::{
@@ -44,9 +44,7 @@ pub use super::deploy_core::{
 use super::deploy_view::{authorize, sweepable, view};
 pub(crate) use super::deploy_view::{bundles_needed, status_of, view_of};
 use super::rollout::Control;
-
-/// How often sealed files are checked for deletion.
-const SWEEP_EVERY: Duration = Duration::from_secs(10);
+use crate::limits::BUNDLE_SWEEP_EVERY;
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, DeployError>>;
 
@@ -520,9 +518,9 @@ async fn seal_one(
     }
 }
 
-/// Deletes the sealed files no machine needs any more, every [`SWEEP_EVERY`].
+/// Deletes the sealed files no machine needs any more, every [`BUNDLE_SWEEP_EVERY`].
 pub(crate) async fn sweep_loop(shared: Arc<ControllerShared>) {
-    let mut every = tokio::time::interval(SWEEP_EVERY);
+    let mut every = tokio::time::interval(BUNDLE_SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;

@@ -28,9 +28,7 @@ use super::rollout::{self, Action, Control, Observed, PlanTarget, Rollout, Rollo
 use super::storage::ClusterStore;
 use crate::cluster::body::{Body, DeployOrder};
 use crate::ids::NodeId;
-
-/// How many of the newest deployments are looked at for unfinished targets after a restart.
-pub(crate) const RESUME_MAX: usize = 64;
+use crate::limits::DEPLOY_RESUME_MAX;
 
 /// One deployment, as persisted (postcard) in the controller's `deployments` table. The
 /// targets are fixed at creation; where each stands is read from its machine record's
@@ -225,7 +223,7 @@ impl DeployCore {
             .max()
             .unwrap_or(0);
         self.next_id = stored.max(seen) + 1;
-        let recent = match store.deployments_newest(RESUME_MAX) {
+        let recent = match store.deployments_newest(DEPLOY_RESUME_MAX) {
             Ok(r) => r,
             Err(e) => {
                 self.store_error("the deployments table", e);

@@ -7,9 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::core::{ControllerCore, KeyStatus};
-use super::deploy_core::{
-    settled, short, DeploymentRecord, DeploymentView, TargetView, RESUME_MAX,
-};
+use super::deploy_core::{settled, short, DeploymentRecord, DeploymentView, TargetView};
 use super::storage::ClusterStore;
 use crate::ids::{Fingerprint, NodeId};
 
@@ -192,7 +190,7 @@ pub(crate) fn bundles_needed(
 ) -> Result<BTreeSet<String>, crate::replication::StoreError> {
     let mut needed = BTreeSet::new();
     let mut services = BTreeSet::new();
-    for rec in store.deployments_newest(RESUME_MAX)? {
+    for rec in store.deployments_newest(crate::limits::DEPLOY_RESUME_MAX)? {
         let unfinished = rec.targets.iter().any(|(n, _)| !settled(core, &rec, *n));
         if services.insert(rec.service.clone()) || unfinished {
             needed.insert(rec.bundle_id);

@@ -15,14 +15,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::NodeId;
-
-/// Most waves a rollout may have.
-pub const WAVES_MAX: usize = 64;
-/// Default `healthy_for` of a phased rollout: how long a wave must be running and healthy
-/// before the next starts.
-pub const HEALTHY_FOR_DEFAULT_MS: u64 = 10_000;
-/// Bounds of the times a request may give.
-pub const HOLD_MAX_MS: u64 = 24 * 3600 * 1000;
+use crate::limits::ROLLOUT_HEALTHY_FOR_DEFAULT_MS;
 
 /// One wave's size as requested: a number of machines or a percentage of the targets, both
 /// cumulative (`[1, "25%", "100%"]`: one machine, then up to a quarter, then the rest).
@@ -307,7 +300,7 @@ impl Rollout {
         Rollout {
             waves,
             healthy_for_ms: spec.healthy_for_ms.unwrap_or(if phased {
-                HEALTHY_FOR_DEFAULT_MS
+                ROLLOUT_HEALTHY_FOR_DEFAULT_MS
             } else {
                 0
             }),

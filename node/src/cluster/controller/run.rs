@@ -14,23 +14,25 @@ use anyhow::Context;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
-use super::bundles::{BundleStore, UPLOADS_MAX, UPLOAD_BYTES_MAX};
-use super::conn::{RefusalLog, JOINING_MAX, REFUSAL_LOG_EVERY};
+use super::bundles::BundleStore;
+use super::conn::RefusalLog;
 use super::core::{ControllerCore, Settings};
-use super::thread::{Cmd, CoreThread, Summary, CMD_QUEUE_MAX};
+use super::thread::{Cmd, CoreThread, Summary};
 use crate::boot::open_node;
 use crate::clock::now_ms;
 use crate::cluster::keys::{ControllerKey, SIGNING_SECRET};
 use crate::config::{Config, ConfigError};
 use crate::ids::Fingerprint;
+use crate::limits::CONTROLLER_TICK_EVERY;
+use crate::limits::{
+    CONTROLLER_CMD_QUEUE_MAX, JOINING_MAX, REFUSAL_LOG_EVERY, UPLOADS_MAX, UPLOAD_BYTES_MAX,
+};
 use crate::net::{PinPolicy, PinSet, TransportLimits};
 use crate::ops::watchdog::{round_trip, PingError};
 use crate::ops::Notifier;
 use crate::store::{NodeMeta, Store};
 use crate::wire::Role;
 
-/// How often the core is ticked (silent machines marked down, publications resent).
-const TICK_EVERY: Duration = Duration::from_millis(100);
 /// How often the supervisor's STATUS line is refreshed.
 /// Counters for `/metrics`.
 #[derive(Default)]
@@ -248,7 +250,7 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
         .await
         .with_context(|| format!("binding the HTTP API on {} (field `api`)", config.api))?;
     let api_addr = api_listener.local_addr()?;
-    let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE_MAX);
+    let (cmd_tx, cmd_rx) = mpsc::channel(CONTROLLER_CMD_QUEUE_MAX);
     let shared = Arc::new(ControllerShared {
         config,
         meta,
@@ -328,7 +330,7 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
 
 /// Ticks the core; a tick that finds the queue full is skipped (the queue is moving anyway).
 async fn tick(shared: Arc<ControllerShared>) {
-    let mut every = tokio::time::interval(TICK_EVERY);
+    let mut every = tokio::time::interval(CONTROLLER_TICK_EVERY);
     every.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         every.tick().await;

@@ -9,10 +9,11 @@
 
 use std::collections::BTreeMap;
 
-use super::configdata::{ConfigChange, HISTORY_KEPT};
+use super::configdata::ConfigChange;
 use super::core::{Dirty, MachineRecord};
 use super::deploy_core::DeploymentRecord;
 use crate::ids::NodeId;
+use crate::limits::CONFIG_HISTORY_KEPT;
 use crate::replication::StoreError;
 use crate::wire::Publication;
 
@@ -82,7 +83,7 @@ pub enum CommitFault {
 
 /// The controller's records in memory, kept as `store::cluster` keeps them: each record through
 /// its stored bytes, publications deleted up to an ack and with their machine, the newest
-/// [`HISTORY_KEPT`] configuration changes of a scope.
+/// [`CONFIG_HISTORY_KEPT`] configuration changes of a scope.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MemClusterStore {
     pub machines: BTreeMap<NodeId, MachineRecord>,
@@ -137,8 +138,8 @@ impl MemClusterStore {
                 .range((c.scope.clone(), 0)..=(c.scope.clone(), u64::MAX))
                 .map(|((_, v), _)| *v)
                 .collect();
-            if versions.len() > HISTORY_KEPT {
-                for v in &versions[..versions.len() - HISTORY_KEPT] {
+            if versions.len() > CONFIG_HISTORY_KEPT {
+                for v in &versions[..versions.len() - CONFIG_HISTORY_KEPT] {
                     self.config.remove(&(c.scope.clone(), *v));
                 }
             }

@@ -973,7 +973,7 @@ async fn a_silent_connection_is_closed_at_the_first_frame_deadline() {
     assert_eq!(code, close::PROTOCOL, "{reason}");
     assert_eq!(
         reason,
-        format!("no Join within {:?}", super::conn::FIRST_FRAME_TIMEOUT)
+        format!("no Join within {:?}", crate::limits::FIRST_FRAME_TIMEOUT)
     );
     assert!(started.elapsed() < WAIT);
     ctl.shutdown().await;

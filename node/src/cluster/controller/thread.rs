@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot};
@@ -28,22 +28,15 @@ use super::storage::ClusterStore;
 use crate::clock::now_ms;
 use crate::cluster::keys::ControllerKey;
 use crate::ids::{Fingerprint, NodeId};
+use crate::limits::{
+    CONTROLLER_COMMIT_BATCH_MAX, CONTROLLER_REOPEN_EVERY, REFUSAL_REASON_BYTES_MAX,
+};
 use crate::net::close;
 use crate::store::Store;
 use crate::wire::{Join, Message};
 
-/// Commands waiting for the core thread. Readers wait when it is full (backpressure onto
-/// QUIC's flow control); the tick is skipped instead.
-pub(crate) const CMD_QUEUE_MAX: usize = 4096;
-/// Most commands stepped before one commit: bounds the time a command waits behind others
-/// and the size of one transaction.
-const BATCH_MAX: usize = 1024;
-/// After a failed commit the database is reopened; while that fails, at most this often.
-const REOPEN_EVERY: Duration = Duration::from_secs(1);
 /// The part of a connection's send queue relayed copies leave free (see `perform`).
-const RELAY_HEADROOM: usize = super::conn::OUTBOUND_MAX / 4;
-/// A close reason longer than this is cut (it travels in one QUIC frame).
-const REASON_BYTES_MAX: usize = 256;
+const RELAY_HEADROOM: usize = crate::limits::CONNECTION_OUTBOUND_MAX / 4;
 
 /// What a connection's writer task sends, in order.
 // Messages are nearly every item; boxing them would cost an allocation per send for nothing.
@@ -279,7 +272,7 @@ impl CoreThread {
             };
             let mut batch = Vec::with_capacity(16);
             batch.push(first);
-            while batch.len() < BATCH_MAX {
+            while batch.len() < CONTROLLER_COMMIT_BATCH_MAX {
                 match rx.try_recv() {
                     Ok(c) => batch.push(c),
                     Err(_) => break,
@@ -363,7 +356,7 @@ impl CoreThread {
                         self.deploy.tick(core, now);
                     }
                     None => {
-                        if self.reopened_at.elapsed() >= REOPEN_EVERY {
+                        if self.reopened_at.elapsed() >= CONTROLLER_REOPEN_EVERY {
                             self.reopen();
                         }
                     }
@@ -587,7 +580,7 @@ impl CoreThread {
                             "{} has no version {version} (see its history: the newest {} \
                              changes of each scope are kept)",
                             scope.key(),
-                            super::configdata::HISTORY_KEPT
+                            crate::limits::CONFIG_HISTORY_KEPT
                         ))
                     })
                 });
@@ -805,10 +798,10 @@ impl CoreThread {
     }
 }
 
-/// A close reason cut to [`REASON_BYTES_MAX`] on a character boundary.
+/// A close reason cut to [`REFUSAL_REASON_BYTES_MAX`] on a character boundary.
 pub(crate) fn cut(mut reason: String) -> String {
-    if reason.len() > REASON_BYTES_MAX {
-        let mut end = REASON_BYTES_MAX;
+    if reason.len() > REFUSAL_REASON_BYTES_MAX {
+        let mut end = REFUSAL_REASON_BYTES_MAX;
         while !reason.is_char_boundary(end) {
             end -= 1;
         }

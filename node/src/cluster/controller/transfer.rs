@@ -18,7 +18,6 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use quinn::VarInt;
@@ -28,19 +27,12 @@ use tokio::task::JoinSet;
 use super::deploy::{ask_core, DeployCmd};
 use super::run::ControllerShared;
 use crate::ids::{Fingerprint, NodeId};
+use crate::limits::{
+    TRANSFERS_PER_CONN, TRANSFER_CHUNK_BYTES, TRANSFER_READ_AHEAD_CHUNKS,
+    TRANSFER_REQUEST_FRAME_MAX, TRANSFER_REQUEST_TIMEOUT,
+};
 use crate::net::close;
 use crate::wire::{read_frame, write_frame, BundleHeader, FrameError, Goodbye, Message};
-
-/// Transfers served at once on one connection.
-pub(crate) const TRANSFERS_PER_CONN: usize = 4;
-/// From a transfer stream's opening to its `BundleRequest`.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// A `BundleRequest` is a few dozen bytes.
-const REQUEST_FRAME_MAX: usize = 4096;
-/// Read from disk and written to the stream in chunks of this size.
-const CHUNK_BYTES: usize = 256 * 1024;
-/// Chunks read ahead of the stream.
-const READ_AHEAD: usize = 4;
 
 /// Accepts the transfer streams of one worker connection (`node`, whose certificate is
 /// `fingerprint`) until it closes.
@@ -114,11 +106,14 @@ async fn transfer(
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let req = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv, REQUEST_FRAME_MAX))
-        .await
+    let req = match tokio::time::timeout(
+        TRANSFER_REQUEST_TIMEOUT,
+        read_frame(&mut recv, TRANSFER_REQUEST_FRAME_MAX),
+    )
+    .await
     {
         Err(_) => {
-            let reason = format!("no BundleRequest within {REQUEST_TIMEOUT:?}");
+            let reason = format!("no BundleRequest within {TRANSFER_REQUEST_TIMEOUT:?}");
             return refuse(shared, send, close::PROTOCOL, reason).await;
         }
         Ok(Ok(Some(Message::BundleRequest(r)))) => r,
@@ -220,7 +215,7 @@ async fn stream_file(
     )
     .await
     .map_err(|e| e.to_string())?;
-    let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(READ_AHEAD);
+    let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(TRANSFER_READ_AHEAD_CHUNKS);
     let reader = tokio::task::spawn_blocking(move || {
         if let Err(e) = file.seek(SeekFrom::Start(offset)) {
             let _ = tx.blocking_send(Err(e));
@@ -228,13 +223,13 @@ async fn stream_file(
         }
         let mut left = total - offset;
         while left > 0 {
-            let mut buf = vec![0u8; CHUNK_BYTES.min(left as usize)];
+            let mut buf = vec![0u8; TRANSFER_CHUNK_BYTES.min(left as usize)];
             let r = file.read_exact(&mut buf).map(|()| Bytes::from(buf));
             let failed = r.is_err();
             if tx.blocking_send(r).is_err() || failed {
                 return;
             }
-            left -= CHUNK_BYTES.min(left as usize) as u64;
+            left -= TRANSFER_CHUNK_BYTES.min(left as usize) as u64;
         }
     });
     let mut sent = 0u64;

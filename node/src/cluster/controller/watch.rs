@@ -25,12 +25,7 @@ use tokio::sync::{mpsc, watch};
 use super::run::ControllerShared;
 use crate::http::watch::{self as feed, Cursor, Sink, Slot};
 use crate::http::ApiError;
-
-/// Changes kept for watchers that reconnect.
-pub const JOURNAL_MAX: usize = 4096;
-/// And at most this many bytes of them (their JSON): a deployment's view grows with its
-/// targets, and a rollout to a thousand machines changes it on many ticks.
-pub const JOURNAL_BYTES_MAX: usize = 32 << 20;
+use crate::limits::{JOURNAL_BYTES_MAX, JOURNAL_MAX};
 
 /// One change: `kind` (`machine`, `deployment` or `config`), the name it filters by (a
 /// configuration change's scope), its view.

@@ -9,23 +9,18 @@
 //! at most [`TRANSFERS_PER_DEPENDENT_MAX`] transfers per dependent at once.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
 use super::core::Standing;
 use super::WorkerShared;
 use crate::ids::NodeId;
+use crate::limits::{
+    STREAM_OPEN_TIMEOUT, TRANSFERS_PER_DEPENDENT_MAX, TRANSFER_CHUNK_BYTES_MAX,
+    TRANSFER_REQUEST_TIMEOUT,
+};
 use crate::net::close;
 use crate::wire::{read_frame, write_frame, Goodbye, Message};
-
-/// Transfers one dependent may have going through this load balancer at once.
-pub(crate) const TRANSFERS_PER_DEPENDENT_MAX: usize = 4;
-/// The request must arrive this soon after the stream opens.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest chunk taken from the controller's stream at a time.
-const CHUNK_BYTES_MAX: usize = 256 * 1024;
 
 /// Accepts the transfer streams a dependent opens on its relay connection, until it closes.
 pub(crate) async fn serve(
@@ -75,38 +70,39 @@ async fn forward(
     dependent: NodeId,
 ) -> Result<(), String> {
     let max = shared.config.limits.frame_bytes_max;
-    let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv, max)).await {
-        Ok(Ok(Some(Message::BundleRequest(r)))) if r.machine == dependent => r,
-        Ok(Ok(Some(Message::BundleRequest(r)))) => {
-            shared.refused();
-            let why = format!(
-                "a dependent may fetch only its own bundle, not machine {}'s",
-                r.machine
-            );
-            goodbye(&mut send, close::PROTOCOL, &why).await;
-            return Err(why);
-        }
-        Ok(Ok(Some(m))) => {
-            shared.refused();
-            let why = format!(
-                "a transfer stream starts with a BundleRequest, not a {}",
-                m.kind()
-            );
-            goodbye(&mut send, close::PROTOCOL, &why).await;
-            return Err(why);
-        }
-        Ok(Ok(None)) => return Err("the stream closed before its request".into()),
-        Ok(Err(e)) => {
-            let why = format!("reading the request: {e}");
-            goodbye(&mut send, close::PROTOCOL, &why).await;
-            return Err(why);
-        }
-        Err(_) => {
-            let why = format!("no request within {REQUEST_TIMEOUT:?}");
-            goodbye(&mut send, close::PROTOCOL, &why).await;
-            return Err(why);
-        }
-    };
+    let request =
+        match tokio::time::timeout(TRANSFER_REQUEST_TIMEOUT, read_frame(&mut recv, max)).await {
+            Ok(Ok(Some(Message::BundleRequest(r)))) if r.machine == dependent => r,
+            Ok(Ok(Some(Message::BundleRequest(r)))) => {
+                shared.refused();
+                let why = format!(
+                    "a dependent may fetch only its own bundle, not machine {}'s",
+                    r.machine
+                );
+                goodbye(&mut send, close::PROTOCOL, &why).await;
+                return Err(why);
+            }
+            Ok(Ok(Some(m))) => {
+                shared.refused();
+                let why = format!(
+                    "a transfer stream starts with a BundleRequest, not a {}",
+                    m.kind()
+                );
+                goodbye(&mut send, close::PROTOCOL, &why).await;
+                return Err(why);
+            }
+            Ok(Ok(None)) => return Err("the stream closed before its request".into()),
+            Ok(Err(e)) => {
+                let why = format!("reading the request: {e}");
+                goodbye(&mut send, close::PROTOCOL, &why).await;
+                return Err(why);
+            }
+            Err(_) => {
+                let why = format!("no request within {TRANSFER_REQUEST_TIMEOUT:?}");
+                goodbye(&mut send, close::PROTOCOL, &why).await;
+                return Err(why);
+            }
+        };
     let conn = {
         let l = shared.controller.lock().expect("controller lock");
         (l.connected && shared.standing() == Standing::Admitted)
@@ -118,19 +114,20 @@ async fn forward(
         goodbye(&mut send, close::SHUTDOWN, why).await;
         return Err(why.into());
     };
-    let (mut csend, mut crecv) = match tokio::time::timeout(OPEN_TIMEOUT, conn.open_bi()).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let why = format!("the load balancer's controller connection: {e}");
-            goodbye(&mut send, close::SHUTDOWN, &why).await;
-            return Err(why);
-        }
-        Err(_) => {
-            let why = "opening a stream to the controller timed out".to_owned();
-            goodbye(&mut send, close::SHUTDOWN, &why).await;
-            return Err(why);
-        }
-    };
+    let (mut csend, mut crecv) =
+        match tokio::time::timeout(STREAM_OPEN_TIMEOUT, conn.open_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let why = format!("the load balancer's controller connection: {e}");
+                goodbye(&mut send, close::SHUTDOWN, &why).await;
+                return Err(why);
+            }
+            Err(_) => {
+                let why = "opening a stream to the controller timed out".to_owned();
+                goodbye(&mut send, close::SHUTDOWN, &why).await;
+                return Err(why);
+            }
+        };
     if let Err(e) = write_frame(&mut csend, &Message::BundleRequest(request)).await {
         let _ = send.reset(close::SHUTDOWN.into());
         return Err(format!("forwarding the request: {e}"));
@@ -140,7 +137,7 @@ async fn forward(
     let stopped = send.stopped();
     let pipe = async {
         loop {
-            match crecv.read_chunk(CHUNK_BYTES_MAX, true).await {
+            match crecv.read_chunk(TRANSFER_CHUNK_BYTES_MAX, true).await {
                 Ok(Some(chunk)) => {
                     if let Err(e) = send.write_chunk(chunk.bytes).await {
                         return Err(format!("writing to the dependent: {e}"));

@@ -13,26 +13,16 @@ use tokio::time::Instant;
 
 use super::core::{Standing, WorkerRefusal};
 use super::{relay, WorkerShared};
+use crate::limits::{
+    HEARTBEAT_DEFAULT, JOIN_REFUSED_RETRY, JOIN_REJECTED_RETRY, STANDING_POLL, STREAM_OPEN_TIMEOUT,
+    WORKER_CONTROL_QUEUE_MAX,
+};
 use crate::limits::{WORKER_DIAL_BACKOFF_MAX, WORKER_DIAL_BACKOFF_MIN};
 use crate::net::backoff::{jittered, Backoff};
 use crate::net::{self, close};
 use crate::wire::{
     read_frame, write_frame, Admission, FrameError, JoinRefusal, Message, TOKEN_NOT_ACCEPTED,
 };
-
-/// A controller that refuses this machine is asked again this rarely.
-const REJECTED_RETRY: Duration = Duration::from_secs(30);
-/// A controller that refused this Join for now (name taken, too many waiting) is asked again
-/// after this long.
-const REFUSED_RETRY: Duration = Duration::from_secs(10);
-/// Opening the stream after the handshake.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Frames waiting for the connection's writer.
-const CONTROL_MAX: usize = 1024;
-/// Heartbeat interval when the controller's admission did not say.
-const HEARTBEAT_DEFAULT: Duration = Duration::from_secs(5);
-/// How often a worker not yet admitted looks whether it is.
-const STANDING_POLL: Duration = Duration::from_secs(1);
 
 /// How a session with the controller ended.
 enum End {
@@ -55,25 +45,27 @@ pub(crate) async fn run(shared: Arc<WorkerShared>) {
             End::Shutdown => return,
             End::Rejected(reason) => {
                 shared.note_error(format!(
-                    "the controller refuses this machine: {reason}; asking again every {REJECTED_RETRY:?}"
+                    "the controller refuses this machine: {reason}; asking again every {JOIN_REJECTED_RETRY:?}"
                 ));
                 set_state(&shared, |l| {
                     l.rejected = Some(reason.clone());
                     l.last_error = Some(format!("rejected: {reason}"));
                 });
-                jittered(REJECTED_RETRY)
+                jittered(JOIN_REJECTED_RETRY)
             }
             End::Refused(why) => {
                 let line = format!("the controller refused this machine: {why}");
                 set_state(&shared, |l| {
                     // Said once while it lasts, not on every attempt.
                     if l.last_error.as_deref() != Some(line.as_str()) {
-                        shared.note_error(format!("{line}; asking again every {REFUSED_RETRY:?}"));
+                        shared.note_error(format!(
+                            "{line}; asking again every {JOIN_REFUSED_RETRY:?}"
+                        ));
                     }
                     l.last_error = Some(line.clone());
                 });
                 backoff.reset();
-                jittered(REFUSED_RETRY)
+                jittered(JOIN_REFUSED_RETRY)
             }
             End::Hostile(e) => {
                 shared.note_error(format!("controller: {e}; connection closed"));
@@ -106,7 +98,7 @@ fn next(shared: &WorkerShared, backoff: &mut Backoff, answered: &AtomicBool) -> 
         .rejected
         .is_some()
     {
-        return jittered(REJECTED_RETRY);
+        return jittered(JOIN_REJECTED_RETRY);
     }
     backoff.next_wait()
 }
@@ -126,7 +118,7 @@ async fn session(shared: &Arc<WorkerShared>, answered: &AtomicBool) -> End {
         shared.refused();
         return End::Closed(format!("{addr} answered with certificate {fp}"));
     }
-    let (mut send, recv) = match tokio::time::timeout(OPEN_TIMEOUT, conn.open_bi()).await {
+    let (mut send, recv) = match tokio::time::timeout(STREAM_OPEN_TIMEOUT, conn.open_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return End::Closed(format!("controller at {addr}: {e}")),
         Err(_) => {
@@ -140,7 +132,7 @@ async fn session(shared: &Arc<WorkerShared>, answered: &AtomicBool) -> End {
     if let Err(e) = write_frame(&mut send, &Message::Join(join)).await {
         return End::Closed(format!("controller at {addr}: sending the Join: {e}"));
     }
-    let (tx, rx) = mpsc::channel(CONTROL_MAX);
+    let (tx, rx) = mpsc::channel(WORKER_CONTROL_QUEUE_MAX);
     let generation = {
         let mut l = shared.controller.lock().expect("controller lock");
         l.generation += 1;

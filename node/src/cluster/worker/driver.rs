@@ -10,22 +10,17 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::core::{Effect, WorkerCore, WorkerOutput, WorkerRecord, WorkerRefusal};
 use super::{pool_file, relay, WorkerShared};
 use crate::http::backup::BackupCopy;
+use crate::limits::{
+    POOL_FILE_RETRY, WORKER_COMMIT_RETRY_MAX, WORKER_COMMIT_RETRY_MIN, WORKER_DRIVER_BATCH_MAX,
+};
 use crate::store::Store;
 use crate::wire::{ConfigReport, Join, MachineReport, Message, Publication};
-
-/// Inputs fed to the core before one commit.
-const BATCH_MAX: usize = 64;
-const COMMIT_RETRY_MIN: Duration = Duration::from_millis(100);
-const COMMIT_RETRY_MAX: Duration = Duration::from_secs(5);
-/// A pool file that could not be written is tried again this often.
-const POOL_RETRY: Duration = Duration::from_secs(5);
 
 pub(crate) enum Input {
     /// The Join for a new connection to the controller.
@@ -61,7 +56,7 @@ struct Driver {
     store: Option<Store>,
     data_dir: PathBuf,
     stop: watch::Receiver<bool>,
-    /// The pool file could not be written yet: it is, from the record, after `POOL_RETRY`.
+    /// The pool file could not be written yet: it is, from the record, after `POOL_FILE_RETRY`.
     pool_pending: bool,
 }
 
@@ -104,7 +99,7 @@ pub(crate) async fn run(
                 let Some(first) = got else { return };
                 let mut replies = Vec::new();
                 d.feed(first, &mut replies);
-                while replies.len() < BATCH_MAX {
+                while replies.len() < WORKER_DRIVER_BATCH_MAX {
                     match inputs.try_recv() {
                         Ok(i) => d.feed(i, &mut replies),
                         Err(_) => break,
@@ -127,7 +122,7 @@ pub(crate) async fn run(
                     }
                 }
             }
-            _ = tokio::time::sleep(POOL_RETRY), if retrying => {
+            _ = tokio::time::sleep(POOL_FILE_RETRY), if retrying => {
                 d.pool_pending = false;
                 d.write_pool().await;
             }
@@ -203,7 +198,7 @@ impl Driver {
     /// Commits `rec` durably, retrying until it succeeds; `None` if stopped first.
     async fn commit(&mut self, rec: WorkerRecord) -> Option<WorkerRecord> {
         let rec = Arc::new(rec);
-        let mut wait = COMMIT_RETRY_MIN;
+        let mut wait = WORKER_COMMIT_RETRY_MIN;
         loop {
             let outcome = match self.store.take() {
                 Some(store) => {
@@ -236,7 +231,7 @@ impl Driver {
                 _ = self.stop.changed() => return None,
                 _ = tokio::time::sleep(wait) => {}
             }
-            wait = (wait * 2).min(COMMIT_RETRY_MAX);
+            wait = (wait * 2).min(WORKER_COMMIT_RETRY_MAX);
             if self.store.is_none() {
                 let dir = self.data_dir.clone();
                 match tokio::task::spawn_blocking(move || Store::open(&dir)).await {
@@ -286,7 +281,7 @@ impl Driver {
             }
             Ok(Err(e)) => {
                 self.shared.note_error(format!(
-                    "cannot write the pool file {}: {e}; retrying in {POOL_RETRY:?}",
+                    "cannot write the pool file {}: {e}; retrying in {POOL_FILE_RETRY:?}",
                     self.shared.pool_path.display()
                 ));
                 self.pool_pending = true;

@@ -11,7 +11,7 @@
 //! (`close::SHUTDOWN`; the next attempt goes to the controller directly); other refusals (no
 //! such bundle, not this machine's, a header that does not match the order) are retried a few
 //! times, then fail the deployment. The bytes go to disk on a blocking thread fed through a bounded queue, fsynced
-//! every [`SYNC_EVERY_BYTES`] and at the end of each attempt, and hashed as they are written, so
+//! every [`FETCH_SYNC_EVERY_BYTES`] and at the end of each attempt, and hashed as they are written, so
 //! the complete file needs no second read before its blake3 is compared with the order's
 //! `sealed_hash`. A mismatch deletes the file: nothing altered is ever decrypted.
 //!
@@ -23,13 +23,16 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use super::core::Standing;
 use super::WorkerShared;
 use crate::cluster::body::DeployOrder;
+use crate::limits::{
+    FETCH_FLUSH_IDLE, FETCH_HEADER_TIMEOUT, FETCH_READ_IDLE, FETCH_REFUSALS_MAX,
+    FETCH_SYNC_EVERY_BYTES, FETCH_WRITE_BUF_BYTES, FETCH_WRITE_QUEUE_MAX, STREAM_OPEN_TIMEOUT,
+};
 use crate::limits::{WORKER_DIAL_BACKOFF_MAX, WORKER_DIAL_BACKOFF_MIN};
 use crate::net::backoff::Backoff;
 use crate::net::close;
@@ -40,25 +43,6 @@ use crate::wire::{read_frame, write_frame, BundleRequest, FrameError, Message};
 /// logs "stalled at N for the test" and waits forever, so that a test can kill the worker
 /// (-9) in the middle of a transfer and check that its successor resumes from byte N.
 pub const STALL_ENV: &str = "OUTPOST_TEST_STALL_FETCH_AT";
-
-/// One buffer handed to the writer thread.
-const WRITE_BUF_BYTES: usize = 1 << 20;
-/// Buffers queued for the writer thread: at most this many MiB of a transfer in memory.
-const WRITE_QUEUE_MAX: usize = 4;
-/// The file is fsynced after this many new bytes, and at the end of every attempt.
-pub(crate) const SYNC_EVERY_BYTES: u64 = 16 << 20;
-/// Opening a transfer stream.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// The answer (header or Goodbye) to a request.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// A transfer stream that delivers nothing for this long is given up and asked again.
-const READ_IDLE: Duration = Duration::from_secs(60);
-/// A partly filled buffer goes to the writer when the stream pauses this long, so that what
-/// arrived is on disk (and shown) even if the stream then stalls.
-const FLUSH_IDLE: Duration = Duration::from_millis(50);
-/// Consecutive refusals (a Goodbye other than "busy", a header that does not match the order)
-/// before the deployment fails; a broken connection is retried without limit.
-const REFUSALS_MAX: u32 = 5;
 
 /// `DATA_DIR/bundles/incoming/<deployment>.age`.
 pub(crate) fn incoming_path(incoming_dir: &Path, deployment: u64) -> PathBuf {
@@ -135,7 +119,7 @@ pub(crate) async fn fetch(
             End::Broken(e) => e,
             End::Refused(e) => {
                 refusals += 1;
-                if refusals >= REFUSALS_MAX {
+                if refusals >= FETCH_REFUSALS_MAX {
                     return Err(format!(
                         "fetching the sealed bundle: refused {refusals} times, last: {e}"
                     ));
@@ -255,7 +239,8 @@ async fn attempt(
         "the controller"
     };
     let start = *len;
-    let (mut send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, conn.open_bi()).await {
+    let (mut send, mut recv) = match tokio::time::timeout(STREAM_OPEN_TIMEOUT, conn.open_bi()).await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return (via_lb, Some(End::Broken(format!("{via}: {e}")))),
         Err(_) => {
@@ -278,7 +263,8 @@ async fn attempt(
     }
     let _ = send.finish();
     let max = shared.config.limits.frame_bytes_max;
-    let header = match tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv, max)).await {
+    let header = match tokio::time::timeout(FETCH_HEADER_TIMEOUT, read_frame(&mut recv, max)).await
+    {
         Ok(Ok(Some(Message::BundleHeader(h)))) => h,
         Ok(Ok(Some(Message::Goodbye(g)))) => {
             let why = format!("{via} refused: {}", g.reason);
@@ -313,7 +299,7 @@ async fn attempt(
             return (
                 via_lb,
                 Some(End::Broken(format!(
-                    "{via} did not answer within {HEADER_TIMEOUT:?}"
+                    "{via} did not answer within {FETCH_HEADER_TIMEOUT:?}"
                 ))),
             )
         }
@@ -329,7 +315,7 @@ async fn attempt(
         );
     }
 
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE_MAX);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(FETCH_WRITE_QUEUE_MAX);
     let writer = {
         let path = path.to_owned();
         let known = hasher.take();
@@ -350,11 +336,15 @@ async fn attempt(
     let mut got = 0u64;
     let mut end = None;
     while got < want && end.is_none() {
-        let n = (want - got).min(WRITE_BUF_BYTES as u64) as usize;
+        let n = (want - got).min(FETCH_WRITE_BUF_BYTES as u64) as usize;
         let mut buf = vec![0u8; n];
         let mut filled = 0;
         while filled < n {
-            let idle = if filled > 0 { FLUSH_IDLE } else { READ_IDLE };
+            let idle = if filled > 0 {
+                FETCH_FLUSH_IDLE
+            } else {
+                FETCH_READ_IDLE
+            };
             // Cancel-safe: a read that times out took nothing.
             match tokio::time::timeout(idle, recv.read(&mut buf[filled..])).await {
                 Ok(Ok(Some(k))) => filled += k,
@@ -372,7 +362,9 @@ async fn attempt(
                     break;
                 }
                 Err(_) => {
-                    end = Some(End::Broken(format!("{via} sent nothing for {READ_IDLE:?}")));
+                    end = Some(End::Broken(format!(
+                        "{via} sent nothing for {FETCH_READ_IDLE:?}"
+                    )));
                     break;
                 }
             }
@@ -446,7 +438,7 @@ fn write_loop(
             unsynced += n;
             progress.store(*written, Ordering::Relaxed);
             fetched.fetch_add(n, Ordering::Relaxed);
-            if unsynced >= SYNC_EVERY_BYTES {
+            if unsynced >= FETCH_SYNC_EVERY_BYTES {
                 f.sync_data()?;
                 unsynced = 0;
             }

@@ -12,16 +12,16 @@
 
 use std::collections::VecDeque;
 
-use crate::bundle::{BACKOFF_MAX, BACKOFF_MIN, BACKOFF_RESET_AFTER};
 use crate::cluster::body::DeployOrder;
-use crate::cluster::controller::core::DETAIL_MAX;
+use crate::limits::REPORT_DETAIL_MAX;
+use crate::limits::{
+    SOFTWARE_RESTART_BACKOFF_MAX as BACKOFF_MAX, SOFTWARE_RESTART_BACKOFF_MIN as BACKOFF_MIN,
+    SOFTWARE_RESTART_BACKOFF_RESET_AFTER as BACKOFF_RESET_AFTER,
+};
 use crate::wire::{MachineReport, Software};
 
 use super::core::WorkerRecord;
-
-/// Orders waiting while a deployment installs or switches; beyond it the oldest is dropped (a
-/// newer one supersedes it anyway).
-pub const ORDERS_MAX: usize = 16;
+use crate::limits::SOFTWARE_ORDERS_MAX;
 
 /// What the driver performs for the lifecycle.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,10 +136,10 @@ impl Default for Lifecycle {
     }
 }
 
-/// At most [`DETAIL_MAX`] bytes (what the controller accepts), cut on a character boundary.
+/// At most [`REPORT_DETAIL_MAX`] bytes (what the controller accepts), cut on a character boundary.
 pub fn clip(mut s: String) -> String {
-    if s.len() > DETAIL_MAX {
-        let mut at = DETAIL_MAX - 3;
+    if s.len() > REPORT_DETAIL_MAX {
+        let mut at = REPORT_DETAIL_MAX - 3;
         while !s.is_char_boundary(at) {
             at -= 1;
         }
@@ -263,7 +263,7 @@ impl Lifecycle {
     /// up, older ones not yet taken up are superseded.
     pub fn orders(&mut self, orders: Vec<DeployOrder>, now_ms: u64) {
         for o in orders {
-            if self.queued.len() == ORDERS_MAX {
+            if self.queued.len() == SOFTWARE_ORDERS_MAX {
                 self.queued.pop_front();
             }
             self.queued.push_back(o);

@@ -248,9 +248,9 @@ fn a_failed_delivery_reports_running_again_once_acknowledged() {
 
 #[test]
 fn report_details_are_clipped_to_what_the_controller_accepts() {
-    let long = "é".repeat(DETAIL_MAX);
+    let long = "é".repeat(REPORT_DETAIL_MAX);
     let c = clip(long);
-    assert!(c.len() <= DETAIL_MAX);
+    assert!(c.len() <= REPORT_DETAIL_MAX);
     assert!(c.ends_with("..."));
     let _ = deploy_healthy(&mut Lifecycle::new(), 1, 0);
 }

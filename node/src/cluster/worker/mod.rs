@@ -51,6 +51,7 @@ use self::driver::Input;
 use crate::cluster::keys::{token_proof, SealKey, SEAL_SECRET};
 use crate::config::{Config, ConfigError};
 use crate::ids::{Fingerprint, NodeId};
+use crate::limits::{SOFTWARE_STOP_WAIT, WORKER_INPUTS_MAX};
 use crate::net::{close, PinSet, TransportLimits};
 use crate::ops::Notifier;
 use crate::store::Store;
@@ -58,8 +59,6 @@ use crate::wire::{Join, MachineReport, Message, Publication, Role};
 
 /// The component that relays publications to its dependents.
 pub const LOAD_BALANCER: &str = "load-balancer";
-/// Inputs queued for the driver (frames from the controller and the load balancer, reports).
-const INPUTS_MAX: usize = 256;
 
 /// Loads the worker's seal key (the age X25519 identity publications and bundles are sealed
 /// to), or generates and stores it on first use.
@@ -307,10 +306,6 @@ pub struct WorkerRunning {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// How long shutdown waits for the software to stop before leaving it to its supervisor's
-/// drop (SIGKILL).
-const SOFTWARE_STOP_WAIT: Duration = Duration::from_secs(30);
-
 impl WorkerRunning {
     /// A new report about this machine (its software's state): numbered, stored, and sent to
     /// the controller when admitted and connected.
@@ -408,7 +403,7 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<WorkerRun
         .with_context(|| format!("binding the HTTP API on {} (field `api`)", config.api))?;
     let api_addr = api_listener.local_addr()?;
 
-    let (inputs, inputs_rx) = mpsc::channel(INPUTS_MAX);
+    let (inputs, inputs_rx) = mpsc::channel(WORKER_INPUTS_MAX);
     let pool_path = machine
         .pool_file
         .clone()

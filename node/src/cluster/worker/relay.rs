@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -23,6 +22,7 @@ use super::core::WorkerRefusal;
 use super::WorkerShared;
 use crate::cluster::body::{Dependent, LbRoute, Pool};
 use crate::ids::{Fingerprint, NodeId};
+use crate::limits::{HELLO_TIMEOUT, RELAY_LINK_STABLE, RELAY_QUEUE_MAX};
 use crate::limits::{WORKER_DIAL_BACKOFF_MAX, WORKER_DIAL_BACKOFF_MIN};
 use crate::net::backoff::Backoff;
 use crate::net::{self, close};
@@ -30,14 +30,6 @@ use crate::wire::{
     read_frame, write_frame, FrameError, Message, Publication, Relay, RelayHello,
     CLUSTER_PROTOCOL_VERSION,
 };
-
-/// A dependent's RelayHello must arrive within this.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Publications waiting for one dependent's connection; beyond it they are dropped (the
-/// controller resends them directly).
-const RELAY_QUEUE_MAX: usize = 64;
-/// A link to the load balancer that lasted this long counts as having worked.
-const LINK_STABLE: Duration = Duration::from_secs(5);
 
 /// A load balancer's relay: who may dial it, and who did.
 #[derive(Default)]
@@ -420,7 +412,7 @@ async fn dependent_loop(shared: Arc<WorkerShared>, route: LbRoute, generation: u
                 d.last_error = Some(e.clone());
             }
         });
-        if worked || started.elapsed() >= LINK_STABLE {
+        if worked || started.elapsed() >= RELAY_LINK_STABLE {
             backoff.reset();
         }
         tokio::time::sleep(backoff.next_wait()).await;

@@ -38,6 +38,7 @@ use super::WorkerShared;
 use crate::bundle::{ConfigSpec, Installed, Installer, Supervisor, CURRENT_LINK};
 use crate::cluster::body::{ConfigOrder, DeployOrder};
 use crate::cluster::keys::SealKey;
+use crate::limits::{SOFTWARE_ORDERS_MAX, SOFTWARE_WATCH_EVERY};
 use crate::wire::{MachineReport, Software};
 
 /// `DATA_DIR/software`: installed bundles and the `current`/`previous` links.
@@ -46,10 +47,6 @@ pub(crate) const SOFTWARE_DIR: &str = "software";
 pub(crate) const INCOMING_DIR: &str = "bundles/incoming";
 /// `DATA_DIR/software.log`: the software's stdout and stderr, appended.
 pub(crate) const SOFTWARE_LOG: &str = "software.log";
-/// How often the running software is looked at.
-const WATCH_EVERY: Duration = Duration::from_millis(200);
-/// Orders waiting for the task; beyond it the oldest is dropped (a newer one supersedes it).
-const ORDERS_MAX: usize = 16;
 
 /// What the driver and the API share with the software task.
 #[derive(Default)]
@@ -67,7 +64,7 @@ impl SoftwareShared {
     pub(crate) fn order(&self, order: DeployOrder) {
         {
             let mut q = self.orders.lock().expect("orders lock");
-            if q.len() == ORDERS_MAX {
+            if q.len() == SOFTWARE_ORDERS_MAX {
                 q.pop_front();
             }
             q.push_back(order);
@@ -298,7 +295,7 @@ pub(crate) async fn run(shared: Arc<WorkerShared>, seal: SealKey, mut stop: watc
     };
     t.show("starting", None);
     t.boot().await;
-    let mut tick = tokio::time::interval(WATCH_EVERY);
+    let mut tick = tokio::time::interval(SOFTWARE_WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let restart_at = t

@@ -3,19 +3,17 @@
 //! and exactly one log line when it ends.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use super::{restore_peer_done, set_error_quiet, stream, SessionError};
 use crate::clock::now_ms;
 use crate::datacenter::Shared;
 use crate::ids::NodeId;
+use crate::limits::HELLO_TIMEOUT;
 use crate::net::{self, close};
 use crate::replication::link::LinkLimits;
 use crate::replication::session::{self, Duplicate, Session};
 use crate::replication::StoreError;
 use crate::wire::{read_frame, write_frame, Hello, Message};
-
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn hello_for(shared: &Shared, peer: Option<NodeId>) -> Result<Hello, StoreError> {
     let r = shared.store.read()?;

@@ -2,24 +2,14 @@
 //! to, and the backoff between attempts. Each connection then runs in [`super::conn`].
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::{conn, set_error};
 use crate::datacenter::Shared;
+use crate::limits::{
+    PEER_DIAL_BACKOFF_MAX, PEER_DIAL_BACKOFF_MIN, PEER_DIAL_TIMEOUT_MAX, PEER_DIAL_TIMEOUT_MIN,
+};
+use crate::net::backoff::Backoff;
 use crate::net::{self, close};
-
-/// Pause between dial attempts: doubles from MIN after each failed attempt, up to MAX; back to
-/// MIN after a session. Kept short so that a peer restarting is found within about a second.
-const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
-const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// How long one dial attempt may take. A handshake whose Initial packet went to a peer that was
-/// down is retransmitted only after QUIC's growing probe timeouts (1 s, 2 s, 4 s, ...), so an
-/// attempt is abandoned early and a fresh one made; the bound doubles after each failure (a
-/// lossy or distant link gets its time) up to MAX, and is back to MIN after a session.
-const DIAL_TIMEOUT_MIN: Duration = Duration::from_secs(1);
-const DIAL_TIMEOUT_MAX: Duration = Duration::from_secs(8);
-const _: () = assert!(DIAL_BACKOFF_MIN.as_millis() <= DIAL_BACKOFF_MAX.as_millis());
-const _: () = assert!(DIAL_TIMEOUT_MIN.as_millis() <= DIAL_TIMEOUT_MAX.as_millis());
 
 pub(super) async fn accept_loop(shared: Arc<Shared>, ep: quinn::Endpoint) {
     while let Some(incoming) = ep.accept().await {
@@ -42,8 +32,8 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, ep: quinn::Endpoint) {
 }
 
 pub(super) async fn dial_loop(shared: Arc<Shared>, ep: quinn::Endpoint, i: usize) {
-    let mut backoff = DIAL_BACKOFF_MIN;
-    let mut attempt = DIAL_TIMEOUT_MIN;
+    let mut backoff = Backoff::new(PEER_DIAL_BACKOFF_MIN, PEER_DIAL_BACKOFF_MAX);
+    let mut attempt = PEER_DIAL_TIMEOUT_MIN;
     loop {
         let peer = shared.peers.get(i);
         if peer.removed() {
@@ -51,15 +41,15 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, ep: quinn::Endpoint, i: usize
         }
         if !peer.dials() {
             // The peer dials us; look again later in case a reload changes that.
-            tokio::time::sleep(DIAL_BACKOFF_MAX).await;
+            tokio::time::sleep(PEER_DIAL_BACKOFF_MAX).await;
             continue;
         }
         let addr = peer.addr();
         match tokio::time::timeout(attempt, net::connect(&ep, addr)).await {
             Ok(Ok((conn, fp))) if peer.pins(&fp) => {
                 if conn::session(shared.clone(), i, conn, true).await {
-                    backoff = DIAL_BACKOFF_MIN;
-                    attempt = DIAL_TIMEOUT_MIN;
+                    backoff.reset();
+                    attempt = PEER_DIAL_TIMEOUT_MIN;
                 }
             }
             Ok(Ok((conn, fp))) => {
@@ -73,11 +63,9 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, ep: quinn::Endpoint, i: usize
                     i,
                     format!("dialling {addr}: no answer within {attempt:?}"),
                 );
-                attempt = (attempt * 2).min(DIAL_TIMEOUT_MAX);
+                attempt = (attempt * 2).min(PEER_DIAL_TIMEOUT_MAX);
             }
         }
-        let jitter = Duration::from_millis(rand::random::<u64>() % 100);
-        tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+        tokio::time::sleep(backoff.next_wait()).await;
     }
 }

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use super::SessionError;
 use crate::datacenter::Shared;
 use crate::ids::NodeId;
+use crate::limits::SNAPSHOT_CHUNKS_AHEAD;
 use crate::replication::session::{self, Built, Relay, SnapshotCursor};
 use crate::replication::{LogRead, StoreError};
 use crate::wire::{write_frame, Message, SnapshotChunk, SnapshotEnd};
@@ -50,9 +51,6 @@ pub(super) fn build_elements(
         budget,
     )
 }
-
-/// Chunks of a snapshot in flight between the reading thread and the stream.
-const SNAPSHOT_CHUNKS_AHEAD: usize = 4;
 
 /// Streams our whole state table from one read transaction, then the marks it reflects and the
 /// log position it corresponds to. Returns that position: the peer continues from there.

@@ -11,12 +11,11 @@ use crate::clock::now_ms;
 use crate::datacenter::writer::Cmd;
 use crate::datacenter::Shared;
 use crate::ids::NodeId;
-use crate::replication::session::{self, Built, OwnLogStep, Session, PENDING_MAX};
+use crate::limits::PEER_CONTROL_QUEUE_MAX;
+use crate::limits::PEER_PENDING_FRAMES_MAX;
+use crate::replication::session::{self, Built, OwnLogStep, Session};
 use crate::replication::{Core, Received, StoreError};
 use crate::wire::{read_frame, write_frame, CatchUpRequest, Message};
-
-/// Outgoing control frames (acks) waiting for the sender, per connection.
-const CONTROL_MAX: usize = 256;
 
 pub(super) async fn run_link(
     shared: &Arc<Shared>,
@@ -31,14 +30,14 @@ pub(super) async fn run_link(
         (s.peer(), s.peer_epoch())
     };
     let notify = Arc::new(Notify::new());
-    let (ctl_tx, ctl_rx) = mpsc::channel::<Message>(CONTROL_MAX);
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Message>(PEER_CONTROL_QUEUE_MAX);
     if let Some(req) = own_request {
         ctl_tx
             .send(Message::CatchUpRequest(req))
             .await
             .map_err(|_| SessionError::Shutdown)?;
     }
-    let (pending_tx, pending_rx) = mpsc::channel(PENDING_MAX);
+    let (pending_tx, pending_rx) = mpsc::channel(PEER_PENDING_FRAMES_MAX);
     let reader = read_loop(
         shared,
         i,
@@ -322,15 +321,16 @@ mod pending_budget_tests {
     use futures_util::FutureExt as _;
 
     use super::*;
-    use crate::replication::session::{PENDING_BYTES_MAX, PENDING_PERMITS};
+    use crate::limits::PEER_PENDING_BYTES_MAX;
+    use crate::replication::session::PENDING_PERMITS;
 
     /// Bounded memory: frames read from a peer and not yet applied hold at most
-    /// `PENDING_BYTES_MAX` of the connection's budget; the next frame waits until one is
+    /// `PEER_PENDING_BYTES_MAX` of the connection's budget; the next frame waits until one is
     /// applied, and a frame over the whole budget waits for all of it.
     #[tokio::test]
     async fn frames_waiting_for_the_writer_stay_within_the_byte_budget() {
         let budget = Arc::new(tokio::sync::Semaphore::new(PENDING_PERMITS as usize));
-        let frame = PENDING_BYTES_MAX / 8;
+        let frame = PEER_PENDING_BYTES_MAX / 8;
         let mut held = Vec::new();
         for _ in 0..8 {
             let p = reserve(&budget, frame).now_or_never();
@@ -344,7 +344,7 @@ mod pending_budget_tests {
         let p = reserve(&budget, frame).now_or_never();
         held.push(p.expect("room again once one is applied").unwrap());
         held.clear();
-        let huge = reserve(&budget, 10 * PENDING_BYTES_MAX).now_or_never();
+        let huge = reserve(&budget, 10 * PEER_PENDING_BYTES_MAX).now_or_never();
         let huge = huge
             .expect("a frame over the budget takes all of it")
             .unwrap();

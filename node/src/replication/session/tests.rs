@@ -177,17 +177,29 @@ fn bounded_memory_frame_and_pending_byte_budgets() {
     assert_eq!(frame_budget(1 << 20), 786_432);
 
     let mut b = InboundBudget::new(3, 4);
-    let p1 = b.try_take(PENDING_PERMIT_BYTES).unwrap();
-    let p2 = b.try_take(2 * PENDING_PERMIT_BYTES).unwrap();
+    let p1 = b
+        .try_take(crate::limits::PEER_PENDING_PERMIT_BYTES)
+        .unwrap();
+    let p2 = b
+        .try_take(2 * crate::limits::PEER_PENDING_PERMIT_BYTES)
+        .unwrap();
     assert_eq!((p1, p2), (1, 2));
-    assert_eq!(b.try_take(2 * PENDING_PERMIT_BYTES), None, "bytes bound");
+    assert_eq!(
+        b.try_take(2 * crate::limits::PEER_PENDING_PERMIT_BYTES),
+        None,
+        "bytes bound"
+    );
     let p3 = b.try_take(1).unwrap();
     assert_eq!(b.try_take(1), None, "frames bound");
     b.release(p1);
     b.release(p2);
     b.release(p3);
     assert!(b.idle());
-    assert_eq!(b.try_take(100 * PENDING_PERMIT_BYTES), Some(4), "takes all");
+    assert_eq!(
+        b.try_take(100 * crate::limits::PEER_PENDING_PERMIT_BYTES),
+        Some(4),
+        "takes all"
+    );
     assert_eq!(weight_permits(usize::MAX / 2), PENDING_PERMITS);
     assert_eq!(
         frame_weight([("alice", &[0u8; 100][..])].into_iter()),

@@ -7,7 +7,6 @@
 //! later (a restart, a deployment) finds the configuration in effect already in its file.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde_json::Value;
 use tokio::time::Instant;
@@ -17,14 +16,13 @@ use super::super::pool_file::write_atomic;
 use super::{blocking, clip, Child, Task};
 use crate::bundle::{ConfigFormat, ConfigSpec};
 use crate::cluster::body::ConfigOrder;
+use crate::limits::SOFTWARE_RELOAD_TIMEOUT;
 use crate::wire::ConfigReport;
 
 /// The configuration file's name in the data directory when the manifest names none.
 pub(crate) const CONFIG_FILE: &str = "config";
 /// The environment variable that tells the software where its configuration is.
 pub(crate) const CONFIG_FILE_ENV: &str = "OUTPOST_CONFIG_FILE";
-/// A `config.reload` command running longer than this is killed (the change is rolled back).
-const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where configuration for software with `spec` goes.
 pub(crate) fn config_path(data_dir: &Path, spec: &ConfigSpec) -> PathBuf {
@@ -192,7 +190,7 @@ impl Task {
 async fn tell(c: Child, reload: Option<Vec<String>>) -> (Option<Child>, Result<(), String>) {
     match blocking(move || {
         let r = match &reload {
-            Some(cmd) => c.sup.run_reload_command(cmd, RELOAD_TIMEOUT),
+            Some(cmd) => c.sup.run_reload_command(cmd, SOFTWARE_RELOAD_TIMEOUT),
             None => c
                 .sup
                 .reload()

@@ -19,10 +19,8 @@ use super::{blocking, software_of, stop_child, DeployingView, Fetching, OutcomeV
 use crate::bundle::{BundleError, Installed, Installer, CURRENT_LINK};
 use crate::cluster::body::DeployOrder;
 use crate::cluster::keys::SealKey;
+use crate::limits::SOFTWARE_ORDERS_KEPT;
 use crate::wire::{MachineReport, Software};
-
-/// Orders remembered for their outcome's view (the newest).
-const ORDERS_KEPT: usize = 16;
 
 impl Task {
     /// Deployment orders handed over by the driver: to the lifecycle, which picks the newest.
@@ -30,7 +28,7 @@ impl Task {
         for o in &orders {
             self.orders.insert(o.deployment, o.clone());
         }
-        while self.orders.len() > ORDERS_KEPT {
+        while self.orders.len() > SOFTWARE_ORDERS_KEPT {
             self.orders.pop_first();
         }
         let now = self.now_ms();
