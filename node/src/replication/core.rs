@@ -80,8 +80,8 @@ pub struct Received {
 /// else is read from and written to [`Tables`].
 #[derive(Clone, Debug)]
 pub struct Core {
-    node_id: NodeId,
-    name: String,
+    pub(super) node_id: NodeId,
+    pub(super) name: String,
     hlc: Hlc,
 }
 
@@ -397,18 +397,6 @@ impl Core {
             t.put_peer(from, &p)?;
         }
         Ok(())
-    }
-
-    /// Our Hello to `peer`: marks, and where we are in the peer's log.
-    pub fn hello(&self, t: &impl Tables, peer: Option<NodeId>) -> Result<Hello, StoreError> {
-        let progress = peer.map(|p| t.peer(p)).transpose()?;
-        Ok(super::session::hello(
-            self.node_id,
-            &self.name,
-            t.log_epoch()?,
-            progress.as_ref(),
-            &t.marks()?,
-        ))
     }
 }
 

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use super::core::{goes_to, resume_point, Core};
 use super::link::{LinkLimits, Outbound};
-use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError};
+use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError, Tables};
 use crate::ids::{MsgId, NodeId};
 use crate::limits::{
     PEER_PENDING_BYTES_MAX, PEER_PENDING_FRAMES_MAX, PEER_PENDING_PERMIT_BYTES,
@@ -57,6 +57,21 @@ pub fn hello(
             .filter(|p| p.recv_epoch != 0)
             .map(|p| (p.recv_epoch, p.received)),
         marks: marks.iter().map(|(o, m)| m.to_wire(*o)).collect(),
+    }
+}
+
+impl Core {
+    /// Our Hello to `peer`: marks, and where we are in the peer's log. (Here rather than in
+    /// `core.rs`: the Hello is the session's, and the core does not import the session.)
+    pub fn hello(&self, t: &impl Tables, peer: Option<NodeId>) -> Result<Hello, StoreError> {
+        let progress = peer.map(|p| t.peer(p)).transpose()?;
+        Ok(hello(
+            self.node_id,
+            &self.name,
+            t.log_epoch()?,
+            progress.as_ref(),
+            &t.marks()?,
+        ))
     }
 }
 

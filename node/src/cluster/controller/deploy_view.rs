@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::core::{ControllerCore, KeyStatus};
-use super::deploy_core::{settled, short, DeploymentRecord, DeploymentView, TargetView};
+use super::deployment::{settled, short, DeploymentRecord, DeploymentView, TargetView};
 use super::storage::ClusterStore;
 use crate::ids::{Fingerprint, NodeId};
 

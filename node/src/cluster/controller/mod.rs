@@ -20,6 +20,7 @@ pub mod deploy_core;
 #[cfg(test)]
 mod deploy_tests;
 mod deploy_view;
+pub mod deployment;
 pub mod rollout;
 mod run;
 pub mod storage;

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use super::configdata::ConfigChange;
 use super::core::{Dirty, MachineRecord};
-use super::deploy_core::DeploymentRecord;
+use super::deployment::DeploymentRecord;
 use crate::ids::NodeId;
 use crate::limits::CONFIG_HISTORY_KEPT;
 use crate::replication::StoreError;
