@@ -23,10 +23,11 @@ use axum::Json;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use super::configdata::{self, ConfigChange, Scope};
-use super::core::{ConfigSet, MachineRecord};
-use super::run::ControllerShared;
-use super::thread::{Cmd, ConfigCmd, ConfigCmdError, ConfigReply};
+use super::cmd::{Cmd, ConfigCmd, ConfigCmdError, ConfigReply};
+use super::configdata::{self, Scope};
+use super::core::ConfigSet;
+use super::shared::ControllerShared;
+use super::views::*;
 use crate::http::ApiError;
 
 type S = State<Arc<ControllerShared>>;
@@ -76,18 +77,6 @@ fn scope_only(path: &str) -> Result<Scope, ApiError> {
     Scope::parse(path).map_err(|e| ApiError::new(StatusCode::NOT_FOUND, format!("path: {e}")))
 }
 
-pub(crate) fn change_json(c: &ConfigChange) -> Value {
-    json!({
-        "scope": c.scope,
-        "version": c.version,
-        "doc": c.doc.as_deref().map(|t| serde_json::from_str::<Value>(t).unwrap_or(Value::Null)),
-        "deleted": c.doc.is_none(),
-        "at_ms": c.at_ms,
-        "at": super::api::rfc3339_ms(c.at_ms),
-        "note": c.note,
-    })
-}
-
 fn set_json(set: &ConfigSet) -> Value {
     json!({
         "scope": set.change.scope,
@@ -95,20 +84,6 @@ fn set_json(set: &ConfigSet) -> Value {
         "deleted": set.change.doc.is_none(),
         "machines": set.published,
         "waiting": set.waiting.iter().map(|(n, r)| json!({"name": n, "reason": r})).collect::<Vec<_>>(),
-    })
-}
-
-/// Where a machine's configuration stands, as `GET /v1/machines` shows it.
-pub(crate) fn machine_config_json(r: &MachineRecord) -> Value {
-    let c = &r.config;
-    if c.state.is_empty() {
-        return Value::Null;
-    }
-    json!({
-        "version": c.version,
-        "applied": (c.applied > 0).then_some(c.applied),
-        "state": c.state,
-        "detail": c.detail,
     })
 }
 

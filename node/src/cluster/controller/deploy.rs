@@ -29,79 +29,21 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::bundles;
+use super::cmd::Cmd;
 use super::core::ControllerCore;
-use super::run::ControllerShared;
-use super::thread::Cmd;
+use super::shared::ControllerShared;
 use crate::cluster::body::DeployOrder;
-use crate::ids::{Fingerprint, NodeId};
 use crate::limits::CORE_WAIT;
 use crate::store::Store;
 
+use super::cmd::*;
 pub use super::deploy_core::{
     step_rollout, DeployCore, DeployError, DeployEvent, DeploymentRecord, DeploymentView,
     NewDeployment, SealJob, SealTarget, TargetView,
 };
 use super::deploy_view::{authorize, sweepable, view};
 pub(crate) use super::deploy_view::{bundles_needed, status_of, view_of};
-use super::rollout::Control;
 use crate::limits::BUNDLE_SWEEP_EVERY;
-
-pub(crate) type Reply<T> = oneshot::Sender<Result<T, DeployError>>;
-
-/// The core thread's deployment commands.
-pub(crate) enum DeployCmd {
-    Create {
-        req: NewDeployment,
-        reply: Reply<u64>,
-    },
-    /// The bundle is sealed to `node`: publish the order.
-    Sealed {
-        deployment: u64,
-        node: NodeId,
-        order: DeployOrder,
-    },
-    SealFailed {
-        deployment: u64,
-        node: NodeId,
-        reason: String,
-    },
-    Get {
-        id: u64,
-        reply: Reply<Option<DeploymentView>>,
-    },
-    /// `pause`, `resume` or `abort` its rollout.
-    Control {
-        id: u64,
-        control: Control,
-        reply: Reply<()>,
-    },
-    /// The newest `limit`, newest first.
-    List {
-        limit: usize,
-        reply: Reply<Vec<DeploymentView>>,
-    },
-    /// May the machine `requester` (its connection's certificate: `fingerprint`) fetch the
-    /// bundles sealed to `machine`? Itself, or its admitted load balancer.
-    Authorize {
-        requester: NodeId,
-        fingerprint: Fingerprint,
-        machine: NodeId,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    /// Which of these sealed files are no longer needed.
-    Sweep {
-        files: Vec<(u64, NodeId)>,
-        reply: oneshot::Sender<Vec<(u64, NodeId)>>,
-    },
-    /// Deletes the uploaded bundles no deployment needs that were uploaded longer than
-    /// `keep_unused` ago (on the core thread, so that no deployment is created meanwhile);
-    /// answers the ids deleted.
-    SweepBundles {
-        bundles: bundles::BundleStore,
-        keep_unused: Duration,
-        reply: oneshot::Sender<Vec<String>>,
-    },
-}
 
 enum Deferred {
     Created(Reply<u64>, u64),

@@ -11,6 +11,7 @@
 mod api;
 pub(crate) use api::parse_deployment_request;
 mod bundles;
+mod cmd;
 mod config_api;
 pub mod configdata;
 mod conn;
@@ -21,14 +22,19 @@ pub mod deploy_core;
 mod deploy_tests;
 mod deploy_view;
 pub mod deployment;
+mod journal;
+mod refusal;
 pub mod rollout;
 mod run;
+mod shared;
 pub mod storage;
 #[cfg(test)]
 mod tests;
 mod thread;
 mod transfer;
+mod views;
 mod watch;
 
-pub use run::{ensure_signing_key, read_join_token, start, ControllerRunning, ControllerShared};
-pub use thread::{KeyView, MachineView, Summary};
+pub use cmd::{KeyView, MachineView, Summary};
+pub use run::{ensure_signing_key, read_join_token, start, ControllerRunning};
+pub use shared::ControllerShared;

@@ -982,7 +982,7 @@ async fn a_silent_connection_is_closed_at_the_first_frame_deadline() {
 
 #[test]
 fn refusal_log_writes_the_first_of_each_kind_and_one_summary_per_interval() {
-    use super::conn::RefusalLog;
+    use super::refusal::RefusalLog;
     let every = Duration::from_secs(10);
     let mut log = RefusalLog::new(every);
     let t0 = tokio::time::Instant::now();

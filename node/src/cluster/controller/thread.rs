@@ -17,203 +17,24 @@ use std::time::Instant;
 use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::configdata::{ConfigChange, Scope};
+use super::cmd::*;
 use super::core::{
     ConfigError, ConfigSet, ConnId, ControllerCore, Dirty, KeyActionError, KeyStatus,
-    MachineRecord, Output, Peer, Settings,
+    MachineRecord, Output, Settings,
 };
-use super::deploy::{DeployBook, DeployCmd, DeploymentRecord, SealJob};
-use super::run::ControllerShared;
+use super::deploy::{DeployBook, DeploymentRecord, SealJob};
+use super::shared::ControllerShared;
 use super::storage::ClusterStore;
 use crate::clock::now_ms;
 use crate::cluster::keys::ControllerKey;
-use crate::ids::{Fingerprint, NodeId};
-use crate::limits::{
-    CONTROLLER_COMMIT_BATCH_MAX, CONTROLLER_REOPEN_EVERY, REFUSAL_REASON_BYTES_MAX,
-};
+use crate::ids::NodeId;
+use crate::limits::{CONTROLLER_COMMIT_BATCH_MAX, CONTROLLER_REOPEN_EVERY};
 use crate::net::close;
 use crate::store::Store;
-use crate::wire::{Join, Message};
+use crate::wire::Message;
 
 /// The part of a connection's send queue relayed copies leave free (see `perform`).
 const RELAY_HEADROOM: usize = crate::limits::CONNECTION_OUTBOUND_MAX / 4;
-
-/// What a connection's writer task sends, in order.
-// Messages are nearly every item; boxing them would cost an allocation per send for nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub(crate) enum Out {
-    Msg(Message),
-    /// Flush what is queued, then close the connection with a `net::close` code.
-    Close {
-        code: u32,
-        reason: String,
-    },
-}
-
-/// The core thread's hold on one connection.
-pub(crate) struct ConnHandle {
-    pub conn: quinn::Connection,
-    /// Bounded (`conn::OUTBOUND_MAX`); full means the machine does not keep up.
-    pub out: mpsc::Sender<Out>,
-}
-
-pub(crate) type KeyReply = oneshot::Sender<Result<KeyView, KeyCmdError>>;
-pub(crate) type MachinesReply = oneshot::Sender<Result<Vec<MachineView>, KeyCmdError>>;
-
-pub(crate) enum Cmd {
-    /// A worker finished its handshake and sent its Join (protocol version already checked).
-    Joined {
-        conn: ConnId,
-        /// What its certificate proved.
-        peer: Peer,
-        join: Box<Join>,
-        handle: ConnHandle,
-    },
-    Frame {
-        conn: ConnId,
-        msg: Message,
-    },
-    Closed {
-        conn: ConnId,
-    },
-    Accept {
-        key: String,
-        reply: KeyReply,
-    },
-    Reject {
-        key: String,
-        reply: KeyReply,
-    },
-    /// `outpost machines remove`: the machine leaves the cluster for good.
-    Remove {
-        key: String,
-        reply: KeyReply,
-    },
-    /// Every machine record (all key statuses), or only the one named.
-    Machines {
-        name: Option<String>,
-        reply: MachinesReply,
-    },
-    Tick,
-    /// Deployments: created and recorded here, published by the core (see `deploy`).
-    Deploy(Box<DeployCmd>),
-    /// Configuration data: changes (answered after their commit) and reads.
-    Config(ConfigCmd),
-    /// Answered after the batch it arrived in: the watchdog's proof that the thread moves.
-    Ping {
-        reply: oneshot::Sender<()>,
-    },
-    /// Finish the batch, close every connection, end the thread.
-    Stop,
-    /// `GET /v1/backup`: a consistent copy of the database, written after the batch's commit.
-    Backup {
-        reply: oneshot::Sender<Result<crate::http::backup::BackupCopy, KeyCmdError>>,
-    },
-}
-
-pub(crate) type ConfigReply<T> = oneshot::Sender<Result<T, ConfigCmdError>>;
-
-pub(crate) enum ConfigCmd {
-    /// `PUT` (`Some`) or `DELETE` (`None`) of a scope's document.
-    Set {
-        scope: Scope,
-        doc: Option<serde_json::Value>,
-        reply: ConfigReply<ConfigSet>,
-    },
-    /// A new version holding what version `version` of the scope held.
-    Rollback {
-        scope: Scope,
-        version: u64,
-        reply: ConfigReply<ConfigSet>,
-    },
-    /// The scope's stored changes, newest first (the first is the current one).
-    History {
-        scope: Scope,
-        reply: ConfigReply<Vec<ConfigChange>>,
-    },
-    /// A machine's effective configuration and where it stands.
-    Effective {
-        name: String,
-        reply: ConfigReply<EffectiveView>,
-    },
-}
-
-/// `GET /v1/machines/{name}/config`.
-#[derive(Clone, Debug)]
-pub struct EffectiveView {
-    pub record: MachineRecord,
-    /// What would be published now (`None`: no document applies to it).
-    pub doc: Option<serde_json::Value>,
-}
-
-/// Why a configuration command could not be done.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigCmdError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-/// Why an operator command (or a read of the machines) could not be done.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyCmdError {
-    #[error(transparent)]
-    Key(#[from] KeyActionError),
-    /// The database cannot be written or read now; nothing was changed.
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-/// A machine key as `GET /v1/keys` shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyView {
-    pub node_id: NodeId,
-    pub name: String,
-    pub fingerprint: Fingerprint,
-    pub status: KeyStatus,
-    pub first_seen_ms: u64,
-}
-
-impl KeyView {
-    fn of(m: &MachineRecord) -> KeyView {
-        KeyView {
-            node_id: m.node_id,
-            name: m.name.clone(),
-            fingerprint: m.fingerprint,
-            status: m.key_status,
-            first_seen_ms: m.first_seen_ms,
-        }
-    }
-}
-
-/// A machine as the API shows it: its committed record and whether it is connected now.
-#[derive(Clone, Debug)]
-pub struct MachineView {
-    pub record: MachineRecord,
-    pub connected: bool,
-}
-
-/// Counts for `/v1/status`, `/metrics` and the supervisor's STATUS line, refreshed after every
-/// batch.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Summary {
-    /// Admitted and heard from within `down_after`.
-    pub up: usize,
-    /// Admitted and silent.
-    pub down: usize,
-    pub pending: usize,
-    pub rejected: usize,
-    /// Tombstones of machines removed for good.
-    pub removed: usize,
-    /// Publications stored and not yet acknowledged, all machines.
-    pub unacked: usize,
-    /// Connections past their Join.
-    pub connections: usize,
-    /// False while the database cannot be opened after a failed commit.
-    pub available: bool,
-}
 
 enum Reply {
     Key(KeyReply, Result<NodeId, KeyActionError>),
@@ -446,7 +267,7 @@ impl CoreThread {
                 touched.insert(d.deployment);
             }
             let view = match m.key_status {
-                KeyStatus::Admitted => super::api::machine_json(
+                KeyStatus::Admitted => super::views::machine_json(
                     &MachineView {
                         record: m.clone(),
                         connected: core.connected(m.node_id),
@@ -462,7 +283,7 @@ impl CoreThread {
             journal.push("machine", &m.name, view);
         }
         for c in &dirty.config {
-            journal.push("config", &c.scope, super::config_api::change_json(c));
+            journal.push("config", &c.scope, super::views::change_json(c));
         }
         for id in &dirty.removed {
             journal.push(
@@ -477,7 +298,7 @@ impl CoreThread {
                     journal.push(
                         "deployment",
                         &id.to_string(),
-                        super::api::deployment_json(&v),
+                        super::views::deployment_json(&v),
                     );
                 }
             }
@@ -796,16 +617,4 @@ impl CoreThread {
         }
         *self.shared.summary.lock().expect("summary lock") = s;
     }
-}
-
-/// A close reason cut to [`REFUSAL_REASON_BYTES_MAX`] on a character boundary.
-pub(crate) fn cut(mut reason: String) -> String {
-    if reason.len() > REFUSAL_REASON_BYTES_MAX {
-        let mut end = REFUSAL_REASON_BYTES_MAX;
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        reason.truncate(end);
-    }
-    reason
 }

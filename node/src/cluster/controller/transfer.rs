@@ -24,8 +24,9 @@ use quinn::VarInt;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
-use super::deploy::{ask_core, DeployCmd};
-use super::run::ControllerShared;
+use super::cmd::DeployCmd;
+use super::deploy::ask_core;
+use super::shared::ControllerShared;
 use crate::ids::{Fingerprint, NodeId};
 use crate::limits::{
     TRANSFERS_PER_CONN, TRANSFER_CHUNK_BYTES, TRANSFER_READ_AHEAD_CHUNKS,
@@ -91,7 +92,7 @@ async fn refuse(shared: &ControllerShared, mut send: quinn::SendStream, code: u3
     tracing::debug!(code, "bundle transfer refused: {reason}");
     let bye = Message::Goodbye(Goodbye {
         code,
-        reason: super::thread::cut(reason),
+        reason: super::cmd::cut(reason),
     });
     if write_frame(&mut send, &bye).await.is_ok() {
         let _ = send.finish();
@@ -128,7 +129,7 @@ async fn transfer(
         Ok(Ok(None)) | Ok(Err(FrameError::Io(_))) => return,
         Ok(Err(e)) => {
             shared.metrics.refusals.fetch_add(1, Ordering::Relaxed);
-            let reason = super::thread::cut(format!("bad frame on a transfer stream: {e}"));
+            let reason = super::cmd::cut(format!("bad frame on a transfer stream: {e}"));
             shared.note_error(format!("connection of {node} refused: {reason}"));
             conn.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
             return;

@@ -10,97 +10,21 @@
 //! more than [`JOURNAL_MAX`] changes since) is told to re-read (`reset`), as on a datacenter.
 //! The stream's bounds and lines are the datacenter's (`api::watch`).
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
-use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch};
+use serde_json::json;
+use tokio::sync::mpsc;
 
-use super::run::ControllerShared;
+use super::shared::ControllerShared;
 use crate::http::watch::{self as feed, Cursor, Sink, Slot};
 use crate::http::ApiError;
-use crate::limits::{JOURNAL_BYTES_MAX, JOURNAL_MAX};
-
-/// One change: `kind` (`machine`, `deployment` or `config`), the name it filters by (a
-/// configuration change's scope), its view.
-struct Change {
-    seq: u64,
-    kind: &'static str,
-    name: String,
-    view: Arc<Value>,
-    /// The length of `view` as JSON.
-    bytes: usize,
-}
-
-/// A change read out: sequence, kind, name, view.
-type Entry = (u64, &'static str, String, Arc<Value>);
-
-pub(crate) struct Journal {
-    epoch: u64,
-    /// The changes and the sum of their `bytes`.
-    changes: Mutex<(VecDeque<Change>, usize)>,
-    /// The newest sequence appended (0: none).
-    tail: watch::Sender<u64>,
-}
-
-impl Journal {
-    pub(crate) fn new() -> Journal {
-        Journal {
-            // Any value a previous run did not have: cursors of another run are refused.
-            epoch: rand::random::<u32>() as u64,
-            changes: Mutex::new((VecDeque::new(), 0)),
-            tail: watch::Sender::new(0),
-        }
-    }
-
-    /// Appends one change (the core thread, after its commit).
-    pub(crate) fn push(&self, kind: &'static str, name: &str, view: Value) {
-        let bytes = serde_json::to_vec(&view).map_or(0, |v| v.len()) + name.len();
-        let mut guard = self.changes.lock().expect("journal lock");
-        let (c, held) = &mut *guard;
-        let seq = *self.tail.borrow() + 1;
-        c.push_back(Change {
-            seq,
-            kind,
-            name: name.to_owned(),
-            view: Arc::new(view),
-            bytes,
-        });
-        *held += bytes;
-        while c.len() > JOURNAL_MAX || (*held > JOURNAL_BYTES_MAX && c.len() > 1) {
-            if let Some(old) = c.pop_front() {
-                *held -= old.bytes;
-            }
-        }
-        drop(guard);
-        self.tail.send_replace(seq);
-    }
-
-    fn tail(&self) -> u64 {
-        *self.tail.borrow()
-    }
-
-    /// Up to `max` changes after `seq`, and the oldest sequence held.
-    fn after(&self, seq: u64, max: usize) -> (Option<u64>, Vec<Entry>) {
-        let guard = self.changes.lock().expect("journal lock");
-        let c = &guard.0;
-        let first = c.front().map(|x| x.seq);
-        let skip = first.map_or(0, |f| seq.saturating_sub(f - 1) as usize);
-        let out = c
-            .iter()
-            .skip(skip)
-            .take(max)
-            .map(|x| (x.seq, x.kind, x.name.clone(), x.view.clone()))
-            .collect();
-        (first, out)
-    }
-}
+use crate::limits::JOURNAL_MAX;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -251,6 +175,8 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::controller::journal::Journal;
+    use crate::limits::JOURNAL_BYTES_MAX;
 
     /// Invariant: the journal is bounded by bytes as well as by count; it drops the oldest
     /// first and always keeps the newest change.
