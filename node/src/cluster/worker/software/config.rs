@@ -113,7 +113,12 @@ impl Task {
         if let Err(e) = written {
             return config_report(version, "failed", Some(e));
         }
-        let Some(child) = self.child.take_if(|c| c.healthy) else {
+        // Only a software that runs healthy now can be told; one that died and is not yet seen
+        // by the watch (a restart pending) reads the file when it starts again.
+        let Some(child) = self
+            .child
+            .take_if(|c| c.healthy && c.sup.poll_exit().is_none())
+        else {
             return config_report(
                 version,
                 "applied",
