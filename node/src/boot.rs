@@ -61,3 +61,19 @@ pub fn open_node(
     };
     Ok((store, meta, identity, created))
 }
+
+/// The node's meta as it runs: the name in the config wins over the one stored at init (an
+/// operator may rename a node), and the difference is said once at start.
+pub fn with_configured_name(meta: NodeMeta, configured: &str) -> NodeMeta {
+    if meta.name != configured {
+        tracing::info!(
+            stored = %meta.name,
+            configured = %configured,
+            "the configured name differs from the one stored at init; using the configured one"
+        );
+    }
+    NodeMeta {
+        name: configured.to_owned(),
+        ..meta
+    }
+}

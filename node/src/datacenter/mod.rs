@@ -250,17 +250,7 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
             "this database was restored from a backup: recovering this node's own log from every peer before taking events"
         );
     }
-    if meta.name != config.name {
-        tracing::info!(
-            stored = %meta.name,
-            configured = %config.name,
-            "the configured name differs from the one stored at init; using the configured one"
-        );
-    }
-    let meta = NodeMeta {
-        name: config.name.clone(),
-        ..meta
-    };
+    let meta = crate::boot::with_configured_name(meta, &config.name);
     remove_stale_backups(&data_dir);
     let token = crate::config::ensure_token(&data_dir)
         .with_context(|| format!("creating the API token in {}", data_dir.display()))?;

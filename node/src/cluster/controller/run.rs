@@ -31,7 +31,7 @@ use crate::limits::{
 use crate::net::{PinPolicy, PinSet, TransportLimits};
 use crate::ops::watchdog::PingError;
 use crate::ops::Notifier;
-use crate::store::{NodeMeta, Store};
+use crate::store::Store;
 use crate::wire::Role;
 
 /// A running controller inside this process.
@@ -88,17 +88,7 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
         None => None,
     };
     let (store, meta, identity, _) = open_node(&data_dir, config.role, Some(&config.name))?;
-    if meta.name != config.name {
-        tracing::info!(
-            stored = %meta.name,
-            configured = %config.name,
-            "the configured name differs from the one stored at init; using the configured one"
-        );
-    }
-    let meta = NodeMeta {
-        name: config.name.clone(),
-        ..meta
-    };
+    let meta = crate::boot::with_configured_name(meta, &config.name);
     let token = crate::config::ensure_token(&data_dir)
         .with_context(|| format!("creating the API token in {}", data_dir.display()))?;
     let key = ensure_signing_key(&store)?;
