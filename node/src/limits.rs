@@ -283,6 +283,11 @@ pub const PEER_PENDING_PERMIT_BYTES: usize = 1024;
 pub const RECORD_OVERHEAD_BYTES: usize = 96;
 /// Most state rows read at once for a snapshot chunk.
 pub const SNAPSHOT_ROWS_MAX: usize = 4096;
+/// At a peer's Hello, how many of the sequences it lacks (by its marks) are looked up in our
+/// log per origin, lowest first, to find one we hold only in our state table (so a snapshot is
+/// its only way to get it). Bounds the work of one Hello; sequences the log lost by trimming or
+/// never held (snapshots) are the oldest, so they come first.
+pub const HELLO_LACKS_CHECK_MAX: usize = 1024;
 const _: () = assert!(PEER_PENDING_BYTES_MAX / PEER_PENDING_PERMIT_BYTES <= u32::MAX as usize);
 
 // ---- Cluster worker ----------------------------------------------------------------------------

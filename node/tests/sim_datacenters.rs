@@ -374,6 +374,7 @@ impl Sim {
         self.crash(i);
         let node = &mut self.nodes[i];
         node.store = b;
+        if std::env::var("OUTPOST_SIM_TRACE").is_ok() { eprintln!("t={} {:?} RESTORED marks {:?}", self.now_ms, me, node.store.marks); }
         node.restored = true;
         self.restores += 1;
         self.start(i);
@@ -532,8 +533,13 @@ impl Sim {
                     }
                     Payload::Snapshot(chunks)
                 };
+                let our_marks = || -> Vec<_> {
+                    node.store.marks().unwrap().iter().map(|(o, m)| m.to_wire(*o)).collect()
+                };
                 if link.session.poll_snapshot() {
+                    if std::env::var("OUTPOST_SIM_TRACE").is_ok() { eprintln!("t={now} {:?} SNAPSHOT(asked) to {peer:?}", node.id); }
                     out.push((node.id, peer, snapshot(&node.store)));
+                    link.session.on_snapshot_end(&our_marks());
                     link.session.on_sent(tail, now);
                 }
                 while let Some((after, upto)) = link.session.poll_range(tail) {
@@ -555,7 +561,9 @@ impl Sim {
                             link.session.on_sent(upto, now);
                         }
                         Built::Trimmed => {
+                            if std::env::var("OUTPOST_SIM_TRACE").is_ok() { eprintln!("t={now} {:?} SNAPSHOT(trimmed) to {peer:?}", node.id); }
                             out.push((node.id, peer, snapshot(&node.store)));
+                            link.session.on_snapshot_end(&our_marks());
                             link.session.on_sent(tail, now);
                         }
                     }
@@ -618,7 +626,12 @@ impl Sim {
                     }
                 }
                 m @ (Message::Elements(_) | Message::Snapshot(_) | Message::CatchUpBatch(_)) => {
-                    node.links.get_mut(&p.from).unwrap().held.push(m);
+                    let link = node.links.get_mut(&p.from).unwrap();
+                    if let Message::Snapshot(SnapshotChunk { end: Some(end), .. }) = &m {
+                        // As the driver's reader: the peer holds what its snapshot reflects.
+                        link.session.on_snapshot_end(&end.marks);
+                    }
+                    link.held.push(m);
                     self.admit(i, p.from);
                 }
                 other => panic!("unexpected message in simulation: {other:?}"),
@@ -646,7 +659,9 @@ impl Sim {
         let epoch = Tables::log_epoch(&node.store).unwrap();
         let stored = node.store.peer(from).unwrap();
         let own = node.store.mark(me).unwrap();
-        let s = Session::open(me, epoch, &h, &stored, &own, tail, self.limits, now);
+        let mut s = Session::open(me, epoch, &h, &stored, &own, tail, self.limits, now);
+        let marks = node.store.marks().unwrap();
+        s.check_peer_marks(&node.store, &marks).unwrap();
         let ask = s.own_log_request().cloned();
         self.generation += 1;
         node.links.insert(

@@ -104,6 +104,10 @@ pub struct Shared {
     pub token: String,
     pub writer: mpsc::Sender<writer::Cmd>,
     pub tail: watch::Receiver<u64>,
+    /// Counts commits that applied the end of a snapshot: our marks rose by what we now hold
+    /// only in our state table, so every link checks again whether its peer lacks it
+    /// (`Session::check_peer_marks`).
+    pub snapshots_applied: watch::Sender<u64>,
     pub peers: link::Peers,
     pub metrics: Metrics,
     pub ready: AtomicBool,
@@ -296,6 +300,7 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
         token,
         writer: wtx,
         tail: tail_rx,
+        snapshots_applied: watch::Sender::new(0),
         peers,
         metrics: Metrics::default(),
         ready: AtomicBool::new(false),

@@ -445,6 +445,12 @@ fn commit_group(
             }
             Ok((outcomes, tail)) => {
                 shared.disk_full.store(false, Ordering::Relaxed);
+                if group
+                    .iter()
+                    .any(|c| matches!(c, Cmd::Snapshot { chunk, .. } if chunk.end.is_some()))
+                {
+                    shared.snapshots_applied.send_modify(|n| *n += 1);
+                }
                 let m = &shared.metrics;
                 m.commit_latency.observe(started.elapsed());
                 m.commits.fetch_add(1, Ordering::Relaxed);

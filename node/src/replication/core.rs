@@ -420,16 +420,20 @@ pub fn resume_point(stored: &PeerProgress, epoch: u64, hello: &Hello, tail: u64)
 }
 
 impl Core {
-    /// After a peer's Hello: if the peer holds more of *our own* log than we do (we were
-    /// restored from a backup), ask for the rest, from our contiguous mark on.
+    /// After a peer's Hello: if the peer holds any sequence of *our own* log that we do not (we
+    /// were restored from a backup), ask for the rest, from our contiguous mark on. Not only a
+    /// higher one: relays of our own records can reach a restored node before this Hello, so
+    /// its highest may already match the peer's while holes below it are records only the
+    /// peer still holds.
     pub fn own_log_request(&self, own: &Mark, hello: &Hello) -> Option<CatchUpRequest> {
         Self::own_log_request_for(self.node_id, own, hello)
     }
 
     /// [`Core::own_log_request`] for node `me`, for drivers that hold no `Core`.
     pub fn own_log_request_for(me: NodeId, own: &Mark, hello: &Hello) -> Option<CatchUpRequest> {
-        let theirs = hello.marks.iter().find(|m| m.origin == me)?;
-        (Mark::from_wire(theirs).highest() > own.highest()).then_some(CatchUpRequest {
+        let theirs = Mark::from_wire(hello.marks.iter().find(|m| m.origin == me)?);
+        let lacks = theirs.not_in(own).next().is_some();
+        lacks.then_some(CatchUpRequest {
             origin: me,
             after_oseq: own.contiguous,
             max: CATCH_UP_BATCH_MAX,

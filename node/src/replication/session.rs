@@ -15,7 +15,7 @@ use super::link::{LinkLimits, Outbound};
 use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError, Tables};
 use crate::ids::{MsgId, NodeId};
 use crate::limits::{
-    PEER_PENDING_BYTES_MAX, PEER_PENDING_FRAMES_MAX, PEER_PENDING_PERMIT_BYTES,
+    HELLO_LACKS_CHECK_MAX, PEER_PENDING_BYTES_MAX, PEER_PENDING_FRAMES_MAX, PEER_PENDING_PERMIT_BYTES,
     RECORD_OVERHEAD_BYTES, SNAPSHOT_ROWS_MAX,
 };
 use crate::model::EventType;
@@ -416,8 +416,11 @@ pub struct Session {
     epoch: u64,
     outbound: Outbound,
     own_log: OwnLog,
-    /// The peer needs our state table: see [`Session::on_catch_up_answered`].
+    /// The peer needs our state table: see [`Session::on_catch_up_answered`] and
+    /// [`Session::check_peer_marks`].
     snapshot_wanted: bool,
+    /// The marks of the peer's Hello (bounded like every mark).
+    their_marks: Vec<(NodeId, Mark)>,
 }
 
 impl Session {
@@ -447,6 +450,11 @@ impl Session {
             outbound: Outbound::new(limits, start, now_ms),
             own_log,
             snapshot_wanted: false,
+            their_marks: theirs
+                .marks
+                .iter()
+                .map(|m| (m.origin, Mark::from_wire(m)))
+                .collect(),
         }
     }
 
@@ -527,6 +535,48 @@ impl Session {
         }
     }
 
+    /// Whether the peer lacks what only a snapshot can give it: a sequence its Hello's marks do
+    /// not hold, that we hold, and whose record our log no longer has (trimmed, or received
+    /// through a snapshot, which carries no records). No frame of our log can ever give it,
+    /// and no other holder may have it in a log either (its origin may have been restored from
+    /// a backup taken before it): the peer gets a snapshot. `ours` are our marks now.
+    ///
+    /// Run when the session opens, and again whenever a snapshot raised our marks (what we
+    /// gained then we hold only in state), against the marks the peer's Hello gave. Returns
+    /// whether a snapshot was asked for.
+    pub fn check_peer_marks(
+        &mut self,
+        r: &impl LogRead,
+        ours: &[(NodeId, Mark)],
+    ) -> Result<bool, StoreError> {
+        let lacks = lacks_snapshot_only(r, ours, &self.their_marks)?;
+        self.snapshot_wanted |= lacks;
+        Ok(lacks)
+    }
+
+    /// The marks of the peer's Hello, for a [`lacks_snapshot_only`] run off the session.
+    pub fn their_marks(&self) -> &[(NodeId, Mark)] {
+        &self.their_marks
+    }
+
+    /// A snapshot ended between us, either way: the peer holds at least the marks its end
+    /// carried (ours, if we sent it; its own, if it sent it). Joined into what the peer's Hello
+    /// said, so a later [`Session::check_peer_marks`] does not send back what came from it.
+    pub fn on_snapshot_end(&mut self, marks: &[crate::wire::OriginMark]) {
+        for m in marks {
+            let m2 = Mark::from_wire(m);
+            match self.their_marks.iter_mut().find(|(o, _)| *o == m.origin) {
+                Some((_, mine)) => mine.join(&m2),
+                None => self.their_marks.push((m.origin, m2)),
+            }
+        }
+    }
+
+    /// Asks for a snapshot to the peer (what a [`lacks_snapshot_only`] run off the session found).
+    pub fn want_snapshot(&mut self) {
+        self.snapshot_wanted = true;
+    }
+
     /// Whether to send the peer a snapshot now (once per request for it): the driver sends
     /// one as for a peer behind retention, then continues from the position it reflects.
     pub fn poll_snapshot(&mut self) -> bool {
@@ -540,6 +590,50 @@ impl Session {
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.outbound.on_tick(now_ms);
     }
+}
+
+/// [`Session::check_peer_marks`] without the session: whether a peer with marks `theirs` lacks
+/// a sequence we (`ours`) hold only in our state table.
+pub fn lacks_snapshot_only(
+    r: &impl LogRead,
+    ours: &[(NodeId, Mark)],
+    theirs: &[(NodeId, Mark)],
+) -> Result<bool, StoreError> {
+    let none = Mark::default();
+    for (origin, mine) in ours {
+        let their = theirs
+            .iter()
+            .find(|(o, _)| o == origin)
+            .map_or(&none, |(_, m)| m);
+        if lacks_unsendable(r, *origin, mine, their)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether `theirs` lacks a sequence of `origin` that `mine` holds and whose record `r`'s log
+/// does not have. Looks up at most [`HELLO_LACKS_CHECK_MAX`] lacking sequences, lowest first.
+fn lacks_unsendable(
+    r: &impl LogRead,
+    origin: NodeId,
+    mine: &Mark,
+    theirs: &Mark,
+) -> Result<bool, StoreError> {
+    let mut checked = 0;
+    let mut lacking = mine.not_in(theirs);
+    while checked < HELLO_LACKS_CHECK_MAX {
+        let Some(s) = lacking.next() else {
+            return Ok(false);
+        };
+        checked += 1;
+        // The first record of the origin at or after `s`: it must be `s` itself.
+        let found = r.origin_range(origin, s - 1, 1)?;
+        if found.first().is_none_or(|rec| rec.oseq != s) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// How many sequences of `(after, upto]` the mark holds.

@@ -169,6 +169,20 @@ impl Mark {
         }
     }
 
+    /// The sequences this mark holds and `other` does not, ascending. What `other` holds is
+    /// skipped without enumerating it: its contiguous part at once, its `above` set (bounded)
+    /// one by one.
+    pub fn not_in<'a>(&'a self, other: &'a Mark) -> impl Iterator<Item = u64> + 'a {
+        let low = (other.contiguous.saturating_add(1)..=self.contiguous)
+            .filter(|s| !other.above.contains(s));
+        let high = self
+            .above
+            .iter()
+            .copied()
+            .filter(|s| *s > self.contiguous && !other.contains(*s));
+        low.chain(high)
+    }
+
     /// Raises this mark to include everything `other` holds.
     pub fn join(&mut self, other: &Mark) {
         if other.contiguous > self.contiguous {

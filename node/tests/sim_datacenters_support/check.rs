@@ -75,9 +75,15 @@ impl Sim {
                             )
                         })
                         .collect();
+                    let rec = self
+                        .nodes
+                        .iter()
+                        .find_map(|n| held(&n.store, *key, id).and_then(|m| n.store.log.get(&m.lseq)))
+                        .map(|r| format!("{} {} oseq {} {:?}", r.account, r.etype, r.oseq, r.version));
                     return Err(format!(
-                        "{:?} lacks acknowledged {id:?} from {origin:?}; held by {holders:?}; marks of origin {oseqs:?}",
-                        node.id
+                        "{:?} lacks acknowledged {id:?} from {origin:?} ({}); held by {holders:?}; marks of origin {oseqs:?}",
+                        node.id,
+                        rec.unwrap_or_default()
                     ));
                 };
                 // Invariant 4: counted once per distinct sender; n-1 away from the origin

@@ -19,6 +19,12 @@ impl Sim {
                 return;
             }
             let work = node.writer.remove(&key).unwrap();
+            let trace_before = self.trace_state(i);
+            let node = &mut self.nodes[i];
+            let trace_what = match &work {
+                Work::Ingest(_) => "ingest".to_string(),
+                Work::Receive(f, _, m, _) => format!("{} from {f:?}", match **m { Message::Elements(_) => "elements", Message::Snapshot(_) => "snapshot", Message::CatchUpBatch(_) => "catchup", _ => "?" }),
+            };
             if let Work::Receive(from, generation, _, permits) = &work {
                 if self.broken.contains(generation) {
                     // A commit of this connection's frames failed before: the writer answers
@@ -51,6 +57,7 @@ impl Sim {
                         continue; // the client gets an error: nothing acknowledged
                     }
                     node.store.commit();
+                    self.trace_change(i, &trace_before, &trace_what);
                     if crash_after {
                         // Committed, but the client never heard: it may exist anywhere.
                         self.unacked.insert(got.msg_id);
@@ -62,6 +69,8 @@ impl Sim {
                         .insert(got.msg_id, MsgKey::new(me, got.oseq, &got.msg_id));
                 }
                 Work::Receive(from, generation, msg, permits) => {
+                    let snapshot_ended =
+                        matches!(&*msg, Message::Snapshot(c) if c.end.is_some());
                     let mut reply = None;
                     let mut own_log = None;
                     match *msg {
@@ -138,10 +147,20 @@ impl Sim {
                         continue;
                     }
                     node.store.commit();
+                    self.trace_change(i, &trace_before, &trace_what);
+                    let node = &mut self.nodes[i];
                     if crash_after {
                         self.stats.crashes_after_commit += 1;
                         self.crash(i);
                         return;
+                    }
+                    if snapshot_ended {
+                        // As the driver's writer: every link checks again whether its peer
+                        // lacks what we now hold only in state.
+                        let marks = node.store.marks().unwrap();
+                        for l in node.links.values_mut() {
+                            l.session.check_peer_marks(&node.store, &marks).unwrap();
+                        }
                     }
                     let Some(link) = node
                         .links
@@ -162,6 +181,21 @@ impl Sim {
                     }
                 }
             }
+        }
+    }
+
+    pub(super) fn trace_state(&self, i: usize) -> Option<String> {
+        static TRACE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let acct = TRACE.get_or_init(|| std::env::var("OUTPOST_SIM_TRACE").ok()).clone()?;
+        let s = &self.nodes[i].store;
+        Some(format!("{:?}", s.entries.iter().filter(|(k, _)| k.0 == acct).map(|(k, e)| (k.1, e.version, String::from_utf8_lossy(&e.element).into_owned())).collect::<Vec<_>>()))
+    }
+
+    pub(super) fn trace_change(&self, i: usize, before: &Option<String>, what: &str) {
+        let after = self.trace_state(i);
+        if after.is_some() && &after != before {
+            let marks: Vec<_> = self.nodes[i].store.marks.iter().map(|(o, m)| (*o, m.contiguous, m.above.clone())).collect();
+            eprintln!("t={} {:?} {what}: {} MARKS {marks:?} TAIL {} FIRST {:?}", self.now_ms, self.nodes[i].id, after.unwrap(), self.nodes[i].store.tail, self.nodes[i].store.log.keys().next());
         }
     }
 

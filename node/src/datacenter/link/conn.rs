@@ -73,32 +73,34 @@ pub(super) async fn session(
     let peer_id = theirs.node_id;
     let me = shared.meta.node_id;
     let preferred = session::preferred(me, peer_id, dialled);
-    let opened = shared
-        .store
-        .read()
-        .and_then(|r| Ok((r.peer(peer_id)?, r.mark(me)?)));
-    let (stored, own) = match opened {
-        Ok(x) => x,
-        Err(e) => {
-            fail(&shared, i, &conn, &e.into());
-            return false;
-        }
-    };
     let tail = *shared.tail.borrow();
     let limits = LinkLimits {
         in_flight_max: shared.config.limits.in_flight_max,
         ..LinkLimits::default()
     };
-    let s = Session::open(
-        me,
-        shared.meta.log_epoch,
-        &theirs,
-        &stored,
-        &own,
-        tail,
-        limits,
-        now_ms(),
-    );
+    // One read transaction: where the peer stands, and whether it lacks what only a snapshot
+    // can give it (the session core decides; see `Session::check_peer_marks`).
+    let opened = shared.store.read().and_then(|r| {
+        let mut s = Session::open(
+            me,
+            shared.meta.log_epoch,
+            &theirs,
+            &r.peer(peer_id)?,
+            &r.mark(me)?,
+            tail,
+            limits,
+            now_ms(),
+        );
+        s.check_peer_marks(&r, &r.marks()?)?;
+        Ok(s)
+    });
+    let s = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            fail(&shared, i, &conn, &e.into());
+            return false;
+        }
+    };
     let start = s.acked();
     let own_request = s.own_log_request().cloned();
     let s = Arc::new(Mutex::new(s));

@@ -53,13 +53,14 @@ pub(super) fn build_elements(
 }
 
 /// Streams our whole state table from one read transaction, then the marks it reflects and the
-/// log position it corresponds to. Returns that position: the peer continues from there.
+/// log position it corresponds to. Returns that end: the peer continues from its position and
+/// holds at least its marks.
 pub(super) async fn send_snapshot(
     shared: &Arc<Shared>,
     peer_id: NodeId,
     send: &mut quinn::SendStream,
     budget: usize,
-) -> Result<u64, SessionError> {
+) -> Result<SnapshotEnd, SessionError> {
     let (tx, mut rx) = mpsc::channel::<Result<SnapshotChunk, StoreError>>(SNAPSHOT_CHUNKS_AHEAD);
     let s = shared.clone();
     let reader = tokio::task::spawn_blocking(move || {
@@ -93,7 +94,7 @@ pub(super) async fn send_snapshot(
     while let Some(chunk) = rx.recv().await {
         let chunk = chunk?;
         if let Some(end) = &chunk.end {
-            resume = Some(end.resume_after);
+            resume = Some(end.clone());
         }
         write_frame(send, &Message::Snapshot(chunk)).await?;
     }

@@ -145,6 +145,13 @@ async fn read_loop(
                 let permit = reserve(&budget, weight).await?;
                 let els = Core::check_snapshot(&chunk)
                     .map_err(|e| SessionError::Protocol(e.to_string()))?;
+                if let Some(end) = &chunk.end {
+                    // The peer holds what its snapshot reflects.
+                    session
+                        .lock()
+                        .expect("session lock")
+                        .on_snapshot_end(&end.marks);
+                }
                 let (tx, rx) = oneshot::channel();
                 let chunk_epoch = chunk.epoch;
                 shared
@@ -263,6 +270,7 @@ async fn send_loop(
     mut ctl: mpsc::Receiver<Message>,
 ) -> Result<(), SessionError> {
     let mut tail_rx = shared.tail.clone();
+    let mut snapshots_rx = shared.snapshots_applied.subscribe();
     let frame_budget = session::frame_budget(shared.config.limits.frame_bytes_max);
     loop {
         while let Ok(m) = ctl.try_recv() {
@@ -270,11 +278,10 @@ async fn send_loop(
         }
         let tail = *tail_rx.borrow_and_update();
         if session.lock().expect("session lock").poll_snapshot() {
-            let upto = send::send_snapshot(shared, peer_id, &mut send, frame_budget).await?;
-            session
-                .lock()
-                .expect("session lock")
-                .on_sent(upto, now_ms());
+            let end = send::send_snapshot(shared, peer_id, &mut send, frame_budget).await?;
+            let mut s = session.lock().expect("session lock");
+            s.on_snapshot_end(&end.marks);
+            s.on_sent(end.resume_after, now_ms());
             continue;
         }
         let range = session.lock().expect("session lock").poll_range(tail);
@@ -296,7 +303,12 @@ async fn send_loop(
                     upto
                 }
                 Built::Trimmed => {
-                    send::send_snapshot(shared, peer_id, &mut send, frame_budget).await?
+                    let end = send::send_snapshot(shared, peer_id, &mut send, frame_budget).await?;
+                    session
+                        .lock()
+                        .expect("session lock")
+                        .on_snapshot_end(&end.marks);
+                    end.resume_after
                 }
             };
             session
@@ -312,8 +324,39 @@ async fn send_loop(
             },
             r = tail_rx.changed() => if r.is_err() { return Err(SessionError::Shutdown) },
             _ = notify.notified() => {}
+            r = snapshots_rx.changed() => {
+                if r.is_err() {
+                    return Err(SessionError::Shutdown);
+                }
+                recheck_peer_marks(shared, session).await?;
+            }
         }
     }
+}
+
+/// A snapshot raised our marks: whether the peer (by its Hello's marks) now lacks something we
+/// hold only in state. Reads on the blocking pool (up to `HELLO_LACKS_CHECK_MAX` lookups per
+/// origin).
+async fn recheck_peer_marks(
+    shared: &Arc<Shared>,
+    session: &Mutex<Session>,
+) -> Result<(), SessionError> {
+    let theirs = session
+        .lock()
+        .expect("session lock")
+        .their_marks()
+        .to_vec();
+    let store = shared.clone();
+    let lacks = tokio::task::spawn_blocking(move || {
+        let r = store.store.read()?;
+        session::lacks_snapshot_only(&r, &r.marks()?, &theirs)
+    })
+    .await
+    .map_err(|_| SessionError::Shutdown)??;
+    if lacks {
+        session.lock().expect("session lock").want_snapshot();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
