@@ -11,7 +11,9 @@
 //!
 //! `OUTPOST_SIM_SEEDS=N` runs N seeds (default 500); `OUTPOST_SIM_SEED=S` replays one seed;
 //! `OUTPOST_SIM_KEEP_GOING=1` runs on past a failing seed (a soak) and lists the failures.
-//! A failure prints its seed.
+//! `OUTPOST_SIM_TRACE=acct-N` with a replayed seed prints every change to that account's state
+//! at every node (with its marks), every snapshot sent and every restore. A failure prints its
+//! seed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -33,6 +35,7 @@ mod check;
 mod writer;
 
 use check::held;
+use writer::trace_account;
 
 /// splitmix64: small, fast, and the same on every platform.
 struct Rng(u64);
@@ -347,6 +350,8 @@ impl Sim {
             return;
         };
         b.epoch = self.rng.next() | 1;
+        // `outpost backup` copies neither snapshots in progress nor their staged entries.
+        b.staged.clear();
         // Events that only this node held (acknowledged here after the backup and never sent,
         // or whose other holders were themselves restored) are lost by the restore itself: the
         // operator went back in time. Everything else must survive it.
@@ -374,7 +379,12 @@ impl Sim {
         self.crash(i);
         let node = &mut self.nodes[i];
         node.store = b;
-        if std::env::var("OUTPOST_SIM_TRACE").is_ok() { eprintln!("t={} {:?} RESTORED marks {:?}", self.now_ms, me, node.store.marks); }
+        if trace_account().is_some() {
+            eprintln!(
+                "t={} {me:?} restored: marks {:?}",
+                self.now_ms, node.store.marks
+            );
+        }
         node.restored = true;
         self.restores += 1;
         self.start(i);
@@ -534,10 +544,17 @@ impl Sim {
                     Payload::Snapshot(chunks)
                 };
                 let our_marks = || -> Vec<_> {
-                    node.store.marks().unwrap().iter().map(|(o, m)| m.to_wire(*o)).collect()
+                    node.store
+                        .marks()
+                        .unwrap()
+                        .iter()
+                        .map(|(o, m)| m.to_wire(*o))
+                        .collect()
                 };
                 if link.session.poll_snapshot() {
-                    if std::env::var("OUTPOST_SIM_TRACE").is_ok() { eprintln!("t={now} {:?} SNAPSHOT(asked) to {peer:?}", node.id); }
+                    if trace_account().is_some() {
+                        eprintln!("t={now} {:?} snapshot (asked for) to {peer:?}", node.id);
+                    }
                     out.push((node.id, peer, snapshot(&node.store)));
                     link.session.on_snapshot_end(&our_marks());
                     link.session.on_sent(tail, now);
@@ -561,7 +578,9 @@ impl Sim {
                             link.session.on_sent(upto, now);
                         }
                         Built::Trimmed => {
-                            if std::env::var("OUTPOST_SIM_TRACE").is_ok() { eprintln!("t={now} {:?} SNAPSHOT(trimmed) to {peer:?}", node.id); }
+                            if trace_account().is_some() {
+                                eprintln!("t={now} {:?} snapshot (trimmed) to {peer:?}", node.id);
+                            }
                             out.push((node.id, peer, snapshot(&node.store)));
                             link.session.on_snapshot_end(&our_marks());
                             link.session.on_sent(tail, now);

@@ -10,11 +10,11 @@ use serde_json::Value;
 
 use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError, Tables};
 use crate::ids::{MsgId, NodeId};
-use crate::limits::CATCH_UP_BATCH_MAX;
 use crate::limits::ELEMENT_BYTES_MAX;
+use crate::limits::{CATCH_UP_BATCH_MAX, SNAPSHOT_ROWS_MAX};
 use crate::model::events::{self, ElementError};
 use crate::model::{to_canonical, ElementRecord, Event, EventError, EventType, Hlc, Version};
-use crate::wire::{CatchUpBatch, CatchUpRequest, Elements, Hello, SnapshotChunk};
+use crate::wire::{CatchUpBatch, CatchUpRequest, Elements, Hello, SnapshotChunk, SnapshotEntry};
 
 /// Why an event was not ingested.
 #[derive(Debug, thiserror::Error)]
@@ -325,10 +325,14 @@ impl Core {
             .collect()
     }
 
-    /// Merges a snapshot chunk (the peer's state table, for a node behind the peer's log
-    /// retention). Entries merge like elements; they are not logged, so not relayed, and carry
-    /// no message records. The last chunk raises our marks to what the snapshot reflects and
-    /// moves our cursor into the peer's log to where its log continues.
+    /// Takes a snapshot chunk (the peer's state table, for a node behind the peer's log
+    /// retention). Chunks before the last are staged, not merged ([`Tables::stage_snapshot`]);
+    /// the last merges every staged entry and its own like elements (not logged, so not
+    /// relayed, and without message records), raises our marks to what the snapshot reflects
+    /// and moves our cursor into the peer's log to where its log continues. A snapshot is thus
+    /// merged whole or not at all: a connection lost in the middle leaves no part of the
+    /// peer's state here that our marks do not account for (such a part could never be sent
+    /// on, nor found missing by anyone's marks, if the peer was then restored from a backup).
     pub fn apply_snapshot(
         &mut self,
         t: &mut impl Tables,
@@ -342,39 +346,68 @@ impl Core {
             p.recv_epoch = chunk.epoch;
             p.received = 0;
         }
-        for (e, el) in chunk.entries.iter().zip(els) {
-            self.hlc.observe(now_ms, e.version);
-            merge_entry(
-                t,
-                &e.account,
-                e.etype,
-                &Entry {
-                    version: e.version,
-                    origin: e.origin,
-                    // Snapshots carry no message records: the entry's message is not found
-                    // here (its count shows 0), as before the layout keyed them by sequence.
-                    oseq: 0,
-                    msg_id: e.msg_id,
-                    element: e.element.clone(),
-                },
-                el,
-            )?;
-        }
-        if let Some(end) = &chunk.end {
-            for m in &end.marks {
-                let mut mine = t.mark(m.origin)?;
-                mine.join(&Mark::from_wire(m));
-                t.put_mark(m.origin, &mine)?;
+        let Some(end) = &chunk.end else {
+            t.stage_snapshot(from, chunk.epoch, &chunk.entries)?;
+            t.put_peer(from, &p)?;
+            return Ok(Received {
+                ack: p.received,
+                ..Default::default()
+            });
+        };
+        let mut merged = 0u32;
+        loop {
+            let staged = t.take_staged(from, chunk.epoch, SNAPSHOT_ROWS_MAX)?;
+            if staged.is_empty() {
+                break;
             }
-            p.received = p.received.max(end.resume_after);
+            for e in &staged {
+                let el = parse_stored(&e.element)?;
+                self.merge_snapshot_entry(t, now_ms, e, &el)?;
+            }
+            merged += staged.len() as u32;
         }
+        for (e, el) in chunk.entries.iter().zip(els) {
+            self.merge_snapshot_entry(t, now_ms, e, el)?;
+        }
+        merged += chunk.entries.len() as u32;
+        for m in &end.marks {
+            let mut mine = t.mark(m.origin)?;
+            mine.join(&Mark::from_wire(m));
+            t.put_mark(m.origin, &mine)?;
+        }
+        p.received = p.received.max(end.resume_after);
         t.put_peer(from, &p)?;
         t.set_hlc(self.hlc.state())?;
         Ok(Received {
             ack: p.received,
-            first: chunk.entries.len() as u32,
+            first: merged,
             ..Default::default()
         })
+    }
+
+    fn merge_snapshot_entry(
+        &mut self,
+        t: &mut impl Tables,
+        now_ms: u64,
+        e: &SnapshotEntry,
+        el: &Value,
+    ) -> Result<(), StoreError> {
+        self.hlc.observe(now_ms, e.version);
+        merge_entry(
+            t,
+            &e.account,
+            e.etype,
+            &Entry {
+                version: e.version,
+                origin: e.origin,
+                // Snapshots carry no message records: the entry's message is not found
+                // here (its count shows 0), as before the layout keyed them by sequence.
+                oseq: 0,
+                msg_id: e.msg_id,
+                element: e.element.clone(),
+            },
+            el,
+        )
     }
 
     /// The peer (in its incarnation `peer_epoch`) has durably applied our log up to `upto`.

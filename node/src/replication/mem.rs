@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, Result, Tables};
 use crate::ids::{MsgId, NodeId};
 use crate::model::{ElementRecord, EventType};
+use crate::wire::SnapshotEntry;
 
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
@@ -19,6 +20,9 @@ pub struct MemStore {
     pub tail: u64,
     pub log: BTreeMap<u64, ElementRecord>,
     pub peers: BTreeMap<NodeId, PeerProgress>,
+    /// Snapshot entries held back until their snapshot's end, per sender: its epoch and the
+    /// entries in order.
+    pub staged: BTreeMap<NodeId, (u64, Vec<SnapshotEntry>)>,
     /// What the open transaction overwrote, if one is open.
     undo: Option<Box<Undo>>,
 }
@@ -32,6 +36,7 @@ struct Undo {
     marks: BTreeMap<NodeId, Option<Mark>>,
     tail: Option<u64>,
     peers: BTreeMap<NodeId, Option<PeerProgress>>,
+    staged: BTreeMap<NodeId, Option<(u64, Vec<SnapshotEntry>)>>,
 }
 
 impl MemStore {
@@ -72,6 +77,7 @@ impl MemStore {
         restore(&mut self.messages, u.messages);
         restore(&mut self.marks, u.marks);
         restore(&mut self.peers, u.peers);
+        restore(&mut self.staged, u.staged);
         if let Some(t) = u.tail {
             self.log.retain(|l, _| *l <= t);
             self.tail = t;
@@ -195,6 +201,50 @@ impl Tables for MemStore {
         }
         self.peers.insert(peer, p.clone());
         Ok(())
+    }
+
+    fn stage_snapshot(
+        &mut self,
+        from: NodeId,
+        epoch: u64,
+        entries: &[SnapshotEntry],
+    ) -> Result<()> {
+        self.touch_staged(from);
+        let slot = self.staged.entry(from).or_insert((epoch, Vec::new()));
+        if slot.0 != epoch {
+            *slot = (epoch, Vec::new());
+        }
+        slot.1.extend_from_slice(entries);
+        Ok(())
+    }
+
+    fn take_staged(&mut self, from: NodeId, epoch: u64, max: usize) -> Result<Vec<SnapshotEntry>> {
+        if !self.staged.contains_key(&from) {
+            return Ok(Vec::new());
+        }
+        self.touch_staged(from);
+        let (e, list) = self.staged.get_mut(&from).expect("checked above");
+        let out = if *e == epoch {
+            let n = max.min(list.len());
+            list.drain(..n).collect()
+        } else {
+            list.clear();
+            Vec::new()
+        };
+        if list.is_empty() {
+            self.staged.remove(&from);
+        }
+        Ok(out)
+    }
+}
+
+impl MemStore {
+    /// Records `from`'s staged entries before a transaction first changes them.
+    fn touch_staged(&mut self, from: NodeId) {
+        if let Some(u) = self.undo.as_mut() {
+            let old = self.staged.get(&from).cloned();
+            u.staged.entry(from).or_insert(old);
+        }
     }
 }
 

@@ -15,8 +15,8 @@ use super::link::{LinkLimits, Outbound};
 use super::tables::{Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError, Tables};
 use crate::ids::{MsgId, NodeId};
 use crate::limits::{
-    HELLO_LACKS_CHECK_MAX, PEER_PENDING_BYTES_MAX, PEER_PENDING_FRAMES_MAX, PEER_PENDING_PERMIT_BYTES,
-    RECORD_OVERHEAD_BYTES, SNAPSHOT_ROWS_MAX,
+    HELLO_LACKS_CHECK_MAX, PEER_PENDING_BYTES_MAX, PEER_PENDING_FRAMES_MAX,
+    PEER_PENDING_PERMIT_BYTES, RECORD_OVERHEAD_BYTES, SNAPSHOT_ROWS_MAX,
 };
 use crate::model::EventType;
 use crate::wire::{

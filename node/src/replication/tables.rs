@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{MsgId, NodeId};
 use crate::limits::MARK_ABOVE_MAX;
 use crate::model::{ElementRecord, EventType, Version};
-use crate::wire::OriginMark;
+use crate::wire::{OriginMark, SnapshotEntry};
 
 /// A storage failure. `Full` is the disk saying no: callers answer 503 and retry later.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -247,6 +247,17 @@ pub trait Tables {
 
     fn peer(&self, peer: NodeId) -> Result<PeerProgress>;
     fn put_peer(&mut self, peer: NodeId, p: &PeerProgress) -> Result<()>;
+
+    /// Holds back the entries of a snapshot chunk from `from` (of its log incarnation `epoch`)
+    /// until the snapshot's end, like Raft's install-snapshot file: a snapshot is merged whole
+    /// or not at all, so a node never holds part of a peer's state without the marks that say
+    /// so. Entries staged for another epoch of `from` (the peer was restored meanwhile) are
+    /// dropped first.
+    fn stage_snapshot(&mut self, from: NodeId, epoch: u64, entries: &[SnapshotEntry])
+        -> Result<()>;
+    /// Removes and returns up to `max` staged entries of `from`'s snapshot in `epoch`, in the
+    /// order staged; staged entries of another epoch are removed and not returned.
+    fn take_staged(&mut self, from: NodeId, epoch: u64, max: usize) -> Result<Vec<SnapshotEntry>>;
 }
 
 /// Reads of one read transaction, for senders and catch-up.

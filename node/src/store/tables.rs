@@ -15,6 +15,7 @@ use crate::model::{ElementRecord, EventType, Version};
 use crate::replication::{
     Entry, LogRead, Mark, MsgKey, MsgRecord, PeerProgress, StoreError, Tables,
 };
+use crate::wire::SnapshotEntry;
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(super) const STATE: TableDefinition<(&str, u8), &[u8]> = TableDefinition::new("state");
@@ -24,6 +25,11 @@ pub(super) const MESSAGES: TableDefinition<(u128, u64, u64), &[u8]> =
     TableDefinition::new("messages_by_origin");
 pub(super) const MARKS: TableDefinition<u128, &[u8]> = TableDefinition::new("marks");
 pub(super) const PEERS: TableDefinition<u128, &[u8]> = TableDefinition::new("peers");
+/// Snapshot entries held back until their snapshot's end (`Tables::stage_snapshot`): (sender,
+/// order) -> postcard (sender's log epoch, entry). Empty between snapshots; created on the first
+/// write transaction of a database that predates it (no schema change: nothing else reads it).
+pub(super) const STAGED: TableDefinition<(u128, u64), &[u8]> =
+    TableDefinition::new("snapshot_staged");
 
 /// Schema version 1's tables, read only by the migration to version 2.
 pub(super) mod v1 {
@@ -117,6 +123,7 @@ pub(super) fn create_all(txn: &redb::WriteTransaction) -> std::result::Result<()
     txn.open_table(MESSAGES)?;
     txn.open_table(MARKS)?;
     txn.open_table(PEERS)?;
+    txn.open_table(STAGED)?;
     Ok(())
 }
 
@@ -297,6 +304,7 @@ pub struct RedbTables<'txn> {
     messages: Table<'txn, (u128, u64, u64), &'static [u8]>,
     marks: Table<'txn, u128, &'static [u8]>,
     peers: Table<'txn, u128, &'static [u8]>,
+    staged: Table<'txn, (u128, u64), &'static [u8]>,
     epoch: Option<u64>,
     hlc: (u64, u32),
     hlc_dirty: bool,
@@ -378,6 +386,7 @@ impl<'txn> RedbTables<'txn> {
             messages: txn.open_table(MESSAGES).map_err(db_err)?,
             marks: txn.open_table(MARKS).map_err(db_err)?,
             peers: txn.open_table(PEERS).map_err(db_err)?,
+            staged: txn.open_table(STAGED).map_err(db_err)?,
             epoch,
             hlc,
             hlc_dirty: false,
@@ -667,6 +676,72 @@ impl Tables for RedbTables<'_> {
         let r = self.peers.insert(peer.0, buf.as_slice());
         self.buf = buf;
         r.map(drop).map_err(db_err)
+    }
+
+    fn stage_snapshot(
+        &mut self,
+        from: NodeId,
+        epoch: u64,
+        entries: &[SnapshotEntry],
+    ) -> Result<()> {
+        let range = (from.0, 0)..=(from.0, u64::MAX);
+        let (first, last) = {
+            let mut it = self.staged.range(range.clone()).map_err(db_err)?;
+            let first = match it.next().transpose().map_err(db_err)? {
+                Some((k, v)) => {
+                    let (e, _) =
+                        decode::<(u64, SnapshotEntry)>("staged snapshot entry", v.value())?;
+                    Some((e, k.value().1))
+                }
+                None => None,
+            };
+            let last = it
+                .next_back()
+                .transpose()
+                .map_err(db_err)?
+                .map(|(k, _)| k.value().1);
+            (first, last)
+        };
+        let start = match first {
+            Some((e, _)) if e != epoch => {
+                self.staged.retain_in(range, |_, _| false).map_err(db_err)?;
+                0
+            }
+            Some((_, seq)) => last.unwrap_or(seq) + 1,
+            None => 0,
+        };
+        for (seq, e) in (start..).zip(entries) {
+            let buf = self.encode(&(epoch, e));
+            let r = self.staged.insert((from.0, seq), buf.as_slice());
+            self.buf = buf;
+            r.map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    fn take_staged(&mut self, from: NodeId, epoch: u64, max: usize) -> Result<Vec<SnapshotEntry>> {
+        let range = (from.0, 0)..=(from.0, u64::MAX);
+        let rows: Vec<(u64, (u64, SnapshotEntry))> = self
+            .staged
+            .range(range.clone())
+            .map_err(db_err)?
+            .take(max)
+            .map(|r| {
+                let (k, v) = r.map_err(db_err)?;
+                Ok((k.value().1, decode("staged snapshot entry", v.value())?))
+            })
+            .collect::<Result<_>>()?;
+        // Every staged row of a sender has one epoch (`stage_snapshot` drops the others).
+        if rows.first().is_some_and(|(_, (e, _))| *e != epoch) {
+            self.staged.retain_in(range, |_, _| false).map_err(db_err)?;
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for (seq, (_, entry)) in rows {
+            self.staged.remove((from.0, seq)).map_err(db_err)?;
+            out.push(entry);
+        }
+        Ok(out)
     }
 }
 

@@ -1368,3 +1368,72 @@ fn retention_keeps_the_log_the_state_table_does_not_hold_yet() {
         "after the flush, retention trims as before"
     );
 }
+
+/// Convergence (invariant 2): redb stages a snapshot's chunks like the model (MemStore), in
+/// order, across commits and a reopen; a chunk of another epoch of the sender drops what was
+/// staged; taking removes what it returns.
+#[test]
+fn staged_snapshot_entries_match_the_model() {
+    use crate::wire::SnapshotEntry;
+    let dir = TempDir::new("staged");
+    let store = open_init(&dir, 7);
+    let entry = |n: u8| SnapshotEntry {
+        account: format!("acct-{n}"),
+        etype: EventType::Presence,
+        version: Version {
+            ms: n as u64,
+            logical: 0,
+            node: NodeId(5),
+        },
+        origin: NodeId(5),
+        msg_id: msg_id(n as usize),
+        element: b"{\"status\":\"busy\"}".to_vec(),
+    };
+    let mut model = MemStore::new(7);
+    let from = NodeId(5);
+    let steps: [(u64, Vec<u8>); 3] = [(4, vec![1, 2]), (4, vec![3]), (6, vec![4, 5])];
+    for (epoch, ns) in &steps {
+        let es: Vec<_> = ns.iter().map(|n| entry(*n)).collect();
+        let txn = store.begin().unwrap();
+        {
+            let mut t = txn.tables().unwrap();
+            t.stage_snapshot(from, *epoch, &es).unwrap();
+            t.finish().unwrap();
+        }
+        txn.commit().unwrap();
+        model.stage_snapshot(from, *epoch, &es).unwrap();
+    }
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let txn = store.begin().unwrap();
+    let taken = {
+        let mut t = txn.tables().unwrap();
+        let first = t.take_staged(from, 6, 1).unwrap();
+        let rest = t.take_staged(from, 6, 10).unwrap();
+        assert!(t.take_staged(from, 6, 10).unwrap().is_empty());
+        t.finish().unwrap();
+        [first, rest].concat()
+    };
+    txn.commit().unwrap();
+    let want = [
+        model.take_staged(from, 6, 1).unwrap(),
+        model.take_staged(from, 6, 10).unwrap(),
+    ]
+    .concat();
+    assert_eq!(taken, want);
+    assert_eq!(taken, vec![entry(4), entry(5)], "epoch 4's were dropped");
+    // Taking for another epoch than staged removes everything, in both.
+    let es = [entry(6)];
+    model.stage_snapshot(from, 8, &es).unwrap();
+    assert!(model.take_staged(from, 9, 10).unwrap().is_empty());
+    assert!(model.staged.is_empty());
+    let txn = store.begin().unwrap();
+    {
+        let mut t = txn.tables().unwrap();
+        t.stage_snapshot(from, 8, &es).unwrap();
+        assert!(t.take_staged(from, 9, 10).unwrap().is_empty());
+        assert!(t.take_staged(from, 8, 10).unwrap().is_empty());
+        t.finish().unwrap();
+    }
+    txn.commit().unwrap();
+}

@@ -78,8 +78,12 @@ impl Sim {
                     let rec = self
                         .nodes
                         .iter()
-                        .find_map(|n| held(&n.store, *key, id).and_then(|m| n.store.log.get(&m.lseq)))
-                        .map(|r| format!("{} {} oseq {} {:?}", r.account, r.etype, r.oseq, r.version));
+                        .find_map(|n| {
+                            held(&n.store, *key, id).and_then(|m| n.store.log.get(&m.lseq))
+                        })
+                        .map(|r| {
+                            format!("{} {} oseq {} {:?}", r.account, r.etype, r.oseq, r.version)
+                        });
                     return Err(format!(
                         "{:?} lacks acknowledged {id:?} from {origin:?} ({}); held by {holders:?}; marks of origin {oseqs:?}",
                         node.id,

@@ -23,7 +23,7 @@ impl Sim {
             let node = &mut self.nodes[i];
             let trace_what = match &work {
                 Work::Ingest(_) => "ingest".to_string(),
-                Work::Receive(f, _, m, _) => format!("{} from {f:?}", match **m { Message::Elements(_) => "elements", Message::Snapshot(_) => "snapshot", Message::CatchUpBatch(_) => "catchup", _ => "?" }),
+                Work::Receive(f, _, m, _) => format!("{} from {f:?}", m.kind()),
             };
             if let Work::Receive(from, generation, _, permits) = &work {
                 if self.broken.contains(generation) {
@@ -69,8 +69,7 @@ impl Sim {
                         .insert(got.msg_id, MsgKey::new(me, got.oseq, &got.msg_id));
                 }
                 Work::Receive(from, generation, msg, permits) => {
-                    let snapshot_ended =
-                        matches!(&*msg, Message::Snapshot(c) if c.end.is_some());
+                    let snapshot_ended = matches!(&*msg, Message::Snapshot(c) if c.end.is_some());
                     let mut reply = None;
                     let mut own_log = None;
                     match *msg {
@@ -184,19 +183,43 @@ impl Sim {
         }
     }
 
+    /// With `OUTPOST_SIM_TRACE=<account>`: the traced account's state entries at node i.
     pub(super) fn trace_state(&self, i: usize) -> Option<String> {
-        static TRACE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-        let acct = TRACE.get_or_init(|| std::env::var("OUTPOST_SIM_TRACE").ok()).clone()?;
+        let acct = trace_account()?;
         let s = &self.nodes[i].store;
-        Some(format!("{:?}", s.entries.iter().filter(|(k, _)| k.0 == acct).map(|(k, e)| (k.1, e.version, String::from_utf8_lossy(&e.element).into_owned())).collect::<Vec<_>>()))
+        let entries: Vec<_> = s
+            .entries
+            .iter()
+            .filter(|(k, _)| k.0 == acct)
+            .map(|(k, e)| {
+                (
+                    k.1,
+                    e.version,
+                    String::from_utf8_lossy(&e.element).into_owned(),
+                )
+            })
+            .collect();
+        Some(format!("{entries:?}"))
     }
 
+    /// Prints node i's traced entries, marks and log bounds if `what` changed them.
     pub(super) fn trace_change(&self, i: usize, before: &Option<String>, what: &str) {
-        let after = self.trace_state(i);
-        if after.is_some() && &after != before {
-            let marks: Vec<_> = self.nodes[i].store.marks.iter().map(|(o, m)| (*o, m.contiguous, m.above.clone())).collect();
-            eprintln!("t={} {:?} {what}: {} MARKS {marks:?} TAIL {} FIRST {:?}", self.now_ms, self.nodes[i].id, after.unwrap(), self.nodes[i].store.tail, self.nodes[i].store.log.keys().next());
-        }
+        let Some(after) = self.trace_state(i).filter(|a| Some(a) != before.as_ref()) else {
+            return;
+        };
+        let s = &self.nodes[i].store;
+        let marks: Vec<_> = s
+            .marks
+            .iter()
+            .map(|(o, m)| (*o, m.contiguous, &m.above))
+            .collect();
+        eprintln!(
+            "t={} {:?} {what}: {after} marks {marks:?} log ({:?}..={}]",
+            self.now_ms,
+            self.nodes[i].id,
+            s.log.keys().next(),
+            s.tail
+        );
     }
 
     /// Peer p has no more of node i's own log.
@@ -242,4 +265,13 @@ impl Sim {
             self.queue(i, Work::Receive(p, generation, Box::new(msg), permits));
         }
     }
+}
+
+/// The account `OUTPOST_SIM_TRACE` names: a replayed seed then prints every change to it, every
+/// snapshot and every restore (how the restore gaps of issue 12 were traced).
+pub(super) fn trace_account() -> Option<&'static str> {
+    static TRACE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    TRACE
+        .get_or_init(|| std::env::var("OUTPOST_SIM_TRACE").ok())
+        .as_deref()
 }

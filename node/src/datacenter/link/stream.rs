@@ -341,11 +341,7 @@ async fn recheck_peer_marks(
     shared: &Arc<Shared>,
     session: &Mutex<Session>,
 ) -> Result<(), SessionError> {
-    let theirs = session
-        .lock()
-        .expect("session lock")
-        .their_marks()
-        .to_vec();
+    let theirs = session.lock().expect("session lock").their_marks().to_vec();
     let store = shared.clone();
     let lacks = tokio::task::spawn_blocking(move || {
         let r = store.store.read()?;

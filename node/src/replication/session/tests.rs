@@ -4,6 +4,7 @@ use super::*;
 use crate::model::{Event, RawEvent};
 use crate::replication::mem::MemStore;
 use crate::replication::Tables;
+use crate::wire::SnapshotEntry;
 
 fn id(n: u128) -> NodeId {
     NodeId(n)
@@ -357,4 +358,153 @@ fn durable_ack_restored_peer_gets_a_snapshot_for_records_we_cannot_send() {
     assert!(!batch.done);
     s.on_catch_up_answered(&small, &batch, &ours);
     assert!(!s.poll_snapshot());
+}
+
+/// Invariant 1 (durable ack) across a restore, found by the soak (seed 1592595579, fan-out 1):
+/// relays of our own records can reach a restored node before a peer's Hello, so its highest
+/// own sequence already matches the peer's while a hole below it is a record only that peer
+/// holds. The session asks whenever the peer holds any own sequence we lack.
+#[test]
+fn durable_ack_restored_node_asks_for_holes_below_its_highest() {
+    let me = id(1);
+    let mut theirs_mark = Mark::default();
+    for o in 1..=10 {
+        theirs_mark.insert(o);
+    }
+    let theirs = hello(id(2), "dc", 5, None, &[(me, theirs_mark.clone())]);
+    // Restored at 5, then got 8..=10 relayed back: highest 10 like the peer's, 6 and 7 lacking.
+    let mut own = Mark::default();
+    for o in [1, 2, 3, 4, 5, 8, 9, 10] {
+        own.insert(o);
+    }
+    let req = Core::own_log_request_for(me, &own, &theirs).expect("holes below the highest");
+    assert_eq!(req.after_oseq, 5);
+    // Holding everything the peer holds (and more): nothing to ask.
+    assert!(Core::own_log_request_for(me, &theirs_mark, &theirs).is_none());
+    own.insert(6);
+    own.insert(7);
+    assert!(Core::own_log_request_for(me, &own, &theirs).is_none());
+}
+
+/// Invariants 1 and 2 after a restore, found by the soak (seed 1592591466 and 20 others): a
+/// peer whose Hello marks lack a sequence we hold only in our state table (its record trimmed,
+/// or received through a snapshot) can get it only through a snapshot, so it gets one; a
+/// sequence our log still holds goes by frames, no snapshot. What a snapshot between us carried
+/// counts as held by the peer, so the check never sends back what came from it.
+#[test]
+fn convergence_peer_lacking_what_only_our_state_holds_gets_a_snapshot() {
+    let (me, origin, peer) = (id(1), id(3), id(2));
+    let mut store = MemStore::new(4);
+    let mut core = Core::open(origin, "dc", &store).unwrap();
+    ingest(&mut core, &mut store, 6);
+    let ours = store.marks().unwrap();
+    let mut peer_mark = Mark::default();
+    for o in 1..=4 {
+        peer_mark.insert(o);
+    }
+    let theirs = hello(peer, "dc", 5, None, &[(origin, peer_mark.clone())]);
+    let mut s = Session::open(
+        me,
+        4,
+        &theirs,
+        &PeerProgress::default(),
+        &Mark::default(),
+        6,
+        LinkLimits::default(),
+        0,
+    );
+    assert!(
+        !s.check_peer_marks(&store, &ours).unwrap(),
+        "5 and 6 go by frames"
+    );
+    assert!(!s.poll_snapshot());
+    // Retention trims 1..=5: the peer lacks 5, which only our state holds now.
+    store.trim_log(5);
+    assert!(s.check_peer_marks(&store, &ours).unwrap());
+    assert!(s.poll_snapshot());
+    // Once a snapshot between us ended, the peer holds what it reflected.
+    let wire: Vec<_> = ours.iter().map(|(o, m)| m.to_wire(*o)).collect();
+    s.on_snapshot_end(&wire);
+    assert!(!s.check_peer_marks(&store, &ours).unwrap());
+    assert!(!s.poll_snapshot());
+    // A peer that holds every sequence needs nothing, trimmed or not.
+    let full = hello(peer, "dc", 5, None, &ours);
+    let mut s = Session::open(
+        me,
+        4,
+        &full,
+        &PeerProgress::default(),
+        &Mark::default(),
+        6,
+        LinkLimits::default(),
+        0,
+    );
+    assert!(!s.check_peer_marks(&store, &ours).unwrap());
+}
+
+/// Invariant 2 (convergence), found by the soak (default seed 1592590725 once the checks above
+/// changed its path): a snapshot is merged whole or not at all. Chunks before the end are
+/// staged; if the connection is lost and the sender comes back restored (another epoch), what
+/// was staged is dropped rather than left in the state table where no mark accounts for it.
+#[test]
+fn convergence_snapshot_is_merged_whole_or_not_at_all() {
+    let (me, sender) = (id(1), id(2));
+    let mut src = MemStore::new(4);
+    let mut core_src = Core::open(sender, "dc", &src).unwrap();
+    ingest(&mut core_src, &mut src, 3);
+    let entries: Vec<SnapshotEntry> = src
+        .entries_after(None, 100)
+        .unwrap()
+        .into_iter()
+        .map(|(account, etype, e)| SnapshotEntry {
+            account,
+            etype,
+            version: e.version,
+            origin: e.origin,
+            msg_id: e.msg_id,
+            element: e.element,
+        })
+        .collect();
+    let chunk = |epoch: u64, entries: &[SnapshotEntry], end: bool| SnapshotChunk {
+        epoch,
+        entries: entries.to_vec(),
+        end: end.then(|| SnapshotEnd {
+            marks: src
+                .marks()
+                .unwrap()
+                .iter()
+                .map(|(o, m)| m.to_wire(*o))
+                .collect(),
+            resume_after: 3,
+        }),
+    };
+    let mut dst = MemStore::new(9);
+    let mut core = Core::open(me, "dc", &dst).unwrap();
+    let apply = |core: &mut Core, dst: &mut MemStore, c: &SnapshotChunk| {
+        let els = Core::check_snapshot(c).unwrap();
+        core.apply_snapshot(dst, 0, sender, c, &els).unwrap()
+    };
+    // Two chunks of epoch 4, then the connection is lost: nothing merged, no mark raised.
+    apply(&mut core, &mut dst, &chunk(4, &entries[..1], false));
+    apply(&mut core, &mut dst, &chunk(4, &entries[1..2], false));
+    assert!(dst.entries.is_empty());
+    assert_eq!(dst.mark(sender).unwrap(), Mark::default());
+    // The sender was restored (epoch 5) and its snapshot holds only the third entry.
+    let got = apply(&mut core, &mut dst, &chunk(5, &entries[2..], true));
+    assert_eq!(
+        dst.entries.len(),
+        1,
+        "the staged part of epoch 4 is dropped"
+    );
+    assert_eq!(got.ack, 3);
+    assert!(dst.staged.is_empty());
+    // A whole snapshot in three chunks is merged at its end, every entry.
+    let mut dst = MemStore::new(9);
+    apply(&mut core, &mut dst, &chunk(4, &entries[..1], false));
+    apply(&mut core, &mut dst, &chunk(4, &entries[1..2], false));
+    let got = apply(&mut core, &mut dst, &chunk(4, &entries[2..], true));
+    assert_eq!(got.first, 3);
+    assert_eq!(dst.entries.len(), 3);
+    assert_eq!(dst.mark(sender).unwrap().contiguous, 3);
+    assert!(dst.staged.is_empty());
 }
