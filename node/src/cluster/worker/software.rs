@@ -464,7 +464,7 @@ impl Task {
         };
         let since = SystemTime::now();
         let (sup, health) = match blocking(move || {
-            let h = sup.check_health();
+            let h = sup.check_health().map_err(|e| e.to_string());
             (sup, h)
         })
         .await
@@ -596,7 +596,7 @@ impl Task {
                 .sup
                 .restart()
                 .map_err(|e| e.to_string())
-                .and_then(|()| c.sup.check_health());
+                .and_then(|()| c.sup.check_health().map_err(|e| e.to_string()));
             if h.is_err() {
                 let _ = c.sup.stop();
             }

@@ -195,7 +195,10 @@ impl Task {
 async fn tell(c: Child, reload: Option<Vec<String>>) -> (Option<Child>, Result<(), String>) {
     match blocking(move || {
         let r = match &reload {
-            Some(cmd) => c.sup.run_reload_command(cmd, SOFTWARE_RELOAD_TIMEOUT),
+            Some(cmd) => c
+                .sup
+                .run_reload_command(cmd, SOFTWARE_RELOAD_TIMEOUT)
+                .map_err(|e| e.to_string()),
             None => c
                 .sup
                 .reload()
@@ -217,7 +220,7 @@ async fn check_since(c: Option<Child>, since: Instant) -> (Option<Child>, Result
     };
     let since = since.into_std();
     match blocking(move || {
-        let r = c.sup.check_health_since(since);
+        let r = c.sup.check_health_since(since).map_err(|e| e.to_string());
         (c, r)
     })
     .await
