@@ -55,10 +55,15 @@ impl std::fmt::Display for Cursor {
     }
 }
 
+/// Text that is not a [`Cursor`] (quoted in the message).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a cursor (EPOCH-LSEQ, as a change line gives it)")]
+pub struct BadCursor(pub String);
+
 impl std::str::FromStr for Cursor {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Cursor, String> {
-        let bad = || format!("{s:?} is not a cursor (EPOCH-LSEQ, as a change line gives it)");
+    type Err = BadCursor;
+    fn from_str(s: &str) -> Result<Cursor, BadCursor> {
+        let bad = || BadCursor(s.to_owned());
         let (e, l) = s.trim().split_once('-').ok_or_else(bad)?;
         Ok(Cursor {
             epoch: e.parse().map_err(|_| bad())?,
