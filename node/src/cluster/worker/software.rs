@@ -187,7 +187,7 @@ struct Child {
 struct Fetching {
     order: DeployOrder,
     started: Instant,
-    handle: tokio::task::JoinHandle<Result<(), String>>,
+    handle: tokio::task::JoinHandle<Result<(), super::fetch::FetchError>>,
 }
 
 struct Task {
@@ -218,7 +218,7 @@ struct Task {
 enum Event {
     Stop,
     Wake,
-    Fetched(Result<Result<(), String>, tokio::task::JoinError>),
+    Fetched(Result<Result<(), super::fetch::FetchError>, tokio::task::JoinError>),
     Restart,
     Tick,
 }
