@@ -306,24 +306,34 @@ pub fn parse(text: &str, origin: &str, role_override: Option<Role>) -> Result<Co
     Validator { origin }.config(raw, role_override)
 }
 
+/// Why a node, peer or machine name is refused (the caller names the field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("{0} bytes, more than {NODE_NAME_BYTES_MAX}")]
+    TooLong(usize),
+    #[error("{name:?} contains {c:?}; use only letters, digits, '.', '_' and '-'")]
+    BadChar { name: String, c: char },
+}
+
 /// Checks a node, peer or machine name: non-empty, at most 64 bytes of `[A-Za-z0-9._-]`.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err("must not be empty".to_owned());
+        return Err(NameError::Empty);
     }
     if name.len() > NODE_NAME_BYTES_MAX {
-        return Err(format!(
-            "{} bytes, more than {NODE_NAME_BYTES_MAX}",
-            name.len()
-        ));
+        return Err(NameError::TooLong(name.len()));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
-            "{name:?} contains {c:?}; use only letters, digits, '.', '_' and '-'"
-        ));
+        return Err(NameError::BadChar {
+            name: name.to_owned(),
+            c,
+        });
     }
     Ok(())
 }
@@ -395,7 +405,7 @@ impl Validator<'_> {
         let name = raw.name.ok_or_else(|| {
             self.missing("name", "every node needs a name, unique in its cluster")
         })?;
-        check_name(&name).map_err(|r| self.err("name", r))?;
+        check_name(&name).map_err(|r| self.err("name", r.to_string()))?;
 
         let data_dir = match raw.data_dir {
             Some(d) if d.as_os_str().is_empty() => {
@@ -637,7 +647,7 @@ impl Validator<'_> {
             let name = p
                 .name
                 .ok_or_else(|| self.missing(&at("name"), "the peer's name from its config"))?;
-            check_name(&name).map_err(|r| self.err(at("name"), r))?;
+            check_name(&name).map_err(|r| self.err(at("name"), r.to_string()))?;
             if name == own_name {
                 return Err(self.err(
                     at("name"),
@@ -700,7 +710,8 @@ impl Validator<'_> {
     fn log(&self, raw: raw::RawLog) -> Result<LogConfig, ConfigError> {
         let d = LogConfig::default();
         let level = raw.level.unwrap_or(d.level);
-        crate::ops::logging::check_level(&level).map_err(|r| self.err("log.level", r))?;
+        crate::ops::logging::check_level(&level)
+            .map_err(|r| self.err("log.level", r.to_string()))?;
         let format = match raw.format {
             None => d.format,
             Some(f) => LogFormat::parse(&f).ok_or_else(|| {
@@ -753,7 +764,7 @@ impl Validator<'_> {
         let service = one_of("machine.service", raw.service, SERVICES)?;
         let component = one_of("machine.component", raw.component, COMPONENTS)?;
         if let Some(lb) = &raw.load_balancer {
-            check_name(lb).map_err(|r| self.err("machine.load_balancer", r))?;
+            check_name(lb).map_err(|r| self.err("machine.load_balancer", r.to_string()))?;
         }
         let service_addr = match &raw.service_addr {
             Some(s) => Some(self.addr("machine.service_addr", s)?),

@@ -147,7 +147,7 @@ async fn submitter(
 async fn wait_counter(cluster: &Cluster, shared: &Shared, what: &str, f: impl Fn(&Shared) -> bool) {
     wait_for(what, cluster.timeout, || async {
         if let Err(e) = cluster.check_alive() {
-            return Check::Failed(e);
+            return Check::Failed(e.to_string());
         }
         if f(shared) {
             Check::Done(())

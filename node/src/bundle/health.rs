@@ -1,8 +1,8 @@
 //! The network health checks (a TCP connect, an HTTP/1.0 GET) and the log tail quoted when
 //! software fails one. Blocking, with explicit budgets.
 
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -13,11 +13,76 @@ use crate::limits::{
     HEALTH_STATUS_LINE_BYTES_MAX,
 };
 
+/// Why software failed its health check; the message says what was checked and what happened
+/// (it becomes a deployment's or a configuration's reason).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HealthError {
+    /// The software exited before the check passed; `log_tail` is [`log_tail`]'s quote.
+    #[error(
+        "health check {check}: {program} exited ({status}) {:.1}s after it started{log_tail}",
+        ran.as_secs_f64()
+    )]
+    Exited {
+        check: String,
+        program: String,
+        status: ExitStatus,
+        ran: Duration,
+        log_tail: String,
+    },
+    /// No attempt succeeded within the manifest's timeout.
+    #[error(
+        "health check {check}: no success within {}: {last}",
+        humantime::format_duration(*timeout)
+    )]
+    Timeout {
+        check: String,
+        timeout: Duration,
+        #[source]
+        last: ProbeError,
+    },
+}
+
+/// Why one attempt of a network check failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProbeError {
+    /// The deadline passed before the first attempt.
+    #[error("no attempt")]
+    NoAttempt,
+    #[error("resolving {host}: {source}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{host} resolves to no address")]
+    NoAddress { host: String },
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("sending the request: {0}")]
+    Send(#[source] io::Error),
+    #[error("reading the answer: {0}")]
+    Read(#[source] io::Error),
+    /// The first line is not an HTTP status line (quoted, at most 80 characters).
+    #[error("not an HTTP answer: {line:?}")]
+    NotHttp { line: String },
+    /// A status other than 2xx.
+    #[error("answered {0}")]
+    Status(u16),
+}
+
 pub(crate) enum Failure {
     /// The software exited while it was being checked.
     Exited(ExitStatus),
     /// No attempt succeeded in time; the last attempt's error.
-    Timeout(String),
+    Timeout(ProbeError),
 }
 
 /// Tries `attempt` (given its time budget) every 100 ms until it succeeds, `timeout` passes,
@@ -25,10 +90,10 @@ pub(crate) enum Failure {
 pub(crate) fn retry(
     timeout: Duration,
     exited: impl Fn() -> Option<ExitStatus>,
-    attempt: impl Fn(Duration) -> Result<(), String>,
+    attempt: impl Fn(Duration) -> Result<(), ProbeError>,
 ) -> Result<(), Failure> {
     let deadline = Instant::now() + timeout;
-    let mut last = "no attempt".to_string();
+    let mut last = ProbeError::NoAttempt;
     loop {
         if let Some(status) = exited() {
             return Err(Failure::Exited(status));
@@ -49,26 +114,31 @@ pub(crate) fn retry(
     }
 }
 
-fn connect(host: &str, port: u16, budget: Duration) -> Result<TcpStream, String> {
+fn connect(host: &str, port: u16, budget: Duration) -> Result<TcpStream, ProbeError> {
     let addrs = (host, port)
         .to_socket_addrs()
-        .map_err(|e| format!("resolving {host}: {e}"))?;
-    let mut last = format!("{host} resolves to no address");
+        .map_err(|source| ProbeError::Resolve {
+            host: host.to_owned(),
+            source,
+        })?;
+    let mut last = ProbeError::NoAddress {
+        host: host.to_owned(),
+    };
     for addr in addrs {
         match TcpStream::connect_timeout(&addr, budget.max(Duration::from_millis(1))) {
             Ok(s) => return Ok(s),
-            Err(e) => last = format!("connecting to {addr}: {e}"),
+            Err(source) => last = ProbeError::Connect { addr, source },
         }
     }
     Err(last)
 }
 
-pub(crate) fn tcp_connect(host: &str, port: u16, budget: Duration) -> Result<(), String> {
+pub(crate) fn tcp_connect(host: &str, port: u16, budget: Duration) -> Result<(), ProbeError> {
     connect(host, port, budget).map(drop)
 }
 
 /// `GET path HTTP/1.0`; success is a 2xx status.
-pub(crate) fn http_get(t: &HttpTarget, budget: Duration) -> Result<(), String> {
+pub(crate) fn http_get(t: &HttpTarget, budget: Duration) -> Result<(), ProbeError> {
     let started = Instant::now();
     let mut stream = connect(&t.host, t.port, budget)?;
     let left = budget
@@ -77,7 +147,7 @@ pub(crate) fn http_get(t: &HttpTarget, budget: Duration) -> Result<(), String> {
     stream
         .set_read_timeout(Some(left))
         .and_then(|()| stream.set_write_timeout(Some(left)))
-        .map_err(|e| format!("socket: {e}"))?;
+        .map_err(ProbeError::Socket)?;
     let host = if t.host.contains(':') {
         format!("[{}]", t.host)
     } else {
@@ -89,13 +159,11 @@ pub(crate) fn http_get(t: &HttpTarget, budget: Duration) -> Result<(), String> {
     );
     stream
         .write_all(request.as_bytes())
-        .map_err(|e| format!("sending the request: {e}"))?;
+        .map_err(ProbeError::Send)?;
     let mut head = Vec::new();
     let mut buf = [0u8; 256];
     while !head.windows(2).any(|w| w == b"\r\n") && head.len() < HEALTH_STATUS_LINE_BYTES_MAX {
-        let n = stream
-            .read(&mut buf)
-            .map_err(|e| format!("reading the answer: {e}"))?;
+        let n = stream.read(&mut buf).map_err(ProbeError::Read)?;
         if n == 0 {
             break;
         }
@@ -110,11 +178,13 @@ pub(crate) fn http_get(t: &HttpTarget, budget: Duration) -> Result<(), String> {
         .strip_prefix("HTTP/1.")
         .and_then(|r| r.get(2..5))
         .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| format!("not an HTTP answer: {:?}", truncate(&line, 80)))?;
+        .ok_or_else(|| ProbeError::NotHttp {
+            line: truncate(&line, 80),
+        })?;
     if (200..300).contains(&code) {
         Ok(())
     } else {
-        Err(format!("answered {code}"))
+        Err(ProbeError::Status(code))
     }
 }
 

@@ -222,7 +222,7 @@ impl Manifest {
 /// `dir`, reached without going through a symlink.
 fn check_program(dir: &Path, field: &str, shown: &str) -> Result<(), ManifestError> {
     let parts = program_components(field, shown)?;
-    let path = walk_no_symlinks(dir, &parts).map_err(|r| err(field, r))?;
+    let path = walk_no_symlinks(dir, &parts).map_err(|r| err(field, r.to_string()))?;
     match std::fs::symlink_metadata(&path) {
         Ok(m) if m.file_type().is_file() => {
             let mode = m.permissions().mode();
@@ -478,7 +478,7 @@ fn env(v: Option<Value>) -> Result<BTreeMap<String, String>, ManifestError> {
     let mut total = 0usize;
     for (name, value) in table {
         let field = format!("env.{name}");
-        check_env_name(&name).map_err(|r| err(field.clone(), r))?;
+        check_env_name(&name).map_err(|r| err(field.clone(), r.to_string()))?;
         if reserved_env_name(&name) {
             return Err(err(
                 field,
@@ -512,25 +512,31 @@ fn env(v: Option<Value>) -> Result<BTreeMap<String, String>, ManifestError> {
     Ok(out)
 }
 
+/// Why a name is not a portable environment variable name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum EnvNameError {
+    #[error("empty name")]
+    Empty,
+    #[error("a name of {0} bytes (at most {ENV_NAME_BYTES_MAX})")]
+    TooLong(usize),
+    #[error("not a variable name (letters, digits and _, not starting with a digit)")]
+    NotAName,
+}
+
 /// A portable environment variable name: `[A-Za-z_][A-Za-z0-9_]*`, bounded.
-pub(crate) fn check_env_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_env_name(name: &str) -> Result<(), EnvNameError> {
     if name.is_empty() {
-        return Err("empty name".into());
+        return Err(EnvNameError::Empty);
     }
     if name.len() > ENV_NAME_BYTES_MAX {
-        return Err(format!(
-            "a name of {} bytes (at most {ENV_NAME_BYTES_MAX})",
-            name.len()
-        ));
+        return Err(EnvNameError::TooLong(name.len()));
     }
     let mut chars = name.chars();
     let first = chars.next().unwrap_or('0');
     if !(first.is_ascii_alphabetic() || first == '_')
         || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
     {
-        return Err(
-            "not a variable name (letters, digits and _, not starting with a digit)".into(),
-        );
+        return Err(EnvNameError::NotAName);
     }
     Ok(())
 }

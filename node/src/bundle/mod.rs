@@ -29,12 +29,13 @@ pub use archive::{bundle_id_of_file, pack, BundleHasher, HashingReader, PackInfo
 pub use error::BundleError;
 #[doc(hidden)]
 pub use fuzzing::{fuzz_archive, fuzz_bundle_paths, fuzz_manifest};
+pub use health::{HealthError, ProbeError};
 pub use install::{Installed, Installer, CURRENT_LINK, PREVIOUS_LINK};
 pub use manifest::{
     ConfigFormat, ConfigSpec, Health, HealthCheck, HttpTarget, Manifest, ManifestError,
     MANIFEST_FILE,
 };
-pub use supervisor::{Supervisor, SupervisorError, CHILD_PATH, PID_FILE};
+pub use supervisor::{ReloadCommandError, Supervisor, SupervisorError, CHILD_PATH, PID_FILE};
 pub use unpack::unpack;
 
 /// Length of a bundle id: blake3, as lowercase hex.

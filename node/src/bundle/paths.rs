@@ -46,28 +46,69 @@ pub(crate) fn components(raw: &[u8], max: usize) -> Result<Vec<&str>, PathProble
     Ok(out)
 }
 
+/// Why a symlink's target was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum LinkProblem {
+    #[error("empty target")]
+    Empty,
+    #[error("a target of {len} bytes (at most {max})")]
+    TooLong { len: usize, max: usize },
+    #[error("a NUL byte in the target")]
+    Nul,
+    #[error("the target is absolute")]
+    Absolute,
+    #[error("the target is not UTF-8")]
+    NotUtf8,
+    #[error("`..` after a name (only leading `..` are allowed)")]
+    ParentAfterName,
+    #[error("the target leaves the bundle")]
+    LeavesBundle,
+}
+
+/// Why a path inside an unpacked bundle cannot be reached without going through a symlink.
+/// `shown` is the offending prefix, relative to the bundle root.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WalkProblem {
+    #[error("{shown} is a symlink; paths may not go through one")]
+    Symlink { shown: String },
+    #[error("{shown} is not a directory")]
+    NotDir { shown: String },
+    #[error("directory {shown} is not in the bundle")]
+    Missing { shown: String },
+    #[error("{shown}: {source}")]
+    Io {
+        shown: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// Checks that a symlink at `link` (its components, not empty) pointing to `target` stays inside
 /// the bundle. The target is resolved relative to the link's directory; it may climb with
 /// leading `..` components (no higher than the bundle root) and then only descend. A `..` after
 /// a name is refused, because the name may itself be a symlink, and then `..` would climb from
 /// wherever that one points.
-pub(crate) fn check_link_target(link: &[&str], target: &[u8], max: usize) -> Result<(), String> {
+pub(crate) fn check_link_target(
+    link: &[&str],
+    target: &[u8],
+    max: usize,
+) -> Result<(), LinkProblem> {
     if target.is_empty() {
-        return Err("empty target".into());
+        return Err(LinkProblem::Empty);
     }
     if target.len() > max {
-        return Err(format!(
-            "a target of {} bytes (at most {max})",
-            target.len()
-        ));
+        return Err(LinkProblem::TooLong {
+            len: target.len(),
+            max,
+        });
     }
     if target.contains(&0) {
-        return Err("a NUL byte in the target".into());
+        return Err(LinkProblem::Nul);
     }
     if target.first() == Some(&b'/') {
-        return Err("the target is absolute".into());
+        return Err(LinkProblem::Absolute);
     }
-    let text = std::str::from_utf8(target).map_err(|_| "the target is not UTF-8".to_string())?;
+    let text = std::str::from_utf8(target).map_err(|_| LinkProblem::NotUtf8)?;
     let depth = link.len().saturating_sub(1);
     let mut ups = 0usize;
     let mut named = false;
@@ -75,12 +116,12 @@ pub(crate) fn check_link_target(link: &[&str], target: &[u8], max: usize) -> Res
         match c {
             "" | "." => {}
             ".." if named => {
-                return Err("`..` after a name (only leading `..` are allowed)".into());
+                return Err(LinkProblem::ParentAfterName);
             }
             ".." => {
                 ups += 1;
                 if ups > depth {
-                    return Err("the target leaves the bundle".into());
+                    return Err(LinkProblem::LeavesBundle);
                 }
             }
             _ => named = true,
@@ -91,7 +132,7 @@ pub(crate) fn check_link_target(link: &[&str], target: &[u8], max: usize) -> Res
 
 /// `root` joined with `parts`, after checking with `lstat` that every component but the last is
 /// a real directory (not a symlink), so that nothing is ever reached through a link.
-pub(crate) fn walk_no_symlinks(root: &Path, parts: &[&str]) -> Result<PathBuf, String> {
+pub(crate) fn walk_no_symlinks(root: &Path, parts: &[&str]) -> Result<PathBuf, WalkProblem> {
     let mut path = root.to_path_buf();
     for (i, part) in parts.iter().enumerate() {
         path.push(part);
@@ -101,16 +142,12 @@ pub(crate) fn walk_no_symlinks(root: &Path, parts: &[&str]) -> Result<PathBuf, S
         let shown = parts[..=i].join("/");
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_dir() => {}
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!(
-                    "{shown} is a symlink; paths may not go through one"
-                ))
-            }
-            Ok(_) => return Err(format!("{shown} is not a directory")),
+            Ok(m) if m.file_type().is_symlink() => return Err(WalkProblem::Symlink { shown }),
+            Ok(_) => return Err(WalkProblem::NotDir { shown }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(format!("directory {shown} is not in the bundle"))
+                return Err(WalkProblem::Missing { shown })
             }
-            Err(e) => return Err(format!("{shown}: {e}")),
+            Err(source) => return Err(WalkProblem::Io { shown, source }),
         }
     }
     Ok(path)

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 
-use super::health;
+use super::health::{self, HealthError};
 use super::manifest::{check_env_name, HealthCheck, Manifest};
 use super::procfs::{self, PidRecord};
 use crate::limits::{
@@ -69,6 +69,40 @@ pub enum SupervisorError {
     /// The pid file names a group that is still running.
     #[error("software is already running from {dir} (process group {pgid}); stop it or call kill_orphans first")]
     AlreadyRunning { dir: String, pgid: u32 },
+}
+
+/// Why the manifest's `config.reload` command did not succeed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadCommandError {
+    /// The software's log (the command's stdout and stderr) could not be opened.
+    #[error("opening {}: {source}", path.display())]
+    OpenLog {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("starting the reload command {program}: {source}")]
+    Start {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    /// It exited unsuccessfully; `log_tail` quotes the software's log.
+    #[error("the reload command {program} failed ({status}){log_tail}")]
+    Failed {
+        program: String,
+        status: ExitStatus,
+        log_tail: String,
+    },
+    /// Killed after the timeout.
+    #[error(
+        "the reload command {program} did not finish within {}",
+        humantime::format_duration(*timeout)
+    )]
+    TimedOut { program: String, timeout: Duration },
+    #[error("waiting for the reload command: {0}")]
+    Wait(#[source] io::Error),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError {
@@ -113,7 +147,7 @@ impl Supervisor {
                 name: name.clone(),
                 reason,
             };
-            check_env_name(name).map_err(refuse)?;
+            check_env_name(name).map_err(|e| refuse(e.to_string()))?;
             if FORBIDDEN_ENV.contains(&name.to_ascii_uppercase().as_str()) {
                 return Err(refuse("never passed to the software".into()));
             }
@@ -195,13 +229,13 @@ impl Supervisor {
     /// duration, counted from the start, or the `timeout`): run it in `spawn_blocking`.
     /// The error says what was checked and what happened, with the last lines of the log when
     /// the software died.
-    pub fn check_health(&self) -> Result<(), String> {
+    pub fn check_health(&self) -> Result<(), HealthError> {
         self.check_health_since(self.started)
     }
 
     /// [`Self::check_health`] with an `alive` check counted from `since` (after a reload: the
     /// software must stay up that long after it was told).
-    pub fn check_health_since(&self, since: Instant) -> Result<(), String> {
+    pub fn check_health_since(&self, since: Instant) -> Result<(), HealthError> {
         let check = &self.manifest.health.check;
         let timeout = self.manifest.health.timeout;
         match check {
@@ -233,22 +267,24 @@ impl Supervisor {
         }
     }
 
-    fn died(&self, check: &HealthCheck, status: ExitStatus) -> String {
-        format!(
-            "health check {check}: {} exited ({status}) {:.1}s after it started{}",
-            self.manifest.exec[0],
-            self.started.elapsed().as_secs_f64(),
-            health::log_tail(&self.log_path)
-        )
+    fn died(&self, check: &HealthCheck, status: ExitStatus) -> HealthError {
+        HealthError::Exited {
+            check: check.to_string(),
+            program: self.manifest.exec[0].clone(),
+            status,
+            ran: self.started.elapsed(),
+            log_tail: health::log_tail(&self.log_path),
+        }
     }
 
-    fn failed(&self, check: &HealthCheck, timeout: Duration, e: health::Failure) -> String {
+    fn failed(&self, check: &HealthCheck, timeout: Duration, e: health::Failure) -> HealthError {
         match e {
             health::Failure::Exited(status) => self.died(check, status),
-            health::Failure::Timeout(last) => format!(
-                "health check {check}: no success within {}: {last}",
-                humantime::format_duration(timeout)
-            ),
+            health::Failure::Timeout(last) => HealthError::Timeout {
+                check: check.to_string(),
+                timeout,
+                last,
+            },
         }
     }
 
@@ -306,14 +342,21 @@ impl Supervisor {
     /// The manifest's `config.reload` command, run to completion in the bundle directory with
     /// the software's environment (its output appended to the log), killed after `timeout`.
     /// Blocking. `Ok` only when it exited 0.
-    pub fn run_reload_command(&self, command: &[String], timeout: Duration) -> Result<(), String> {
+    pub fn run_reload_command(
+        &self,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<(), ReloadCommandError> {
         let open_log = || {
             OpenOptions::new()
                 .create(true)
                 .append(true)
                 .mode(0o640)
                 .open(&self.log_path)
-                .map_err(|e| format!("opening {}: {e}", self.log_path.display()))
+                .map_err(|source| ReloadCommandError::OpenLog {
+                    path: self.log_path.clone(),
+                    source,
+                })
         };
         let program = self.dir.join(&command[0]);
         let mut child = Command::new(&program)
@@ -328,29 +371,31 @@ impl Supervisor {
             .stdout(Stdio::from(open_log()?))
             .stderr(Stdio::from(open_log()?))
             .spawn()
-            .map_err(|e| format!("starting the reload command {}: {e}", command[0]))?;
+            .map_err(|source| ReloadCommandError::Start {
+                program: command[0].clone(),
+                source,
+            })?;
         let deadline = Instant::now() + timeout;
         loop {
             match child.try_wait() {
                 Ok(Some(st)) if st.success() => return Ok(()),
-                Ok(Some(st)) => {
-                    return Err(format!(
-                        "the reload command {} failed ({st}){}",
-                        command[0],
-                        health::log_tail(&self.log_path)
-                    ))
+                Ok(Some(status)) => {
+                    return Err(ReloadCommandError::Failed {
+                        program: command[0].clone(),
+                        status,
+                        log_tail: health::log_tail(&self.log_path),
+                    })
                 }
                 Ok(None) if Instant::now() >= deadline => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(format!(
-                        "the reload command {} did not finish within {}",
-                        command[0],
-                        humantime::format_duration(timeout)
-                    ));
+                    return Err(ReloadCommandError::TimedOut {
+                        program: command[0].clone(),
+                        timeout,
+                    });
                 }
                 Ok(None) => std::thread::sleep(SUPERVISOR_POLL),
-                Err(e) => return Err(format!("waiting for the reload command: {e}")),
+                Err(e) => return Err(ReloadCommandError::Wait(e)),
             }
         }
     }

@@ -331,7 +331,7 @@ impl State<'_> {
                     BundleError::UnsafeSymlink {
                         path: path_shown.clone(),
                         target: shown(&link),
-                        reason,
+                        reason: reason.to_string(),
                     }
                 })?;
                 let link_path = std::str::from_utf8(&link).expect("checked UTF-8");
@@ -412,7 +412,7 @@ impl State<'_> {
             probe.push(".");
             walk_no_symlinks(self.dest, &probe).map_err(|reason| BundleError::BadPath {
                 path: shown.to_owned(),
-                reason,
+                reason: reason.to_string(),
             })?;
             self.checked_parent = Some(parent_path.clone());
         }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::commands::{connect, text};
 use super::{ApiOpts, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
-use crate::bundle::{Manifest, MANIFEST_FILE};
+use crate::bundle::{Manifest, ManifestError, MANIFEST_FILE};
 use crate::limits::CLI_DEPLOY_POLL;
 use crate::limits::MANIFEST_BYTES_MAX;
 
@@ -191,30 +191,42 @@ pub(super) fn deploy(opts: &ApiOpts, req: &Request<'_>) -> i32 {
     code
 }
 
+/// Why the manifest of a bundle file could not be read (the caller names the file).
+#[derive(Debug, thiserror::Error)]
+enum BundleManifestError {
+    /// Opening the file, or an entry's path.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("not a bundle (a tar file): {0}")]
+    NotTar(#[source] std::io::Error),
+    #[error("reading {MANIFEST_FILE}: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("{MANIFEST_FILE}: {0}")]
+    Invalid(#[source] ManifestError),
+    #[error("no {MANIFEST_FILE} in it (pack a directory with `outpost bundle pack DIR -o FILE`)")]
+    NoManifest,
+}
+
 /// The manifest inside a bundle file, read without unpacking it (bounded by the manifest's own
 /// size limit).
-fn manifest_of(bundle: &Path) -> Result<Manifest, String> {
-    let file = std::fs::File::open(bundle).map_err(|e| e.to_string())?;
+fn manifest_of(bundle: &Path) -> Result<Manifest, BundleManifestError> {
+    let file = std::fs::File::open(bundle)?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
-    let entries = archive
-        .entries()
-        .map_err(|e| format!("not a bundle (a tar file): {e}"))?;
+    let entries = archive.entries().map_err(BundleManifestError::NotTar)?;
     for entry in entries {
-        let entry = entry.map_err(|e| format!("not a bundle (a tar file): {e}"))?;
-        let path = entry.path().map_err(|e| e.to_string())?.into_owned();
+        let entry = entry.map_err(BundleManifestError::NotTar)?;
+        let path = entry.path()?.into_owned();
         let path = path.strip_prefix(".").unwrap_or(&path);
         if path == Path::new(MANIFEST_FILE) {
             let mut bytes = Vec::new();
             entry
                 .take(MANIFEST_BYTES_MAX + 1)
                 .read_to_end(&mut bytes)
-                .map_err(|e| format!("reading {MANIFEST_FILE}: {e}"))?;
-            return Manifest::parse(&bytes).map_err(|e| format!("{MANIFEST_FILE}: {e}"));
+                .map_err(BundleManifestError::Read)?;
+            return Manifest::parse(&bytes).map_err(BundleManifestError::Invalid);
         }
     }
-    Err(format!(
-        "no {MANIFEST_FILE} in it (pack a directory with `outpost bundle pack DIR -o FILE`)"
-    ))
+    Err(BundleManifestError::NoManifest)
 }
 
 /// `in 3 waves (1, 2, 7 machines)`, or nothing for one wave.

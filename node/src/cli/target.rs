@@ -54,10 +54,31 @@ pub struct ApiOpts {
     pub config: Option<PathBuf>,
 }
 
+/// Why a client command has no target: bad usage or bad config.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    /// Several role configs are here and nothing says which.
+    #[error(
+        "--config: several node configs here ({}); choose one with --role or --config, or give \
+         --api and --data-dir",
+        shown(configs)
+    )]
+    Several { configs: Vec<PathBuf> },
+    /// The config that names the API and data directory is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+}
+
+fn shown(paths: &[PathBuf]) -> String {
+    let list: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    list.join(", ")
+}
+
 impl ApiArgs {
     /// Resolves the target; `natural` is the role the command is for (a controller's
     /// `machines`), used when --role is not given. An error is bad usage or bad config.
-    pub fn resolve(&self, natural: Option<Role>) -> Result<ApiOpts, String> {
+    pub fn resolve(&self, natural: Option<Role>) -> Result<ApiOpts, TargetError> {
         self.resolve_in(natural, &|role| {
             let path = role_config(role);
             path.is_file().then_some(path)
@@ -69,7 +90,7 @@ impl ApiArgs {
         &self,
         natural: Option<Role>,
         existing: &dyn Fn(Role) -> Option<PathBuf>,
-    ) -> Result<ApiOpts, String> {
+    ) -> Result<ApiOpts, TargetError> {
         let needs_config = self.api.is_none() || self.data_dir.is_none();
         let path = match (&self.config, self.role.or(natural)) {
             _ if !needs_config => None,
@@ -95,19 +116,13 @@ impl ApiArgs {
                 match found.len() {
                     0 | 1 => found.into_iter().next(),
                     _ => {
-                        let list: Vec<String> =
-                            found.iter().map(|p| p.display().to_string()).collect();
-                        return Err(format!(
-                            "--config: several node configs here ({}); choose one with --role or \
-                             --config, or give --api and --data-dir",
-                            list.join(", ")
-                        ));
+                        return Err(TargetError::Several { configs: found });
                     }
                 }
             }
         };
         let view = match &path {
-            Some(p) => Some(config::load_client_view(p).map_err(|e| e.to_string())?),
+            Some(p) => Some(config::load_client_view(p)?),
             None => None,
         };
         let api = match (&self.api, &view) {
@@ -198,7 +213,10 @@ mod tests {
             ],
         );
         // Two roles configured and no hint: refused, naming both.
-        let e = args().resolve_in(None, &in_dir(&dir)).unwrap_err();
+        let e = args()
+            .resolve_in(None, &in_dir(&dir))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("controller.toml") && e.contains("worker.toml"),
             "{e}"
@@ -264,10 +282,10 @@ mod tests {
         );
         let mut a = args();
         a.config = Some(dir.join("datacenter.toml"));
-        let e = a.resolve_in(None, &in_dir(&dir)).unwrap_err();
+        let e = a.resolve_in(None, &in_dir(&dir)).unwrap_err().to_string();
         assert!(e.contains(": api: "), "{e}");
         a.config = Some(dir.join("missing.toml"));
-        let e = a.resolve_in(None, &in_dir(&dir)).unwrap_err();
+        let e = a.resolve_in(None, &in_dir(&dir)).unwrap_err().to_string();
         assert!(e.contains("cannot read"), "{e}");
     }
 }

@@ -69,12 +69,12 @@ pub(crate) async fn healthz() -> Json<Value> {
 /// serve, else 503 `{"ready": false, "role", "error": reason}`; `extra`'s fields are added.
 pub(crate) fn readiness(
     role: crate::wire::Role,
-    check: Result<(), String>,
+    check: Result<(), impl std::fmt::Display>,
     extra: Value,
 ) -> Response {
     let mut body = json!({ "ready": check.is_ok(), "role": role });
     if let Err(reason) = &check {
-        body["error"] = json!(reason);
+        body["error"] = json!(reason.to_string());
     }
     if let (Some(b), Value::Object(more)) = (body.as_object_mut(), extra) {
         b.extend(more);

@@ -3,6 +3,7 @@
 //! ([`Sink`]). The datacenter's feed is `crate::datacenter::api::watch`; the controller's is
 //! `crate::cluster::controller::watch`.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::body::{Body, Bytes};
@@ -12,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::{ApiError, ApiResult};
-use crate::limits::{WATCHERS_MAX, WATCH_SLOW_AFTER};
+use crate::limits::{WATCHERS_MAX, WATCH_QUEUE_CHUNKS, WATCH_SLOW_AFTER};
 
 static WATCHERS: AtomicUsize = AtomicUsize::new(0);
 
@@ -55,10 +56,15 @@ impl std::fmt::Display for Cursor {
     }
 }
 
+/// Text that is not a [`Cursor`] (quoted in the message).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a cursor (EPOCH-LSEQ, as a change line gives it)")]
+pub struct BadCursor(pub String);
+
 impl std::str::FromStr for Cursor {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Cursor, String> {
-        let bad = || format!("{s:?} is not a cursor (EPOCH-LSEQ, as a change line gives it)");
+    type Err = BadCursor;
+    fn from_str(s: &str) -> Result<Cursor, BadCursor> {
+        let bad = || BadCursor(s.to_owned());
         let (e, l) = s.trim().split_once('-').ok_or_else(bad)?;
         Ok(Cursor {
             epoch: e.parse().map_err(|_| bad())?,
@@ -127,6 +133,65 @@ pub(crate) fn too_many() -> ApiError {
         StatusCode::SERVICE_UNAVAILABLE,
         format!("{WATCHERS_MAX} watchers already; retry later"),
     )
+}
+
+/// What every role's `GET /v1/watch` takes from its request before it streams, checked in this
+/// order (the first refusal is the answer): the format, the cursor, where to start without one,
+/// and a watcher's slot.
+pub(crate) struct Opening {
+    pub(crate) format: Format,
+    /// `?cursor=`, else SSE's `Last-Event-ID`.
+    pub(crate) cursor: Option<Cursor>,
+    /// `?from=oldest` (never with a cursor).
+    pub(crate) oldest: bool,
+    slot: Slot,
+}
+
+impl Opening {
+    /// The query's `format`, `cursor` and `from`, with the headers; 503 when [`WATCHERS_MAX`]
+    /// watch already.
+    pub(crate) fn of(
+        format: Option<&str>,
+        cursor: Option<&str>,
+        from: Option<&str>,
+        headers: &HeaderMap,
+    ) -> ApiResult<Opening> {
+        let format = Format::of(format, headers)?;
+        let cursor = cursor_of(cursor, headers)?;
+        let oldest = from_oldest(from, cursor.is_some())?;
+        let slot = Slot::take().ok_or_else(too_many)?;
+        Ok(Opening {
+            format,
+            cursor,
+            oldest,
+            slot,
+        })
+    }
+
+    /// The streamed answer: `feed` writes to the [`Sink`] on a task of its own, which holds the
+    /// watcher's slot until it returns. `on_slow` counts a watcher cut off for not reading.
+    pub(crate) fn stream<Fut>(
+        self,
+        on_slow: Box<dyn Fn() + Send + Sync>,
+        feed: impl FnOnce(Sink) -> Fut,
+    ) -> Response
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<Bytes>(WATCH_QUEUE_CHUNKS);
+        let sink = Sink {
+            tx,
+            format: self.format,
+            on_slow,
+        };
+        let fed = feed(sink);
+        let slot = self.slot;
+        tokio::spawn(async move {
+            let _slot = slot;
+            fed.await;
+        });
+        response(self.format, rx)
+    }
 }
 
 /// The streamed answer reading `rx`.

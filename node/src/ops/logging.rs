@@ -19,6 +19,52 @@ use super::LogControl;
 /// The level names a directive may end in (case-insensitive, as `EnvFilter` reads them).
 pub const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
 
+/// How a refusal of a filter shows a good one.
+const FILTER_EXAMPLE: &str = "e.g. \"info\" or \"info,outpost=debug\"";
+
+/// Why a log filter was refused (by [`check_level`], or when it was applied).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FilterError {
+    #[error("must not be empty ({FILTER_EXAMPLE})")]
+    Empty,
+    #[error("{filter:?} has an empty directive ({FILTER_EXAMPLE})")]
+    EmptyDirective { filter: String },
+    #[error("{directive:?} has no target before '=' ({FILTER_EXAMPLE})")]
+    NoTarget { directive: String },
+    #[error(
+        "{level:?} in {directive:?} is not a level; expected one of {} ({FILTER_EXAMPLE})",
+        LEVELS.join(", ")
+    )]
+    NotALevel { level: String, directive: String },
+    /// `EnvFilter` refused it.
+    #[error("invalid filter {filter:?}: {source} ({FILTER_EXAMPLE})")]
+    Invalid {
+        filter: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    /// The running logger could not take the new filter.
+    #[error(transparent)]
+    Reload(#[from] tracing_subscriber::reload::Error),
+}
+
+/// Why the logger could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogInitError {
+    /// The filter in effect (`origin`: `RUST_LOG` or `log.level`) is refused.
+    #[error("{origin}: {source}")]
+    Filter {
+        origin: &'static str,
+        #[source]
+        source: FilterError,
+    },
+    /// A global logger was already set.
+    #[error("cannot start logging: {0}")]
+    Start(#[source] tracing_subscriber::util::TryInitError),
+}
+
 /// The environment variable systemd sets when stderr is connected to the journal.
 pub const JOURNAL_STREAM_ENV: &str = "JOURNAL_STREAM";
 
@@ -55,35 +101,42 @@ impl LogFormat {
 /// `TARGET=LEVEL` (`outpost=debug`, `outpost::datacenter[span]=trace`), whose level is one of
 /// [`LEVELS`]; and the whole a filter `EnvFilter` accepts. Refuses what `EnvFilter` would take as
 /// a bare target name (`infoo`), which silently logs nothing at the intended level.
-pub fn check_level(filter: &str) -> Result<(), String> {
-    let example = "e.g. \"info\" or \"info,outpost=debug\"";
+pub fn check_level(filter: &str) -> Result<(), FilterError> {
+    env_filter(filter).map(drop)
+}
+
+/// The `EnvFilter` of a filter [`check_level`] accepts.
+fn env_filter(filter: &str) -> Result<tracing_subscriber::EnvFilter, FilterError> {
     if filter.trim().is_empty() {
-        return Err(format!("must not be empty ({example})"));
+        return Err(FilterError::Empty);
     }
     for directive in filter.split(',') {
         let directive = directive.trim();
         if directive.is_empty() {
-            return Err(format!("{filter:?} has an empty directive ({example})"));
+            return Err(FilterError::EmptyDirective {
+                filter: filter.to_owned(),
+            });
         }
         let level = match directive.rsplit_once('=') {
             Some((target, level)) if !target.trim().is_empty() => level.trim(),
             Some(_) => {
-                return Err(format!(
-                    "{directive:?} has no target before '=' ({example})"
-                ))
+                return Err(FilterError::NoTarget {
+                    directive: directive.to_owned(),
+                })
             }
             None => directive,
         };
         if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
-            return Err(format!(
-                "{level:?} in {directive:?} is not a level; expected one of {} ({example})",
-                LEVELS.join(", ")
-            ));
+            return Err(FilterError::NotALevel {
+                level: level.to_owned(),
+                directive: directive.to_owned(),
+            });
         }
     }
-    tracing_subscriber::EnvFilter::try_new(filter)
-        .map(drop)
-        .map_err(|e| format!("invalid filter {filter:?}: {e} ({example})"))
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|source| FilterError::Invalid {
+        filter: filter.to_owned(),
+        source,
+    })
 }
 
 /// The sd-daemon(3) priority prefix of a level: error 3, warn 4, info 6, debug and trace 7.
@@ -162,22 +215,17 @@ impl<'a> MakeWriter<'a> for Stderr {
 
 /// Starts the process's logger. `RUST_LOG`, when set, overrides `level` (and is checked the
 /// same way); the filter can be changed later through the returned [`LogControl`] (SIGHUP).
-pub fn init(level: &str, format: LogFormat) -> Result<LogControl, String> {
+pub fn init(level: &str, format: LogFormat) -> Result<LogControl, LogInitError> {
     use tracing_subscriber::prelude::*;
-    use tracing_subscriber::{fmt, reload, EnvFilter};
+    use tracing_subscriber::{fmt, reload};
     let env = std::env::var("RUST_LOG")
         .ok()
         .filter(|e| !e.trim().is_empty());
-    let filter = match &env {
-        Some(env) => {
-            check_level(env).map_err(|e| format!("RUST_LOG: {e}"))?;
-            EnvFilter::try_new(env).map_err(|e| format!("RUST_LOG: {e}"))?
-        }
-        None => {
-            check_level(level).map_err(|e| format!("log.level: {e}"))?;
-            EnvFilter::try_new(level).map_err(|e| format!("log.level: {e}"))?
-        }
+    let (origin, text) = match &env {
+        Some(env) => ("RUST_LOG", env.as_str()),
+        None => ("log.level", level),
     };
+    let filter = env_filter(text).map_err(|source| LogInitError::Filter { origin, source })?;
     let (filter, handle) = reload::Layer::new(filter);
     let journal = under_journald();
     let writer = Stderr { journal };
@@ -205,11 +253,10 @@ pub fn init(level: &str, format: LogFormat) -> Result<LogControl, String> {
         .with(filter)
         .with(out)
         .try_init()
-        .map_err(|e| format!("cannot start logging: {e}"))?;
-    let set = move |level: &str| {
-        check_level(level)?;
-        let f = EnvFilter::try_new(level).map_err(|e| format!("invalid filter {level:?}: {e}"))?;
-        handle.reload(f).map_err(|e| e.to_string())
+        .map_err(LogInitError::Start)?;
+    let set = move |level: &str| -> Result<(), FilterError> {
+        handle.reload(env_filter(level)?)?;
+        Ok(())
     };
     Ok(LogControl::new(Box::new(set), env.is_some()))
 }
@@ -246,7 +293,7 @@ mod tests {
         ] {
             assert!(check_level(bad).is_err(), "{bad:?} accepted");
         }
-        let e = check_level("infoo").unwrap_err();
+        let e = check_level("infoo").unwrap_err().to_string();
         assert!(e.contains("\"infoo\" in \"infoo\" is not a level"), "{e}");
         assert!(e.contains("trace, debug, info, warn, error, off"), "{e}");
     }

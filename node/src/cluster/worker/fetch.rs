@@ -69,6 +69,38 @@ fn stall_at() -> Option<u64> {
     }
 }
 
+/// Why a fetch failed; its text is the deployment's reason, reported as is.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FetchError {
+    #[error("a blocking task failed: {0}")]
+    Blocking(#[from] tokio::task::JoinError),
+    #[error("preparing {}: {source}", path.display())]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The controller (or load balancer) refused [`FETCH_REFUSALS_MAX`] times in a row.
+    #[error("fetching the sealed bundle: refused {refusals} times, last: {last}")]
+    Refused { refusals: u32, last: String },
+    #[error("hashing {}: {source}", path.display())]
+    Hash {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The bytes do not hash to what the controller signed; the file is deleted unopened.
+    #[error(
+        "the sealed bundle was altered: its {total} bytes hash to {actual}, the controller \
+         signed {expected}; deleted without opening it"
+    )]
+    Altered {
+        total: u64,
+        actual: String,
+        expected: String,
+    },
+}
+
 /// Fetches the sealed bundle of `order` into `path` and checks its hash. `progress` follows
 /// the bytes in the file. `Err` fails the deployment (the reason is reported as is).
 pub(crate) async fn fetch(
@@ -76,13 +108,16 @@ pub(crate) async fn fetch(
     order: DeployOrder,
     path: PathBuf,
     progress: Arc<AtomicU64>,
-) -> Result<(), String> {
+) -> Result<(), FetchError> {
     let total = order.sealed_bytes;
     let d = order.deployment;
     let p = path.clone();
     let mut len = blocking(move || prepare(&p, total))
         .await?
-        .map_err(|e| format!("preparing {}: {e}", path.display()))?;
+        .map_err(|source| FetchError::Prepare {
+            path: path.clone(),
+            source,
+        })?;
     progress.store(len, Ordering::Relaxed);
     let limit = stall_at().map_or(total, |s| s.min(total));
     // The hash of the file's first `len` bytes, once a writer has computed it.
@@ -120,9 +155,7 @@ pub(crate) async fn fetch(
             End::Refused(e) => {
                 refusals += 1;
                 if refusals >= FETCH_REFUSALS_MAX {
-                    return Err(format!(
-                        "fetching the sealed bundle: refused {refusals} times, last: {e}"
-                    ));
+                    return Err(FetchError::Refused { refusals, last: e });
                 }
                 e
             }
@@ -149,18 +182,20 @@ pub(crate) async fn fetch(
                 Ok(h.finalize())
             })
             .await?
-            .map_err(|e| format!("hashing {}: {e}", path.display()))?
+            .map_err(|source| FetchError::Hash {
+                path: path.clone(),
+                source,
+            })?
         }
     };
     if digest != blake3::Hash::from(order.sealed_hash) {
         let p = path.clone();
         let _ = blocking(move || std::fs::remove_file(p)).await;
-        return Err(format!(
-            "the sealed bundle was altered: its {total} bytes hash to {}, the controller \
-             signed {}; deleted without opening it",
-            digest.to_hex(),
-            blake3::Hash::from(order.sealed_hash).to_hex()
-        ));
+        return Err(FetchError::Altered {
+            total,
+            actual: digest.to_hex().to_string(),
+            expected: blake3::Hash::from(order.sealed_hash).to_hex().to_string(),
+        });
     }
     Ok(())
 }
@@ -190,10 +225,10 @@ fn prepare(path: &Path, total: u64) -> io::Result<u64> {
     Ok(len)
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| format!("a blocking task failed: {e}"))
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::task::spawn_blocking(f).await
 }
 
 /// The connection a transfer stream goes on: the load balancer's link (a dependent, when

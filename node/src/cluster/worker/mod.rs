@@ -240,7 +240,9 @@ impl WorkerShared {
     }
 
     /// A consistent copy of the database; `None` when the worker is shutting down.
-    pub(crate) async fn backup(&self) -> Option<Result<crate::http::backup::BackupCopy, String>> {
+    pub(crate) async fn backup(
+        &self,
+    ) -> Option<Result<crate::http::backup::BackupCopy, driver::BackupError>> {
         let (tx, rx) = oneshot::channel();
         if !self.input(Input::Backup(tx)).await {
             return None;

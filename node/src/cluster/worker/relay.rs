@@ -179,11 +179,9 @@ async fn serve_dependent(shared: Arc<WorkerShared>, conn: quinn::Connection, fp:
     };
     let max = shared.config.limits.frame_bytes_max;
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let first = read_frame(&mut recv, max)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>((send, recv, first))
+        let (send, mut recv) = conn.accept_bi().await?;
+        let first = read_frame(&mut recv, max).await?;
+        Ok::<_, HelloError>((send, recv, first))
     })
     .await;
     let (send, recv, hello) = match hello {
@@ -200,7 +198,7 @@ async fn serve_dependent(shared: Arc<WorkerShared>, conn: quinn::Connection, fp:
                 "stream closed before RelayHello",
             )
         }
-        Ok(Err(e)) => return refuse(&shared, &conn, close::PROTOCOL, &e),
+        Ok(Err(e)) => return refuse(&shared, &conn, close::PROTOCOL, &e.to_string()),
         Err(_) => return refuse(&shared, &conn, close::PROTOCOL, "no RelayHello within 10 s"),
     };
     if hello.protocol != CLUSTER_PROTOCOL_VERSION {
@@ -267,9 +265,28 @@ async fn serve_dependent(shared: Arc<WorkerShared>, conn: quinn::Connection, fp:
                 "dependent {}: {e}; relay connection closed",
                 dep.name
             ));
-            refuse(&shared, &conn, close::PROTOCOL, &e);
+            refuse(&shared, &conn, close::PROTOCOL, &e.to_string());
         }
     }
+}
+
+/// Why a dependent's RelayHello did not arrive (the close reason it is sent).
+#[derive(Debug, thiserror::Error)]
+enum HelloError {
+    #[error(transparent)]
+    Accept(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Why a relay connection ended badly: the dependent broke the protocol. The text is also the
+/// close reason it is sent.
+#[derive(Debug, thiserror::Error)]
+enum RelayEnd {
+    #[error("a dependent sends nothing after its RelayHello, got a {kind}")]
+    Unexpected { kind: &'static str },
+    #[error(transparent)]
+    Frame(#[from] FrameError),
 }
 
 /// Writes the queued publications to the dependent; it must send nothing more.
@@ -279,19 +296,16 @@ async fn relay_to(
     mut recv: quinn::RecvStream,
     mut rx: mpsc::Receiver<Publication>,
     max: usize,
-) -> Result<(), String> {
+) -> Result<(), RelayEnd> {
     let reader = async {
         match read_frame(&mut recv, max).await {
-            Ok(Some(m)) => Err(format!(
-                "a dependent sends nothing after its RelayHello, got a {}",
-                m.kind()
-            )),
+            Ok(Some(m)) => Err(RelayEnd::Unexpected { kind: m.kind() }),
             Ok(None) => {
                 conn.closed().await;
                 Ok(())
             }
             Err(FrameError::Io(_)) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         }
     };
     let writer = async {
@@ -386,15 +400,33 @@ fn link_state(shared: &WorkerShared, generation: u64, f: impl FnOnce(&mut Depend
     }
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+/// The load balancer's address could not be resolved.
+#[derive(Debug, thiserror::Error)]
+enum ResolveError {
+    #[error("resolving {addr:?}: {source}")]
+    Lookup {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr:?} resolves to no address")]
+    NoAddress { addr: String },
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, ResolveError> {
     if let Ok(a) = addr.parse() {
         return Ok(a);
     }
     tokio::net::lookup_host(addr)
         .await
-        .map_err(|e| format!("resolving {addr:?}: {e}"))?
+        .map_err(|source| ResolveError::Lookup {
+            addr: addr.to_owned(),
+            source,
+        })?
         .next()
-        .ok_or_else(|| format!("{addr:?} resolves to no address"))
+        .ok_or_else(|| ResolveError::NoAddress {
+            addr: addr.to_owned(),
+        })
 }
 
 async fn dependent_loop(shared: Arc<WorkerShared>, route: LbRoute, generation: u64) {

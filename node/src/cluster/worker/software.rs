@@ -187,7 +187,7 @@ struct Child {
 struct Fetching {
     order: DeployOrder,
     started: Instant,
-    handle: tokio::task::JoinHandle<Result<(), String>>,
+    handle: tokio::task::JoinHandle<Result<(), super::fetch::FetchError>>,
 }
 
 struct Task {
@@ -218,7 +218,7 @@ struct Task {
 enum Event {
     Stop,
     Wake,
-    Fetched(Result<Result<(), String>, tokio::task::JoinError>),
+    Fetched(Result<Result<(), super::fetch::FetchError>, tokio::task::JoinError>),
     Restart,
     Tick,
 }
@@ -464,7 +464,7 @@ impl Task {
         };
         let since = SystemTime::now();
         let (sup, health) = match blocking(move || {
-            let h = sup.check_health();
+            let h = sup.check_health().map_err(|e| e.to_string());
             (sup, h)
         })
         .await
@@ -596,7 +596,7 @@ impl Task {
                 .sup
                 .restart()
                 .map_err(|e| e.to_string())
-                .and_then(|()| c.sup.check_health());
+                .and_then(|()| c.sup.check_health().map_err(|e| e.to_string()));
             if h.is_err() {
                 let _ = c.sup.stop();
             }

@@ -31,6 +31,7 @@ use crate::limits::READY_PING_TIMEOUT;
 use crate::limits::{INGEST_BODY_FACTOR, INGEST_BYTES_IN_FLIGHT_MAX, INGEST_PERMIT_BYTES};
 use crate::model::events::view;
 use crate::model::{Event, EventType, RawEvent};
+use crate::ops::watchdog::PingError;
 use crate::replication::{IngestError, Ingested, LogRead, MsgKey, StoreError};
 
 /// The permits of [`INGEST_BYTES_IN_FLIGHT_MAX`] an ingest request takes: by its declared
@@ -102,23 +103,37 @@ async fn get_readyz(State(s): State<Arc<Shared>>) -> Response {
 /// A datacenter is ready when it has started, its database is open (not being reopened after
 /// a failed write), it is not restoring from a backup, its disk is not full and its writer
 /// thread answers.
-async fn datacenter_ready(s: &Shared) -> Result<(), String> {
+async fn datacenter_ready(s: &Shared) -> Result<(), NotReady> {
     if !s.ready.load(Ordering::Relaxed) {
-        return Err("starting".into());
+        return Err(NotReady::Starting);
     }
-    s.store.get().map_err(|e| format!("database: {e}"))?;
+    s.store.get().map_err(NotReady::Database)?;
     if let Some(left) = s.restore.waiting() {
-        return Err(format!(
-            "restored from a backup: recovering this node's own log from its peers ({left} still to answer)"
-        ));
+        return Err(NotReady::Restoring { left });
     }
     if s.disk_full.load(Ordering::Relaxed) {
-        return Err("the disk is full: commits fail, events are refused".into());
+        return Err(NotReady::DiskFull);
     }
     crate::datacenter::supervise::ping_writer(s, READY_PING_TIMEOUT)
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(NotReady::Writer)
+}
+
+/// Why a datacenter is not ready: `/readyz`'s `error` (its text).
+#[derive(Debug, thiserror::Error)]
+enum NotReady {
+    #[error("starting")]
+    Starting,
+    /// The database is closed, being reopened after a failed write.
+    #[error("database: {0}")]
+    Database(#[source] StoreError),
+    #[error("restored from a backup: recovering this node's own log from its peers ({left} still to answer)")]
+    Restoring { left: usize },
+    #[error("the disk is full: commits fail, events are refused")]
+    DiskFull,
+    #[error(transparent)]
+    Writer(#[from] PingError),
 }
 
 async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {

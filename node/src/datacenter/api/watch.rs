@@ -9,7 +9,7 @@
 //! in order, once. When the records after its cursor were trimmed (retention) or the epoch is
 //! another, it is told to re-read from scratch: one `reset` line with the cursor to go on from.
 //!
-//! Bounded: each watcher holds at most [`WATCH_QUEUE_CHUNKS`] chunks of at most about [`WATCH_CHUNK_BYTES`]; one
+//! Bounded: each watcher holds at most [`WATCH_QUEUE_CHUNKS`](crate::limits::WATCH_QUEUE_CHUNKS) chunks of at most about [`WATCH_CHUNK_BYTES`]; one
 //! that does not read for [`WATCH_SLOW_AFTER`] is disconnected with a last line saying why (a slot is
 //! always kept free for it), and at most [`WATCHERS_MAX`] watch at once (503 beyond).
 //!
@@ -26,14 +26,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 use super::{ApiError, ApiResult};
 use crate::datacenter::Shared;
@@ -43,7 +41,7 @@ use crate::replication::LogRead;
 
 use crate::clock::now_ms;
 use crate::http::watch::*;
-use crate::limits::{WATCH_CHUNK_BYTES, WATCH_HEARTBEAT, WATCH_PAGE_RECORDS, WATCH_QUEUE_CHUNKS};
+use crate::limits::{WATCH_CHUNK_BYTES, WATCH_HEARTBEAT, WATCH_PAGE_RECORDS};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,44 +84,39 @@ pub(super) async fn get_watch(
                 .map_err(|e| ApiError::bad(format!("type: {e}")))?,
         ),
     };
-    let format = Format::of(q.format.as_deref(), &headers)?;
-    let cursor = cursor_of(q.cursor.as_deref(), &headers)?;
-    let oldest = from_oldest(q.from.as_deref(), cursor.is_some())?;
-    let slot = Slot::take().ok_or_else(too_many)?;
+    let open = Opening::of(
+        q.format.as_deref(),
+        q.cursor.as_deref(),
+        q.from.as_deref(),
+        &headers,
+    )?;
     // Where to start, read now so that an error is an answer, not a broken stream.
     let (epoch, first, tail) = super::read(&s, |s| {
         let r = s.store.read()?;
         Ok((r.log_epoch()?, r.log_first()?, r.log_tail()?))
     })
     .await?;
-    let start = match cursor {
+    let start = match open.cursor {
         Some(c) => Start::Cursor(c),
-        None if oldest => Start::At(Cursor {
+        None if open.oldest => Start::At(Cursor {
             epoch,
             lseq: first.map_or(tail, |f| f - 1),
         }),
         None => Start::At(Cursor { epoch, lseq: tail }),
     };
-    let (tx, rx) = mpsc::channel::<Bytes>(WATCH_QUEUE_CHUNKS);
     let filter = Filter {
         account: q.account,
         etype,
     };
     let slow = s.clone();
-    let sink = Sink {
-        tx,
-        format,
-        on_slow: Box::new(move || {
-            slow.metrics
-                .watchers_slow_closed
-                .fetch_add(1, Ordering::Relaxed);
-        }),
-    };
-    tokio::spawn(async move {
-        let _slot = slot;
-        Watcher { s, filter, sink }.run(start).await;
+    let on_slow = Box::new(move || {
+        slow.metrics
+            .watchers_slow_closed
+            .fetch_add(1, Ordering::Relaxed);
     });
-    Ok(response(format, rx))
+    Ok(open.stream(on_slow, move |sink| async move {
+        Watcher { s, filter, sink }.run(start).await;
+    }))
 }
 
 enum Start {

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::super::driver::Input;
 use super::super::pool_file::write_atomic;
 use super::{blocking, clip, Child, Task};
-use crate::bundle::{ConfigFormat, ConfigSpec};
+use crate::bundle::{ConfigFormat, ConfigSpec, HealthError, ReloadCommandError};
 use crate::cluster::body::ConfigOrder;
 use crate::limits::SOFTWARE_RELOAD_TIMEOUT;
 use crate::wire::ConfigReport;
@@ -31,16 +31,64 @@ pub(crate) fn config_path(data_dir: &Path, spec: &ConfigSpec) -> PathBuf {
         .unwrap_or_else(|| data_dir.join(format!("{CONFIG_FILE}.{}", spec.format.extension())))
 }
 
+/// Why a configuration document has no file form.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RenderError {
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("not a JSON object")]
+    NotAnObject,
+    #[error(transparent)]
+    Json(serde_json::Error),
+    #[error("has no TOML form: {0}")]
+    NoToml(#[source] toml::ser::Error),
+}
+
+/// Why the configuration file was not written (or removed).
+#[derive(Debug, thiserror::Error)]
+enum ConfigFileError {
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("removing {}: {source}", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why the software is not healthy after a configuration change.
+#[derive(Debug, thiserror::Error)]
+enum Unhealthy {
+    #[error(transparent)]
+    Reload(#[from] ReloadCommandError),
+    #[error("cannot signal the software: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    Health(#[from] HealthError),
+    #[error("lost track of the software")]
+    Lost,
+    /// The software task's blocking pool failed (its reason, as the task words it).
+    #[error("{0}")]
+    Task(String),
+}
+
 /// The file's bytes: pretty JSON, or TOML (a document with a `null` inside an array, or an
 /// array mixing tables and values, has no TOML form: an error).
-pub(crate) fn render(doc: &str, format: ConfigFormat) -> Result<Vec<u8>, String> {
-    let v: Value = serde_json::from_str(doc).map_err(|e| format!("not JSON: {e}"))?;
+pub(crate) fn render(doc: &str, format: ConfigFormat) -> Result<Vec<u8>, RenderError> {
+    let v: Value = serde_json::from_str(doc).map_err(RenderError::NotJson)?;
     if !v.is_object() {
-        return Err("not a JSON object".into());
+        return Err(RenderError::NotAnObject);
     }
     let mut text = match format {
-        ConfigFormat::Json => serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?,
-        ConfigFormat::Toml => toml::to_string(&v).map_err(|e| format!("has no TOML form: {e}"))?,
+        ConfigFormat::Json => serde_json::to_string_pretty(&v).map_err(RenderError::Json)?,
+        ConfigFormat::Toml => toml::to_string(&v).map_err(RenderError::NoToml)?,
     };
     if !text.ends_with('\n') {
         text.push('\n');
@@ -49,9 +97,12 @@ pub(crate) fn render(doc: &str, format: ConfigFormat) -> Result<Vec<u8>, String>
 }
 
 /// Renders `doc` as `format` and writes it to `path` atomically.
-fn write_config(path: &Path, doc: &str, format: ConfigFormat) -> Result<(), String> {
+fn write_config(path: &Path, doc: &str, format: ConfigFormat) -> Result<(), ConfigFileError> {
     let bytes = render(doc, format)?;
-    write_atomic(path, &bytes).map_err(|e| format!("writing {}: {e}", path.display()))
+    write_atomic(path, &bytes).map_err(|source| ConfigFileError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn config_report(version: u64, state: &str, detail: Option<String>) -> ConfigReport {
@@ -78,7 +129,7 @@ impl Task {
             let (p, doc, format) = (path.clone(), current.doc.clone(), spec.format);
             let r = blocking(move || write_config(&p, &doc, format))
                 .await
-                .and_then(|r| r);
+                .and_then(|r| r.map_err(|e| e.to_string()));
             if let Err(e) = r {
                 self.shared
                     .note_error(format!("configuration for the software: {e}"));
@@ -107,9 +158,10 @@ impl Task {
         let version = order.version;
         let (path, spec) = self.config_target();
         let (p, doc, format) = (path.clone(), order.doc.clone(), spec.format);
+        // The reason goes into the configuration's report: text.
         let written = blocking(move || write_config(&p, &doc, format))
             .await
-            .and_then(|r| r);
+            .and_then(|r| r.map_err(|e| e.to_string()));
         if let Err(e) = written {
             return config_report(version, "failed", Some(e));
         }
@@ -154,11 +206,11 @@ impl Task {
             None => match std::fs::remove_file(&p) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(format!("removing {}: {e}", p.display())),
+                Err(source) => Err(ConfigFileError::Remove { path: p, source }),
             },
         })
         .await
-        .and_then(|r| r);
+        .and_then(|r| r.map_err(|e| e.to_string()));
         let back = match (&previous, &restored) {
             (_, Err(e)) => format!("restoring the previous configuration failed: {e}"),
             (Some(p), Ok(())) => format!("configuration {} is back", p.version),
@@ -172,7 +224,7 @@ impl Task {
                 let (c, _) = tell(c, spec.reload).await;
                 match c {
                     Some(c) => c,
-                    None => return config_report(version, "rolled_back", Some(reason)),
+                    None => return config_report(version, "rolled_back", Some(reason.to_string())),
                 }
             } else {
                 c
@@ -192,38 +244,38 @@ impl Task {
 }
 
 /// Tells the software its configuration changed: the reload command, or SIGHUP.
-async fn tell(c: Child, reload: Option<Vec<String>>) -> (Option<Child>, Result<(), String>) {
+async fn tell(c: Child, reload: Option<Vec<String>>) -> (Option<Child>, Result<(), Unhealthy>) {
     match blocking(move || {
         let r = match &reload {
-            Some(cmd) => c.sup.run_reload_command(cmd, SOFTWARE_RELOAD_TIMEOUT),
-            None => c
+            Some(cmd) => c
                 .sup
-                .reload()
-                .map_err(|e| format!("cannot signal the software: {e}")),
+                .run_reload_command(cmd, SOFTWARE_RELOAD_TIMEOUT)
+                .map_err(Unhealthy::Reload),
+            None => c.sup.reload().map_err(Unhealthy::Signal),
         };
         (c, r)
     })
     .await
     {
         Ok((c, r)) => (Some(c), r),
-        Err(e) => (None, Err(e)),
+        Err(e) => (None, Err(Unhealthy::Task(e))),
     }
 }
 
 /// The software's health check, with an `alive` check counted from `since`.
-async fn check_since(c: Option<Child>, since: Instant) -> (Option<Child>, Result<(), String>) {
+async fn check_since(c: Option<Child>, since: Instant) -> (Option<Child>, Result<(), Unhealthy>) {
     let Some(c) = c else {
-        return (None, Err("lost track of the software".into()));
+        return (None, Err(Unhealthy::Lost));
     };
     let since = since.into_std();
     match blocking(move || {
-        let r = c.sup.check_health_since(since);
+        let r = c.sup.check_health_since(since).map_err(Unhealthy::Health);
         (c, r)
     })
     .await
     {
         Ok((c, r)) => (Some(c), r),
-        Err(e) => (None, Err(e)),
+        Err(e) => (None, Err(Unhealthy::Task(e))),
     }
 }
 
@@ -243,10 +295,13 @@ mod tests {
         let back: toml::Table = toml::from_str(&toml_text).unwrap();
         assert_eq!(back["log"].as_str(), Some("info"));
         assert_eq!(back["limits"]["calls"].as_integer(), Some(5));
-        let e = render(r#"{"a":[1,null]}"#, ConfigFormat::Toml).unwrap_err();
+        let e = render(r#"{"a":[1,null]}"#, ConfigFormat::Toml)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no TOML form"), "{e}");
         assert!(render("[1]", ConfigFormat::Json)
             .unwrap_err()
+            .to_string()
             .contains("object"));
     }
 }

@@ -120,7 +120,10 @@ impl Task {
         });
     }
 
-    pub(super) async fn fetched(&mut self, r: Result<Result<(), String>, tokio::task::JoinError>) {
+    pub(super) async fn fetched(
+        &mut self,
+        r: Result<Result<(), fetch::FetchError>, tokio::task::JoinError>,
+    ) {
         let Some(f) = self.fetching.take() else {
             return;
         };
@@ -134,7 +137,8 @@ impl Task {
                 );
                 Ok(())
             }
-            Ok(Err(reason)) => Err(reason),
+            // The lifecycle keeps the reason as the deployment's (reported) text.
+            Ok(Err(reason)) => Err(reason.to_string()),
             Err(e) => Err(format!("the fetch failed: {e}")),
         };
         if let Err(reason) = &result {
@@ -156,7 +160,7 @@ impl Task {
         );
         let installed = blocking(move || open_and_install(&inst, &seal, &path, &id))
             .await
-            .and_then(|r| r);
+            .and_then(|r| r.map_err(|e| e.to_string()));
         let result = match installed {
             Ok(i) => {
                 tracing::info!(
@@ -374,6 +378,27 @@ impl Task {
     }
 }
 
+/// Why a fetched bundle was not installed; its text is the deployment's reason.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InstallError {
+    #[error("opening {}: {source}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the sealed bundle is not an age file: {0}")]
+    NotAge(#[source] age::DecryptError),
+    /// Sealed to another machine's key.
+    #[error("the bundle is not sealed to this machine: its key does not open it")]
+    NotForThisMachine,
+    #[error("cannot open the sealed bundle: {0}")]
+    Decrypt(#[source] age::DecryptError),
+    /// The installer refused the bundle (wrong id, hostile archive, invalid manifest).
+    #[error("install refused: {0}")]
+    Refused(#[source] BundleError),
+}
+
 /// Opens the sealed bundle at `path` with this machine's key, streaming the plaintext into
 /// the installer (which checks the bundle id and refuses a hostile archive, leaving nothing
 /// behind). Blocking.
@@ -382,24 +407,24 @@ fn open_and_install(
     seal: &SealKey,
     path: &Path,
     bundle_id: &str,
-) -> Result<Installed, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+) -> Result<Installed, InstallError> {
+    let file = std::fs::File::open(path).map_err(|source| InstallError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
     let reader = std::io::BufReader::with_capacity(256 * 1024, file);
-    let decryptor = age::Decryptor::new_buffered(reader)
-        .map_err(|e| format!("the sealed bundle is not an age file: {e}"))?;
+    let decryptor = age::Decryptor::new_buffered(reader).map_err(InstallError::NotAge)?;
     let plain = decryptor
         .decrypt(std::iter::once(seal.identity() as &dyn age::Identity))
         .map_err(|e| match e {
-            age::DecryptError::NoMatchingKeys => {
-                "the bundle is not sealed to this machine: its key does not open it".to_owned()
-            }
-            e => format!("cannot open the sealed bundle: {e}"),
+            age::DecryptError::NoMatchingKeys => InstallError::NotForThisMachine,
+            e => InstallError::Decrypt(e),
         })?;
     installer
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .install(bundle_id, plain)
-        .map_err(|e| format!("install refused: {e}"))
+        .map_err(InstallError::Refused)
 }
 
 /// Removes an installed bundle that is neither current nor previous.
