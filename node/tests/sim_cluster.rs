@@ -1095,9 +1095,9 @@ impl Sim {
                     None => Boot::Nothing,
                     Some(sw) => Boot::Healthy(sw.clone()),
                 };
-                // The software task boots what is installed (always healthy here: an
-                // unhealthy boot's report could overwrite an unacknowledged deployment
-                // outcome, a known gap of the protocol).
+                // The software task boots what is installed (always healthy here; an unhealthy
+                // boot's report waits behind an unacknowledged deployment outcome: the
+                // lifecycle's unit tests).
                 let mut life = Lifecycle::new();
                 life.booted(boot, &w.disk, self.now);
                 w.life = Some(life);
@@ -1238,7 +1238,8 @@ impl Sim {
     }
 
     /// Worker `i`'s software task: results that are due, the restart timer, and a death now
-    /// and then (not over an unacknowledged deployment outcome: see `act`).
+    /// and then (also right after a deployment's outcome, before the controller heard it:
+    /// the lifecycle holds what the death says until then; seed 3238338651).
     fn life_step(&mut self, i: usize) {
         let now = self.now;
         let w = &mut self.workers[i];
@@ -1256,22 +1257,10 @@ impl Sim {
                 LifeDone::Restarted(r) => life.restarted(r, now),
             }
         }
-        let deploy_unacked = w.core.as_ref().is_some_and(|c| {
-            let r = c.record();
-            r.report_seq > r.report_acked
-                && r.report.as_ref().is_some_and(|p| p.deployment.is_some())
-        });
-        // A restart's `running` would overwrite an unacknowledged deployment outcome (the
-        // known gap of reports being the latest state, not a log; see `act`): the simulated
-        // restart waits for the ack.
-        if !deploy_unacked && life.poll_timeout().is_some_and(|t| t <= now) {
+        if life.poll_timeout().is_some_and(|t| t <= now) {
             life.timeout(now);
         }
-        if self.faults_on
-            && life.running().is_some()
-            && !deploy_unacked
-            && self.rng.chance(self.faults.death)
-        {
+        if self.faults_on && life.running().is_some() && self.rng.chance(self.faults.death) {
             self.stats.deaths += 1;
             life.exited("signal 9 (simulated)", now);
         }
@@ -1798,9 +1787,9 @@ impl Sim {
         if self.rng.chance(30) {
             let i = self.rng.below(n) as usize;
             // Not over a deployment's report the controller has not acknowledged: reports are
-            // the latest state, not a log, so it would never learn that deployment's outcome
-            // here and its rollout would wait for ever. A known gap of the protocol (see issue
-            // 13's closing note), left out of the seeds rather than hidden in the checks.
+            // the latest state, not a log, so it would never learn that deployment's outcome.
+            // These random reports go straight into the worker core; the production reports
+            // (the lifecycle's) wait for that acknowledgement the same way.
             let deploy_unacked = self.workers[i].core.as_ref().is_some_and(|c| {
                 let r = c.record();
                 r.report_seq > r.report_acked
