@@ -4,7 +4,8 @@
 //! in flight lost), with the load balancer's relay path, crash-restarts of any node from what it
 //! committed, frozen machines, operators accepting keys, and a load balancer that sometimes
 //! alters what it relays. Time is simulated; every collection is ordered, so a seed replays
-//! exactly (age sealing draws its own randomness, but nothing here depends on the ciphertext).
+//! exactly (the controller core's sealer, age, draws its own randomness from the OS, but
+//! nothing here depends on the ciphertext).
 //!
 //! The harness drives the cores the way their runtimes must: feed an input, `take`, commit the
 //! records to the simulated disk (exactly as `store::cluster` does), and only then perform the
@@ -44,13 +45,16 @@ use outpost::cluster::body::{
 };
 use outpost::cluster::controller::configdata::{self, Scope};
 use outpost::cluster::controller::core::{
-    ConnId, ControllerCore, Dirty, KeyActionError, KeyStatus, MachineRecord, NotPublished, Output,
-    Peer, Settings,
+    ConnId, ControllerCore, CoreEvent, Dirty, KeyActionError, KeyStatus, MachineRecord,
+    NotPublished, Output, Peer, Settings,
 };
 use outpost::cluster::controller::deploy::{DeployCore, DeployEvent, NewDeployment, SealJob};
 use outpost::cluster::controller::rollout::{RolloutSpec, RolloutState, WaveSize};
 use outpost::cluster::controller::storage::{ClusterStore, CommitFault, MemClusterStore};
-use outpost::cluster::keys::{publication_digest, token_proof, ControllerKey, SealKey};
+use outpost::cluster::keys::{
+    publication_digest, token_proof, AgeSealer, ControllerKey, ControllerVerifier, KeyError,
+    SealKey, Sealer,
+};
 use outpost::cluster::worker::core::{
     Effect, JoinInfo, Standing, WorkerCore, WorkerOutput, WorkerRecord, WorkerRefusal,
 };
@@ -639,6 +643,7 @@ impl Sim {
         let core = ControllerCore::open(
             self.ctrl.settings.clone(),
             key,
+            Box::new(AgeSealer),
             loaded.machines,
             loaded.publications,
             self.now,
@@ -2808,7 +2813,10 @@ fn controller(pending_max: usize, token: bool) -> (ControllerCore, Vec<u8>) {
     s.join_token = token.then(|| TOKEN.to_vec());
     let secret = vec![0x5a; 32];
     let key = ControllerKey::from_secret(&secret).unwrap();
-    (ControllerCore::open(s, key, vec![], vec![], T0_MS), secret)
+    (
+        ControllerCore::open(s, key, Box::new(AgeSealer), vec![], vec![], T0_MS),
+        secret,
+    )
 }
 
 fn records(c: &ControllerCore) -> Vec<MachineRecord> {
@@ -3074,7 +3082,7 @@ fn hostile_join_with_the_controllers_own_node_id_is_refused() {
     s.join_token = Some(TOKEN.to_vec());
     s.controller_node_id = Some(own);
     let key = ControllerKey::from_secret(&[0x5a; 32]).unwrap();
-    let mut ctrl = ControllerCore::open(s.clone(), key, vec![], vec![], T0_MS);
+    let mut ctrl = ControllerCore::open(s.clone(), key, Box::new(AgeSealer), vec![], vec![], T0_MS);
     // Its certificate carries the controller's id, and it has the token.
     let mut m = Machine::new(7, "ctl", "call-router", None, true);
     m.info.node_id = own;
@@ -3097,6 +3105,7 @@ fn hostile_join_with_the_controllers_own_node_id_is_refused() {
             ..s.clone()
         },
         ControllerKey::from_secret(&[0x5a; 32]).unwrap(),
+        Box::new(AgeSealer),
         vec![],
         vec![],
         T0_MS,
@@ -3109,6 +3118,7 @@ fn hostile_join_with_the_controllers_own_node_id_is_refused() {
     let mut c3 = ControllerCore::open(
         s,
         ControllerKey::from_secret(&[0x5a; 32]).unwrap(),
+        Box::new(AgeSealer),
         old.machines.values().cloned().collect(),
         vec![],
         T0_MS,
@@ -3786,7 +3796,7 @@ fn a_full_channel_holds_its_bound_and_sends_only_the_newest_pool_once_acknowledg
     s.join_token = Some(TOKEN.to_vec());
     s.channel_max = 4;
     let key = ControllerKey::from_secret(&[0x5a; 32]).unwrap();
-    let mut ctrl = ControllerCore::open(s, key, vec![], vec![], T0_MS);
+    let mut ctrl = ControllerCore::open(s, key, Box::new(AgeSealer), vec![], vec![], T0_MS);
     let lb = Machine::new(1, "lb-1", "load-balancer", None, true);
     ctrl.joined(1, lb.peer(), lb.core().join(), T0_MS);
     let _ = ctrl.take();
@@ -3830,8 +3840,26 @@ fn a_full_channel_holds_its_bound_and_sends_only_the_newest_pool_once_acknowledg
     );
     let (d, _) = ctrl.take();
     assert!(d.publications.iter().all(|p| p.machine != lb.id()));
+    // The core logs nothing itself: the bound is said once per episode, as an event for the
+    // driver to log.
+    let full: Vec<CoreEvent> = ctrl
+        .take_events()
+        .into_iter()
+        .filter(|e| matches!(e, CoreEvent::ChannelFull { .. }))
+        .collect();
+    assert_eq!(
+        full,
+        vec![CoreEvent::ChannelFull {
+            name: "lb-1".into(),
+            node: lb.id(),
+            unacknowledged: 4
+        }]
+    );
     // It acknowledges everything: exactly one publication follows, the whole current pool.
     ctrl.frame(1, Message::PublicationAck { upto: 4 }, T0_MS + 30);
+    assert!(ctrl.take_events().contains(&CoreEvent::ChannelHasRoom {
+        name: "lb-1".into()
+    }));
     let (d, _) = ctrl.take();
     let to_lb: Vec<&Publication> = d
         .publications
@@ -3844,4 +3872,58 @@ fn a_full_channel_holds_its_bound_and_sends_only_the_newest_pool_once_acknowledg
     let all: Vec<String> = (0..10).map(|i| format!("dep-{i}")).collect();
     assert_eq!(dependents, all);
     assert_eq!(members, all);
+}
+
+/// Sealing is the driver's to give: the core draws no randomness of its own and seals every
+/// publication with the sealer it was built with. A sealer that fails stores and sends
+/// nothing, and says why as an event (the core does not log).
+#[test]
+fn the_core_seals_only_with_the_sealer_it_is_given() {
+    struct Counting(std::sync::Arc<std::sync::atomic::AtomicU64>, bool);
+    impl Sealer for Counting {
+        fn seal(&mut self, recipient: &str, plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.1 {
+                return Err(KeyError::Seal("refused by the test".into()));
+            }
+            AgeSealer.seal(recipient, plaintext)
+        }
+    }
+    for fail in [false, true] {
+        let seals = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut s = Settings::new(2000);
+        s.join_token = Some(TOKEN.to_vec());
+        let key = ControllerKey::from_secret(&[0x5a; 32]).unwrap();
+        let sealer = Box::new(Counting(seals.clone(), fail));
+        let mut ctrl = ControllerCore::open(s, key, sealer, vec![], vec![], T0_MS);
+        let m = Machine::new(1, "lb-1", "load-balancer", None, true);
+        ctrl.joined(1, m.peer(), m.core().join(), T0_MS);
+        let _ = ctrl.take();
+        let _ = ctrl.take_events();
+        let before = seals.load(std::sync::atomic::Ordering::Relaxed);
+        let r = ctrl.publish(m.id(), &Body::Pool(Pool::default()), T0_MS + 1);
+        assert_eq!(seals.load(std::sync::atomic::Ordering::Relaxed), before + 1);
+        let (d, out) = ctrl.take();
+        if fail {
+            assert!(matches!(r, Err(NotPublished::Seal(_))), "{r:?}");
+            assert!(d.publications.is_empty() && out.is_empty());
+            assert!(matches!(
+                ctrl.take_events().as_slice(),
+                [CoreEvent::SealFailed { .. }]
+            ));
+        } else {
+            let seq = r.unwrap();
+            assert_eq!(d.publications.len(), 1);
+            assert_eq!(d.publications[0].seq, seq);
+            let p = &d.publications[0];
+            ControllerVerifier::from_bytes(&ctrl.public_key())
+                .unwrap()
+                .verify_publication(p)
+                .unwrap();
+            assert_eq!(
+                Body::decode(&m.seal.open(&p.sealed).unwrap()).unwrap(),
+                Body::Pool(Pool::default())
+            );
+        }
+    }
 }

@@ -134,25 +134,27 @@ impl ControllerCore {
         let held = self.unacked.get(&machine).map_or(0, |c| c.len());
         if held >= self.settings.channel_max {
             if self.full.insert(machine) {
-                tracing::warn!(
-                    name = %m.name,
-                    node_id = %machine,
-                    unacknowledged = held,
-                    "a machine's publication channel is at its bound: its pool and route \
-                     changes wait until it acknowledges, deployments to it fail"
-                );
+                self.events.push(CoreEvent::ChannelFull {
+                    name: m.name.clone(),
+                    node: machine,
+                    unacknowledged: held,
+                });
             }
             return Err(NotPublished::ChannelFull(held));
         }
         let seq = m.pub_seq + 1;
-        let p = self
-            .key
-            .publication(machine, seq, &m.seal_key, &body.encode())
-            .map_err(|e| {
+        let sealed = match self.sealer.seal(&m.seal_key, &body.encode()) {
+            Ok(sealed) => sealed,
+            Err(e) => {
                 // The seal key was checked at Join; this cannot happen with a stored record.
-                tracing::error!(machine = %machine, "cannot seal a publication: {e}");
-                NotPublished::Seal(e.to_string())
-            })?;
+                self.events.push(CoreEvent::SealFailed {
+                    machine,
+                    error: e.to_string(),
+                });
+                return Err(NotPublished::Seal(e.to_string()));
+            }
+        };
+        let p = self.key.sign_publication(machine, seq, sealed);
         let m = self.machines.get_mut(&machine).expect("exists");
         m.pub_seq = seq;
         match body {
