@@ -71,7 +71,7 @@ use outpost::cluster::worker::pool_file;
 use outpost::ids::{Fingerprint, NodeId};
 use outpost::wire::{
     Admission, ConfigReport, Join, JoinRefusal, MachineReport, Message, Notify, Publication,
-    Software,
+    ReportState, Software,
 };
 use serde_json::{json, Value};
 

@@ -654,3 +654,53 @@ fn hostile_notify_for_another_machine_is_refused() {
         assert_eq!(records(&ctrl), before, "{kind}");
     }
 }
+
+/// Bad input is refused, not absorbed: a report state is parsed at the wire boundary into
+/// the cores' enum; a word the controller does not know closes that connection with a
+/// clear reason, stores nothing, and never panics. Every known word goes through the
+/// boundary both ways unchanged (the wire keeps the word).
+#[test]
+fn a_report_with_an_unknown_state_is_refused_and_stores_nothing() {
+    for s in ReportState::ALL {
+        assert_eq!(s.as_str().parse::<ReportState>(), Ok(s));
+        let r = MachineReport::new(s, None, None, None);
+        assert_eq!((r.state.as_str(), r.parsed_state()), (s.as_str(), Ok(s)));
+    }
+    let (mut ctrl, a, _) = two_admitted();
+    let before = records(&ctrl);
+    let word = "exploded".to_string();
+    ctrl.frame(
+        1,
+        Message::Notify(Notify {
+            machine: a.id(),
+            seq: 1,
+            report: MachineReport {
+                state: word.clone(),
+                software: None,
+                detail: None,
+                deployment: Some(1),
+            },
+        }),
+        T0_MS + 1,
+    );
+    let (d, out) = ctrl.take();
+    assert!(d.is_empty(), "stored {d:?}");
+    assert!(sends_to(&out, 1).is_empty(), "acknowledged: {out:?}");
+    let reason = out.iter().find_map(|o| match o {
+        Output::Close {
+            conn: 1, reason, ..
+        } => Some(reason.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        reason.as_deref(),
+        Some("bad report: state: unknown state \"exploded\"")
+    );
+    // Nothing it said was taken (only its liveness, in memory, as for any frame).
+    let said = |rs: &[MachineRecord]| -> Vec<_> {
+        rs.iter()
+            .map(|m| (m.report.clone(), m.notify_seq, m.deploys.clone()))
+            .collect()
+    };
+    assert_eq!(said(&records(&ctrl)), said(&before));
+}

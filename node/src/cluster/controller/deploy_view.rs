@@ -6,22 +6,27 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use super::core::{ControllerCore, KeyStatus};
-use super::deployment::{settled, short, DeploymentRecord, DeploymentView, TargetView};
+use super::core::{ControllerCore, DeployPhase, KeyStatus};
+use super::deployment::{settled, DeploymentRecord, DeploymentView, TargetView};
 use super::storage::ClusterStore;
 use crate::ids::{Fingerprint, NodeId};
+use crate::wire::ReportState;
 
 /// The API's status for a state the core recorded (`pending`, `delivering`) or a worker
-/// reported. A state this controller does not know counts as still delivering.
-pub(crate) fn status_of(state: &str) -> &'static str {
+/// reported.
+pub(crate) fn status_of(state: &DeployPhase) -> &'static str {
+    use ReportState as R;
     match state {
-        "pending" => "pending",
-        "delivering" | "fetching" | "installing" => "delivering",
-        "installed" | "starting" => "installed",
-        "running" => "running",
-        "rolled_back" => "rolled_back",
-        "failed" => "failed",
-        _ => "delivering",
+        DeployPhase::Pending => "pending",
+        DeployPhase::Reported(r) => match r {
+            R::Delivering | R::Fetching | R::Installing => "delivering",
+            R::Installed | R::Starting => "installed",
+            R::Running => "running",
+            R::RolledBack => "rolled_back",
+            R::Failed => "failed",
+            // Not a deployment's stage: it is still on its way.
+            R::Idle | R::Stopped => "delivering",
+        },
     }
 }
 
@@ -76,8 +81,8 @@ pub(crate) fn target_view(
         let reason = match (&d.detail, status) {
             (Some(detail), _) => Some(detail.clone()),
             (None, "pending") => Some("sent; not yet received by the machine".into()),
-            (None, "delivering") if d.state != "delivering" => {
-                Some(format!("the machine says {:?}", short(&d.state)))
+            (None, "delivering") if d.state.as_str() != "delivering" => {
+                Some(format!("the machine says {:?}", d.state.as_str()))
             }
             _ => None,
         };

@@ -18,7 +18,7 @@ use crate::limits::{
     SOFTWARE_RESTART_BACKOFF_MAX as BACKOFF_MAX, SOFTWARE_RESTART_BACKOFF_MIN as BACKOFF_MIN,
     SOFTWARE_RESTART_BACKOFF_RESET_AFTER as BACKOFF_RESET_AFTER,
 };
-use crate::wire::{MachineReport, Software};
+use crate::wire::{MachineReport, ReportState, Software};
 
 use super::core::WorkerRecord;
 use crate::limits::SOFTWARE_ORDERS_MAX;
@@ -156,19 +156,14 @@ pub fn clip(mut s: String) -> String {
     s
 }
 
-/// A report with its detail clipped.
+/// A report with its detail clipped; the state becomes its wire word here.
 pub fn report(
-    state: &str,
+    state: ReportState,
     software: Option<Software>,
     detail: Option<String>,
     deployment: Option<u64>,
 ) -> MachineReport {
-    MachineReport {
-        state: state.into(),
-        software,
-        detail: detail.map(clip),
-        deployment,
-    }
+    MachineReport::new(state, software, detail.map(clip), deployment)
 }
 
 fn ms(d: std::time::Duration) -> u64 {
@@ -222,12 +217,11 @@ impl Lifecycle {
     /// says as much), and follows a `failed` one.
     pub fn booted(&mut self, boot: Boot, rec: &WorkerRecord, now_ms: u64) {
         let unacked = rec.report_acked < rec.report_seq;
+        // The stored report was made by this worker: a word it does not know is no outcome.
         let outcome = rec.report.as_ref().filter(|r| {
-            unacked
-                && r.deployment.is_some()
-                && matches!(r.state.as_str(), "running" | "rolled_back" | "failed")
+            unacked && r.deployment.is_some() && r.parsed_state().is_ok_and(ReportState::is_outcome)
         });
-        let outcome_failed = outcome.is_some_and(|r| r.state == "failed");
+        let outcome_failed = outcome.is_some_and(|r| r.is(ReportState::Failed));
         self.outcome = outcome.and_then(|r| r.deployment);
         match boot {
             Boot::Nothing => {}
@@ -237,7 +231,7 @@ impl Lifecycle {
                     since_ms: now_ms,
                 };
                 if self.outcome.is_none() || outcome_failed {
-                    self.say(report("running", Some(sw), None, None));
+                    self.say(report(ReportState::Running, Some(sw), None, None));
                 }
             }
             Boot::Unhealthy(sw, reason) => {
@@ -247,11 +241,11 @@ impl Lifecycle {
                     software: sw.clone(),
                     at_ms,
                 };
-                self.say(report("failed", Some(sw), Some(reason), None));
+                self.say(report(ReportState::Failed, Some(sw), Some(reason), None));
             }
             Boot::Broken(reason) => {
                 let why = format!("the installed software cannot be started: {reason}");
-                self.say(report("failed", None, Some(why), None));
+                self.say(report(ReportState::Failed, None, Some(why), None));
             }
         }
     }
@@ -332,11 +326,16 @@ impl Lifecycle {
             .as_ref()
             .is_some_and(|s| s.bundle_id == order.bundle_id && s.service == order.service)
         {
-            let r = report("running", sw, None, Some(order.deployment));
+            let r = report(ReportState::Running, sw, None, Some(order.deployment));
             self.deployed(order.deployment, r);
             return;
         }
-        self.say_deploying(report("delivering", sw, None, Some(order.deployment)));
+        self.say_deploying(report(
+            ReportState::Delivering,
+            sw,
+            None,
+            Some(order.deployment),
+        ));
         self.out.push(Command::Fetch(order.clone()));
         self.deploying = Some((order, Stage::Fetching));
     }
@@ -344,7 +343,7 @@ impl Lifecycle {
     fn superseded(&mut self, order: &DeployOrder, by: u64) {
         let why = format!("superseded by deployment {by} before it was installed");
         let r = report(
-            "failed",
+            ReportState::Failed,
             self.running().cloned(),
             Some(why),
             Some(order.deployment),
@@ -395,7 +394,12 @@ impl Lifecycle {
         }
         *stage = Stage::Switching(sw.clone());
         let running = self.running().cloned();
-        self.say_deploying(report("installed", running, None, Some(deployment)));
+        self.say_deploying(report(
+            ReportState::Installed,
+            running,
+            None,
+            Some(deployment),
+        ));
         // What ran is stopped by the switch.
         self.child = Child::None;
         self.out.push(Command::Switch {
@@ -413,13 +417,16 @@ impl Lifecycle {
         match result {
             Switched::Healthy => {
                 self.started(new.clone(), now_ms);
-                self.finish(report("running", Some(new), None, d), now_ms);
+                self.finish(report(ReportState::Running, Some(new), None, d), now_ms);
             }
             Switched::NotActivated { reason, running } => {
                 if let Some(sw) = &running {
                     self.started(sw.clone(), now_ms);
                 }
-                self.finish(report("failed", running, Some(reason), d), now_ms);
+                self.finish(
+                    report(ReportState::Failed, running, Some(reason), d),
+                    now_ms,
+                );
             }
             Switched::Unhealthy(reason) => {
                 if let Some((_, stage)) = self.deploying.as_mut() {
@@ -439,7 +446,7 @@ impl Lifecycle {
         let r = match result {
             RolledBack::Healthy(prev) => {
                 self.started(prev.clone(), now_ms);
-                report("rolled_back", Some(prev), Some(reason), d)
+                report(ReportState::RolledBack, Some(prev), Some(reason), d)
             }
             RolledBack::Unhealthy(prev, r2) => {
                 let at_ms = now_ms + self.next_delay(0);
@@ -451,17 +458,17 @@ impl Lifecycle {
                     "{reason}; rolled back to {} {}, which is not healthy either: {r2}",
                     prev.service, prev.version
                 );
-                report("failed", Some(prev), Some(why), d)
+                report(ReportState::Failed, Some(prev), Some(why), d)
             }
             RolledBack::NoPrevious => {
                 self.child = Child::None;
                 let why = format!("{reason}; no previous software to roll back to");
-                report("failed", None, Some(why), d)
+                report(ReportState::Failed, None, Some(why), d)
             }
             RolledBack::Failed(e) => {
                 self.child = Child::None;
                 report(
-                    "failed",
+                    ReportState::Failed,
                     None,
                     Some(format!("{reason}; rolling back: {e}")),
                     d,
@@ -477,7 +484,12 @@ impl Lifecycle {
             return;
         };
         let d = order.deployment;
-        let r = report("failed", self.running().cloned(), Some(reason), Some(d));
+        let r = report(
+            ReportState::Failed,
+            self.running().cloned(),
+            Some(reason),
+            Some(d),
+        );
         self.finish(r, now_ms);
     }
 
@@ -485,12 +497,12 @@ impl Lifecycle {
         let Some((order, _)) = self.deploying.take() else {
             return;
         };
-        let failed = r.state == "failed";
+        let failed = r.is(ReportState::Failed);
         self.deployed(order.deployment, r);
         // It failed while the old software kept running: once the controller has the
         // outcome, the machine says it runs.
         if let Some(sw) = self.running().cloned().filter(|_| failed) {
-            self.held = Some(report("running", Some(sw), None, None));
+            self.held = Some(report(ReportState::Running, Some(sw), None, None));
         }
         self.next_order(now_ms);
     }
@@ -530,7 +542,7 @@ impl Lifecycle {
             software.version,
             humantime::format_duration(std::time::Duration::from_millis(delay))
         );
-        self.say(report("failed", Some(software), Some(why), None));
+        self.say(report(ReportState::Failed, Some(software), Some(why), None));
     }
 
     /// Time passed: a restart that is due is started.
@@ -555,7 +567,7 @@ impl Lifecycle {
         match result {
             Ok(()) => {
                 self.started(software.clone(), now_ms);
-                self.say(report("running", Some(software), None, None));
+                self.say(report(ReportState::Running, Some(software), None, None));
             }
             Err(_) => {
                 let at_ms = now_ms + self.next_delay(now_ms.saturating_sub(since_ms));

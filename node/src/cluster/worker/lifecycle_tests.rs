@@ -179,7 +179,12 @@ fn restart_backoff_doubles_from_now_and_resets_after_a_stable_run() {
 
 #[test]
 fn boot_does_not_overwrite_an_unacknowledged_deployment_outcome() {
-    let stored = report("rolled_back", Some(sw("old")), Some("x".into()), Some(4));
+    let stored = report(
+        ReportState::RolledBack,
+        Some(sw("old")),
+        Some("x".into()),
+        Some(4),
+    );
     let mut rec = WorkerRecord {
         report: Some(stored),
         report_seq: 5,
@@ -198,7 +203,12 @@ fn boot_does_not_overwrite_an_unacknowledged_deployment_outcome() {
     assert_eq!(l.take().len(), 1);
     // A failed outcome (the software was down then): `running` once acknowledged.
     rec.report_acked = 4;
-    rec.report = Some(report("failed", None, Some("no".into()), Some(4)));
+    rec.report = Some(report(
+        ReportState::Failed,
+        None,
+        Some("no".into()),
+        Some(4),
+    ));
     rec.last_deployment = 4;
     let mut l = Lifecycle::new();
     l.booted(Boot::Healthy(sw("old")), &rec, 0);
@@ -208,7 +218,7 @@ fn boot_does_not_overwrite_an_unacknowledged_deployment_outcome() {
     assert_eq!(
         l.take(),
         vec![Command::Report(report(
-            "running",
+            ReportState::Running,
             Some(sw("old")),
             None,
             None
@@ -226,7 +236,7 @@ fn a_failed_delivery_reports_running_again_once_acknowledged() {
     let out = l.take();
     assert_eq!(deployed(&out), vec![(2, "failed", Some("hash mismatch"))]);
     let mut rec = WorkerRecord {
-        report: Some(report("failed", Some(sw("old")), None, Some(2))),
+        report: Some(report(ReportState::Failed, Some(sw("old")), None, Some(2))),
         report_seq: 3,
         report_acked: 2,
         last_deployment: 2,
@@ -239,7 +249,7 @@ fn a_failed_delivery_reports_running_again_once_acknowledged() {
     assert_eq!(
         l.take(),
         vec![Command::Report(report(
-            "running",
+            ReportState::Running,
             Some(sw("old")),
             None,
             None
@@ -282,7 +292,12 @@ fn reports(cmds: &[Command]) -> Vec<(&str, Option<u64>)> {
 /// `acked`.
 fn outcome_record(d: u64, state: &str, seq: u64, acked: u64) -> WorkerRecord {
     WorkerRecord {
-        report: Some(report(state, Some(sw(&format!("b{d}"))), None, Some(d))),
+        report: Some(report(
+            state.parse().unwrap(),
+            Some(sw(&format!("b{d}"))),
+            None,
+            Some(d),
+        )),
         report_seq: seq,
         report_acked: acked,
         last_deployment: d,

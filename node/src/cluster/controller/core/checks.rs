@@ -12,7 +12,7 @@ pub(super) fn is_member(m: &MachineRecord) -> bool {
         && !m
             .report
             .as_ref()
-            .is_some_and(|r| matches!(r.state.as_str(), "failed" | "stopped"))
+            .is_some_and(|r| r.is(ReportState::Failed) || r.is(ReportState::Stopped))
 }
 
 pub(super) fn check_join(j: &Join) -> Result<(), String> {
@@ -51,10 +51,12 @@ pub(super) fn check_join(j: &Join) -> Result<(), String> {
     Ok(())
 }
 
-pub(super) fn check_report(r: &MachineReport) -> Result<(), String> {
+/// The report's state, parsed at the wire boundary, if the report is acceptable.
+pub(super) fn check_report(r: &MachineReport) -> Result<ReportState, String> {
     if r.state.is_empty() || r.state.len() > REPORT_TEXT_MAX {
         return Err("state: empty or too long".into());
     }
+    let state = r.parsed_state().map_err(|e| format!("state: {e}"))?;
     if r.detail
         .as_ref()
         .is_some_and(|d| d.len() > REPORT_DETAIL_MAX)
@@ -69,7 +71,7 @@ pub(super) fn check_report(r: &MachineReport) -> Result<(), String> {
             return Err("software: a field is too long".into());
         }
     }
-    Ok(())
+    Ok(state)
 }
 
 pub(super) fn check_config_report(r: &ConfigReport) -> Result<(), String> {

@@ -208,8 +208,8 @@ impl ControllerCore {
         }
         m.pub_acked = upto;
         for d in &mut m.deploys {
-            if d.seq <= upto && d.state == "pending" {
-                d.state = "delivering".into();
+            if d.seq <= upto && d.state == DeployPhase::Pending {
+                d.state = DeployPhase::Reported(ReportState::Delivering);
             }
         }
         if m.config.seq <= upto && m.config.state == "pending" {

@@ -29,7 +29,7 @@ use crate::limits::{DEPLOYS_KEPT, REPORT_DETAIL_MAX, REPORT_TEXT_MAX};
 use crate::net::close;
 use crate::wire::{
     Admission, ConfigReport, Join, JoinRefusal, MachineReport, Message, Publication, Relay,
-    CLUSTER_PROTOCOL_VERSION,
+    ReportState, CLUSTER_PROTOCOL_VERSION,
 };
 
 mod checks;
@@ -211,8 +211,44 @@ impl MachineRecord {
 pub struct DeployState {
     pub deployment: u64,
     pub seq: u64,
-    pub state: String,
+    pub state: DeployPhase,
     pub detail: Option<String>,
+}
+
+/// Where a deployment stands on a machine: `pending` (the controller's own word), or what
+/// the machine reported. Stored as its word (the same bytes as when this was a string), so
+/// records written before it decode unchanged. New reports with a word this node does not
+/// know are refused at the wire boundary; such a word stored by an older controller (which
+/// took any) reads as `delivering`, which is how it always counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
+pub enum DeployPhase {
+    Pending,
+    Reported(ReportState),
+}
+
+impl DeployPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeployPhase::Pending => "pending",
+            DeployPhase::Reported(r) => r.as_str(),
+        }
+    }
+}
+
+impl From<DeployPhase> for String {
+    fn from(p: DeployPhase) -> String {
+        p.as_str().to_owned()
+    }
+}
+
+impl From<String> for DeployPhase {
+    fn from(s: String) -> DeployPhase {
+        match s.as_str() {
+            "pending" => DeployPhase::Pending,
+            other => DeployPhase::Reported(other.parse().unwrap_or(ReportState::Delivering)),
+        }
+    }
 }
 
 impl MachineRecord {

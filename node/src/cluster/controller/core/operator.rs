@@ -175,7 +175,7 @@ impl ControllerCore {
                 m.deploys.push(DeployState {
                     deployment: order.deployment,
                     seq,
-                    state: "pending".into(),
+                    state: DeployPhase::Pending,
                     detail: None,
                 });
                 if m.deploys.len() > DEPLOYS_KEPT {
