@@ -126,29 +126,41 @@ pub(crate) fn view(core: &ControllerCore, rec: DeploymentRecord) -> DeploymentVi
     }
 }
 
+/// Why a machine may not fetch the bundles sealed to another (the transfer stream is
+/// refused with it).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FetchRefused {
+    #[error("this machine is not admitted")]
+    NotAdmitted,
+    #[error("no machine {0}")]
+    NoMachine(NodeId),
+    /// The target's name.
+    #[error("the bundles of {0} go only to it or to its load balancer")]
+    NotItsBundles(String),
+    #[error("the controller's database is unavailable; retry shortly")]
+    Unavailable,
+}
+
 pub(crate) fn authorize(
     core: &ControllerCore,
     requester: NodeId,
     fingerprint: Fingerprint,
     machine: NodeId,
-) -> Result<(), String> {
+) -> Result<(), FetchRefused> {
     let me = core
         .machine(requester)
         .filter(|m| m.fingerprint == fingerprint && m.key_status == KeyStatus::Admitted)
-        .ok_or_else(|| "this machine is not admitted".to_owned())?;
+        .ok_or(FetchRefused::NotAdmitted)?;
     if requester == machine {
         return Ok(());
     }
     let target = core
         .machine(machine)
-        .ok_or_else(|| format!("no machine {machine}"))?;
+        .ok_or(FetchRefused::NoMachine(machine))?;
     if me.is_load_balancer() && target.load_balancer.as_deref() == Some(me.name.as_str()) {
         return Ok(());
     }
-    Err(format!(
-        "the bundles of {} go only to it or to its load balancer",
-        target.name
-    ))
+    Err(FetchRefused::NotItsBundles(target.name.clone()))
 }
 
 /// The sealed files whose machine is done with them: it reported a final state for that
