@@ -17,7 +17,7 @@ use crate::cluster::controller::core::{
     ControllerCore, KeyStatus, MachineRecord, Output, Settings,
 };
 use crate::cluster::controller::parse_deployment_request;
-use crate::cluster::keys::{token_proof, token_proof_matches, ControllerKey};
+use crate::cluster::keys::{token_proof, token_proof_matches, AgeSealer, ControllerKey};
 use crate::cluster::worker::core::{JoinInfo, Standing, WorkerCore, WorkerRecord, WorkerRefusal};
 use crate::config::{self, Limits, SERVICES};
 use crate::datacenter::api::{parse_batch_body, parse_event_body};
@@ -243,7 +243,14 @@ fn controller_core(pending_max: usize) -> ControllerCore {
         join_token: Some(FUZZ_JOIN_TOKEN.to_vec()),
         ..Settings::new(4000)
     };
-    let mut core = ControllerCore::open(settings, key, machine_records(), Vec::new(), NOW_MS);
+    let mut core = ControllerCore::open(
+        settings,
+        key,
+        Box::new(AgeSealer),
+        machine_records(),
+        Vec::new(),
+        NOW_MS,
+    );
     let _ = core.take();
     core
 }

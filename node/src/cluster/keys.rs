@@ -69,13 +69,38 @@ impl ControllerKey {
         body: &[u8],
     ) -> Result<Publication, KeyError> {
         let sealed = seal_to(recipient, body)?;
+        Ok(self.sign_publication(machine, seq, sealed))
+    }
+
+    /// Signs bytes already sealed to `machine` as publication `seq` of its channel (Ed25519 is
+    /// deterministic: no randomness here).
+    pub fn sign_publication(&self, machine: NodeId, seq: u64, sealed: Vec<u8>) -> Publication {
         let signature = self.sign_digest(&publication_digest(machine, seq, &sealed));
-        Ok(Publication {
+        Publication {
             machine,
             seq,
             sealed,
             signature,
-        })
+        }
+    }
+}
+
+/// Seals a publication's body to a machine's age recipient. The controller core is given
+/// one when it is built and draws no randomness of its own: sealing is the only step of a
+/// publication that needs any (age's file key, ephemeral X25519 key and nonce).
+pub trait Sealer: Send {
+    fn seal(&mut self, recipient: &str, plaintext: &[u8]) -> Result<Vec<u8>, KeyError>;
+}
+
+/// [`seal_to`]: age, which draws its randomness from the operating system's CSPRNG (age
+/// takes no RNG of ours, and its format is not ours to rebuild). What the controller and the
+/// cluster simulation use; nothing in the simulation depends on the ciphertext's bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AgeSealer;
+
+impl Sealer for AgeSealer {
+    fn seal(&mut self, recipient: &str, plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+        seal_to(recipient, plaintext)
     }
 }
 

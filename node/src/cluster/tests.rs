@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use super::body::Pool;
 use super::controller::core::{ControllerCore, KeyStatus, Output, Peer, Settings};
-use super::keys::{token_proof, ControllerKey, SealKey};
+use super::keys::{token_proof, AgeSealer, ControllerKey, SealKey};
 use super::worker::core::{Effect, JoinInfo, Standing, WorkerCore, WorkerOutput, WorkerRecord};
 use crate::ids::{Fingerprint, NodeId};
 use crate::wire::{MachineReport, Message};
@@ -29,7 +29,14 @@ impl Net {
     fn new() -> Net {
         let mut settings = Settings::new(1000);
         settings.join_token = Some(TOKEN.to_vec());
-        let ctl = ControllerCore::open(settings, ControllerKey::generate(), vec![], vec![], 0);
+        let ctl = ControllerCore::open(
+            settings,
+            ControllerKey::generate(),
+            Box::new(AgeSealer),
+            vec![],
+            vec![],
+            0,
+        );
         Net {
             ctl,
             workers: BTreeMap::new(),

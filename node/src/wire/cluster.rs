@@ -124,16 +124,124 @@ pub struct Software {
     pub version: String,
 }
 
+/// What a machine's software is doing, as its reports say. On the wire it is the word
+/// ([`ReportState::as_str`]) in [`MachineReport::state`]: parsed at the boundary
+/// ([`MachineReport::parsed_state`]), formatted back with [`MachineReport::new`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ReportState {
+    Idle,
+    Starting,
+    /// A deployment's order is received; its bundle is on the way (`fetching` and
+    /// `installing` are older words for the same).
+    Delivering,
+    Fetching,
+    Installing,
+    Installed,
+    Running,
+    RolledBack,
+    Failed,
+    Stopped,
+}
+
+/// A report state this node does not know.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown state {0:?}")]
+pub struct UnknownReportState(pub String);
+
+impl ReportState {
+    pub const ALL: [ReportState; 10] = [
+        ReportState::Idle,
+        ReportState::Starting,
+        ReportState::Delivering,
+        ReportState::Fetching,
+        ReportState::Installing,
+        ReportState::Installed,
+        ReportState::Running,
+        ReportState::RolledBack,
+        ReportState::Failed,
+        ReportState::Stopped,
+    ];
+
+    /// The word on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportState::Idle => "idle",
+            ReportState::Starting => "starting",
+            ReportState::Delivering => "delivering",
+            ReportState::Fetching => "fetching",
+            ReportState::Installing => "installing",
+            ReportState::Installed => "installed",
+            ReportState::Running => "running",
+            ReportState::RolledBack => "rolled_back",
+            ReportState::Failed => "failed",
+            ReportState::Stopped => "stopped",
+        }
+    }
+
+    /// A deployment's final outcome: running, rolled back or failed.
+    pub fn is_outcome(self) -> bool {
+        matches!(
+            self,
+            ReportState::Running | ReportState::RolledBack | ReportState::Failed
+        )
+    }
+}
+
+impl std::fmt::Display for ReportState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ReportState {
+    type Err = UnknownReportState;
+
+    fn from_str(s: &str) -> Result<ReportState, UnknownReportState> {
+        ReportState::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownReportState(s.chars().take(64).collect()))
+    }
+}
+
 /// A machine's report about itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineReport {
-    /// What its software is doing: `idle`, `starting`, `running`, `rolled_back`, `failed`.
+    /// What its software is doing: a [`ReportState`]'s word (`idle`, `starting`, `running`,
+    /// `rolled_back`, `failed`, ...). A string on the wire, so that the encoding never
+    /// depends on this enum; parse it with [`MachineReport::parsed_state`].
     pub state: String,
     pub software: Option<Software>,
     /// Why, when not running.
     pub detail: Option<String>,
     /// The deployment this report is about, if any.
     pub deployment: Option<u64>,
+}
+
+impl MachineReport {
+    pub fn new(
+        state: ReportState,
+        software: Option<Software>,
+        detail: Option<String>,
+        deployment: Option<u64>,
+    ) -> MachineReport {
+        MachineReport {
+            state: state.as_str().to_owned(),
+            software,
+            detail,
+            deployment,
+        }
+    }
+
+    /// The state, parsed: a word this node does not know is an error, never a panic.
+    pub fn parsed_state(&self) -> Result<ReportState, UnknownReportState> {
+        self.state.parse()
+    }
+
+    /// Whether the report says `state` (false for a word this node does not know).
+    pub fn is(&self, state: ReportState) -> bool {
+        self.parsed_state() == Ok(state)
+    }
 }
 
 /// A machine's notification channel: the worker numbers its reports; the controller records

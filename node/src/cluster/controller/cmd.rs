@@ -254,7 +254,7 @@ pub(crate) enum DeployCmd {
         requester: NodeId,
         fingerprint: Fingerprint,
         machine: NodeId,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), super::deploy_view::FetchRefused>>,
     },
     /// Which of these sealed files are no longer needed.
     Sweep {

@@ -27,30 +27,58 @@ pub enum Scope {
     Machine(String),
 }
 
+/// Why a path names no configuration scope (the API answers 404 with it). Names are cut to
+/// their first 64 characters.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeError {
+    #[error("unknown service {0:?} (one of {services})", services = config::SERVICES.join(", "))]
+    UnknownService(String),
+    #[error("unknown component {0:?} (one of {components})", components = config::COMPONENTS.join(", "))]
+    UnknownComponent(String),
+    #[error("machine name: {0}")]
+    MachineName(String),
+    #[error(
+        "{0:?} is not a configuration scope: service/SERVICE, \
+         component/SERVICE/COMPONENT or machine/NAME"
+    )]
+    NotAScope(String),
+}
+
+/// Why a configuration document was refused (the API answers 400 with it).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DocError {
+    #[error("the document is {0} bytes; at most {CONFIG_DOC_BYTES_MAX}")]
+    TooLarge(usize),
+    #[error("not UTF-8: {0}")]
+    NotUtf8(String),
+    #[error("not TOML: {0}")]
+    NotToml(String),
+    #[error("TOML that has no JSON form: {0}")]
+    TomlWithoutJson(String),
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    #[error("the document must be an object (a table of keys)")]
+    NotAnObject,
+    #[error("nested more than {CONFIG_DOC_DEPTH_MAX} levels deep")]
+    TooDeep,
+}
+
 impl Scope {
     /// From the path after `/v1/config/`: `service/S`, `component/S/C` or `machine/NAME`.
-    pub fn parse(path: &str) -> Result<Scope, String> {
+    pub fn parse(path: &str) -> Result<Scope, ScopeError> {
         let parts: Vec<&str> = path.split('/').collect();
         let service = |s: &str| {
             if config::SERVICES.contains(&s) {
                 Ok(s.to_owned())
             } else {
-                Err(format!(
-                    "unknown service {:?} (one of {})",
-                    short(s),
-                    config::SERVICES.join(", ")
-                ))
+                Err(ScopeError::UnknownService(short(s)))
             }
         };
         match parts.as_slice() {
             ["service", s] => Ok(Scope::Service(service(s)?)),
             ["component", s, c] => {
                 if !config::COMPONENTS.contains(c) {
-                    return Err(format!(
-                        "unknown component {:?} (one of {})",
-                        short(c),
-                        config::COMPONENTS.join(", ")
-                    ));
+                    return Err(ScopeError::UnknownComponent(short(c)));
                 }
                 Ok(Scope::Component {
                     service: service(s)?,
@@ -58,14 +86,10 @@ impl Scope {
                 })
             }
             ["machine", name] => {
-                config::check_name(name).map_err(|e| format!("machine name: {e}"))?;
+                config::check_name(name).map_err(|e| ScopeError::MachineName(e.to_string()))?;
                 Ok(Scope::Machine((*name).to_owned()))
             }
-            _ => Err(format!(
-                "{:?} is not a configuration scope: service/SERVICE, \
-                 component/SERVICE/COMPONENT or machine/NAME",
-                short(path)
-            )),
+            _ => Err(ScopeError::NotAScope(short(path))),
         }
     }
 
@@ -213,27 +237,22 @@ pub fn canonical(v: &Value) -> String {
 /// A document as `PUT` takes it: JSON (default) or TOML (`toml` true), at most
 /// [`CONFIG_DOC_BYTES_MAX`] bytes, an object at the top, nested at most [`CONFIG_DOC_DEPTH_MAX`] deep. The
 /// error says what is wrong, for a 400.
-pub fn parse_doc(bytes: &[u8], toml: bool) -> Result<Value, String> {
+pub fn parse_doc(bytes: &[u8], toml: bool) -> Result<Value, DocError> {
     if bytes.len() > CONFIG_DOC_BYTES_MAX {
-        return Err(format!(
-            "the document is {} bytes; at most {CONFIG_DOC_BYTES_MAX}",
-            bytes.len()
-        ));
+        return Err(DocError::TooLarge(bytes.len()));
     }
-    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+    let text = std::str::from_utf8(bytes).map_err(|e| DocError::NotUtf8(e.to_string()))?;
     let v: Value = if toml {
-        let t: toml::Table = toml::from_str(text).map_err(|e| format!("not TOML: {e}"))?;
-        serde_json::to_value(t).map_err(|e| format!("TOML that has no JSON form: {e}"))?
+        let t: toml::Table = toml::from_str(text).map_err(|e| DocError::NotToml(e.to_string()))?;
+        serde_json::to_value(t).map_err(|e| DocError::TomlWithoutJson(e.to_string()))?
     } else {
-        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?
+        serde_json::from_str(text).map_err(|e| DocError::NotJson(e.to_string()))?
     };
     if !v.is_object() {
-        return Err("the document must be an object (a table of keys)".into());
+        return Err(DocError::NotAnObject);
     }
     if depth(&v) > CONFIG_DOC_DEPTH_MAX {
-        return Err(format!(
-            "nested more than {CONFIG_DOC_DEPTH_MAX} levels deep"
-        ));
+        return Err(DocError::TooDeep);
     }
     Ok(v)
 }
@@ -327,7 +346,7 @@ mod tests {
             ("service/voice/extra", "not a configuration scope"),
         ] {
             let e = Scope::parse(path).unwrap_err();
-            assert!(e.contains(want), "{path}: {e}");
+            assert!(e.to_string().contains(want), "{path}: {e}");
         }
         for (doc, toml, want) in [
             (&b"[1, 2]"[..], false, "must be an object"),
@@ -336,11 +355,12 @@ mod tests {
             (b"\xff", false, "not UTF-8"),
         ] {
             let e = parse_doc(doc, toml).unwrap_err();
-            assert!(e.contains(want), "{doc:?}: {e}");
+            assert!(e.to_string().contains(want), "{doc:?}: {e}");
         }
         let big = format!("{{\"a\": \"{}\"}}", "x".repeat(CONFIG_DOC_BYTES_MAX));
         assert!(parse_doc(big.as_bytes(), false)
             .unwrap_err()
+            .to_string()
             .contains("at most"));
         let deep = format!(
             "{}{}",
@@ -349,6 +369,7 @@ mod tests {
         );
         assert!(parse_doc(deep.as_bytes(), false)
             .unwrap_err()
+            .to_string()
             .contains("levels deep"));
         assert_eq!(
             parse_doc(b"log = \"info\"\n[limits]\ncalls = 5\n", true).unwrap(),

@@ -41,7 +41,7 @@ pub use super::deploy_core::{
     step_rollout, DeployCore, DeployError, DeployEvent, DeploymentRecord, DeploymentView,
     NewDeployment, SealJob, SealTarget, TargetView,
 };
-use super::deploy_view::{authorize, sweepable, view};
+use super::deploy_view::{authorize, sweepable, view, FetchRefused};
 pub(crate) use super::deploy_view::{bundles_needed, status_of, view_of};
 use crate::limits::BUNDLE_SWEEP_EVERY;
 
@@ -283,7 +283,7 @@ fn read(core: Option<&ControllerCore>, store: Option<&Store>, cmd: DeployCmd) {
             reply,
         } => {
             let answer = match core {
-                None => Err("the controller's database is unavailable; retry shortly".into()),
+                None => Err(FetchRefused::Unavailable),
                 Some(core) => authorize(core, requester, fingerprint, machine),
             };
             let _ = reply.send(answer);

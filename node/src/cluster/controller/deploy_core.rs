@@ -31,6 +31,7 @@ use super::storage::ClusterStore;
 use crate::cluster::body::{Body, DeployOrder};
 use crate::ids::NodeId;
 use crate::limits::DEPLOY_RESUME_MAX;
+use crate::wire::ReportState;
 
 /// Seal these targets of one deployment, in order.
 #[derive(Clone, Debug)]
@@ -538,7 +539,9 @@ fn observe(core: &ControllerCore, rec: &DeploymentRecord, node: NodeId) -> Obser
         superseded_by,
         healthy: m.is_some_and(|m| {
             m.up && m.key_status == KeyStatus::Admitted
-                && m.report.as_ref().is_some_and(|r| r.state == "running")
+                && m.report
+                    .as_ref()
+                    .is_some_and(|r| r.is(ReportState::Running))
         }),
         in_pool: core.in_pool(node),
         drained: core.drained(node),

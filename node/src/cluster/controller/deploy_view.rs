@@ -6,22 +6,27 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use super::core::{ControllerCore, KeyStatus};
-use super::deployment::{settled, short, DeploymentRecord, DeploymentView, TargetView};
+use super::core::{ControllerCore, DeployPhase, KeyStatus};
+use super::deployment::{settled, DeploymentRecord, DeploymentView, TargetView};
 use super::storage::ClusterStore;
 use crate::ids::{Fingerprint, NodeId};
+use crate::wire::ReportState;
 
 /// The API's status for a state the core recorded (`pending`, `delivering`) or a worker
-/// reported. A state this controller does not know counts as still delivering.
-pub(crate) fn status_of(state: &str) -> &'static str {
+/// reported.
+pub(crate) fn status_of(state: &DeployPhase) -> &'static str {
+    use ReportState as R;
     match state {
-        "pending" => "pending",
-        "delivering" | "fetching" | "installing" => "delivering",
-        "installed" | "starting" => "installed",
-        "running" => "running",
-        "rolled_back" => "rolled_back",
-        "failed" => "failed",
-        _ => "delivering",
+        DeployPhase::Pending => "pending",
+        DeployPhase::Reported(r) => match r {
+            R::Delivering | R::Fetching | R::Installing => "delivering",
+            R::Installed | R::Starting => "installed",
+            R::Running => "running",
+            R::RolledBack => "rolled_back",
+            R::Failed => "failed",
+            // Not a deployment's stage: it is still on its way.
+            R::Idle | R::Stopped => "delivering",
+        },
     }
 }
 
@@ -76,8 +81,8 @@ pub(crate) fn target_view(
         let reason = match (&d.detail, status) {
             (Some(detail), _) => Some(detail.clone()),
             (None, "pending") => Some("sent; not yet received by the machine".into()),
-            (None, "delivering") if d.state != "delivering" => {
-                Some(format!("the machine says {:?}", short(&d.state)))
+            (None, "delivering") if d.state.as_str() != "delivering" => {
+                Some(format!("the machine says {:?}", d.state.as_str()))
             }
             _ => None,
         };
@@ -121,29 +126,41 @@ pub(crate) fn view(core: &ControllerCore, rec: DeploymentRecord) -> DeploymentVi
     }
 }
 
+/// Why a machine may not fetch the bundles sealed to another (the transfer stream is
+/// refused with it).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FetchRefused {
+    #[error("this machine is not admitted")]
+    NotAdmitted,
+    #[error("no machine {0}")]
+    NoMachine(NodeId),
+    /// The target's name.
+    #[error("the bundles of {0} go only to it or to its load balancer")]
+    NotItsBundles(String),
+    #[error("the controller's database is unavailable; retry shortly")]
+    Unavailable,
+}
+
 pub(crate) fn authorize(
     core: &ControllerCore,
     requester: NodeId,
     fingerprint: Fingerprint,
     machine: NodeId,
-) -> Result<(), String> {
+) -> Result<(), FetchRefused> {
     let me = core
         .machine(requester)
         .filter(|m| m.fingerprint == fingerprint && m.key_status == KeyStatus::Admitted)
-        .ok_or_else(|| "this machine is not admitted".to_owned())?;
+        .ok_or(FetchRefused::NotAdmitted)?;
     if requester == machine {
         return Ok(());
     }
     let target = core
         .machine(machine)
-        .ok_or_else(|| format!("no machine {machine}"))?;
+        .ok_or(FetchRefused::NoMachine(machine))?;
     if me.is_load_balancer() && target.load_balancer.as_deref() == Some(me.name.as_str()) {
         return Ok(());
     }
-    Err(format!(
-        "the bundles of {} go only to it or to its load balancer",
-        target.name
-    ))
+    Err(FetchRefused::NotItsBundles(target.name.clone()))
 }
 
 /// The sealed files whose machine is done with them: it reported a final state for that

@@ -25,30 +25,49 @@ pub enum WaveSize {
     Percent(u8),
 }
 
+/// Why a wave's size was refused (the API answers 400 with it, after the field's name).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WaveSizeError {
+    /// A number below 1 or not an integer (as written).
+    #[error("{0} is not a machine count (1 or more)")]
+    NotACount(String),
+    /// A string that is not `1%` to `100%` (its first 16 characters).
+    #[error("{0:?} is not a percentage (\"1%\" to \"100%\")")]
+    NotAPercentage(String),
+    /// Any other JSON value (as written).
+    #[error("{0} is neither a machine count nor a percentage")]
+    Neither(String),
+}
+
+/// Why an operator's control of a rollout cannot be done: the rollout is over.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the rollout is {state}{}; it can no longer {control}",
+    reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+)]
+pub struct ControlError {
+    pub state: &'static str,
+    pub reason: Option<String>,
+    pub control: &'static str,
+}
+
 impl WaveSize {
     /// `3`, or `"25%"`.
-    pub fn parse(v: &serde_json::Value) -> Result<WaveSize, String> {
+    pub fn parse(v: &serde_json::Value) -> Result<WaveSize, WaveSizeError> {
         match v {
             serde_json::Value::Number(n) => match n.as_u64() {
                 Some(c) if c >= 1 => Ok(WaveSize::Count(c as usize)),
-                _ => Err(format!("{n} is not a machine count (1 or more)")),
+                _ => Err(WaveSizeError::NotACount(n.to_string())),
             },
             serde_json::Value::String(s) => {
                 let p = s
                     .strip_suffix('%')
                     .and_then(|p| p.trim().parse::<u8>().ok())
                     .filter(|p| (1..=100).contains(p))
-                    .ok_or_else(|| {
-                        format!(
-                            "{:?} is not a percentage (\"1%\" to \"100%\")",
-                            s.chars().take(16).collect::<String>()
-                        )
-                    })?;
+                    .ok_or_else(|| WaveSizeError::NotAPercentage(s.chars().take(16).collect()))?;
                 Ok(WaveSize::Percent(p))
             }
-            other => Err(format!(
-                "{other} is neither a machine count nor a percentage"
-            )),
+            other => Err(WaveSizeError::Neither(other.to_string())),
         }
     }
 
@@ -339,17 +358,13 @@ impl Rollout {
 
     /// An operator's `pause`, `resume` or `abort`: the actions to perform (targets drained and
     /// not sent go back to their pool on an abort), or why it cannot be done.
-    pub fn control(&mut self, c: Control) -> Result<Vec<Action>, String> {
+    pub fn control(&mut self, c: Control) -> Result<Vec<Action>, ControlError> {
         if self.state.is_final() {
-            return Err(format!(
-                "the rollout is {}{}; it can no longer {}",
-                self.state.as_str(),
-                self.reason
-                    .as_deref()
-                    .map(|r| format!(" ({r})"))
-                    .unwrap_or_default(),
-                c.as_str()
-            ));
+            return Err(ControlError {
+                state: self.state.as_str(),
+                reason: self.reason.clone(),
+                control: c.as_str(),
+            });
         }
         match c {
             Control::Pause => self.state = RolloutState::Paused,

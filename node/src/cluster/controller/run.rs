@@ -22,7 +22,7 @@ use super::shared::*;
 use super::thread::CoreThread;
 use crate::boot::open_node;
 use crate::clock::now_ms;
-use crate::cluster::keys::{ControllerKey, SIGNING_SECRET};
+use crate::cluster::keys::{AgeSealer, ControllerKey, SIGNING_SECRET};
 use crate::config::{Config, ConfigError};
 use crate::limits::CONTROLLER_TICK_EVERY;
 use crate::limits::{
@@ -114,8 +114,16 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
     })?;
     let (machines, pubs) = store.controller_load()?;
     let core_key = ControllerKey::from_secret(&key.secret_bytes())?;
-    let core = ControllerCore::open(settings.clone(), core_key, machines, pubs, now_ms())
-        .with_config(store.config_newest()?);
+    let mut core = ControllerCore::open(
+        settings.clone(),
+        core_key,
+        Box::new(AgeSealer),
+        machines,
+        pubs,
+        now_ms(),
+    )
+    .with_config(store.config_newest()?);
+    super::thread::log_core_events(&mut core);
     let deny = PinSet::new(core.rejected_fingerprints());
     let endpoint = crate::net::endpoint_with_policy(
         config.listen,

@@ -19,14 +19,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::cmd::*;
 use super::core::{
-    ConfigError, ConfigSet, ConnId, ControllerCore, Dirty, KeyActionError, KeyStatus,
+    ConfigError, ConfigSet, ConnId, ControllerCore, CoreEvent, Dirty, KeyActionError, KeyStatus,
     MachineRecord, Output, Settings,
 };
 use super::deploy::{DeployBook, DeploymentRecord, SealJob};
 use super::shared::ControllerShared;
 use super::storage::ClusterStore;
 use crate::clock::now_ms;
-use crate::cluster::keys::ControllerKey;
+use crate::cluster::keys::{AgeSealer, ControllerKey};
 use crate::ids::NodeId;
 use crate::limits::{CONTROLLER_COMMIT_BATCH_MAX, CONTROLLER_REOPEN_EVERY};
 use crate::net::close;
@@ -220,6 +220,7 @@ impl CoreThread {
             return true;
         };
         let (dirty, outputs) = core.take();
+        log_core_events(core);
         let deployments = self.deploy.take_writes();
         if !dirty.is_empty() || !deployments.is_empty() {
             let result = match &mut self.store {
@@ -575,14 +576,16 @@ impl CoreThread {
         let key = ControllerKey::from_secret(&self.key_secret);
         match (opened, key) {
             (Ok((store, loaded)), Ok(key)) => {
-                let core = ControllerCore::open(
+                let mut core = ControllerCore::open(
                     self.settings.clone(),
                     key,
+                    Box::new(AgeSealer),
                     loaded.machines,
                     loaded.publications,
                     now_ms(),
                 )
                 .with_config(loaded.config);
+                log_core_events(&mut core);
                 self.shared.deny.replace(core.rejected_fingerprints());
                 self.core = Some(core);
                 self.store = Some(store);
@@ -616,5 +619,55 @@ impl CoreThread {
             s.unacked = core.unacked_len();
         }
         *self.shared.summary.lock().expect("summary lock") = s;
+    }
+}
+
+/// Logs what the core did that an operator should hear of (the core itself logs nothing).
+pub(super) fn log_core_events(core: &mut ControllerCore) {
+    for e in core.take_events() {
+        match e {
+            CoreEvent::OwnNodeIdRemoved { name } => tracing::warn!(
+                name = %name,
+                "removing a machine record that carries the controller's own node id"
+            ),
+            CoreEvent::PendingGaveWay {
+                name,
+                node,
+                fingerprint,
+                why,
+            } => tracing::info!(
+                name = %name,
+                node_id = %node,
+                fingerprint = %fingerprint,
+                "a pending key gives way to a key with the join token ({why})"
+            ),
+            CoreEvent::ChannelMovedForward {
+                machine,
+                resume,
+                published,
+            } => tracing::warn!(
+                machine = %machine,
+                resume,
+                published,
+                "a machine applied more of its channel than this controller remembers publishing; moving the channel forward"
+            ),
+            CoreEvent::ChannelFull {
+                name,
+                node,
+                unacknowledged,
+            } => tracing::warn!(
+                name = %name,
+                node_id = %node,
+                unacknowledged,
+                "a machine's publication channel is at its bound: its pool and route \
+                 changes wait until it acknowledges, deployments to it fail"
+            ),
+            CoreEvent::ChannelHasRoom { name } => {
+                tracing::info!(name = %name, "a machine's publication channel has room again")
+            }
+            CoreEvent::SealFailed { machine, error } => {
+                tracing::error!(machine = %machine, "cannot seal a publication: {error}")
+            }
+        }
     }
 }

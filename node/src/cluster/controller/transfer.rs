@@ -144,7 +144,9 @@ async fn transfer(
     .await;
     match allowed {
         Ok(Ok(())) => {}
-        Ok(Err(reason)) => return refuse(shared, send, close::UNKNOWN_PEER, reason).await,
+        Ok(Err(refused)) => {
+            return refuse(shared, send, close::UNKNOWN_PEER, refused.to_string()).await
+        }
         Err(reason) => return refuse(shared, send, close::OVERLOADED, reason).await,
     }
     let path = shared.bundles.sealed_path(req.deployment, req.machine);

@@ -18,7 +18,7 @@ use crate::limits::{
     SOFTWARE_RESTART_BACKOFF_MAX as BACKOFF_MAX, SOFTWARE_RESTART_BACKOFF_MIN as BACKOFF_MIN,
     SOFTWARE_RESTART_BACKOFF_RESET_AFTER as BACKOFF_RESET_AFTER,
 };
-use crate::wire::{MachineReport, Software};
+use crate::wire::{MachineReport, ReportState, Software};
 
 use super::core::WorkerRecord;
 use crate::limits::SOFTWARE_ORDERS_MAX;
@@ -124,9 +124,16 @@ pub struct Lifecycle {
     queued: VecDeque<DeployOrder>,
     child: Child,
     backoff_ms: u64,
-    /// A deployment reported `failed` while the old software kept running: once the
-    /// controller acknowledged that, the machine reports `running` again.
-    restore_after: Option<u64>,
+    /// A deployment whose outcome (its last report) the controller may not have acknowledged
+    /// yet. Reports are the machine's latest state, not a log: a report after the outcome
+    /// replaces it, and if that happens before the controller heard it, the outcome is lost
+    /// and the deployment's rollout waits for ever. So a report of the software's state
+    /// (a death, a restart, a boot) waits in `held` until the outcome is acknowledged (seed
+    /// 3238338651: the new software died in the step its `running` outcome was reported).
+    outcome: Option<u64>,
+    /// The newest such report, sent once the outcome is acknowledged (after a failed
+    /// deployment while the old software kept running: `running`).
+    held: Option<MachineReport>,
     out: Vec<Command>,
 }
 
@@ -149,19 +156,14 @@ pub fn clip(mut s: String) -> String {
     s
 }
 
-/// A report with its detail clipped.
+/// A report with its detail clipped; the state becomes its wire word here.
 pub fn report(
-    state: &str,
+    state: ReportState,
     software: Option<Software>,
     detail: Option<String>,
     deployment: Option<u64>,
 ) -> MachineReport {
-    MachineReport {
-        state: state.into(),
-        software,
-        detail: detail.map(clip),
-        deployment,
-    }
+    MachineReport::new(state, software, detail.map(clip), deployment)
 }
 
 fn ms(d: std::time::Duration) -> u64 {
@@ -176,7 +178,8 @@ impl Lifecycle {
             queued: VecDeque::new(),
             child: Child::None,
             backoff_ms: ms(BACKOFF_MIN),
-            restore_after: None,
+            outcome: None,
+            held: None,
             out: Vec::new(),
         }
     }
@@ -208,33 +211,27 @@ impl Lifecycle {
     }
 
     /// The software at boot. `rec` is the committed record: when its last report is a
-    /// deployment's outcome the controller has not acknowledged yet, it is not replaced by a
-    /// plain `running` (the controller would never learn that outcome); after a failed one,
-    /// `running` follows once it is acknowledged.
+    /// deployment's outcome the controller has not acknowledged yet, what the boot says waits
+    /// for that acknowledgement (the controller would otherwise never learn that outcome);
+    /// a plain `running` is not said at all after a `running` or `rolled_back` outcome (it
+    /// says as much), and follows a `failed` one.
     pub fn booted(&mut self, boot: Boot, rec: &WorkerRecord, now_ms: u64) {
+        let unacked = rec.report_acked < rec.report_seq;
+        // The stored report was made by this worker: a word it does not know is no outcome.
+        let outcome = rec.report.as_ref().filter(|r| {
+            unacked && r.deployment.is_some() && r.parsed_state().is_ok_and(ReportState::is_outcome)
+        });
+        let outcome_failed = outcome.is_some_and(|r| r.is(ReportState::Failed));
+        self.outcome = outcome.and_then(|r| r.deployment);
         match boot {
             Boot::Nothing => {}
             Boot::Healthy(sw) => {
-                let unacked = rec.report_acked < rec.report_seq;
-                let outcome = rec.report.as_ref().filter(|r| {
-                    unacked
-                        && r.deployment.is_some()
-                        && matches!(r.state.as_str(), "running" | "rolled_back" | "failed")
-                });
-                let said = outcome.is_some();
-                if let Some(d) = outcome
-                    .filter(|r| r.state == "failed")
-                    .and_then(|r| r.deployment)
-                {
-                    self.restore_after = Some(d);
-                }
                 self.child = Child::Running {
                     software: sw.clone(),
                     since_ms: now_ms,
                 };
-                if !said {
-                    self.out
-                        .push(Command::Report(report("running", Some(sw), None, None)));
+                if self.outcome.is_none() || outcome_failed {
+                    self.say(report(ReportState::Running, Some(sw), None, None));
                 }
             }
             Boot::Unhealthy(sw, reason) => {
@@ -244,19 +241,41 @@ impl Lifecycle {
                     software: sw.clone(),
                     at_ms,
                 };
-                self.out.push(Command::Report(report(
-                    "failed",
-                    Some(sw),
-                    Some(reason),
-                    None,
-                )));
+                self.say(report(ReportState::Failed, Some(sw), Some(reason), None));
             }
             Boot::Broken(reason) => {
                 let why = format!("the installed software cannot be started: {reason}");
-                self.out
-                    .push(Command::Report(report("failed", None, Some(why), None)));
+                self.say(report(ReportState::Failed, None, Some(why), None));
             }
         }
+    }
+
+    /// A report of the software's state (no deployment): sent, or held while a deployment's
+    /// outcome is unacknowledged (only the newest is kept: reports are the latest state).
+    fn say(&mut self, r: MachineReport) {
+        debug_assert!(r.deployment.is_none());
+        if self.outcome.is_some() {
+            self.held = Some(r);
+        } else {
+            self.out.push(Command::Report(r));
+        }
+    }
+
+    /// A report on the way of a newer deployment (`delivering`, `installed`): it replaces
+    /// whatever the machine said before, so an older outcome and a held report are past.
+    fn say_deploying(&mut self, r: MachineReport) {
+        debug_assert!(r.deployment.is_some());
+        self.outcome = None;
+        self.held = None;
+        self.out.push(Command::Report(r));
+    }
+
+    /// Deployment `d` is over, `r` its outcome: what the machine says next waits until the
+    /// controller acknowledged it.
+    fn deployed(&mut self, d: u64, r: MachineReport) {
+        self.outcome = Some(d);
+        self.held = None;
+        self.out.push(Command::Deployed(d, r));
     }
 
     /// Deployment orders handed over (after their commit), oldest first: the newest is taken
@@ -300,7 +319,6 @@ impl Lifecycle {
             self.out.push(Command::CancelFetch(old.deployment));
             self.superseded(&old, order.deployment);
         }
-        self.restore_after = None;
         let sw = self.running().cloned();
         // Its software already runs healthy (a deployment resumed after a crash that came
         // between the switch and its outcome, or the same bundle again): nothing to fetch.
@@ -308,16 +326,16 @@ impl Lifecycle {
             .as_ref()
             .is_some_and(|s| s.bundle_id == order.bundle_id && s.service == order.service)
         {
-            let r = report("running", sw, None, Some(order.deployment));
-            self.out.push(Command::Deployed(order.deployment, r));
+            let r = report(ReportState::Running, sw, None, Some(order.deployment));
+            self.deployed(order.deployment, r);
             return;
         }
-        self.out.push(Command::Report(report(
-            "delivering",
+        self.say_deploying(report(
+            ReportState::Delivering,
             sw,
             None,
             Some(order.deployment),
-        )));
+        ));
         self.out.push(Command::Fetch(order.clone()));
         self.deploying = Some((order, Stage::Fetching));
     }
@@ -325,12 +343,12 @@ impl Lifecycle {
     fn superseded(&mut self, order: &DeployOrder, by: u64) {
         let why = format!("superseded by deployment {by} before it was installed");
         let r = report(
-            "failed",
+            ReportState::Failed,
             self.running().cloned(),
             Some(why),
             Some(order.deployment),
         );
-        self.out.push(Command::Deployed(order.deployment, r));
+        self.deployed(order.deployment, r);
     }
 
     fn stage_of(&self, deployment: u64) -> Option<&Stage> {
@@ -376,12 +394,12 @@ impl Lifecycle {
         }
         *stage = Stage::Switching(sw.clone());
         let running = self.running().cloned();
-        self.out.push(Command::Report(report(
-            "installed",
+        self.say_deploying(report(
+            ReportState::Installed,
             running,
             None,
             Some(deployment),
-        )));
+        ));
         // What ran is stopped by the switch.
         self.child = Child::None;
         self.out.push(Command::Switch {
@@ -399,13 +417,16 @@ impl Lifecycle {
         match result {
             Switched::Healthy => {
                 self.started(new.clone(), now_ms);
-                self.finish(report("running", Some(new), None, d), now_ms);
+                self.finish(report(ReportState::Running, Some(new), None, d), now_ms);
             }
             Switched::NotActivated { reason, running } => {
                 if let Some(sw) = &running {
                     self.started(sw.clone(), now_ms);
                 }
-                self.finish(report("failed", running, Some(reason), d), now_ms);
+                self.finish(
+                    report(ReportState::Failed, running, Some(reason), d),
+                    now_ms,
+                );
             }
             Switched::Unhealthy(reason) => {
                 if let Some((_, stage)) = self.deploying.as_mut() {
@@ -425,7 +446,7 @@ impl Lifecycle {
         let r = match result {
             RolledBack::Healthy(prev) => {
                 self.started(prev.clone(), now_ms);
-                report("rolled_back", Some(prev), Some(reason), d)
+                report(ReportState::RolledBack, Some(prev), Some(reason), d)
             }
             RolledBack::Unhealthy(prev, r2) => {
                 let at_ms = now_ms + self.next_delay(0);
@@ -437,17 +458,17 @@ impl Lifecycle {
                     "{reason}; rolled back to {} {}, which is not healthy either: {r2}",
                     prev.service, prev.version
                 );
-                report("failed", Some(prev), Some(why), d)
+                report(ReportState::Failed, Some(prev), Some(why), d)
             }
             RolledBack::NoPrevious => {
                 self.child = Child::None;
                 let why = format!("{reason}; no previous software to roll back to");
-                report("failed", None, Some(why), d)
+                report(ReportState::Failed, None, Some(why), d)
             }
             RolledBack::Failed(e) => {
                 self.child = Child::None;
                 report(
-                    "failed",
+                    ReportState::Failed,
                     None,
                     Some(format!("{reason}; rolling back: {e}")),
                     d,
@@ -463,7 +484,12 @@ impl Lifecycle {
             return;
         };
         let d = order.deployment;
-        let r = report("failed", self.running().cloned(), Some(reason), Some(d));
+        let r = report(
+            ReportState::Failed,
+            self.running().cloned(),
+            Some(reason),
+            Some(d),
+        );
         self.finish(r, now_ms);
     }
 
@@ -471,10 +497,13 @@ impl Lifecycle {
         let Some((order, _)) = self.deploying.take() else {
             return;
         };
-        if r.state == "failed" && self.running().is_some() {
-            self.restore_after = Some(order.deployment);
+        let failed = r.is(ReportState::Failed);
+        self.deployed(order.deployment, r);
+        // It failed while the old software kept running: once the controller has the
+        // outcome, the machine says it runs.
+        if let Some(sw) = self.running().cloned().filter(|_| failed) {
+            self.held = Some(report(ReportState::Running, Some(sw), None, None));
         }
-        self.out.push(Command::Deployed(order.deployment, r));
         self.next_order(now_ms);
     }
 
@@ -513,12 +542,7 @@ impl Lifecycle {
             software.version,
             humantime::format_duration(std::time::Duration::from_millis(delay))
         );
-        self.out.push(Command::Report(report(
-            "failed",
-            Some(software),
-            Some(why),
-            None,
-        )));
+        self.say(report(ReportState::Failed, Some(software), Some(why), None));
     }
 
     /// Time passed: a restart that is due is started.
@@ -543,12 +567,7 @@ impl Lifecycle {
         match result {
             Ok(()) => {
                 self.started(software.clone(), now_ms);
-                self.out.push(Command::Report(report(
-                    "running",
-                    Some(software),
-                    None,
-                    None,
-                )));
+                self.say(report(ReportState::Running, Some(software), None, None));
             }
             Err(_) => {
                 let at_ms = now_ms + self.next_delay(now_ms.saturating_sub(since_ms));
@@ -557,25 +576,17 @@ impl Lifecycle {
         }
     }
 
-    /// The committed record changed: once the controller acknowledged a failed deployment's
-    /// report while the old software kept running, says it runs.
+    /// The committed record changed: once the controller acknowledged the last deployment's
+    /// outcome, what the machine said since (held) is sent. `rec` may be older than the
+    /// outcome (not committed yet): it counts only once it holds that deployment.
     pub fn record(&mut self, rec: &WorkerRecord) {
-        let Some(d) = self.restore_after else { return };
-        let last = rec.report.as_ref().and_then(|r| r.deployment);
-        if last != Some(d) || rec.last_deployment < d {
-            if rec.last_deployment >= d {
-                // Another report came after it.
-                self.restore_after = None;
-            }
+        let Some(d) = self.outcome else { return };
+        if rec.last_deployment < d || rec.report_acked < rec.report_seq {
             return;
         }
-        if rec.report_acked < rec.report_seq {
-            return;
-        }
-        self.restore_after = None;
-        if let Some(sw) = self.running().cloned() {
-            self.out
-                .push(Command::Report(report("running", Some(sw), None, None)));
+        self.outcome = None;
+        if let Some(r) = self.held.take() {
+            self.out.push(Command::Report(r));
         }
     }
 }

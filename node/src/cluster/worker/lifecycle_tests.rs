@@ -179,11 +179,17 @@ fn restart_backoff_doubles_from_now_and_resets_after_a_stable_run() {
 
 #[test]
 fn boot_does_not_overwrite_an_unacknowledged_deployment_outcome() {
-    let stored = report("rolled_back", Some(sw("old")), Some("x".into()), Some(4));
+    let stored = report(
+        ReportState::RolledBack,
+        Some(sw("old")),
+        Some("x".into()),
+        Some(4),
+    );
     let mut rec = WorkerRecord {
         report: Some(stored),
         report_seq: 5,
         report_acked: 4,
+        last_deployment: 4,
         ..WorkerRecord::default()
     };
     let mut l = Lifecycle::new();
@@ -197,7 +203,12 @@ fn boot_does_not_overwrite_an_unacknowledged_deployment_outcome() {
     assert_eq!(l.take().len(), 1);
     // A failed outcome (the software was down then): `running` once acknowledged.
     rec.report_acked = 4;
-    rec.report = Some(report("failed", None, Some("no".into()), Some(4)));
+    rec.report = Some(report(
+        ReportState::Failed,
+        None,
+        Some("no".into()),
+        Some(4),
+    ));
     rec.last_deployment = 4;
     let mut l = Lifecycle::new();
     l.booted(Boot::Healthy(sw("old")), &rec, 0);
@@ -207,7 +218,7 @@ fn boot_does_not_overwrite_an_unacknowledged_deployment_outcome() {
     assert_eq!(
         l.take(),
         vec![Command::Report(report(
-            "running",
+            ReportState::Running,
             Some(sw("old")),
             None,
             None
@@ -225,7 +236,7 @@ fn a_failed_delivery_reports_running_again_once_acknowledged() {
     let out = l.take();
     assert_eq!(deployed(&out), vec![(2, "failed", Some("hash mismatch"))]);
     let mut rec = WorkerRecord {
-        report: Some(report("failed", Some(sw("old")), None, Some(2))),
+        report: Some(report(ReportState::Failed, Some(sw("old")), None, Some(2))),
         report_seq: 3,
         report_acked: 2,
         last_deployment: 2,
@@ -238,7 +249,7 @@ fn a_failed_delivery_reports_running_again_once_acknowledged() {
     assert_eq!(
         l.take(),
         vec![Command::Report(report(
-            "running",
+            ReportState::Running,
             Some(sw("old")),
             None,
             None
@@ -266,4 +277,92 @@ fn a_resumed_deployment_whose_software_already_runs_is_reported_running_without_
     assert_eq!(deployed(&out), vec![(3, "running", None)]);
     assert!(!out.iter().any(|c| matches!(c, Command::Fetch(_))));
     assert_eq!(l.deploying(), None);
+}
+
+fn reports(cmds: &[Command]) -> Vec<(&str, Option<u64>)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Report(r) => Some((r.state.as_str(), r.deployment)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The record once the outcome of `d` is committed as report `seq`, acknowledged up to
+/// `acked`.
+fn outcome_record(d: u64, state: &str, seq: u64, acked: u64) -> WorkerRecord {
+    WorkerRecord {
+        report: Some(report(
+            state.parse().unwrap(),
+            Some(sw(&format!("b{d}"))),
+            None,
+            Some(d),
+        )),
+        report_seq: seq,
+        report_acked: acked,
+        last_deployment: d,
+        ..WorkerRecord::default()
+    }
+}
+
+/// Seed 3238338651 of the cluster simulation: the new software died in the very step its
+/// `running` outcome was reported; the death's `failed` replaced the outcome before the
+/// controller heard it, so deployment 1 stayed `installed` there for ever and its rollout
+/// never ended. A worker's deployment outcome is never lost: what the machine says after it
+/// waits until the controller acknowledged it.
+#[test]
+fn a_deployment_outcome_is_never_lost_to_a_report_after_it() {
+    let mut l = Lifecycle::new();
+    let out = deploy_healthy(&mut l, 1, 0);
+    assert_eq!(deployed(&out), vec![(1, "running", None)]);
+    l.exited("signal 9", 5);
+    assert!(reports(&l.take()).is_empty(), "the death waits for the ack");
+    // A record from before the outcome was committed (its `installed`, acknowledged) is no
+    // acknowledgement of the outcome.
+    let mut before = outcome_record(1, "installed", 2, 2);
+    before.last_deployment = 0;
+    l.record(&before);
+    assert!(reports(&l.take()).is_empty());
+    // Committed, not acknowledged: still waiting.
+    l.record(&outcome_record(1, "running", 3, 2));
+    assert!(reports(&l.take()).is_empty());
+    // Its restart replaces the death (reports are the latest state): only `running` waits.
+    l.timeout(5 + ms(BACKOFF_MIN));
+    assert!(l.take().contains(&Command::Restart(sw("b1"))));
+    l.restarted(Ok(()), 2000);
+    assert!(reports(&l.take()).is_empty());
+    l.record(&outcome_record(1, "running", 3, 3));
+    assert_eq!(reports(&l.take()), vec![("running", None)]);
+    // From then on, reports go at once.
+    l.exited("signal 9", 3000);
+    assert_eq!(reports(&l.take()), vec![("failed", None)]);
+}
+
+/// A worker's deployment outcome is never lost: software that does not come back healthy at
+/// boot says so only after the controller acknowledged the outcome committed before the
+/// crash.
+#[test]
+fn an_unhealthy_boot_does_not_overwrite_an_unacknowledged_deployment_outcome() {
+    let rec = outcome_record(4, "rolled_back", 5, 4);
+    let mut l = Lifecycle::new();
+    l.booted(Boot::Unhealthy(sw("b4"), "no answer".into()), &rec, 0);
+    assert!(reports(&l.take()).is_empty());
+    l.record(&outcome_record(4, "rolled_back", 5, 5));
+    assert_eq!(reports(&l.take()), vec![("failed", None)]);
+}
+
+/// Every target ends running the newest deployment or failed with a reason: a newer order's
+/// reports are about that deployment and go at once (the older outcome is superseded at the
+/// controller), and a report held behind the older outcome is dropped as stale.
+#[test]
+fn a_newer_deployment_reports_at_once_after_an_unacknowledged_outcome() {
+    let mut l = Lifecycle::new();
+    deploy_healthy(&mut l, 1, 0);
+    l.exited("signal 9", 5);
+    l.take();
+    l.orders(vec![order(2)], 10);
+    let out = l.take();
+    assert_eq!(reports(&out), vec![("delivering", Some(2))]);
+    l.record(&outcome_record(1, "running", 3, 3));
+    assert!(reports(&l.take()).is_empty(), "the stale death is not sent");
 }

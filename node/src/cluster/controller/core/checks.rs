@@ -12,27 +12,48 @@ pub(super) fn is_member(m: &MachineRecord) -> bool {
         && !m
             .report
             .as_ref()
-            .is_some_and(|r| matches!(r.state.as_str(), "failed" | "stopped"))
+            .is_some_and(|r| r.is(ReportState::Failed) || r.is(ReportState::Stopped))
 }
 
-pub(super) fn check_join(j: &Join) -> Result<(), String> {
-    if j.protocol != CLUSTER_PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version {} (this controller speaks {CLUSTER_PROTOCOL_VERSION})",
-            j.protocol
-        ));
+/// What is wrong with what a machine claims (a Join, a report): the connection is closed
+/// with it, after "bad Join: " or "bad report: ".
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub(super) enum BadField {
+    #[error("protocol version {0} (this controller speaks {CLUSTER_PROTOCOL_VERSION})")]
+    Protocol(u16),
+    /// A field's value, and why.
+    #[error("{field}: {why}")]
+    Field { field: &'static str, why: String },
+}
+
+fn bad(field: &'static str, why: impl std::fmt::Display) -> BadField {
+    BadField::Field {
+        field,
+        why: why.to_string(),
     }
-    config::check_name(&j.name).map_err(|e| format!("name: {e}"))?;
+}
+
+pub(super) fn check_join(j: &Join) -> Result<(), BadField> {
+    if j.protocol != CLUSTER_PROTOCOL_VERSION {
+        return Err(BadField::Protocol(j.protocol));
+    }
+    config::check_name(&j.name).map_err(|e| bad("name", e))?;
     if !config::SERVICES.contains(&j.service.as_str()) {
-        return Err(format!("service: unknown {:?}", short(&j.service)));
+        return Err(bad("service", format!("unknown {:?}", short(&j.service))));
     }
     if !config::COMPONENTS.contains(&j.component.as_str()) {
-        return Err(format!("component: unknown {:?}", short(&j.component)));
+        return Err(bad(
+            "component",
+            format!("unknown {:?}", short(&j.component)),
+        ));
     }
     if let Some(lb) = &j.load_balancer {
-        config::check_name(lb).map_err(|e| format!("load_balancer: {e}"))?;
+        config::check_name(lb).map_err(|e| bad("load_balancer", e))?;
         if j.component == LOAD_BALANCER || lb == &j.name {
-            return Err("load_balancer: a load balancer has none in front of it".into());
+            return Err(bad(
+                "load_balancer",
+                "a load balancer has none in front of it",
+            ));
         }
     }
     for (field, v) in [
@@ -41,46 +62,54 @@ pub(super) fn check_join(j: &Join) -> Result<(), String> {
     ] {
         if let Some(a) = v {
             a.parse::<std::net::SocketAddr>()
-                .map_err(|_| format!("{field}: {:?} is not host:port", short(a)))?;
+                .map_err(|_| bad(field, format!("{:?} is not host:port", short(a))))?;
         }
     }
     if j.seal_key.len() > REPORT_TEXT_MAX {
-        return Err("seal_key: too long".into());
+        return Err(bad("seal_key", "too long"));
     }
-    keys::parse_recipient(&j.seal_key).map_err(|e| format!("seal_key: {e}"))?;
+    keys::parse_recipient(&j.seal_key).map_err(|e| bad("seal_key", e))?;
     Ok(())
 }
 
-pub(super) fn check_report(r: &MachineReport) -> Result<(), String> {
+/// The report's state, parsed at the wire boundary, if the report is acceptable.
+pub(super) fn check_report(r: &MachineReport) -> Result<ReportState, BadField> {
     if r.state.is_empty() || r.state.len() > REPORT_TEXT_MAX {
-        return Err("state: empty or too long".into());
+        return Err(bad("state", "empty or too long"));
     }
+    let state = r.parsed_state().map_err(|e| bad("state", e))?;
     if r.detail
         .as_ref()
         .is_some_and(|d| d.len() > REPORT_DETAIL_MAX)
     {
-        return Err(format!("detail: more than {REPORT_DETAIL_MAX} bytes"));
+        return Err(bad(
+            "detail",
+            format!("more than {REPORT_DETAIL_MAX} bytes"),
+        ));
     }
     if let Some(sw) = &r.software {
         if [&sw.service, &sw.bundle_id, &sw.version]
             .iter()
             .any(|v| v.len() > REPORT_TEXT_MAX)
         {
-            return Err("software: a field is too long".into());
+            return Err(bad("software", "a field is too long"));
         }
     }
-    Ok(())
+    Ok(state)
 }
 
-pub(super) fn check_config_report(r: &ConfigReport) -> Result<(), String> {
+pub(super) fn check_config_report(r: &ConfigReport) -> Result<(), BadField> {
     if !matches!(r.state.as_str(), "applied" | "rolled_back" | "failed") {
-        return Err(format!("state: unknown {:?}", short(&r.state)));
+        return Err(bad("state", format!("unknown {:?}", short(&r.state))));
     }
     if r.detail
         .as_ref()
         .is_some_and(|d| d.len() > REPORT_DETAIL_MAX)
     {
-        return Err(format!("detail: more than {REPORT_DETAIL_MAX} bytes"));
+        return Err(bad(
+            "detail",
+            format!("more than {REPORT_DETAIL_MAX} bytes"),
+        ));
     }
     Ok(())
 }

@@ -228,15 +228,16 @@ impl ControllerCore {
                         &format!("a notification for machine {} on {node}'s key", n.machine),
                     );
                 }
-                if let Err(reason) = check_report(&n.report) {
-                    return self.refuse(conn, &format!("bad report: {reason}"));
-                }
+                let state = match check_report(&n.report) {
+                    Ok(state) => state,
+                    Err(reason) => return self.refuse(conn, &format!("bad report: {reason}")),
+                };
                 let m = self.machines.get_mut(&node).expect("admitted machine");
                 if n.seq > m.notify_seq {
                     let was_member = is_member(m);
                     if let Some(d) = n.report.deployment {
                         if let Some(ds) = m.deploys.iter_mut().find(|x| x.deployment == d) {
-                            ds.state = n.report.state.clone();
+                            ds.state = DeployPhase::Reported(state);
                             ds.detail = n.report.detail.clone();
                         }
                     }

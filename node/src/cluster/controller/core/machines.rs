@@ -31,12 +31,12 @@ impl ControllerCore {
             return;
         };
         debug_assert_eq!(m.key_status, KeyStatus::Pending);
-        tracing::info!(
-            name = %m.name,
-            node_id = %node,
-            fingerprint = %m.fingerprint,
-            "a pending key gives way to a key with the join token ({why})"
-        );
+        self.events.push(CoreEvent::PendingGaveWay {
+            name: m.name.clone(),
+            node,
+            fingerprint: m.fingerprint,
+            why,
+        });
         self.dirty_machines.remove(&node);
         self.dirty.removed.push(node);
         self.unacked.remove(&node);
@@ -121,12 +121,11 @@ impl ControllerCore {
             // for replays.
             let m = self.machines.get_mut(&node).expect("known");
             if resume > m.pub_seq {
-                tracing::warn!(
-                    machine = %node,
+                self.events.push(CoreEvent::ChannelMovedForward {
+                    machine: node,
                     resume,
-                    published = m.pub_seq,
-                    "a machine applied more of its channel than this controller remembers publishing; moving the channel forward"
-                );
+                    published: m.pub_seq,
+                });
                 m.pub_seq = resume;
                 // What this controller remembers publishing is older than what the machine
                 // applied: forget it, so that its pool and route are published again below
@@ -209,8 +208,8 @@ impl ControllerCore {
         }
         m.pub_acked = upto;
         for d in &mut m.deploys {
-            if d.seq <= upto && d.state == "pending" {
-                d.state = "delivering".into();
+            if d.seq <= upto && d.state == DeployPhase::Pending {
+                d.state = DeployPhase::Reported(ReportState::Delivering);
             }
         }
         if m.config.seq <= upto && m.config.state == "pending" {
@@ -228,7 +227,9 @@ impl ControllerCore {
         if self.full.remove(&node) {
             // Its channel has room again: what waited is computed now, once.
             let m = &self.machines[&node];
-            tracing::info!(name = %m.name, "a machine's publication channel has room again");
+            self.events.push(CoreEvent::ChannelHasRoom {
+                name: m.name.clone(),
+            });
             let (name, is_lb, lb, is_router) = (
                 m.name.clone(),
                 m.is_load_balancer(),

@@ -1,7 +1,9 @@
 //! The controller's state machine: admission, the machine-state database, the per-machine
 //! publication channels and the computation of new state. Pure: no I/O, no clock, no
-//! randomness except the sealing inside [`ControllerKey::publication`]; the runtime
-//! (`controller::run`) and the simulation (`tests/sim_cluster.rs`) drive it the same way:
+//! randomness (publications are sealed by the [`Sealer`] the driver gives [`ControllerCore::open`],
+//! and signed with deterministic Ed25519), no logging (what an operator should hear of is
+//! returned as [`CoreEvent`]s); the runtime (`controller::run`) and the simulation
+//! (`tests/sim_cluster.rs`) drive it the same way:
 //!
 //! 1. feed inputs with [`ControllerCore::step`] (and operator actions with `accept`/`reject`),
 //! 2. [`ControllerCore::take`] the changes and the outputs,
@@ -20,14 +22,14 @@ use crate::cluster::body::{
     Body, ConfigOrder, Dependent, LbEndpoint, LbRoute, Pool, PoolMember, RouterPeer,
 };
 use crate::cluster::controller::configdata::{self, ConfigChange, ConfigData, Scope};
-use crate::cluster::keys::{self, ControllerKey};
+use crate::cluster::keys::{self, ControllerKey, Sealer};
 use crate::config;
 use crate::ids::{Fingerprint, NodeId};
 use crate::limits::{DEPLOYS_KEPT, REPORT_DETAIL_MAX, REPORT_TEXT_MAX};
 use crate::net::close;
 use crate::wire::{
     Admission, ConfigReport, Join, JoinRefusal, MachineReport, Message, Publication, Relay,
-    CLUSTER_PROTOCOL_VERSION,
+    ReportState, CLUSTER_PROTOCOL_VERSION,
 };
 
 mod checks;
@@ -209,8 +211,44 @@ impl MachineRecord {
 pub struct DeployState {
     pub deployment: u64,
     pub seq: u64,
-    pub state: String,
+    pub state: DeployPhase,
     pub detail: Option<String>,
+}
+
+/// Where a deployment stands on a machine: `pending` (the controller's own word), or what
+/// the machine reported. Stored as its word (the same bytes as when this was a string), so
+/// records written before it decode unchanged. New reports with a word this node does not
+/// know are refused at the wire boundary; such a word stored by an older controller (which
+/// took any) reads as `delivering`, which is how it always counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
+pub enum DeployPhase {
+    Pending,
+    Reported(ReportState),
+}
+
+impl DeployPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeployPhase::Pending => "pending",
+            DeployPhase::Reported(r) => r.as_str(),
+        }
+    }
+}
+
+impl From<DeployPhase> for String {
+    fn from(p: DeployPhase) -> String {
+        p.as_str().to_owned()
+    }
+}
+
+impl From<String> for DeployPhase {
+    fn from(s: String) -> DeployPhase {
+        match s.as_str() {
+            "pending" => DeployPhase::Pending,
+            other => DeployPhase::Reported(other.parse().unwrap_or(ReportState::Delivering)),
+        }
+    }
 }
 
 impl MachineRecord {
@@ -281,6 +319,38 @@ pub enum Output {
     },
 }
 
+/// What the core did that an operator should hear of. The core performs no logging: the
+/// driver takes these ([`ControllerCore::take_events`]) and logs them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CoreEvent {
+    /// At open: a stored machine record carried the controller's own node id; it is removed.
+    OwnNodeIdRemoved { name: String },
+    /// A pending key gave way to a key with the join token.
+    PendingGaveWay {
+        name: String,
+        node: NodeId,
+        fingerprint: Fingerprint,
+        why: JoinRefusal,
+    },
+    /// A machine applied more of its channel than this controller remembers publishing (a
+    /// database restored from an older backup): the channel moved forward to `resume`.
+    ChannelMovedForward {
+        machine: NodeId,
+        resume: u64,
+        published: u64,
+    },
+    /// A machine's channel reached its bound (once per episode).
+    ChannelFull {
+        name: String,
+        node: NodeId,
+        unacknowledged: usize,
+    },
+    /// A machine's channel has room again.
+    ChannelHasRoom { name: String },
+    /// A publication could not be sealed to a stored machine's key.
+    SealFailed { machine: NodeId, error: String },
+}
+
 /// An operator action that could not be done.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyActionError {
@@ -338,6 +408,8 @@ pub enum Refusal {
 pub struct ControllerCore {
     settings: Settings,
     key: ControllerKey,
+    /// Seals publications (the only randomness a publication needs; given by the driver).
+    sealer: Box<dyn Sealer>,
     machines: BTreeMap<NodeId, MachineRecord>,
     /// Stored, unacknowledged publications by machine and seq.
     unacked: BTreeMap<NodeId, BTreeMap<u64, Publication>>,
@@ -349,6 +421,7 @@ pub struct ControllerCore {
     dirty_machines: BTreeSet<NodeId>,
     dirty: Dirty,
     out: Vec<Output>,
+    events: Vec<CoreEvent>,
     /// Machines whose channel reached its bound (in memory only: logged once per episode).
     full: BTreeSet<NodeId>,
     /// The current configuration documents.
@@ -364,23 +437,22 @@ struct Conn {
 impl ControllerCore {
     /// Rebuilds the core from what was committed. Every machine that was up gets a fresh
     /// `down_after` from `now_ms` before it can be marked down (the controller was away, not
-    /// the machines).
+    /// the machines). `sealer` seals every publication (production: [`keys::AgeSealer`]).
     pub fn open(
         settings: Settings,
         key: ControllerKey,
+        sealer: Box<dyn Sealer>,
         machines: Vec<MachineRecord>,
         publications: Vec<Publication>,
         now_ms: u64,
     ) -> ControllerCore {
         let mut map = BTreeMap::new();
         let mut dirty = Dirty::default();
+        let mut events = Vec::new();
         for mut m in machines {
             if Some(m.node_id) == settings.controller_node_id {
                 // Recorded before the controller refused its own id; never a machine.
-                tracing::warn!(
-                    name = %m.name,
-                    "removing a machine record that carries the controller's own node id"
-                );
+                events.push(CoreEvent::OwnNodeIdRemoved { name: m.name });
                 dirty.removed.push(m.node_id);
                 continue;
             }
@@ -401,6 +473,7 @@ impl ControllerCore {
         ControllerCore {
             settings,
             key,
+            sealer,
             machines: map,
             unacked,
             conns: BTreeMap::new(),
@@ -409,6 +482,7 @@ impl ControllerCore {
             dirty_machines: BTreeSet::new(),
             dirty,
             out: Vec::new(),
+            events,
             full: BTreeSet::new(),
             configs: ConfigData::default(),
         }
@@ -433,6 +507,11 @@ impl ControllerCore {
             }
         }
         (dirty, std::mem::take(&mut self.out))
+    }
+
+    /// What happened since last asked, for the driver to log.
+    pub fn take_events(&mut self) -> Vec<CoreEvent> {
+        std::mem::take(&mut self.events)
     }
 
     pub fn machines(&self) -> impl Iterator<Item = &MachineRecord> {

@@ -28,35 +28,25 @@ impl ControllerCore {
         if matches!(m.key_status, KeyStatus::Rejected | KeyStatus::Removed) {
             return Ok(node);
         }
-        let was = m.key_status;
+        let leaving = Leaving {
+            was: m.key_status,
+            load_balancer: m.load_balancer.clone(),
+            is_lb: m.is_load_balancer(),
+            name: m.name.clone(),
+        };
         m.key_status = KeyStatus::Rejected;
         m.up = false;
-        let lb = m.load_balancer.clone();
-        let is_lb = m.is_load_balancer();
-        let name = m.name.clone();
         self.dirty_machines.insert(node);
         // Its channel stays as it is: nothing is sent to a rejected key, and if an operator
         // accepts it again it resumes where it stopped.
         self.sent_at.retain(|(n, _), _| *n != node);
-        if let Some(conn) = self.by_node.remove(&node) {
-            self.conns.remove(&conn);
-            self.send(
-                conn,
-                Message::Admission(Admission::Rejected {
-                    reason: "rejected by an operator".into(),
-                }),
-            );
-            self.close(conn, close::UNKNOWN_PEER, "key rejected");
-        }
-        if was == KeyStatus::Admitted {
-            if let Some(lb) = lb {
-                self.recompute_pool(&lb, now_ms);
-            }
-            if is_lb {
-                self.reroute_dependents(&name, now_ms);
-                self.recouple(&name, now_ms);
-            }
-        }
+        self.shut_out(
+            node,
+            leaving,
+            "rejected by an operator",
+            "key rejected",
+            now_ms,
+        );
         Ok(node)
     }
 
@@ -72,10 +62,12 @@ impl ControllerCore {
         if m.key_status == KeyStatus::Removed {
             return Ok(node);
         }
-        let was = m.key_status;
-        let lb = m.load_balancer.take();
-        let is_lb = m.is_load_balancer();
-        let name = m.name.clone();
+        let leaving = Leaving {
+            was: m.key_status,
+            load_balancer: m.load_balancer.take(),
+            is_lb: m.is_load_balancer(),
+            name: m.name.clone(),
+        };
         m.key_status = KeyStatus::Removed;
         m.up = false;
         m.report = None;
@@ -95,26 +87,43 @@ impl ControllerCore {
         self.unacked.remove(&node);
         self.sent_at.retain(|(n, _), _| *n != node);
         self.full.remove(&node);
+        let reason = "removed from the cluster by an operator";
+        self.shut_out(node, leaving, reason, "key removed", now_ms);
+        Ok(node)
+    }
+
+    /// The tail `reject` and `remove` share: the machine's connection is told `reason` and
+    /// closed (`close_reason`); if it was admitted, its load balancer's pool is recomputed
+    /// without it and, a load balancer itself, its dependents are rerouted and its router
+    /// recoupled.
+    fn shut_out(
+        &mut self,
+        node: NodeId,
+        leaving: Leaving,
+        reason: &str,
+        close_reason: &str,
+        now_ms: u64,
+    ) {
         if let Some(conn) = self.by_node.remove(&node) {
             self.conns.remove(&conn);
             self.send(
                 conn,
                 Message::Admission(Admission::Rejected {
-                    reason: "removed from the cluster by an operator".into(),
+                    reason: reason.into(),
                 }),
             );
-            self.close(conn, close::UNKNOWN_PEER, "key removed");
+            self.close(conn, close::UNKNOWN_PEER, close_reason);
         }
-        if was == KeyStatus::Admitted {
-            if let Some(lb) = lb {
-                self.recompute_pool(&lb, now_ms);
-            }
-            if is_lb {
-                self.reroute_dependents(&name, now_ms);
-                self.recouple(&name, now_ms);
-            }
+        if leaving.was != KeyStatus::Admitted {
+            return;
         }
-        Ok(node)
+        if let Some(lb) = leaving.load_balancer {
+            self.recompute_pool(&lb, now_ms);
+        }
+        if leaving.is_lb {
+            self.reroute_dependents(&leaving.name, now_ms);
+            self.recouple(&leaving.name, now_ms);
+        }
     }
 
     /// Publishes `body` to `machine`: stored in its channel with the next sequence and sent
@@ -134,25 +143,27 @@ impl ControllerCore {
         let held = self.unacked.get(&machine).map_or(0, |c| c.len());
         if held >= self.settings.channel_max {
             if self.full.insert(machine) {
-                tracing::warn!(
-                    name = %m.name,
-                    node_id = %machine,
-                    unacknowledged = held,
-                    "a machine's publication channel is at its bound: its pool and route \
-                     changes wait until it acknowledges, deployments to it fail"
-                );
+                self.events.push(CoreEvent::ChannelFull {
+                    name: m.name.clone(),
+                    node: machine,
+                    unacknowledged: held,
+                });
             }
             return Err(NotPublished::ChannelFull(held));
         }
         let seq = m.pub_seq + 1;
-        let p = self
-            .key
-            .publication(machine, seq, &m.seal_key, &body.encode())
-            .map_err(|e| {
+        let sealed = match self.sealer.seal(&m.seal_key, &body.encode()) {
+            Ok(sealed) => sealed,
+            Err(e) => {
                 // The seal key was checked at Join; this cannot happen with a stored record.
-                tracing::error!(machine = %machine, "cannot seal a publication: {e}");
-                NotPublished::Seal(e.to_string())
-            })?;
+                self.events.push(CoreEvent::SealFailed {
+                    machine,
+                    error: e.to_string(),
+                });
+                return Err(NotPublished::Seal(e.to_string()));
+            }
+        };
+        let p = self.key.sign_publication(machine, seq, sealed);
         let m = self.machines.get_mut(&machine).expect("exists");
         m.pub_seq = seq;
         match body {
@@ -164,7 +175,7 @@ impl ControllerCore {
                 m.deploys.push(DeployState {
                     deployment: order.deployment,
                     seq,
-                    state: "pending".into(),
+                    state: DeployPhase::Pending,
                     detail: None,
                 });
                 if m.deploys.len() > DEPLOYS_KEPT {
@@ -251,4 +262,12 @@ impl ControllerCore {
     pub fn config_version(&self) -> u64 {
         self.configs.last_version()
     }
+}
+
+/// What a machine leaving (rejected or removed) was, taken before its record changes.
+struct Leaving {
+    was: KeyStatus,
+    load_balancer: Option<String>,
+    is_lb: bool,
+    name: String,
 }
