@@ -77,6 +77,27 @@ async fn reserve(
         .map_err(|_| SessionError::Shutdown)
 }
 
+/// Hands a checked frame (`cmd` given its reply channel) to the writer, and its answer, with
+/// the budget it holds, to the acker, in the order read.
+async fn to_writer(
+    shared: &Shared,
+    pending: &mpsc::Sender<Pending>,
+    epoch: u64,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    cmd: impl FnOnce(oneshot::Sender<Result<Received, StoreError>>) -> Cmd,
+) -> Result<(), SessionError> {
+    let (tx, rx) = oneshot::channel();
+    shared
+        .writer
+        .send(cmd(tx))
+        .await
+        .map_err(|_| SessionError::Shutdown)?;
+    pending
+        .send((epoch, rx, permit))
+        .await
+        .map_err(|_| SessionError::Shutdown)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn read_loop(
     shared: &Arc<Shared>,
@@ -117,23 +138,18 @@ async fn read_loop(
                 let permit = reserve(&budget, weight).await?;
                 let els = Core::check_elements(&frame)
                     .map_err(|e| SessionError::Protocol(e.to_string()))?;
-                let (tx, rx) = oneshot::channel();
                 let frame_epoch = frame.epoch;
-                shared
-                    .writer
-                    .send(Cmd::Receive {
+                let broken = broken.clone();
+                to_writer(shared, &pending, frame_epoch, permit, |reply| {
+                    Cmd::Receive {
                         from: peer_id,
                         frame,
                         els,
-                        broken: broken.clone(),
-                        reply: tx,
-                    })
-                    .await
-                    .map_err(|_| SessionError::Shutdown)?;
-                pending
-                    .send((frame_epoch, rx, permit))
-                    .await
-                    .map_err(|_| SessionError::Shutdown)?;
+                        broken,
+                        reply,
+                    }
+                })
+                .await?;
             }
             Message::Snapshot(chunk) => {
                 let weight = session::frame_weight(
@@ -152,23 +168,18 @@ async fn read_loop(
                         .expect("session lock")
                         .on_snapshot_end(&end.marks);
                 }
-                let (tx, rx) = oneshot::channel();
                 let chunk_epoch = chunk.epoch;
-                shared
-                    .writer
-                    .send(Cmd::Snapshot {
+                let broken = broken.clone();
+                to_writer(shared, &pending, chunk_epoch, permit, |reply| {
+                    Cmd::Snapshot {
                         from: peer_id,
                         chunk,
                         els,
-                        broken: broken.clone(),
-                        reply: tx,
-                    })
-                    .await
-                    .map_err(|_| SessionError::Shutdown)?;
-                pending
-                    .send((chunk_epoch, rx, permit))
-                    .await
-                    .map_err(|_| SessionError::Shutdown)?;
+                        broken,
+                        reply,
+                    }
+                })
+                .await?;
             }
             Message::Ack { epoch: e, upto } => {
                 let progressed = session
