@@ -317,20 +317,12 @@ pub async fn start_with(config: Config, notify: Notifier) -> anyhow::Result<Runn
             .name("outpost-writer".into())
             .spawn(move || writer::run(shared, store, core, wrx, tail_tx))?
     };
-    let (api_stop, api_stop_rx) = tokio::sync::oneshot::channel();
-    let api_task = {
-        let app = api::router(shared.clone());
-        let limits = crate::http::serve::ApiLimits::from_limits(&shared.config.limits);
-        tokio::spawn(crate::http::serve::serve(
-            api_listener,
-            app,
-            limits,
-            shared.metrics.http.clone(),
-            async move {
-                let _ = api_stop_rx.await;
-            },
-        ))
-    };
+    let (api_stop, api_task) = crate::http::serve::spawn(
+        api_listener,
+        api::router(shared.clone()),
+        &shared.config.limits,
+        shared.metrics.http.clone(),
+    );
     let mut link_tasks = link::spawn_all(shared.clone(), endpoint.clone());
     link_tasks.push(tokio::spawn(retention(shared.clone())));
     link_tasks.push(tokio::spawn(flush_tick(shared.clone())));

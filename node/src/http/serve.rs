@@ -166,6 +166,30 @@ pub async fn record_route(path: Option<MatchedPath>, req: Request, next: Next) -
     resp
 }
 
+/// Serves `app` on `listener` in a task, as every role does: the stop sender ends it (see
+/// `ops::shutdown::stop_api`).
+pub fn spawn(
+    listener: TcpListener,
+    app: Router,
+    limits: &Limits,
+    stats: Arc<HttpStats>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(serve(
+        listener,
+        app,
+        ApiLimits::from_limits(limits),
+        stats,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    (stop, task)
+}
+
 /// Serves `app` on `listener` under `limits` until `shutdown` completes; then stops accepting,
 /// lets the requests in flight finish and closes the idle connections.
 pub async fn serve(

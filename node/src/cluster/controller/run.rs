@@ -165,20 +165,12 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<Controlle
             .name("outpost-controller".into())
             .spawn(move || thread.run(cmd_rx))?
     };
-    let (api_stop, api_stop_rx) = oneshot::channel();
-    let api_task = {
-        let app = super::api::router(shared.clone());
-        let limits = crate::http::serve::ApiLimits::from_limits(&shared.config.limits);
-        tokio::spawn(crate::http::serve::serve(
-            api_listener,
-            app,
-            limits,
-            shared.metrics.http.clone(),
-            async move {
-                let _ = api_stop_rx.await;
-            },
-        ))
-    };
+    let (api_stop, api_task) = crate::http::serve::spawn(
+        api_listener,
+        super::api::router(shared.clone()),
+        &shared.config.limits,
+        shared.metrics.http.clone(),
+    );
     let tasks = vec![
         tokio::spawn(super::conn::accept_loop(shared.clone(), endpoint.clone())),
         tokio::spawn(tick(shared.clone())),

@@ -448,20 +448,12 @@ pub async fn start(config: Config, notify: Notifier) -> anyhow::Result<WorkerRun
         inputs_rx,
         stop_rx,
     ));
-    let (api_stop, api_stop_rx) = oneshot::channel();
-    let api_task = {
-        let app = api::router(shared.clone());
-        let limits = crate::http::serve::ApiLimits::from_limits(&shared.config.limits);
-        tokio::spawn(crate::http::serve::serve(
-            api_listener,
-            app,
-            limits,
-            shared.metrics.http.clone(),
-            async move {
-                let _ = api_stop_rx.await;
-            },
-        ))
-    };
+    let (api_stop, api_task) = crate::http::serve::spawn(
+        api_listener,
+        api::router(shared.clone()),
+        &shared.config.limits,
+        shared.metrics.http.clone(),
+    );
     let mut tasks = vec![
         tokio::spawn(controller_link::run(shared.clone())),
         tokio::spawn(relay::accept_loop(shared.clone())),
